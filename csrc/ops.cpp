@@ -1,0 +1,24 @@
+// The hrnet_fast op library: one schema per op. Kernels register per backend in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) and autograd live in Python
+// (hrnet_fast/ops/<op>.py), the Triton kernels in hrnet_fast/triton/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing hrnet_fast._C as a Python module runs the static registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hrnet_fast, m) {
+  // act(conv2d(x, weight, stride, padding) + bias + residual)
+  m.def(
+      "conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "Tensor? residual=None, bool relu=True) -> Tensor");
+  // act(base + bias + sum_k interpolate_nearest(conv1x1(lowres[k], weights[k]), size=base.shape[-2:]))
+  m.def(
+      "fuse_multi_res(Tensor base, Tensor[] lowres, Tensor[] weights, Tensor? bias, "
+      "bool relu=True) -> Tensor");
+}

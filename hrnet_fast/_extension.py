@@ -1,0 +1,39 @@
+"""Loads the compiled extension (hrnet_fast._C) if it was built; the reference path works without it."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from hrnet_fast import _C  # noqa: F401  (registers torch.ops.hrnet_fast.*)
+
+    LOAD_ERROR: Exception | None = None
+except ImportError as e:  # not built: reference (and Triton) paths only
+    LOAD_ERROR = e
+
+BUILD_HINT = (
+    "build it with `make setup` (or `pip install --no-build-isolation -e .` in a venv with "
+    "torch==2.14.1; set CUDA_HOME=/usr/local/cuda for the CUDA kernels)"
+)
+
+
+def is_built() -> bool:
+    """True when hrnet_fast._C loaded and torch.ops.hrnet_fast.* exist."""
+    return LOAD_ERROR is None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the compiled library has a `dispatch_key` ("CPU", "CUDA") kernel for hrnet_fast::`op`."""
+    if not is_built():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"hrnet_fast::{op}", dispatch_key)
+
+
+def require(op: str, dispatch_key: str) -> None:
+    """Raise a RuntimeError saying how to build, when the `dispatch_key` kernel of `op` is missing."""
+    if not is_built():
+        raise RuntimeError(f"hrnet_fast's C++ extension is not built ({LOAD_ERROR}); {BUILD_HINT}")
+    if not has_kernel(op, dispatch_key):
+        raise RuntimeError(
+            f"hrnet_fast::{op} has no {dispatch_key} kernel in this build; {BUILD_HINT}"
+            + (" with a CUDA toolchain and a CUDA build of torch" if dispatch_key == "CUDA" else "")
+        )

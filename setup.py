@@ -1,0 +1,94 @@
+"""Build hrnet_fast._C: CPU kernels always, CUDA kernels when a CUDA toolchain and a CUDA torch exist.
+
+HRNET_FAST_CUDA=auto|0|1 (auto by default) decides the CUDA part. With no GPU to query, a default
+TORCH_CUDA_ARCH_LIST is set, and the CUDA headers that torch's own headers need but
+/usr/local/cuda/include lacks (cuBLAS, cuSPARSE) are taken from the nvidia wheels in site-packages.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from pathlib import Path
+
+# torch.utils.cpp_extension reads CUDA_HOME at import time; the `nvcc` on PATH may be a wrapper.
+if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = Path(__file__).parent
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("HRNET_FAST_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"HRNET_FAST_CUDA must be auto, 0 or 1, got {mode!r}")
+    have = CUDA_HOME is not None and torch.version.cuda is not None
+    if mode == "1" and not have:
+        sys.exit(
+            "HRNET_FAST_CUDA=1 but no CUDA build is possible: "
+            f"CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch.version.cuda}"
+        )
+    return have and mode != "0"
+
+
+def _nvidia_include_dirs() -> list[str]:
+    """Header dirs of the nvidia-* wheels torch depends on (cu13 toolkit headers, cuDNN)."""
+    dirs = []
+    for sp in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cudnn/include"):
+            d = Path(sp) / sub
+            if d.is_dir() and str(d) not in dirs:
+                dirs.append(str(d))
+    return dirs
+
+
+def _cpu_flags() -> list[str]:
+    """AVX2/FMA when the build machine has them (it is the machine that runs an editable install)."""
+    flags = ["-O3", "-fopenmp"]
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    if os.environ.get("HRNET_FAST_NATIVE", "1") == "1" and " avx2 " in cpuinfo and " fma " in cpuinfo:
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def extensions():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [str(ROOT / "csrc")]
+    extra = {"cxx": _cpu_flags()}
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+        extra["cxx"].append("-DHRNET_FAST_WITH_CUDA")
+        extra["nvcc"].append("-DHRNET_FAST_WITH_CUDA")
+        return [
+            CUDAExtension(
+                "hrnet_fast._C",
+                sources,
+                include_dirs=include_dirs + _nvidia_include_dirs(),
+                extra_compile_args=extra,
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    return [
+        CppExtension(
+            "hrnet_fast._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(
+    name="hrnet_fast",
+    packages=find_packages(include=["hrnet_fast", "hrnet_fast.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
