@@ -3,6 +3,12 @@
 Every folded Conv+BN(+add)(+ReLU) of HRNet. The reference is plain PyTorch; the compiled kernels are
 torch.ops.hrnet_fast.conv_bias_act (CPU, CUDA), the Triton kernel torch.ops.hrnet_fast.conv_bias_act_triton.
 Fake and autograd are registered here.
+
+Pre-packed weights (CPU, inference): `prepack` reorders a weight once into oneDNN's blocked layout.
+Pass the packed weight instead of the dense one to `conv_bias_act(..., backend="cpu")` (or "auto"),
+or straight to torch.ops.hrnet_fast.conv_bias_act (no Python checks: the leanest call). Keep the
+dense weight for the other backends, for autograd and for torch.compile (fake tensors cannot hold
+oneDNN layouts).
 """
 from __future__ import annotations
 
@@ -53,6 +59,34 @@ def check_inputs(
     check_same("x", x, [("weight", weight), ("bias", bias), ("residual", residual)])
 
 
+def prepack(
+    weight: torch.Tensor,
+    x_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+) -> torch.Tensor:
+    """`weight` reordered once into the oneDNN layout its conv prefers for inputs of `x_shape`.
+
+    Returns an MkldnnCPU tensor of the same logical shape that the cpu backend accepts in place of
+    `weight` (for any input shape; `x_shape` only picks the fastest layout). Without it oneDNN
+    reorders the dense weight on every call. float32 CPU weights only; inference only.
+    """
+    stride, padding = pair("stride", stride), pair("padding", padding)
+    check_4d("weight", weight)
+    if weight.is_mkldnn:
+        return weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise ValueError(f"prepack needs a float32 CPU weight, got {weight.dtype} on {weight.device}")
+    x_shape = [int(v) for v in x_shape]
+    if len(x_shape) != 4 or x_shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"x_shape must be [N, {weight.shape[1]}, H, W] to match weight {tuple(weight.shape)}, got {x_shape}"
+        )
+    with torch.no_grad():
+        dense = weight.detach().contiguous().to_mkldnn()
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(dense, padding, stride, [1, 1], 1, x_shape)
+
+
 def conv_bias_act_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -87,6 +121,11 @@ def conv_bias_act(
     stride, padding = pair("stride", stride), pair("padding", padding)
     check_inputs(x, weight, bias, stride, padding, residual)
     chosen = _backend.resolve(backend, x.device, OP)
+    if weight.is_mkldnn and chosen != "cpu":
+        raise ValueError(
+            f"weight is pre-packed (oneDNN layout), which only the cpu backend accepts, but backend={chosen!r} "
+            "was chosen: pass the dense weight to other backends"
+        )
     if chosen == "torch":
         return conv_bias_act_reference(x, weight, bias, stride, padding, residual, relu)
     if chosen == "triton":
@@ -107,6 +146,8 @@ def fake(x, weight, bias, stride, padding, residual=None, relu=True):
 
 def setup_context(ctx, inputs, output):
     x, weight, bias, stride, padding, residual, relu = inputs
+    if weight.is_mkldnn:
+        raise RuntimeError("conv_bias_act: a pre-packed weight is for inference only; use the dense weight for autograd")
     ctx.stride, ctx.padding, ctx.relu = list(stride), list(padding), relu
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.save_for_backward(x, weight, output)

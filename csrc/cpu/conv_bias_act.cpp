@@ -1,0 +1,110 @@
+// conv_bias_act on CPU: torch's own oneDNN convolution with bias, residual add and ReLU as
+// post-ops, called through the dispatcher (the mkldnn:: ops inductor uses).
+//
+// Weights may be dense, or pre-packed once into oneDNN's blocked layout
+// (hrnet_fast.ops.conv_bias_act.prepack): a packed weight is an MkldnnCPU tensor, so this kernel
+// is registered for MkldnnCPU as well; the dispatcher picks that key when weight is packed.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string_view>
+
+#include "kernels/conv_bias_act.h"
+
+namespace hrnet_fast {
+namespace {
+
+using Scalars = c10::List<std::optional<c10::Scalar>>;
+
+// Handles looked up once: a dispatcher lookup per call would cost more than a small conv's epilogue.
+const auto& pointwise_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
+                            std::string_view, Scalars, std::optional<std::string_view>)>();
+  return op;
+}
+
+const auto& pointwise_binary_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, c10::IntArrayRef, c10::IntArrayRef,
+                            c10::IntArrayRef, int64_t, std::string_view, std::optional<c10::Scalar>,
+                            std::optional<std::string_view>, Scalars, std::optional<std::string_view>)>();
+  return op;
+}
+
+constexpr int64_t kDilation[2] = {1, 1};
+
+// act(out + bias + residual) in place, out and residual contiguous NCHW. Used when oneDNN cannot
+// fuse the sum (NCHW): the same per-element body and channel indexing as the CUDA epilogue kernel.
+void epilogue_nchw_inplace(at::Tensor& out, const float* bias, const float* residual, bool relu) {
+  const int64_t channels = out.size(1), hw = out.size(2) * out.size(3);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, out.numel() / hw, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      float* op = o + plane * hw;
+      const float* rp = residual + plane * hw;
+      const float b = bias ? bias[conv_bias_act_channel(plane * hw, channels, hw, false)] : 0.f;
+      for (int64_t k = 0; k < hw; ++k) op[k] = conv_bias_act_epilogue<float>(op[k], b, rp[k], relu);
+    }
+  });
+}
+
+at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             c10::IntArrayRef stride, c10::IntArrayRef padding,
+                             const std::optional<at::Tensor>& residual, bool relu) {
+  const auto out_sizes = conv_bias_act_check(x, weight, bias, stride, padding, residual);
+  TORCH_CHECK(x.device().is_cpu(), "hrnet_fast::conv_bias_act (cpu): x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "hrnet_fast::conv_bias_act (cpu): supports float32 only, got ",
+              x.scalar_type(), "; use backend='torch' for other dtypes");
+  TORCH_CHECK(x.layout() == at::kStrided && (!residual || residual->layout() == at::kStrided),
+              "hrnet_fast::conv_bias_act (cpu): x and residual must be dense (strided) tensors");
+  // The output's format follows x's, as aten's conv does (and as the fake kernel promises).
+  const at::MemoryFormat fmt = x.suggest_memory_format();
+  if (c10::multiply_integers(out_sizes) == 0 || x.size(1) == 0) {
+    TORCH_CHECK(x.size(1) > 0 || c10::multiply_integers(out_sizes) == 0,
+                "hrnet_fast::conv_bias_act (cpu): x must have at least one channel");
+    return at::empty(out_sizes, x.options().memory_format(fmt));
+  }
+  // oneDNN reads a 1-D bias as one contiguous block.
+  std::optional<at::Tensor> b;
+  if (bias) b = bias->is_contiguous() ? *bias : bias->contiguous();
+  const c10::IntArrayRef dil(kDilation, 2);
+
+  // oneDNN runs NHWC (and fuses the residual) when the weight is packed or either operand is
+  // channels_last; mirrors aten's mkldnn_conv_use_channels_last.
+  const bool onednn_nhwc = weight.is_mkldnn() || fmt == at::MemoryFormat::ChannelsLast ||
+                           weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const std::optional<std::string_view> unary = relu ? std::optional<std::string_view>("relu") : std::nullopt;
+  at::Tensor out;
+  if (!residual) {
+    out = pointwise_op().call(x, weight, b, padding, stride, dil, 1, relu ? "relu" : "none", Scalars(), std::nullopt);
+  } else if (onednn_nhwc) {
+    out = pointwise_binary_op().call(x, *residual, weight, b, padding, stride, dil, 1, "add", std::nullopt, unary,
+                                     Scalars(), std::nullopt);
+  } else {
+    // NCHW: oneDNN would fall back to conv + a separate add + relu; ours is one pass instead.
+    out = pointwise_op().call(x, weight, std::nullopt, padding, stride, dil, 1, "none", Scalars(), std::nullopt);
+    if (!out.is_contiguous()) out = out.contiguous();
+    const at::Tensor res = residual->is_contiguous() ? *residual : residual->contiguous();
+    epilogue_nchw_inplace(out, b ? b->data_ptr<float>() : nullptr, res.data_ptr<float>(), relu);
+  }
+  return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
+}
+
+}  // namespace
+}  // namespace hrnet_fast
+
+TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("conv_bias_act", &hrnet_fast::conv_bias_act_cpu); }
+
+// A pre-packed (oneDNN-layout) weight puts MkldnnCPU in the dispatch key set; same kernel.
+TORCH_LIBRARY_IMPL(hrnet_fast, MkldnnCPU, m) { m.impl("conv_bias_act", &hrnet_fast::conv_bias_act_cpu); }

@@ -1,0 +1,76 @@
+// conv_bias_act's epilogue, shared by the CPU fallback loop (csrc/cpu/conv_bias_act.cpp) and the
+// CUDA epilogue kernel (csrc/cuda/conv_bias_act.cu): the CPU tests run the same arithmetic and
+// channel indexing that the GPU runs. Header-only and torch-free so nvcc compiles it quickly.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/hd.h"
+
+namespace hrnet_fast {
+
+// act(conv + bias + residual). `v < 0` is false for NaN, so NaN passes through as torch.relu does.
+template <typename acc_t>
+HF_HD acc_t conv_bias_act_epilogue(acc_t conv, acc_t bias, acc_t residual, bool relu) {
+  acc_t v = conv + bias + residual;
+  return (relu && v < acc_t(0)) ? acc_t(0) : v;
+}
+
+// Channel of element `i` of a dense [N, C, H, W] tensor stored NCHW (channels_last=false) or NHWC.
+HF_HD int64_t conv_bias_act_channel(int64_t i, int64_t channels, int64_t hw, bool channels_last) {
+  return channels_last ? i % channels : (i / hw) % channels;
+}
+
+}  // namespace hrnet_fast
+
+// ---- host-side argument checks shared by the CPU and CUDA entry points ----------------------
+// The Python API checks first with the same wording; these guard direct torch.ops calls.
+#if !defined(__CUDA_ARCH__)
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <vector>
+
+namespace hrnet_fast {
+
+// Output sizes [N, C_out, H_out, W_out], after checking shapes, devices and dtypes agree.
+inline std::vector<int64_t> conv_bias_act_check(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "hrnet_fast::conv_bias_act: ";
+  TORCH_CHECK(x.dim() == 4, op, "x must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, "weight must be 4-D [C_out, C_in, kH, kW], got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, "weight must have shape (C_out, ", x.size(1),
+              ", kH, kW) to match x's channels, got ", weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2, op, "stride and padding must have 2 values");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0, op,
+              "stride must be >= 1 and padding >= 0, got stride=", stride, ", padding=", padding);
+  const int64_t h = (x.size(2) + 2 * padding[0] - weight.size(2)) / stride[0] + 1;
+  const int64_t w = (x.size(3) + 2 * padding[1] - weight.size(3)) / stride[1] + 1;
+  TORCH_CHECK(x.size(2) + 2 * padding[0] >= weight.size(2) && x.size(3) + 2 * padding[1] >= weight.size(3),
+              op, "x of spatial size ", x.sizes().slice(2), " is too small for a ", weight.sizes().slice(2),
+              " kernel with padding ", padding);
+  std::vector<int64_t> out{x.size(0), weight.size(0), h, w};
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ", x.device(),
+                ": all inputs must share a device");
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, name, " has dtype ", t.scalar_type(), " but x has ",
+                x.scalar_type(), ": all inputs must share a dtype");
+  };
+  same(weight, "weight");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, "bias must have shape (",
+                weight.size(0), ",), got ", bias->sizes());
+    same(*bias, "bias");
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == c10::IntArrayRef(out), op, "residual must have the output's shape ",
+                c10::IntArrayRef(out), ", got ", residual->sizes());
+    same(*residual, "residual");
+  }
+  return out;
+}
+
+}  // namespace hrnet_fast
+#endif  // !__CUDA_ARCH__

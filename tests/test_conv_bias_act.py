@@ -1,0 +1,277 @@
+"""conv_bias_act on every backend against the plain-PyTorch reference: values, memory format,
+pre-packed weights, gradients, opcheck, torch.compile and input validation."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch._prims_common import suggest_memory_format
+
+from hrnet_fast import _extension
+
+cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")  # the module (the package re-exports the function)
+CL = torch.channels_last
+
+BACKENDS = [pytest.param("torch"), pytest.param("cpu"), pytest.param("triton", marks=pytest.mark.triton)]
+needs_ext = pytest.mark.skipif(not _extension.has_kernel("conv_bias_act", "CPU"), reason="C++ extension not built")
+
+# (x shape, weight shape, stride, padding): HRNet's conv kinds, plus odd sizes.
+CASES = {
+    "3x3s1": ((2, 8, 10, 7), (8, 8, 3, 3), 1, 1),
+    "3x3s2_odd": ((1, 6, 9, 7), (12, 6, 3, 3), 2, 1),
+    "1x1": ((2, 16, 5, 6), (4, 16, 1, 1), 1, 0),
+    "3x3s2_1x1_spatial": ((1, 4, 1, 1), (8, 4, 3, 3), 2, 1),
+    "stem_rgb": ((1, 3, 12, 10), (8, 3, 3, 3), 2, 1),
+}
+# (relu, bias)
+ACTS = [(True, True), (False, True), (True, False)]
+
+
+def make(case: str, x_cl: bool = False, res: str | None = None, bias: bool = True, seed: int = 0, dtype=torch.float32):
+    """Inputs for CASES[case]; res is None, "nchw" or "cl" (the residual's memory format)."""
+    xs, ws, stride, padding = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(xs, generator=g, dtype=dtype)
+    w = torch.randn(ws, generator=g, dtype=dtype) / ws[1] ** 0.5
+    b = torch.randn(ws[0], generator=g, dtype=dtype) if bias else None
+    if x_cl:
+        x = x.contiguous(memory_format=CL)
+    r = None
+    if res is not None:
+        r = torch.randn(cba.output_shape(x, w, [stride] * 2, [padding] * 2), generator=g, dtype=dtype)
+        r = r.contiguous(memory_format=CL) if res == "cl" else r
+    return x, w, b, stride, padding, r
+
+
+def ref(x, w, b, stride, padding, r, relu):
+    return cba.conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, r, relu)
+
+
+def assert_format_follows_x(y: torch.Tensor, x: torch.Tensor) -> None:
+    """y is laid out like torch.empty(shape).contiguous(suggest_memory_format(x)) (the fake's promise)."""
+    expected = torch.empty(y.shape).contiguous(memory_format=suggest_memory_format(x))
+    significant = [(a, b) for a, b, n in zip(y.stride(), expected.stride(), y.shape) if n > 1]
+    assert all(a == b for a, b in significant), f"strides {y.stride()} but expected {expected.stride()}"
+
+
+def value_params():
+    """Every case x layout x residual format x act on torch/cpu; a smaller slice on Triton (interpreted)."""
+    out = []
+    for backend in ("torch", "cpu", "triton"):
+        for case in CASES:
+            for x_cl in (False, True):
+                for res in (None, "nchw", "cl"):
+                    for relu, bias in ACTS:
+                        if backend == "triton" and (res == ("nchw" if x_cl else "cl") or (relu, bias) == (False, True)):
+                            continue
+                        marks = [pytest.mark.triton] if backend == "triton" else []
+                        out.append(pytest.param(backend, case, x_cl, res, relu, bias, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("backend,case,x_cl,res,relu,bias", value_params())
+def test_matches_reference(backend, case, x_cl, res, relu, bias):
+    x, w, b, stride, padding, r = make(case, x_cl, res, bias)
+    y = cba.conv_bias_act(x, w, b, stride, padding, r, relu, backend=backend)
+    torch.testing.assert_close(y, ref(x, w, b, stride, padding, r, relu), rtol=1e-4, atol=1e-4)
+    assert_format_follows_x(y, x)
+    if relu:
+        assert (y >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "layout",
+    ["nchw", "cl", "cl_1x1_spatial", "one_channel", "sliced"],
+)
+def test_output_memory_format(backend, layout):
+    """channels_last out exactly when x suggests channels_last, including ambiguous and strided x."""
+    g = torch.Generator().manual_seed(1)
+    if layout == "cl_1x1_spatial":
+        x = torch.randn(2, 4, 1, 1, generator=g).contiguous(memory_format=CL)
+    elif layout == "one_channel":
+        x = torch.randn(2, 1, 6, 5, generator=g).contiguous(memory_format=CL)
+    elif layout == "sliced":
+        x = torch.randn(2, 8, 6, 10, generator=g)[:, ::2, :, ::2]
+    else:
+        x = torch.randn(2, 4, 6, 5, generator=g)
+        x = x.contiguous(memory_format=CL) if layout == "cl" else x
+    w = torch.randn(3, x.shape[1], 3, 3, generator=g)
+    y = cba.conv_bias_act(x, w, None, 1, 1, None, True, backend=backend)
+    torch.testing.assert_close(y, ref(x, w, None, 1, 1, None, True), rtol=1e-4, atol=1e-4)
+    assert_format_follows_x(y, x)
+    wants_cl = suggest_memory_format(x) == CL
+    assert y.is_contiguous(memory_format=CL if wants_cl else torch.contiguous_format)
+
+
+# ---- pre-packed weights (cpu backend) ----------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("x_cl,res", [(True, None), (True, "cl"), (True, "nchw"), (False, None), (False, "nchw")])
+def test_packed_matches_dense(case, x_cl, res):
+    x, w, b, stride, padding, r = make(case, x_cl, res, seed=2)
+    wp = cba.prepack(w, x.shape, stride, padding)
+    assert wp.is_mkldnn and wp.shape == w.shape
+    dense = cba.conv_bias_act(x, w, b, stride, padding, r, backend="cpu")
+    packed = cba.conv_bias_act(x, wp, b, stride, padding, r, backend="cpu")
+    direct = torch.ops.hrnet_fast.conv_bias_act(x, wp, b, [stride] * 2, [padding] * 2, r, True)
+    torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(direct, packed, rtol=0, atol=0)
+    torch.testing.assert_close(packed, ref(x, w, b, stride, padding, r, True), rtol=1e-4, atol=1e-4)
+    assert_format_follows_x(packed, x)
+
+
+@needs_ext
+def test_packed_weight_works_for_other_input_shapes():
+    """x_shape only picks oneDNN's layout: another batch and size still give the right answer."""
+    x, w, b, stride, padding, _ = make("3x3s1", x_cl=True)
+    wp = cba.prepack(w, (4, 8, 32, 24), stride, padding)
+    torch.testing.assert_close(
+        cba.conv_bias_act(x, wp, b, stride, padding, backend="auto"), ref(x, w, b, stride, padding, None, True),
+        rtol=1e-4, atol=1e-4,
+    )
+
+
+@needs_ext
+def test_prepack_rejects_bad_input():
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"x_shape must be \[N, 3, H, W\]"):
+        cba.prepack(w, (1, 4, 8, 8))
+    with pytest.raises(ValueError, match="float32 CPU weight"):
+        cba.prepack(w.double(), (1, 3, 8, 8))
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        cba.prepack(w[0], (1, 3, 8, 8))
+    wp = cba.prepack(w, (1, 3, 8, 8))
+    assert cba.prepack(wp, (1, 3, 8, 8)) is wp
+    with pytest.raises(ValueError, match="only the cpu backend accepts"):
+        cba.conv_bias_act(torch.randn(1, 3, 8, 8), wp, backend="torch")
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        cba.conv_bias_act(x, wp, backend="cpu")
+
+
+# ---- autograd, opcheck, torch.compile --------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,x_cl,res,relu", [("3x3s2_odd", False, "nchw", True), ("1x1", True, "cl", False),
+                                               ("3x3s1", True, None, True)])
+def test_gradients_match_reference(backend, case, x_cl, res, relu):
+    inputs = make(case, x_cl, res, seed=3)
+    x, w, b, stride, padding, r = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)] + [
+        r.detach().clone().requires_grad_() if r is not None else None
+    ]
+    ref_leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    g = torch.randn(cba.output_shape(x, w, [stride] * 2, [padding] * 2), generator=torch.Generator().manual_seed(4))
+    y = cba.conv_bias_act(leaves[0], leaves[1], leaves[2], stride, padding, leaves[3], relu, backend=backend)
+    y.backward(g)
+    ref(ref_leaves[0], ref_leaves[1], ref_leaves[2], stride, padding, ref_leaves[3], relu).backward(g)
+    for name, got, want in zip(("x", "weight", "bias", "residual"), leaves, ref_leaves):
+        if got is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+@needs_ext
+@pytest.mark.parametrize("case,x_cl,res,bias", [("3x3s1", False, "nchw", True), ("3x3s2_odd", True, "cl", False),
+                                               ("1x1", True, None, True)])
+def test_opcheck(case, x_cl, res, bias):
+    x, w, b, stride, padding, r = make(case, x_cl, res, bias, seed=5)
+    x.requires_grad_()
+    w.requires_grad_()
+    torch.library.opcheck(torch.ops.hrnet_fast.conv_bias_act.default, (x, w, b, [stride] * 2, [padding] * 2, r, True))
+
+
+class _Block(torch.nn.Module):
+    """A BasicBlock with BN folded: two conv_bias_act calls, the second adding the residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(6)
+        self.w1 = torch.nn.Parameter(torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5))
+        self.w2 = torch.nn.Parameter(torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5))
+        self.b = torch.nn.Parameter(torch.randn(c, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.hrnet_fast.conv_bias_act(x, self.w1, self.b, [1, 1], [1, 1], None, True)
+        return cba.conv_bias_act(y, self.w2, None, 1, 1, residual=x, relu=True, backend="cpu")
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    m = _Block(8).eval()
+    x = torch.randn(2, 8, 9, 6).contiguous(memory_format=CL)
+    with torch.no_grad():
+        expected = torch.relu(
+            torch.nn.functional.conv2d(torch.relu(torch.nn.functional.conv2d(x, m.w1, m.b, 1, 1)), m.w2, None, 1, 1) + x
+        )
+        got = torch.compile(m, fullgraph=True, backend="inductor")(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert_format_follows_x(got, x)
+
+
+# ---- bad input ----------------------------------------------------------------------
+
+
+def _bad_inputs():
+    x, w, b = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.randn(6)
+    out = torch.randn(1, 6, 8, 8)
+    return [
+        pytest.param(dict(x=x, weight=torch.randn(6, 5, 3, 3)), ValueError, r"weight must have shape \(C_out, 4, kH, kW\)",
+                     id="weight_channels"),
+        pytest.param(dict(x=x, weight=w, residual=torch.randn(1, 6, 7, 8)), ValueError,
+                     r"residual must have the output's shape \(1, 6, 8, 8\)", id="residual_shape"),
+        pytest.param(dict(x=x, weight=w, bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)", id="bias_shape"),
+        pytest.param(dict(x=x, weight=w.double()), RuntimeError, "weight has dtype torch.float64 but x has torch.float32",
+                     id="mixed_dtype"),
+        pytest.param(dict(x=x, weight=w, residual=out.to("meta")), RuntimeError, "residual is on meta but x is on cpu",
+                     id="mixed_device"),
+        pytest.param(dict(x=torch.randn(1, 4, 2, 2), weight=torch.randn(6, 4, 5, 5)), ValueError, "too small",
+                     id="too_small"),
+        pytest.param(dict(x=x[0], weight=w), ValueError, r"x must be 4-D", id="x_3d"),
+        pytest.param(dict(x=x.long(), weight=w.long()), ValueError, "x must be a floating-point tensor", id="x_int"),
+        pytest.param(dict(x=x, weight=w, stride=0), ValueError, "stride must be >= 1", id="stride_0"),
+        pytest.param(dict(x=x, weight=w, padding=(1, 1, 1)), ValueError, "padding must be an int or a pair", id="padding_3"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("kwargs,exc,msg", _bad_inputs())
+def test_bad_input_raises(backend, kwargs, exc, msg):
+    kwargs = {"padding": 1, **kwargs}
+    with pytest.raises(exc, match=msg):
+        cba.conv_bias_act(backend=backend, **kwargs)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        pytest.param((torch.randn(1, 4, 8, 8), torch.randn(6, 5, 3, 3), None, [1, 1], [1, 1]),
+                     r"weight must have shape \(C_out, 4, kH, kW\)", id="weight_channels"),
+        pytest.param((torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.randn(5), [1, 1], [1, 1]),
+                     r"bias must have shape \(6,\)", id="bias_shape"),
+        pytest.param((torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3), None, [1, 1], [1, 1], torch.randn(1, 6, 8, 7)),
+                     "residual must have the output's shape", id="residual_shape"),
+        pytest.param((torch.randn(1, 4, 2, 2), torch.randn(6, 4, 5, 5), None, [1, 1], [0, 0]), "too small", id="too_small"),
+        pytest.param((torch.randn(1, 4, 8, 8).double(), torch.randn(6, 4, 3, 3).double(), None, [1, 1], [1, 1]),
+                     "supports float32 only", id="float64"),
+        pytest.param((torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3).double(), None, [1, 1], [1, 1]),
+                     "weight has dtype Double but x has Float", id="mixed_dtype"),
+    ],
+)
+def test_direct_op_checks(args, msg):
+    """torch.ops.hrnet_fast.conv_bias_act skips the Python checks: the C++ kernel checks too."""
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.hrnet_fast.conv_bias_act(*args)
+
+
+@needs_ext
+def test_cpu_backend_rejects_float64_clearly():
+    x, w = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="supports float32 only"):
+        cba.conv_bias_act(x, w, backend="cpu")
+    torch.testing.assert_close(cba.conv_bias_act(x, w, backend="torch"), ref(x, w, None, 1, 0, None, True))
