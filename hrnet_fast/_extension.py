@@ -21,6 +21,8 @@ def is_built() -> bool:
     return LOAD_ERROR is None
 
 
+# A constant for torch.compile: Dynamo cannot trace the dispatcher query (fullgraph would break).
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the compiled library has a `dispatch_key` ("CPU", "CUDA") kernel for hrnet_fast::`op`."""
     if not is_built():
