@@ -80,7 +80,7 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
   fmr_check(base_in, lowres, weights, bias_in);
   TORCH_CHECK(base_in.scalar_type() == at::kFloat,
               "hrnet_fast::fuse_multi_res: the CPU kernel takes float32 inputs, got base of dtype ",
-              base_in.scalar_type());
+              fmr_dtype(base_in.scalar_type()));
   const auto fmt = base_in.suggest_memory_format();
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor base = base_in.contiguous(fmt);

@@ -88,7 +88,8 @@ HF_HD void fmr_element(const FmrParams<scalar_t>& p, int64_t i) {
 // Launch shape: 256 threads, enough blocks to cover `numel` up to `max_blocks`; the kernel's
 // grid-stride loop covers the rest.
 constexpr int kFmrThreads = 256;
-inline int64_t fmr_blocks(int64_t numel, int64_t max_blocks) {
+constexpr int64_t kFmrMaxBlocks = 8192;
+inline int64_t fmr_blocks(int64_t numel, int64_t max_blocks = kFmrMaxBlocks) {
   const int64_t b = (numel + kFmrThreads - 1) / kFmrThreads;
   return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
 }
@@ -108,7 +109,8 @@ __global__ void fuse_multi_res_kernel(FmrParams<scalar_t> p) {
 
 // ---- host side shared by the CPU and CUDA entry points: argument checks, low-res GEMMs -------
 // The Python API checks first with the same wording; these guard direct torch.ops calls.
-#if !defined(__CUDA_ARCH__) && !defined(HF_CUDA_EMU)
+// (Both nvcc passes must see these: the device pass parses host code too.)
+#if !defined(HF_CUDA_EMU)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
@@ -118,6 +120,9 @@ __global__ void fuse_multi_res_kernel(FmrParams<scalar_t> p) {
 #include <string>
 
 namespace hrnet_fast {
+
+// torch's Python name ("torch.float32"), so C++ and Python errors read the same.
+inline std::string fmr_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 
 inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorList weights,
                       const std::optional<at::Tensor>& bias) {
@@ -129,8 +134,8 @@ inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorL
   auto same = [&](const at::Tensor& t, const std::string& name) {
     TORCH_CHECK(t.device() == base.device(), op, name, " is on ", t.device(), " but base is on ",
                 base.device(), ": all inputs must share a device");
-    TORCH_CHECK(t.scalar_type() == base.scalar_type(), op, name, " has dtype ", t.scalar_type(),
-                " but base has ", base.scalar_type(), ": all inputs must share a dtype");
+    TORCH_CHECK(t.scalar_type() == base.scalar_type(), op, name, " has dtype ", fmr_dtype(t.scalar_type()),
+                " but base has ", fmr_dtype(base.scalar_type()), ": all inputs must share a dtype");
   };
   for (size_t k = 0; k < lowres.size(); ++k) {
     const at::Tensor& x = lowres[k];

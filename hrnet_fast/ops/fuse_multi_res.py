@@ -120,7 +120,7 @@ def backward(ctx, grad):
     grad_lowres, grad_weights = [], []
     for x, w, wdim in zip(lowres, weights, ctx.weight_dims):
         # adjoint of nearest-by-size upsampling: sum the output gradient into each source pixel
-        g = torch.ops.aten.upsample_nearest2d_backward(grad, size, list(x.shape[:2]) + list(x.shape[-2:]), None, None)
+        g = torch.ops.aten.upsample_nearest2d_backward(grad, size, list(grad.shape[:2]) + list(x.shape[-2:]), None, None)
         w2 = w.reshape(w.shape[0], w.shape[1])
         grad_lowres.append(torch.einsum("nchw,ck->nkhw", g, w2))
         gw = torch.einsum("nchw,nkhw->ck", g, x)

@@ -1,0 +1,289 @@
+"""fuse_multi_res on every backend against the plain-PyTorch reference, and the CUDA kernel under emulation."""
+from __future__ import annotations
+
+import ctypes
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = [pytest.param("torch"), pytest.param("cpu"), pytest.param("triton", marks=pytest.mark.triton)]
+COMPILED = [pytest.param("cpu"), pytest.param("triton", marks=pytest.mark.triton)]
+
+# HRNet branch (channels, height, width) at 256x192 input; W48 has 1.5x W32's channels.
+W32 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
+W48 = [(48, 64, 48), (96, 32, 24), (192, 16, 12), (384, 8, 6)]
+# (branches in the stage, output i): output i fuses every lower-resolution branch j > i.
+FUSIONS = [(2, 0), (3, 0), (3, 1), (4, 0), (4, 1), (4, 2)]
+
+
+def make_inputs(base_shape, lowres_shapes, *, bias=True, channels_last=False, grad=False, seed=0):
+    """base [N, C, H, W], lowres [(C_k, h, w)], weights [C, C_k] scaled so outputs are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c = base_shape[:2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    base = torch.randn(base_shape, generator=g).contiguous(memory_format=fmt)
+    lowres = [torch.randn(n, ck, h, w, generator=g).contiguous(memory_format=fmt) for ck, h, w in lowres_shapes]
+    weights = [torch.randn(c, ck, generator=g) / math.sqrt(ck) for ck, _, _ in lowres_shapes]
+    b = torch.randn(c, generator=g) if bias else None
+    if grad:
+        for t in [base, *lowres, *weights] + ([b] if bias else []):
+            t.requires_grad_(True)
+    return base, lowres, weights, b
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32: the GEMM sums in another order than conv2d, so allow ~100 ulp of the output's scale."""
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * scale)
+
+
+def fusion_case(branches, stage, i, batch=1):
+    c, h, w = branches[i]
+    return (batch, c, h, w), [branches[j] for j in range(i + 1, stage)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stage,i", FUSIONS)
+@pytest.mark.parametrize("branches", [W32, W48], ids=["w32", "w48"])
+def test_hrnet_fusion_shapes(backend, branches, stage, i, channels_last):
+    base_shape, lows = fusion_case(branches, stage, i)
+    base, lowres, weights, bias = make_inputs(base_shape, lows, channels_last=channels_last)
+    out = fuse_multi_res(base, lowres, weights, bias, backend=backend)
+    assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hrnet_fusion_shape_triton(channels_last):
+    # The interpreter is slow: the smallest full-size fusion (stage 4, output 2) only.
+    base_shape, lows = fusion_case(W32, 4, 2)
+    base, lowres, weights, bias = make_inputs(base_shape, lows, channels_last=channels_last)
+    out = fuse_multi_res(base, lowres, weights, bias, backend="triton")
+    assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
+
+
+# base shape, lowres (C_k, h, w): sizes that don't divide, single pixels, down-sampling, many inputs.
+ODD = {
+    "7x5_to_20x13": ((2, 3, 20, 13), [(5, 7, 5)]),
+    "two_odd": ((1, 4, 11, 9), [(3, 4, 5), (6, 3, 2)]),
+    "one_pixel": ((1, 5, 1, 1), [(3, 1, 1)]),
+    "pixel_to_map": ((2, 4, 6, 5), [(2, 1, 1)]),
+    "downsample": ((1, 4, 3, 2), [(3, 7, 5)]),
+    "no_lowres": ((2, 6, 5, 7), []),
+    "six_lowres": ((1, 8, 12, 10), [(2, 6, 5), (3, 3, 3), (4, 2, 2), (2, 12, 10), (5, 5, 4), (1, 1, 1)]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", sorted(ODD))
+def test_odd_shapes(backend, case, channels_last, bias, relu):
+    base_shape, lows = ODD[case]
+    base, lowres, weights, b = make_inputs(base_shape, lows, bias=bias, channels_last=channels_last)
+    out = fuse_multi_res(base, lowres, weights, b, relu, backend=backend)
+    assert_close(out, fuse_multi_res_reference(base, lowres, weights, b, relu))
+    assert out.stride() == torch.empty_like(base).stride()
+    if relu:
+        assert out.min() >= 0
+
+
+# (in, out) pairs where float(in)/float(out) * dst rounds near integers.
+SIZE_PAIRS = [(7, 20), (5, 13), (3, 7), (5, 17), (6, 12), (12, 12), (13, 7), (1, 9), (9, 1), (11, 32), (25, 73)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nearest_index_bit_exact(backend, channels_last):
+    """Identity weights make the GEMM exact, so the result must equal base + F.interpolate bit for bit."""
+    for (hi, ho), (wi, wo) in zip(SIZE_PAIRS, reversed(SIZE_PAIRS)):
+        base, lowres, _, _ = make_inputs((1, 3, ho, wo), [(3, hi, wi)], bias=False, channels_last=channels_last)
+        out = fuse_multi_res(base, lowres, [torch.eye(3)], None, False, backend=backend)
+        expected = base + F.interpolate(lowres[0], size=(ho, wo), mode="nearest")
+        assert torch.equal(out, expected), f"{hi}x{wi} -> {ho}x{wo}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base_big, lowres, weights, bias = make_inputs((2, 8, 12, 20), [(6, 6, 5), (4, 3, 3)])
+    base = base_big[:, :, :, ::2]  # a strided view, dense in neither format
+    low0 = lowres[0].transpose(2, 3).contiguous().transpose(2, 3)  # dense but H/W-permuted strides
+    low1 = torch.cat([lowres[1], lowres[1]], 1)[:, ::2]  # channel-strided view
+    w0 = weights[0].t().contiguous().t()  # transposed storage
+    w1 = weights[1][:, :, None, None]  # the 4-D [C, C_k, 1, 1] form
+    b = torch.stack([bias, bias], 1)[:, 0]
+    args = (base, [low0, low1], [w0, w1], b)
+    assert_close(fuse_multi_res(*args, backend=backend), fuse_multi_res_reference(*args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base_cl,low_cl", [(True, False), (False, True)])
+def test_mixed_memory_formats(backend, base_cl, low_cl):
+    base, _, weights, bias = make_inputs((2, 4, 8, 6), [(3, 4, 3)], channels_last=base_cl)
+    _, lowres, _, _ = make_inputs((2, 4, 8, 6), [(3, 4, 3)], channels_last=low_cl, seed=1)
+    out = fuse_multi_res(base, lowres, weights, bias, backend=backend)
+    assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
+    assert out.stride() == torch.empty_like(base).stride()
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients(backend, channels_last, bias):
+    shape, lows = (2, 4, 7, 6), [(3, 4, 3), (5, 2, 2)]
+    got = make_inputs(shape, lows, bias=bias, channels_last=channels_last, grad=True)
+    want = make_inputs(shape, lows, bias=bias, channels_last=channels_last, grad=True)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    fuse_multi_res(*got, backend=backend).backward(grad_out)
+    fuse_multi_res_reference(*want).backward(grad_out)
+    leaves = lambda a: [a[0], *a[1], *a[2]] + ([a[3]] if bias else [])  # noqa: E731
+    for g, w in zip(leaves(got), leaves(want)):
+        assert_close(g.grad, w.grad)
+
+
+@pytest.mark.parametrize("case", ["w32_stage3_o0", "odd", "no_lowres", "no_bias_cl"])
+def test_opcheck_cpu(case):
+    samples = {
+        "w32_stage3_o0": ((1, 8, 16, 12), [(16, 8, 6), (32, 4, 3)], True, False),
+        "odd": ((2, 3, 20, 13), [(5, 7, 5)], True, False),
+        "no_lowres": ((1, 4, 5, 5), [], True, False),
+        "no_bias_cl": ((2, 4, 6, 4), [(3, 3, 2)], False, True),
+    }
+    shape, lows, bias, cl = samples[case]
+    base, lowres, weights, b = make_inputs(shape, lows, bias=bias, channels_last=cl, grad=True)
+    torch.library.opcheck(torch.ops.hrnet_fast.fuse_multi_res.default, (base, lowres, weights, b, True))
+
+
+class _Fuse(torch.nn.Module):
+    def __init__(self, weights, bias):
+        super().__init__()
+        self.weights = torch.nn.ParameterList(weights)
+        self.bias = torch.nn.Parameter(bias)
+
+    def forward(self, base, lowres):
+        out = fuse_multi_res(base, lowres, list(self.weights), self.bias, backend="cpu")
+        return out * 2.0  # something for the compiler to fuse around the op
+
+
+def test_torch_compile_fullgraph():
+    base, lowres, weights, bias = make_inputs((1, 4, 8, 6), [(3, 4, 3), (2, 2, 2)])
+    module = _Fuse(weights, bias).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(base, lowres)
+    assert_close(out, 2.0 * fuse_multi_res_reference(base, lowres, weights, bias))
+
+
+# ---- bad inputs: the Python API (ValueError/RuntimeError) and direct C++ calls (RuntimeError) ----
+
+def _bad_cases():
+    base, lowres, weights, bias = make_inputs((2, 4, 6, 6), [(3, 3, 3)])
+    return {
+        "batch": ((base, [lowres[0][:1]], weights, bias), "lowres[0] has batch 1 but base has batch 2"),
+        "weight_channels": ((base, lowres, [torch.randn(4, 5)], bias), "weights[0] must have shape (4, 3)"),
+        "weight_kernel": ((base, lowres, [torch.randn(4, 3, 3, 3)], bias), "weights[0] must have shape (4, 3)"),
+        "base_channels": ((base[:, :2], lowres, weights, bias), "weights[0] must have shape (2, 3)"),
+        "bias_shape": ((base, lowres, weights, torch.randn(5)), "bias must have shape (4,)"),
+        "more_inputs": ((base, [lowres[0], lowres[0]], weights, bias), "got 2 lowres inputs but 1 weights"),
+        "base_3d": ((base[0], lowres, weights, bias), "base must be 4-D"),
+        "lowres_3d": ((base, [lowres[0][0]], weights, bias), "lowres[0] must be 4-D"),
+        "device": ((base, [lowres[0].to("meta")], weights, bias), "lowres[0] is on meta but base is on cpu"),
+        "dtype": ((base, lowres, [weights[0].double()], bias), "weights[0] has dtype torch.float64 but base has"),
+        "bias_dtype": ((base, lowres, weights, bias.double()), "bias has dtype torch.float64"),
+    }
+
+
+BAD = sorted(_bad_cases())
+
+
+@pytest.mark.parametrize("case", BAD)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bad_inputs_public_api(case, backend):
+    args, message = _bad_cases()[case]
+    with pytest.raises((ValueError, RuntimeError), match=re.escape(message)):
+        fuse_multi_res(*args, backend=backend)
+
+
+# The meta device dispatches to the fake kernel, which has no checks: direct calls mix CPU dtypes only.
+@pytest.mark.parametrize("case", [c for c in BAD if c != "device"])
+def test_bad_inputs_cpp(case):
+    args, message = _bad_cases()[case]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.hrnet_fast.fuse_multi_res(*args, True)
+
+
+def test_cpu_kernel_rejects_float64():
+    base, lowres, weights, bias = make_inputs((1, 2, 4, 4), [(2, 2, 2)])
+    args = (base.double(), [lowres[0].double()], [weights[0].double()], bias.double())
+    with pytest.raises(RuntimeError, match="CPU kernel takes float32 inputs, got base of dtype torch.float64"):
+        fuse_multi_res(*args, backend="cpu")
+
+
+# ---- the CUDA kernel itself, compiled by g++ against tests/emu/cuda_emu.h ----------------------
+
+
+@pytest.fixture(scope="session")
+def emu_lib(tmp_path_factory) -> ctypes.CDLL:
+    so = tmp_path_factory.mktemp("emu") / "fmr_emu.so"
+    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}",
+           f"-I{ROOT / 'tests/emu'}", str(ROOT / "tests/emu/fuse_multi_res_emu.cpp"), "-o", str(so)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(so))
+    i64, vp = ctypes.c_longlong, ctypes.c_void_p
+    lib.fmr_emu_run.argtypes = [vp, vp, vp, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                ctypes.POINTER(vp), ctypes.POINTER(i64), ctypes.POINTER(i64), i64, ctypes.c_int]
+    lib.fmr_emu_run.restype = ctypes.c_int
+    return lib
+
+
+def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37):
+    """The kernel on dense NCHW/NHWC storage; `guard` sentinel floats after the output catch stray writes."""
+    def dense(t):
+        return (t.permute(0, 2, 3, 1) if nhwc else t).contiguous()
+
+    n, c, h, w = base.shape
+    out = torch.full((base.numel() + guard,), float("nan"))
+    b, low = dense(base), [dense(y) for y in ys]
+    ptrs = (ctypes.c_void_p * max(1, len(low)))(*[t.data_ptr() for t in low])
+    hs = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[2] for y in ys])
+    ws = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[3] for y in ys])
+    rc = lib.fmr_emu_run(b.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), n, c, h, w,
+                         int(nhwc), int(relu), len(low), ptrs, hs, ws, blocks, threads)
+    assert rc == 0
+    assert out[base.numel():].isnan().all(), "the kernel wrote past the end of the output"
+    flat = out[: base.numel()]
+    return flat.view(n, h, w, c).permute(0, 3, 1, 2) if nhwc else flat.view(n, c, h, w)
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("launch", [(0, 0), (3, 7), (1, 32), (500, 64)], ids=["default", "3x7", "1x32", "500x64"])
+@pytest.mark.parametrize("case", ["w32_stage4_o2", "7x5_to_20x13", "two_odd", "one_pixel", "no_lowres", "four"])
+def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc):
+    """Projected low-res inputs + the same float32 op order as the reference: results equal bit for bit."""
+    shapes = {
+        "w32_stage4_o2": ((1, 128, 16, 12), [(128, 8, 6)]),
+        "7x5_to_20x13": ((2, 3, 20, 13), [(3, 7, 5)]),
+        "two_odd": ((1, 4, 11, 9), [(4, 4, 5), (4, 3, 2)]),
+        "one_pixel": ((1, 5, 1, 1), [(5, 1, 1)]),
+        "no_lowres": ((2, 6, 5, 7), []),
+        "four": ((1, 3, 9, 8), [(3, 3, 4), (3, 9, 8), (3, 2, 3), (3, 1, 1)]),
+    }
+    base_shape, lows = shapes[case]
+    for bias_on, relu in [(True, True), (False, False)]:
+        base, ys, _, bias = make_inputs(base_shape, lows, bias=bias_on)
+        out = run_emulated(emu_lib, base, ys, bias, relu, nhwc, *launch)
+        # The reference with identity weights: its GEMM is exact, so its sum order is the kernel's.
+        eye = [torch.eye(base_shape[1])] * len(ys)
+        assert torch.equal(out, fuse_multi_res_reference(base, ys, eye, bias, relu))
