@@ -2,7 +2,10 @@
 pre-packed weights, gradients, opcheck, torch.compile and input validation."""
 from __future__ import annotations
 
+import ctypes
 import importlib
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch._prims_common import suggest_memory_format
 
 from hrnet_fast import _extension
 
+ROOT = Path(__file__).resolve().parents[1]
 cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")  # the module (the package re-exports the function)
 CL = torch.channels_last
 
@@ -275,3 +279,43 @@ def test_cpu_backend_rejects_float64_clearly():
     with pytest.raises(RuntimeError, match="supports float32 only"):
         cba.conv_bias_act(x, w, backend="cpu")
     torch.testing.assert_close(cba.conv_bias_act(x, w, backend="torch"), ref(x, w, None, 1, 0, None, True))
+
+
+# ---- the CUDA epilogue kernel itself, compiled by g++ against tests/emu/cuda_emu.h --------------
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory) -> ctypes.CDLL:
+    so = tmp_path_factory.mktemp("emu") / "cba_emu.so"
+    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}",
+           f"-I{ROOT / 'tests/emu'}", str(ROOT / "tests/emu/conv_bias_act_emu.cpp"), "-o", str(so)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(so))
+    i64, vp = ctypes.c_longlong, ctypes.c_void_p
+    lib.cba_emu_run.argtypes = [vp, vp, vp, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int]
+    lib.cba_emu_run.restype = ctypes.c_int
+    return lib
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("relu,bias,res", [(True, True, True), (False, True, False), (True, False, True),
+                                           (False, False, True)])
+@pytest.mark.parametrize("launch", [(0, 0), (2, 32), (64, 128)], ids=["default", "grid_stride", "oversized"])
+def test_emulated_cuda_epilogue(emu_lib, nhwc, relu, bias, res, launch):
+    """The CUDA path's bias + residual + ReLU pass over a bias-free conv output equals the reference."""
+    x, w, b, stride, padding, r = make("3x3s2_odd", x_cl=nhwc, res="cl" if nhwc else "nchw", bias=bias, seed=7)
+    r = r if res else None
+    fmt = CL if nhwc else torch.contiguous_format
+    # guard elements after the output catch writes past the end
+    conv = torch.nn.functional.conv2d(x, w, None, stride, padding).contiguous(memory_format=fmt)
+    flat = torch.cat([conv.permute(0, 2, 3, 1).reshape(-1) if nhwc else conv.reshape(-1), torch.full((37,), 7.0)])
+    n, c, h, wd = conv.shape
+    rflat = None if r is None else (r.permute(0, 2, 3, 1).reshape(-1) if nhwc else r.reshape(-1)).contiguous()
+    rc = emu_lib.cba_emu_run(flat.data_ptr(), None if b is None else b.data_ptr(),
+                             None if rflat is None else rflat.data_ptr(), conv.numel(), c, h * wd, int(nhwc),
+                             int(relu), *launch)
+    assert rc == 0
+    assert (flat[conv.numel():] == 7.0).all(), "kernel wrote past the output"
+    body = flat[: conv.numel()]
+    got = body.view(n, h, wd, c).permute(0, 3, 1, 2) if nhwc else body.view(n, c, h, wd)
+    torch.testing.assert_close(got, ref(x, w, b, stride, padding, r, relu), rtol=1e-5, atol=1e-5)

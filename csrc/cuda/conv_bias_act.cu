@@ -15,7 +15,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 #include <optional>
 
@@ -23,23 +22,6 @@
 
 namespace hrnet_fast {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 8192;  // grid-stride beyond this: enough blocks to fill any current GPU
-
-// out = act(out + bias[channel] + residual), in place; out and residual dense in the same format.
-template <typename scalar_t>
-__global__ void conv_bias_act_epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ bias,
-                                              const scalar_t* __restrict__ residual, int64_t numel,
-                                              int64_t channels, int64_t hw, bool channels_last, bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
-    const acc_t b = bias ? static_cast<acc_t>(bias[conv_bias_act_channel(i, channels, hw, channels_last)]) : acc_t(0);
-    const acc_t r = residual ? static_cast<acc_t>(residual[i]) : acc_t(0);
-    out[i] = static_cast<scalar_t>(conv_bias_act_epilogue<acc_t>(static_cast<acc_t>(out[i]), b, r, relu));
-  }
-}
 
 void launch_epilogue(at::Tensor& out, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                      bool relu) {
@@ -50,10 +32,11 @@ void launch_epilogue(at::Tensor& out, const std::optional<at::Tensor>& bias, con
   // Same layout as out, so one flat index addresses both.
   const at::Tensor res = !residual ? at::Tensor() : residual->is_contiguous(fmt) ? *residual : residual->contiguous(fmt);
   const at::Tensor b = !bias ? at::Tensor() : bias->contiguous();
-  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks);
+  const int64_t blocks = conv_bias_act_blocks(numel);
   const auto stream = c10::cuda::getCurrentCUDAStream(out.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bias_act_epilogue", [&] {
-    conv_bias_act_epilogue_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    using acc_t = at::opmath_type<scalar_t>;
+    conv_bias_act_epilogue_kernel<scalar_t, acc_t><<<blocks, kCbaThreads, 0, stream>>>(
         out.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
         res.defined() ? res.const_data_ptr<scalar_t>() : nullptr, numel, out.size(1), out.size(2) * out.size(3),
         channels_last, relu);

@@ -21,10 +21,36 @@ HF_HD int64_t conv_bias_act_channel(int64_t i, int64_t channels, int64_t hw, boo
   return channels_last ? i % channels : (i / hw) % channels;
 }
 
+// Launch shape of the epilogue kernel: grid-stride beyond kCbaMaxBlocks, enough to fill any current GPU.
+constexpr int kCbaThreads = 256;
+constexpr int64_t kCbaMaxBlocks = 8192;
+inline int64_t conv_bias_act_blocks(int64_t numel) {
+  const int64_t blocks = (numel + kCbaThreads - 1) / kCbaThreads;
+  return blocks < 1 ? 1 : (blocks > kCbaMaxBlocks ? kCbaMaxBlocks : blocks);
+}
+
+#if defined(__CUDACC__) || defined(HF_CUDA_EMU)
+// out = act(out + bias[channel] + residual) in place; out and residual dense in the same format
+// (NCHW, or NHWC when channels_last). bias and residual may be null. tests/emu runs it on the CPU.
+template <typename scalar_t, typename acc_t>
+__global__ void conv_bias_act_epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ bias,
+                                              const scalar_t* __restrict__ residual, int64_t numel,
+                                              int64_t channels, int64_t hw, bool channels_last, bool relu) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
+    const acc_t b = bias ? static_cast<acc_t>(bias[conv_bias_act_channel(i, channels, hw, channels_last)]) : acc_t(0);
+    const acc_t r = residual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+    out[i] = static_cast<scalar_t>(conv_bias_act_epilogue<acc_t>(static_cast<acc_t>(out[i]), b, r, relu));
+  }
+}
+#endif
+
 }  // namespace hrnet_fast
 
 // ---- host-side argument checks shared by the CPU and CUDA entry points ----------------------
 // The Python API checks first with the same wording; these guard direct torch.ops calls.
+// Left out of the emulated build (tests/emu), which is plain g++ without torch.
+#if !defined(HF_CUDA_EMU)
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -72,3 +98,4 @@ inline std::vector<int64_t> conv_bias_act_check(
 }
 
 }  // namespace hrnet_fast
+#endif  // !HF_CUDA_EMU
