@@ -1,0 +1,158 @@
+"""The ways to run the model that `hrnet-fast bench` compares: each prepares a callable or says why it can't.
+
+A contender gets the eval model (in the bench dtype, on the bench device), the fp32 model it was cast
+from, and the input; it returns a Prepared (what to call, whether it runs through PyTorch's
+dispatcher, set-up time such as compilation) or raises Skip with a one-line reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Skip(Exception):
+    """This contender cannot run here; the message (one line) goes into the row's `skipped` column."""
+
+
+@dataclass
+class Context:
+    model: nn.Module  # eval, bench dtype, bench device
+    model_fp32: nn.Module  # the same weights in float32 (what optimize and the ONNX export start from)
+    x: torch.Tensor
+    dtype: torch.dtype
+    threads: int
+    workdir: Path  # for exported files; removed by the caller
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
+@dataclass
+class Prepared:
+    call: Callable[..., Any]
+    args: tuple[Any, ...]
+    torch_path: bool  # its ops go through the dispatcher: countable, CUDA-graph capturable
+    setup_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __call__(self) -> Any:
+        with torch.inference_mode():
+            return self.call(*self.args)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def eager(ctx: Context) -> Prepared:
+    return Prepared(ctx.model, (ctx.x,), torch_path=True)
+
+
+def eager_channels_last(ctx: Context) -> Prepared:
+    model = copy.deepcopy(ctx.model).to(memory_format=torch.channels_last)
+    return Prepared(model, (ctx.x.contiguous(memory_format=torch.channels_last),), torch_path=True)
+
+
+def _hrnet_fast(backend: str) -> Callable[[Context], Prepared]:
+    def prepare(ctx: Context) -> Prepared:
+        dev = ctx.device.type
+        if backend in ("cpu", "cuda") and dev != backend:
+            raise Skip(f"the {backend} backend runs on {backend} tensors; this run is on {dev}")
+        if backend == "triton" and dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise Skip("Triton on CPU runs only in its interpreter (TRITON_INTERPRET=1), far too slow for a whole model")
+        import hrnet_fast
+
+        optimize = getattr(hrnet_fast, "optimize", None)
+        if optimize is None:
+            raise Skip("hrnet_fast.optimize has not landed in this checkout")
+        t0 = time.perf_counter()
+        try:
+            fast = optimize(ctx.model_fp32, backend=backend, dtype=None if ctx.dtype == torch.float32 else ctx.dtype)
+        except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
+            raise Skip(f"optimize(backend={backend!r}) failed: {_first_line(e)}") from None
+        return Prepared(fast, (ctx.x,), torch_path=True, setup_s=time.perf_counter() - t0)
+
+    return prepare
+
+
+def compiled(ctx: Context) -> Prepared:
+    """torch.compile, default mode; compilation happens here, in the first call, outside the timing."""
+    torch._dynamo.reset()
+    # static shapes: one compile per batch, no dynamic-shape kernels in the timed code
+    model = torch.compile(ctx.model, dynamic=False)
+    prepared = Prepared(model, (ctx.x,), torch_path=False)
+    t0 = time.perf_counter()
+    try:
+        prepared()
+    except Exception as e:  # noqa: BLE001  (a compiler failure is a result to report, not a crash)
+        raise Skip(f"torch.compile failed: {_first_line(e)}") from None
+    prepared.setup_s = time.perf_counter() - t0
+    return prepared
+
+
+def onnxruntime(ctx: Context) -> Prepared:
+    """ONNX Runtime on the exported eager model: all graph optimisations, intra-op threads = --threads."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Skip("onnxruntime is not installed (pip install onnxruntime)") from None
+    if ctx.dtype != torch.float32:
+        raise Skip(f"the ONNX Runtime contender runs float32 only, this run is {str(ctx.dtype).removeprefix('torch.')}")
+    providers = ["CPUExecutionProvider"]
+    if ctx.device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise Skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        providers = ["CUDAExecutionProvider"]
+    path = ctx.workdir / f"model_b{ctx.x.shape[0]}.onnx"
+    x_cpu = ctx.x.detach().cpu()
+    t0 = time.perf_counter()
+    try:
+        # the exporter reports progress on stdout, which belongs to the results table
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            model = copy.deepcopy(ctx.model_fp32).cpu()
+            torch.onnx.export(model, (x_cpu,), str(path), input_names=["x"], output_names=["y"], verbose=False)
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"torch.onnx.export failed: {_first_line(e)}") from None
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = ctx.threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=providers)
+    name = sess.get_inputs()[0].name
+    x_np = x_cpu.numpy()
+
+    def run(x_np: Any) -> Any:
+        return sess.run(None, {name: x_np})[0]
+
+    return Prepared(run, (x_np,), torch_path=False, setup_s=time.perf_counter() - t0)
+
+
+CONTENDERS: dict[str, Callable[[Context], Prepared]] = {
+    "eager": eager,
+    "eager_cl": eager_channels_last,
+    "hrnet_fast_cpu": _hrnet_fast("cpu"),
+    "hrnet_fast_cuda": _hrnet_fast("cuda"),
+    "hrnet_fast_triton": _hrnet_fast("triton"),
+    "compile": compiled,
+    "onnxruntime": onnxruntime,
+}
+
+
+def make_workdir() -> tempfile.TemporaryDirectory[str]:
+    """A temporary folder for exported models, removed when the run ends."""
+    return tempfile.TemporaryDirectory(prefix="hrnet_fast_bench_")

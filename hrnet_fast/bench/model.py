@@ -1,0 +1,101 @@
+"""The model a benchmark runs: built from a name or an official YAML, with seeded random weights and BN stats."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PRESETS = ("w32", "w48")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
+
+
+class BenchError(Exception):
+    """A bad argument or missing piece the user can fix; the CLI prints it as one line (exit code 2)."""
+
+
+@dataclass
+class ModelSpec:
+    """What --model named: a short tag for file names, the builder's description, a default (H, W)."""
+
+    tag: str
+    source: str
+    default_size: tuple[int, int]
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """'256x192' (H x W) -> (256, 192); raises BenchError for anything else."""
+    m = _SIZE_RE.match(text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise BenchError(f"--input-size must be HEIGHTxWIDTH with positive integers, e.g. 256x192; got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def resolve_model(spec: str) -> ModelSpec:
+    """Check --model (w32, w48, or an existing .yaml/.yml path) without building anything."""
+    if spec in PRESETS:
+        return ModelSpec(spec, f"hrnet_fast.pose_hrnet_{spec}()", (256, 192))
+    path = Path(spec)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise BenchError(f"unknown --model {spec!r}: expected one of {', '.join(PRESETS)} or a path to an official-format .yaml")
+    if not path.is_file():
+        raise BenchError(f"--model {spec!r}: no such file")
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise BenchError(f"--model {spec!r}: not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict) or "MODEL" not in cfg:
+        raise BenchError(f"--model {spec!r}: not an official HRNet config (no MODEL section)")
+    size = cfg["MODEL"].get("IMAGE_SIZE") or [192, 256]  # official order is [W, H]
+    tag = re.sub(r"[^A-Za-z0-9_.+-]", "_", path.stem)
+    return ModelSpec(tag, f"hrnet_fast.get_pose_net({str(path)!r})", (int(size[1]), int(size[0])))
+
+
+def build_model(spec: str) -> nn.Module:
+    """The reference pose HRNet for --model, in eval mode, from hrnet_fast's public builders."""
+    import hrnet_fast
+
+    name = f"pose_hrnet_{spec}" if spec in PRESETS else "get_pose_net"
+    builder = getattr(hrnet_fast, name, None)
+    if builder is None:
+        raise BenchError(f"hrnet_fast.{name} is not available in this checkout (the reference model has not landed)")
+    model = builder() if spec in PRESETS else builder(spec)
+    return model.eval()
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, size: tuple[int, int], seed: int = 0) -> nn.Module:
+    """Seeded random weights and BN statistics, so outputs are non-trivial and reproducible.
+
+    Convs get He-normal weights (the official init's std=0.001 would shrink the heatmaps to ~0);
+    BN running stats are measured on one random batch, then perturbed, so every layer stays in a
+    sane range while folding BN still has real work to do. The caller's global RNG is untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, std=0.1)
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(bn.momentum, bn.training) for bn in bns]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the calibration batch
+            bn.train()
+        device = next(model.parameters()).device
+        model(torch.randn(2, 3, *size, device=device))
+        for bn, (momentum, training) in zip(bns, saved):
+            bn.momentum = momentum
+            bn.train(training)
+            bn.running_mean += 0.1 * torch.randn_like(bn.running_mean)
+            bn.running_var *= torch.empty_like(bn.running_var).uniform_(0.8, 1.25)
+            if bn.affine:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(std=0.1)
+    return model.eval()

@@ -1,0 +1,141 @@
+"""The `hrnet-fast` command line. `hrnet-fast bench` benchmarks the whole model against eager,
+torch.compile and ONNX Runtime, prints a table and writes JSON + PNG under benchmarks/results/.
+
+Bad arguments exit with code 2 and one line on stderr; a contender that cannot run here becomes
+a row that says why. Code 1 means a contender's output disagreed with eager (results still written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from hrnet_fast.bench.contenders import CONTENDERS
+from hrnet_fast.bench.model import BenchError, parse_input_size
+
+CONTENDER_NAMES = tuple(CONTENDERS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump): `prog: error: ...`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
+def _contender_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONTENDER_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown contender(s) {', '.join(bad) or repr(text)}; choose from {','.join(CONTENDER_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def _input_size(text: str) -> tuple[int, int]:
+    try:
+        return parse_input_size(text)
+    except BenchError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--input-size ")) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hrnet-fast", description="hrnet_fast: fused kernels for HRNet inference.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    b = sub.add_parser(
+        "bench",
+        help="benchmark the whole model against eager, torch.compile and ONNX Runtime",
+        description="Benchmark HRNet end to end: each contender is checked against eager, then timed "
+        "(warm-up excluded; median and IQR). Table on stdout, JSON + PNG under --out.",
+    )
+    b.add_argument("--model", default="w32", help="w32, w48, or an official-format experiment .yaml (default: w32)")
+    b.add_argument("--input-size", type=_input_size, default=None, metavar="HxW",
+                   help="input height x width (default: 256x192, or the YAML's MODEL.IMAGE_SIZE)")
+    b.add_argument("--batch", type=_positive_int, nargs="+", default=[1], metavar="N", help="batch sizes (default: 1)")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when present, else cpu")
+    b.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    b.add_argument("--threads", type=_positive_int, default=2, help="CPU threads for torch and ONNX Runtime (default: 2)")
+    b.add_argument("--contenders", type=_contender_list, default=list(CONTENDER_NAMES), metavar="A,B,...",
+                   help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all; those that cannot run here are listed as skipped)")
+    b.add_argument("--min-run-time", type=_positive_float, default=2.0, metavar="S",
+                   help="seconds of timed runs per contender and batch (default: 2)")
+    b.add_argument("--out", default="benchmarks/results", help="folder for <name>.json and <name>.png (default: benchmarks/results)")
+    b.add_argument("--cuda-graph", action="store_true", help="on CUDA, also time a CUDA-graph replay of each PyTorch contender")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights, BN stats and inputs (default: 0)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from hrnet_fast.bench.model import resolve_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    resolve_model(args.model)  # bad --model fails here, before the heavy imports below
+
+    from hrnet_fast.bench import record, runner
+    cfg = runner.BenchConfig(
+        model=args.model, input_size=args.input_size, batches=list(dict.fromkeys(args.batch)), device=device,
+        dtype=args.dtype, threads=args.threads, contenders=args.contenders, min_run_time=args.min_run_time,
+        cuda_graph=args.cuda_graph, seed=args.seed,
+    )
+    name, config, rows = runner.run(cfg, progress=not args.no_progress)
+    print(f"{name}: {config['model_source']}, input {config['input_size'][0]}x{config['input_size'][1]}, "
+          f"{cfg.dtype}, {cfg.device}, {cfg.threads} threads")
+    print(record.format_table(rows, [c for c in runner.TABLE_COLUMNS if any(c in r for r in rows)]))
+    json_path, png_path = record.write_results(name, config, rows, out_dir=args.out)
+    print(f"wrote {json_path} and {png_path}")
+    failed = [f"{r['contender']} (batch {r['batch']})" for r in rows if str(r.get("check", "")).startswith("FAIL")]
+    if failed:
+        print(f"hrnet-fast bench: error: output differs from eager beyond tolerance: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `hrnet-fast` console script; returns the exit code instead of raising SystemExit."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's own exits (--help: 0, bad argument: 2)
+        return int(e.code or 0)
+    try:
+        if args.command == "bench":
+            return _bench(args)
+    except BenchError as e:
+        print(f"hrnet-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hrnet-fast: interrupted", file=sys.stderr)
+        return 130
+    print(f"hrnet-fast: error: unknown command {args.command!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

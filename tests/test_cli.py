@@ -1,0 +1,164 @@
+"""`hrnet-fast bench` end to end on a tiny HRNet, the op counter, and clean failures on bad arguments."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import hrnet_fast
+from hrnet_fast import cli
+from hrnet_fast.bench import contenders as C
+from hrnet_fast.bench import opcount, runner
+from hrnet_fast.bench.model import BenchError, parse_input_size, resolve_model
+
+TINY_YAML = """\
+MODEL:
+  NAME: pose_hrnet
+  NUM_JOINTS: 5
+  IMAGE_SIZE: [32, 64]
+  EXTRA:
+    PRETRAINED_LAYERS: ['*']
+    FINAL_CONV_KERNEL: 1
+    STAGE2: {NUM_MODULES: 1, NUM_BRANCHES: 2, BLOCK: BASIC, NUM_BLOCKS: [1, 1], NUM_CHANNELS: [8, 16], FUSE_METHOD: SUM}
+    STAGE3: {NUM_MODULES: 1, NUM_BRANCHES: 3, BLOCK: BASIC, NUM_BLOCKS: [1, 1, 1], NUM_CHANNELS: [8, 16, 32], FUSE_METHOD: SUM}
+    STAGE4: {NUM_MODULES: 1, NUM_BRANCHES: 4, BLOCK: BASIC, NUM_BLOCKS: [1, 1, 1, 1], NUM_CHANNELS: [8, 16, 32, 64], FUSE_METHOD: SUM}
+"""
+TIMED_FIELDS = {"median_ms", "iqr_ms", "runs", "speedup_vs_eager", "imgs_per_s", "max_abs_err", "rel_err", "check"}
+FAST = ["--min-run-time", "0.05", "--no-progress", "--threads", "2"]
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny_hrnet.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+def _load(out_dir: Path) -> dict:
+    (json_path,) = out_dir.glob("*.json")
+    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(json_path.read_text())
+
+
+def test_bench_end_to_end_tiny(tiny_yaml: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "res"
+    argv = ["bench", "--model", str(tiny_yaml), "--batch", "1", "2", "--out", str(out), *FAST,
+            "--contenders", "eager,eager_cl,hrnet_fast_cpu,hrnet_fast_triton"]
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    doc = _load(out)
+    assert doc["name"] == "model_tiny_hrnet_64x32_cpu_b1-2" and (out / f"{doc['name']}.json").exists()
+    assert doc["config"]["input_size"] == [64, 32]  # from the YAML's IMAGE_SIZE [W, H]
+    assert doc["config"]["batches"] == [1, 2] and doc["config"]["threads"] == 2
+    assert doc["machine"]["versions"]["torch"] == torch.__version__
+    rows = {(r["contender"], r["batch"]): r for r in doc["rows"]}
+    assert len(rows) == len(doc["rows"]) == 8
+    for batch in (1, 2):
+        eager, cl = rows["eager", batch], rows["eager_cl", batch]
+        for r in (eager, cl):
+            assert TIMED_FIELDS <= r.keys() and r["check"] == "ok" and r["runs"] >= 1
+            assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and r["est_bytes"] > 0
+            assert r["imgs_per_s"] == pytest.approx(batch * 1e3 / r["median_ms"])
+            assert r["ops_per_forward"] > 50  # ~200 convs, BNs, ReLUs, adds, upsamples
+        assert eager["max_abs_err"] == 0 and eager["speedup_vs_eager"] == 1.0
+        assert cl["rel_err"] < 1e-4 and cl["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / cl["median_ms"])
+        assert cl["ops_per_forward"] == eager["ops_per_forward"]
+        assert "TRITON_INTERPRET=1" in rows["hrnet_fast_triton", batch]["skipped"]
+        fast = rows["hrnet_fast_cpu", batch]
+        if hasattr(hrnet_fast, "optimize"):
+            assert fast["check"] == "ok" and fast["median_ms"] > 0, fast
+        else:
+            assert "optimize" in fast["skipped"]
+    lines = stdout.splitlines()
+    assert lines[1].startswith("| contender ") and sum(line.startswith("| eager ") for line in lines) == 2
+
+
+def test_bench_onnxruntime_and_input_size(tiny_yaml: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    argv = ["bench", "--model", str(tiny_yaml), "--input-size", "32x32", "--out", str(tmp_path), *FAST,
+            "--contenders", "eager,onnxruntime"]
+    assert cli.main(argv) == 0
+    doc = _load(tmp_path)
+    assert doc["config"]["input_size"] == [32, 32] and doc["name"] == "model_tiny_hrnet_32x32_cpu"
+    ort_row = next(r for r in doc["rows"] if r["contender"] == "onnxruntime")
+    assert ort_row["check"] == "ok" and ort_row["rel_err"] < 1e-4 and ort_row["setup_s"] > 0
+    assert "ops_per_forward" not in ort_row  # not a PyTorch path: nothing to count
+
+
+def test_wrong_output_is_flagged_and_missing_package_skipped(tiny_yaml: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    def broken(ctx: C.Context) -> C.Prepared:
+        return C.Prepared(lambda x: ctx.model(x) * 1.01, (ctx.x,), torch_path=True)
+
+    monkeypatch.setitem(C.CONTENDERS, "broken", broken)
+    monkeypatch.setattr(cli, "CONTENDER_NAMES", (*cli.CONTENDER_NAMES, "broken"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    argv = ["bench", "--model", str(tiny_yaml), "--out", str(tmp_path), *FAST, "--contenders", "eager,broken,onnxruntime"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hrnet-fast bench: error:") and "broken (batch 1)" in err
+    rows = {r["contender"]: r for r in _load(tmp_path)["rows"]}
+    assert rows["broken"]["check"] == "FAIL"
+    assert rows["broken"]["rel_err"] == pytest.approx(0.01, rel=1e-3)  # hand-computed: 1% off everywhere
+    assert "not installed" in rows["onnxruntime"]["skipped"] and "median_ms" not in rows["onnxruntime"]
+
+
+def test_opcount_fallback_hand_counted() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    res = opcount.count_ops_fallback(model, x)
+    assert res["ops"] == 3, res["by_op"]  # conv, batch norm, relu; no views, no allocations
+    act, w, bn = 4 * 8 * 8 * 4, 4 * 3 * 3 * 3 * 4, 4 * 4  # bytes of one 4x8x8 map, the weight, one BN vector
+    x_bytes = 3 * 8 * 8 * 4
+    # conv: x + w -> act; bn: act + 4 vectors -> act (+ 2 empty save tensors); relu: act -> act
+    assert res["bytes"] == (x_bytes + w + act) + (act + 4 * bn + act) + (act + act)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--model", "w99"], "unknown --model 'w99'"),
+        (["bench", "--model", "/nonexistent/cfg.yaml"], "no such file"),
+        (["bench", "--input-size", "256by192"], "HEIGHTxWIDTH"),
+        (["bench", "--input-size", "0x192"], "positive integers"),
+        (["bench", "--contenders", "eager,tensorrt"], "unknown contender(s) tensorrt"),
+        (["bench", "--batch", "0"], "positive integer"),
+        (["bench", "--min-run-time", "-1"], "positive number"),
+        (["bench", "--device", "tpu"], "invalid choice"),
+        (["bench", "--device", "cuda"], "no CUDA device"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(argv: list[str], message: str, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hrnet-fast") and message in lines[0], captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_parsers() -> None:
+    assert parse_input_size("256x192") == (256, 192) and parse_input_size(" 64 X 48 ") == (64, 48)
+    with pytest.raises(BenchError):
+        parse_input_size("256")
+    assert resolve_model("w48").default_size == (256, 192)
+    with pytest.raises(BenchError, match="unknown contender"):
+        runner.run(runner.BenchConfig(contenders=["nope"]))
+
+
+def test_console_script_subprocess(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("hrnet-fast")
+    assert script.exists(), f"console script missing: {script} (pip install -e .)"
+    bad = subprocess.run([str(script), "bench", "--model", "w99"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "hrnet-fast bench: error: unknown --model 'w99': expected one of w32, w48 or a path to an official-format .yaml"
+    ]
+    assert "Traceback" not in bad.stderr
+    ok = subprocess.run([str(script), "bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "--min-run-time" in ok.stdout and "--cuda-graph" in ok.stdout
