@@ -40,16 +40,23 @@ void nhwc_row(const Row& r, const float* bias, int64_t w, int64_t c, int64_t /*c
   }
 }
 
-// NCHW: unit-stride along W in base/out; the low-res reads are a gather through the column table.
+// NCHW: r.y[k] is low-res row k already expanded to the output's width (see expand()), so every
+// read is unit-stride and the loop vectorises along W.
 template <int K, bool Bias, bool Relu>
 void nchw_row(const Row& r, const float* bias, int64_t w, int64_t /*c*/, int64_t ch) {
   const float b0 = Bias ? bias[ch] : 0.f;
 #pragma omp simd
   for (int64_t x = 0; x < w; ++x) {
     float acc = fmr_start(r.base[x], Bias ? &b0 : nullptr, 0);
-    for (int k = 0; k < K; ++k) acc = fmr_add(acc, r.y[k][r.col[k][x]]);
+    for (int k = 0; k < K; ++k) acc = fmr_add(acc, r.y[k][x]);
     r.out[x] = fmr_act(acc, Relu);
   }
+}
+
+// The gather along W, done once per distinct (plane, source row) instead of once per output row:
+// with an upsampling factor s the expanded row serves s consecutive output rows.
+void expand(float* dst, const float* src, const int64_t* col, int64_t w) {
+  for (int64_t x = 0; x < w; ++x) dst[x] = src[col[x]];
 }
 
 using RowFn = void (*)(const Row&, const float*, int64_t, int64_t, int64_t);
@@ -125,6 +132,9 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
   const int64_t row_len = nhwc ? w * c : w;
   const int64_t grain = std::max<int64_t>(1, 16384 / row_len);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    // NCHW: per input, its expanded row and the source row it holds (-1: none yet).
+    std::vector<float> rowbuf(nhwc ? 0 : static_cast<size_t>(nk * w));
+    std::vector<const float*> held(nhwc ? 0 : nk, nullptr);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = r % h, nc = r / h;  // nc is n (NHWC) or n*C + ch (NCHW)
       const int64_t ch = nhwc ? 0 : nc % c;
@@ -133,9 +143,17 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
         const int64_t k0 = j * kFmrMaxLowres, k1 = std::min<int64_t>(nk, k0 + kFmrMaxLowres);
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t sy = fmr_nearest(y, lh[k], h, scale_h[k]);
-          const int64_t row_off = nhwc ? (nc * lh[k] + sy) * lw[k] * c : (nc * lh[k] + sy) * lw[k];
-          row.y[k - k0] = yp[k] + row_off;
-          row.col[k - k0] = cols.data() + k * w;
+          const int64_t* col = cols.data() + k * w;
+          if (nhwc) {
+            row.y[k - k0] = yp[k] + (nc * lh[k] + sy) * lw[k] * c;
+            row.col[k - k0] = col;
+          } else {
+            const float* src = yp[k] + (nc * lh[k] + sy) * lw[k];
+            float* buf = rowbuf.data() + k * w;
+            if (held[k] != src) expand(buf, src, col, w);
+            held[k] = src;
+            row.y[k - k0] = lw[k] == w ? src : buf;  // same width: the index is the identity
+          }
         }
         if (j > 0) row.base = row.out;
         fns[j](row, bias_p, w, c, ch);
