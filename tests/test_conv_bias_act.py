@@ -119,6 +119,7 @@ def test_packed_matches_dense(case, x_cl, res):
     x, w, b, stride, padding, r = make(case, x_cl, res, seed=2)
     wp = cba.prepack(w, x.shape, stride, padding)
     assert wp.is_mkldnn and wp.shape == w.shape
+    torch.testing.assert_close(wp.to_dense(), w, rtol=0, atol=0)
     dense = cba.conv_bias_act(x, w, b, stride, padding, r, backend="cpu")
     packed = cba.conv_bias_act(x, wp, b, stride, padding, r, backend="cpu")
     direct = torch.ops.hrnet_fast.conv_bias_act(x, wp, b, [stride] * 2, [padding] * 2, r, True)

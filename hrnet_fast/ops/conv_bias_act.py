@@ -70,6 +70,9 @@ def prepack(
     Returns an MkldnnCPU tensor of the same logical shape that the cpu backend accepts in place of
     `weight` (for any input shape; `x_shape` only picks the fastest layout). Without it oneDNN
     reorders the dense weight on every call. float32 CPU weights only; inference only.
+    A packed tensor cannot be deep-copied, pickled or saved (it has no storage): pack last, keep it
+    as a plain attribute rather than a buffer, and keep the dense weight for state_dict;
+    `packed.to_dense()` gives the dense weight back.
     """
     stride, padding = pair("stride", stride), pair("padding", padding)
     check_4d("weight", weight)
