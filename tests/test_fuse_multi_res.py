@@ -128,10 +128,11 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("base_cl,low_cl", [(True, False), (False, True)])
-def test_mixed_memory_formats(backend, base_cl, low_cl):
-    base, _, weights, bias = make_inputs((2, 4, 8, 6), [(3, 4, 3)], channels_last=base_cl)
-    _, lowres, _, _ = make_inputs((2, 4, 8, 6), [(3, 4, 3)], channels_last=low_cl, seed=1)
+def test_mixed_memory_formats(backend, base_cl, low_cl, batch):
+    base, _, weights, bias = make_inputs((batch, 4, 8, 6), [(3, 4, 3)], channels_last=base_cl)
+    _, lowres, _, _ = make_inputs((batch, 4, 8, 6), [(3, 4, 3)], channels_last=low_cl, seed=1)
     out = fuse_multi_res(base, lowres, weights, bias, backend=backend)
     assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
     assert out.stride() == torch.empty_like(base).stride()
