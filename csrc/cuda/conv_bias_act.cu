@@ -44,8 +44,9 @@ void launch_epilogue(at::Tensor& out, const std::optional<at::Tensor>& bias, con
   });
 }
 
-// Cleared the first time cuDNN finds no engine for the fused graph; the unfused path is then used.
-std::atomic<bool> fused_usable{true};
+// Per dtype (float, half, bfloat16): cleared the first time cuDNN finds no engine for the fused
+// graph, after which that dtype takes the unfused path.
+std::atomic<bool> fused_usable[3] = {true, true, true};
 
 at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -61,16 +62,17 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   if (c10::multiply_integers(out_sizes) == 0) return at::empty(out_sizes, x.options().memory_format(fmt));
   const int64_t dilation[2] = {1, 1};
   const int64_t no_padding[2] = {0, 0};
+  std::atomic<bool>& fused_ok = fused_usable[dtype == at::kFloat ? 0 : dtype == at::kHalf ? 1 : 2];
 
   at::Tensor out;
-  if (relu && at::globalContext().userEnabledCuDNN() && fused_usable.load(std::memory_order_relaxed)) {
+  if (relu && at::globalContext().userEnabledCuDNN() && fused_ok.load(std::memory_order_relaxed)) {
     try {
       out = residual ? at::cudnn_convolution_add_relu(x, weight, *residual, 1, bias, stride, padding, dilation, 1)
                      : at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1);
     } catch (const c10::Error&) {
       // cuDNN rejects some fused graphs (engine support varies by version, dtype and shape);
       // the error is raised on the host before any launch, so falling back is safe.
-      fused_usable.store(false, std::memory_order_relaxed);
+      fused_ok.store(false, std::memory_order_relaxed);
     }
   }
   if (!out.defined()) {
