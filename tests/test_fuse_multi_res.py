@@ -270,7 +270,8 @@ def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37)
 
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("launch", [(0, 0), (3, 7), (1, 32), (500, 64)], ids=["default", "3x7", "1x32", "500x64"])
-@pytest.mark.parametrize("case", ["w32_stage4_o2", "7x5_to_20x13", "two_odd", "one_pixel", "no_lowres", "four"])
+@pytest.mark.parametrize("case", ["w32_stage4_o2", "7x5_to_20x13", "two_odd", "one_pixel", "no_lowres", "four",
+                                  "past_max_grid"])
 def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc):
     """Projected low-res inputs + the same float32 op order as the reference: results equal bit for bit."""
     shapes = {
@@ -280,6 +281,8 @@ def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc):
         "one_pixel": ((1, 5, 1, 1), [(5, 1, 1)]),
         "no_lowres": ((2, 6, 5, 7), []),
         "four": ((1, 3, 9, 8), [(3, 3, 4), (3, 9, 8), (3, 2, 3), (3, 1, 1)]),
+        # more than kFmrMaxBlocks * kFmrThreads elements: the default launch relies on the grid-stride loop
+        "past_max_grid": ((1, 2, 1030, 1024), [(2, 515, 512)]),
     }
     base_shape, lows = shapes[case]
     for bias_on, relu in [(True, True), (False, False)]:

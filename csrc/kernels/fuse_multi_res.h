@@ -116,13 +116,24 @@ __global__ void fuse_multi_res_kernel(FmrParams<scalar_t> p) {
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <optional>
+#include <ostream>
 #include <string>
 
 namespace hrnet_fast {
 
 // torch's Python name ("torch.float32"), so C++ and Python errors read the same.
 inline std::string fmr_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+// "lowres[2]", "weights[0]" or "bias", streamed only when a check fails (no strings per call).
+struct FmrArg {
+  const char* name;
+  size_t k;
+};
+inline std::ostream& operator<<(std::ostream& os, const FmrArg& a) {
+  return a.k == SIZE_MAX ? os << a.name : os << a.name << '[' << a.k << ']';
+}
 
 inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorList weights,
                       const std::optional<at::Tensor>& bias) {
@@ -131,7 +142,7 @@ inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorL
   TORCH_CHECK(lowres.size() == weights.size(), op, "got ", lowres.size(), " lowres inputs but ",
               weights.size(), " weights: need one weight per input");
   const int64_t n = base.size(0), c = base.size(1);
-  auto same = [&](const at::Tensor& t, const std::string& name) {
+  auto same = [&](const at::Tensor& t, const FmrArg& name) {
     TORCH_CHECK(t.device() == base.device(), op, name, " is on ", t.device(), " but base is on ",
                 base.device(), ": all inputs must share a device");
     TORCH_CHECK(t.scalar_type() == base.scalar_type(), op, name, " has dtype ", fmr_dtype(t.scalar_type()),
@@ -140,7 +151,7 @@ inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorL
   for (size_t k = 0; k < lowres.size(); ++k) {
     const at::Tensor& x = lowres[k];
     const at::Tensor& w = weights[k];
-    const std::string xs = "lowres[" + std::to_string(k) + "]", ws = "weights[" + std::to_string(k) + "]";
+    const FmrArg xs{"lowres", k}, ws{"weights", k};
     TORCH_CHECK(x.dim() == 4, op, xs, " must be 4-D [N, C, H, W], got shape ", x.sizes());
     TORCH_CHECK(x.size(0) == n, op, xs, " has batch ", x.size(0), " but base has batch ", n);
     const int64_t ck = x.size(1);
@@ -154,7 +165,7 @@ inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorL
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c, op, "bias must have shape (", c, ",), got ",
                 bias->sizes());
-    same(*bias, "bias");
+    same(*bias, FmrArg{"bias", SIZE_MAX});
   }
 }
 
