@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -162,3 +163,14 @@ def test_console_script_subprocess(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
     ok = subprocess.run([str(script), "bench", "--help"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "--min-run-time" in ok.stdout and "--cuda-graph" in ok.stdout
+
+
+def test_timing_summary_and_cpu_timer() -> None:
+    from hrnet_fast.bench import timing
+
+    # statistics.quantiles' default (exclusive) method on 1..5: quartiles 1.5 and 4.5
+    assert timing._summary([5.0, 1.0, 3.0, 2.0, 4.0]) == {"median_ms": 3.0, "iqr_ms": 3.0, "runs": 5}
+    calls = []
+    res = timing.time_cpu(lambda: (calls.append(1), time.sleep(0.004)), min_run_time=0.05, threads=1)
+    assert 4.0 <= res["median_ms"] < 40.0 and res["runs"] >= 1
+    assert len(calls) >= 2 + 10  # warm-up calls plus >= 50 ms of timed 4 ms calls

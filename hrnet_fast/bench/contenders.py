@@ -14,7 +14,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class Prepared:
     args: tuple[Any, ...]
     torch_path: bool  # its ops go through the dispatcher: countable, CUDA-graph capturable
     setup_s: float | None = None
-    notes: list[str] = field(default_factory=list)
+    host_timed: bool = False  # synchronous outside torch's CUDA streams (ONNX Runtime): wall clock, not CUDA events
 
     def __call__(self) -> Any:
         with torch.inference_mode():
@@ -139,7 +139,7 @@ def onnxruntime(ctx: Context) -> Prepared:
     def run(x_np: Any) -> Any:
         return sess.run(None, {name: x_np})[0]
 
-    return Prepared(run, (x_np,), torch_path=False, setup_s=time.perf_counter() - t0)
+    return Prepared(run, (x_np,), torch_path=False, setup_s=time.perf_counter() - t0, host_timed=True)
 
 
 CONTENDERS: dict[str, Callable[[Context], Prepared]] = {

@@ -67,10 +67,10 @@ def _check(out: Any, ref: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
     return {"max_abs_err": err, "rel_err": rel, "check": "ok" if ok else "FAIL"}
 
 
-def _time(fn: Any, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
-    if device.type == "cuda":
-        return timing.time_cuda(fn, cfg.min_run_time)
-    return timing.time_cpu(fn, cfg.min_run_time, cfg.threads)
+def _time(prep: C.Prepared, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
+    if device.type == "cuda" and not prep.host_timed:
+        return timing.time_cuda(prep, cfg.min_run_time)
+    return timing.time_cpu(prep, cfg.min_run_time, cfg.threads)
 
 
 def _measure(name: str, prep: C.Prepared, ref: torch.Tensor, cfg: BenchConfig, device: torch.device) -> list[dict[str, Any]]:

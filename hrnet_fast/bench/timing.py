@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,15 +23,19 @@ def _summary(times_ms: list[float]) -> dict[str, Any]:
     return {"median_ms": statistics.median(times_ms), "iqr_ms": q[2] - q[0], "runs": len(times_ms)}
 
 
-def warmup(fn: Callable[[], Any], calls: int = 2) -> None:
-    """Call fn a few times: first-call costs (allocations, primitive creation, autotuning) stay out."""
+def warmup(fn: Callable[[], Any], calls: int = 2, seconds: float = 0.0) -> None:
+    """Call fn at least `calls` times and for at least `seconds`: first-call costs (allocations,
+    primitive creation, autotuning, a compiler's background work settling) stay out of the timing."""
+    end = time.perf_counter() + seconds
     for _ in range(calls):
+        fn()
+    while time.perf_counter() < end:
         fn()
 
 
 def time_cpu(fn: Callable[[], Any], min_run_time: float, threads: int) -> dict[str, Any]:
     """blocked_autorange over fn() with `threads` torch threads, after warm-up."""
-    warmup(fn)
+    warmup(fn, 2, min(1.0, 0.2 * min_run_time))
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_run_time)
     # each block is number_per_run calls; m.times are per call already
