@@ -18,8 +18,8 @@ namespace {
 struct Row {
   float* out;
   const float* base;
-  const float* y[kFmrMaxLowres];    // the low-res row each input reads from
-  const int64_t* col[kFmrMaxLowres];  // per output x: offset into that row
+  const float* y[kFmrMaxLowres];      // the low-res row each input reads (NCHW: expanded to W)
+  const int64_t* col[kFmrMaxLowres];  // NHWC: per output x, the offset of its source pixel in y
 };
 
 // NHWC: for each x the sources are contiguous channel vectors, so the inner loop is unit-stride.
@@ -150,9 +150,9 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
           } else {
             const float* src = yp[k] + (nc * lh[k] + sy) * lw[k];
             float* buf = rowbuf.data() + k * w;
-            if (held[k] != src) expand(buf, src, col, w);
+            if (lw[k] != w && held[k] != src) expand(buf, src, col, w);
             held[k] = src;
-            row.y[k - k0] = lw[k] == w ? src : buf;  // same width: the index is the identity
+            row.y[k - k0] = lw[k] == w ? src : buf;  // same width: the column index is the identity
           }
         }
         if (j > 0) row.base = row.out;
