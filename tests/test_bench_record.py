@@ -24,6 +24,7 @@ def test_machine_info_fields() -> None:
     assert info["torch_threads"] == torch.get_num_threads()
     assert info["versions"]["torch"] == torch.__version__
     assert info["date_utc"].endswith("+00:00")
+    assert info["loadavg_1m"] >= 0
     assert (info["cuda_device"] is None) == (not torch.cuda.is_available())
     json.dumps(info)  # must be JSON-serialisable as is
 

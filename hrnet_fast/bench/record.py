@@ -92,6 +92,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        # other work on a shared machine skews timings: record how busy it was
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "versions": {
             "hrnet_fast": _version("hrnet_fast"),
             "hrnet_fast_git": _git_commit(),
