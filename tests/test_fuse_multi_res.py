@@ -232,6 +232,7 @@ def _bad_cases():
         "more_inputs": ((base, [lowres[0], lowres[0]], weights, bias), "got 2 lowres inputs but 1 weights"),
         "base_3d": ((base[0], lowres, weights, bias), "base must be 4-D"),
         "lowres_3d": ((base, [lowres[0][0]], weights, bias), "lowres[0] must be 4-D"),
+        "lowres_empty": ((base, [lowres[0][:, :, :0]], weights, bias), "lowres[0] must have a non-empty spatial size"),
         "device": ((base, [lowres[0].to("meta")], weights, bias), "lowres[0] is on meta but base is on cpu"),
         "dtype": ((base, lowres, [weights[0].double()], bias), "weights[0] has dtype torch.float64 but base has"),
         "bias_dtype": ((base, lowres, weights, bias.double()), "bias has dtype torch.float64"),

@@ -154,6 +154,8 @@ inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorL
     const FmrArg xs{"lowres", k}, ws{"weights", k};
     TORCH_CHECK(x.dim() == 4, op, xs, " must be 4-D [N, C, H, W], got shape ", x.sizes());
     TORCH_CHECK(x.size(0) == n, op, xs, " has batch ", x.size(0), " but base has batch ", n);
+    // An empty source has no nearest pixel: the index math would read before its start.
+    TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, xs, " must have a non-empty spatial size, got ", x.sizes());
     const int64_t ck = x.size(1);
     const bool shape_ok = (w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1)) &&
                           w.size(0) == c && w.size(1) == ck;

@@ -37,6 +37,8 @@ def check_inputs(
         check_4d(f"lowres[{k}]", x)
         if x.shape[0] != n:
             raise ValueError(f"lowres[{k}] has batch {x.shape[0]} but base has batch {n}")
+        if x.shape[2] == 0 or x.shape[3] == 0:  # no nearest source pixel exists
+            raise ValueError(f"lowres[{k}] must have a non-empty spatial size, got shape {tuple(x.shape)}")
         ck = x.shape[1]
         if not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))) or tuple(w.shape[:2]) != (c, ck):
             raise ValueError(
