@@ -129,6 +129,18 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_permuted_base(backend):
+    """A dense base in neither format: the output keeps empty_like(base)'s strides, as the fake says."""
+    base, lowres, weights, bias = make_inputs((2, 4, 6, 9), [(3, 3, 3)])
+    base = base.transpose(2, 3).contiguous().transpose(2, 3)  # strides (216, 54, 1, 6)
+    out = fuse_multi_res(base, lowres, weights, bias, backend=backend)
+    assert out.stride() == torch.empty_like(base).stride() == base.stride()
+    assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
+    if backend == "cpu":
+        torch.library.opcheck(torch.ops.hrnet_fast.fuse_multi_res.default, (base, lowres, weights, bias, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("base_cl,low_cl", [(True, False), (False, True)])
 def test_mixed_memory_formats(backend, base_cl, low_cl, batch):
