@@ -288,24 +288,30 @@ def emu_lib(tmp_path_factory) -> ctypes.CDLL:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(so))
     i64, vp = ctypes.c_longlong, ctypes.c_void_p
-    lib.fmr_emu_run.argtypes = [vp, vp, vp, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    lib.fmr_emu_run.argtypes = [ctypes.c_int, vp, vp, vp, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                 ctypes.POINTER(vp), ctypes.POINTER(i64), ctypes.POINTER(i64), i64, ctypes.c_int]
     lib.fmr_emu_run.restype = ctypes.c_int
     return lib
 
 
+EMU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37):
-    """The kernel on dense NCHW/NHWC storage; `guard` sentinel floats after the output catch stray writes."""
+    """The kernel on dense NCHW/NHWC storage of base's dtype; `guard` NaNs after the output catch stray writes.
+
+    ys and bias are float32, as the CUDA entry point hands them to the kernel.
+    """
     def dense(t):
         return (t.permute(0, 2, 3, 1) if nhwc else t).contiguous()
 
     n, c, h, w = base.shape
-    out = torch.full((base.numel() + guard,), float("nan"))
+    out = torch.full((base.numel() + guard,), float("nan"), dtype=base.dtype)
     b, low = dense(base), [dense(y) for y in ys]
     ptrs = (ctypes.c_void_p * max(1, len(low)))(*[t.data_ptr() for t in low])
     hs = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[2] for y in ys])
     ws = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[3] for y in ys])
-    rc = lib.fmr_emu_run(b.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), n, c, h, w,
+    rc = lib.fmr_emu_run(EMU_DTYPES[base.dtype], b.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), n, c, h, w,
                          int(nhwc), int(relu), len(low), ptrs, hs, ws, blocks, threads)
     assert rc == 0
     assert out[base.numel():].isnan().all(), "the kernel wrote past the end of the output"
@@ -336,3 +342,16 @@ def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc):
         # The reference with identity weights: its GEMM is exact, so its sum order is the kernel's.
         eye = [torch.eye(base_shape[1])] * len(ys)
         assert torch.equal(out, fuse_multi_res_reference(base, ys, eye, bias, relu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_emulated_cuda_kernel_16bit(emu_lib, dtype, nhwc):
+    """16-bit base/out: the kernel sums in float32 and rounds once, so it equals the float32 result rounded."""
+    base32, ys, _, bias32 = make_inputs((2, 5, 11, 9), [(5, 4, 5), (5, 3, 2)])
+    base, bias = base32.to(dtype), bias32.to(dtype).float()  # the CUDA entry point casts bias to float32
+    for relu in (True, False):
+        out = run_emulated(emu_lib, base, ys, bias, relu, nhwc, 3, 64)
+        eye = [torch.eye(5)] * len(ys)
+        assert out.dtype == dtype
+        assert torch.equal(out, fuse_multi_res_reference(base.float(), ys, eye, bias, relu).to(dtype))

@@ -1,16 +1,47 @@
-// Runs the real CUDA kernel fuse_multi_res_kernel<float> (csrc/kernels/fuse_multi_res.h) on the
-// CPU through cuda_emu.h. Built by tests/test_fuse_multi_res.py with plain g++ and called via
-// ctypes; the low-res inputs come in already projected (float32, in the output's layout).
+// Runs the real CUDA kernel fuse_multi_res_kernel<scalar_t> (csrc/kernels/fuse_multi_res.h) on the
+// CPU through cuda_emu.h, for float32 and for 16-bit stand-ins of __half / __nv_bfloat16 (same
+// explicit float conversions as c10::Half / c10::BFloat16, round to nearest even). Built by
+// tests/test_fuse_multi_res.py with plain g++ and called via ctypes; the low-res inputs come in
+// already projected (float32, in the output's layout), as the cuBLAS GEMMs leave them.
+#include <cstdint>
+#include <cstring>
+
 #include "cuda_emu.h"
 #include "kernels/fuse_multi_res.h"
 
-extern "C" int fmr_emu_run(const float* base, float* out, const float* bias, long long n, long long c,
-                           long long h, long long w, int nhwc, int relu, int k, const float* const* low,
-                           const long long* low_h, const long long* low_w, long long blocks, int threads) {
+namespace {
+
+struct EmuHalf {
+  _Float16 v;
+  EmuHalf() = default;
+  explicit EmuHalf(float f) : v(static_cast<_Float16>(f)) {}
+  explicit operator float() const { return static_cast<float>(v); }
+};
+
+struct EmuBFloat16 {
+  uint16_t bits;
+  EmuBFloat16() = default;
+  explicit EmuBFloat16(float f) {  // round to nearest even, as c10::BFloat16 (finite inputs)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    bits = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  explicit operator float() const {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+static_assert(sizeof(EmuHalf) == 2 && sizeof(EmuBFloat16) == 2, "16-bit storage");
+
+template <typename scalar_t>
+void run(const void* base, void* out, const float* bias, long long n, long long c, long long h, long long w,
+         int nhwc, int relu, int k, const float* const* low, const long long* low_h, const long long* low_w,
+         long long blocks, int threads) {
   using namespace hrnet_fast;
-  if (k < 0 || k > kFmrMaxLowres) return 1;
-  FmrParams<float> p{};
-  p.base = base, p.out = out, p.bias = bias;
+  FmrParams<scalar_t> p{};
+  p.base = static_cast<const scalar_t*>(base), p.out = static_cast<scalar_t*>(out), p.bias = bias;
   p.n = n, p.c = c, p.h = h, p.w = w;
   p.nhwc = nhwc != 0, p.relu = relu != 0, p.k = k;
   for (int i = 0; i < k; ++i) {
@@ -19,6 +50,20 @@ extern "C" int fmr_emu_run(const float* base, float* out, const float* bias, lon
   // blocks <= 0: the launch shape the CUDA entry point uses (fmr_blocks, kFmrThreads).
   const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : fmr_blocks(n * c * h * w));
   const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kFmrThreads);
-  emu_launch(dim3(nb), dim3(nt), fuse_multi_res_kernel<float>, p);
-  return 0;
+  emu_launch(dim3(nb), dim3(nt), fuse_multi_res_kernel<scalar_t>, p);
+}
+
+}  // namespace
+
+// dtype: 0 float32, 1 float16, 2 bfloat16 (base and out); bias and the low-res inputs are float32.
+extern "C" int fmr_emu_run(int dtype, const void* base, void* out, const float* bias, long long n, long long c,
+                           long long h, long long w, int nhwc, int relu, int k, const float* const* low,
+                           const long long* low_h, const long long* low_w, long long blocks, int threads) {
+  if (k < 0 || k > hrnet_fast::kFmrMaxLowres) return 1;
+  switch (dtype) {
+    case 0: run<float>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads); return 0;
+    case 1: run<EmuHalf>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads); return 0;
+    case 2: run<EmuBFloat16>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads); return 0;
+    default: return 2;
+  }
 }
