@@ -125,6 +125,8 @@ def main() -> None:
             rows.append(dict(contender=name, batch=batch, median_ms=ms, peak_mib=peak,
                              shape="per forward (x calls)" if weighted else "sum of shapes",
                              speedup_vs_eager=totals[(batch, "eager NCHW")][0] / ms))
+    for r in rows:  # the chart groups bars by case: batch and shape together
+        r["case"] = f"b{r['batch']} {r['shape']}"
     columns = ["batch", "shape", "contender", "median_ms", "speedup_vs_eager", "peak_mib"]
     try:
         from hrnet_fast.bench.record import format_table, write_results
@@ -139,7 +141,7 @@ def main() -> None:
     print(format_table(rows, columns))
     config = dict(threads=args.threads, batches=args.batch, branches=BRANCHES, dtype="float32",
                   peak_memory="max CPU-allocator total during one call minus the total before it (profiler)")
-    print("wrote", *write_results("fuse_multi_res_cpu", config, rows, group="shape"))
+    print("wrote", *write_results("fuse_multi_res_cpu", config, rows, group="case"))
 
 
 if __name__ == "__main__":
