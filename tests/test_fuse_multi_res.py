@@ -85,11 +85,18 @@ ODD = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("case", sorted(ODD))
+# Every odd case once under the (slow) Triton interpreter, cycling through layout, bias and relu.
+ODD_TRITON = [
+    pytest.param("triton", case, bool(i & 1), bool(i & 2), not i & 4, marks=pytest.mark.triton, id=f"triton-{case}")
+    for i, case in enumerate(sorted(ODD))
+]
+
+
+@pytest.mark.parametrize(
+    "backend,case,channels_last,bias,relu",
+    [(b, case, cl, bias, relu) for b in ("torch", "cpu") for case in sorted(ODD) for cl in (False, True)
+     for bias in (True, False) for relu in (True, False)] + ODD_TRITON,
+)
 def test_odd_shapes(backend, case, channels_last, bias, relu):
     base_shape, lows = ODD[case]
     base, lowres, weights, b = make_inputs(base_shape, lows, bias=bias, channels_last=channels_last)
