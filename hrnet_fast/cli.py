@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--contenders", type=_contender_list, default=list(CONTENDER_NAMES), metavar="A,B,...",
                    help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all; those that cannot run here are listed as skipped)")
     b.add_argument("--min-run-time", type=_positive_float, default=2.0, metavar="S",
-                   help="seconds of timed runs per contender and batch (default: 2)")
+                   help="seconds of timed runs per contender and batch, over all rounds (default: 2)")
+    b.add_argument("--rounds", type=_positive_int, default=3,
+                   help="contenders take turns over this many timing rounds, so machine load hits all alike (default: 3)")
     b.add_argument("--out", default="benchmarks/results", help="folder for <name>.json and <name>.png (default: benchmarks/results)")
     b.add_argument("--cuda-graph", action="store_true", help="on CUDA, also time a CUDA-graph replay of each PyTorch contender")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights, BN stats and inputs (default: 0)")
@@ -101,7 +103,7 @@ def _bench(args: argparse.Namespace) -> int:
     from hrnet_fast.bench import record, runner
     cfg = runner.BenchConfig(
         model=args.model, input_size=args.input_size, batches=list(dict.fromkeys(args.batch)), device=device,
-        dtype=args.dtype, threads=args.threads, contenders=args.contenders, min_run_time=args.min_run_time,
+        dtype=args.dtype, threads=args.threads, contenders=args.contenders, min_run_time=args.min_run_time, rounds=args.rounds,
         cuda_graph=args.cuda_graph, seed=args.seed,
     )
     name, config, rows = runner.run(cfg, progress=not args.no_progress)

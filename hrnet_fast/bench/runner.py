@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ class BenchConfig:
     dtype: str = "float32"
     threads: int = 2
     contenders: list[str] = field(default_factory=lambda: list(C.CONTENDERS))
-    min_run_time: float = 2.0
+    min_run_time: float = 2.0  # timed seconds per contender and batch, over all rounds
+    rounds: int = 3
     cuda_graph: bool = False
     seed: int = 0
 
@@ -67,23 +69,32 @@ def _check(out: Any, ref: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
     return {"max_abs_err": err, "rel_err": rel, "check": "ok" if ok else "FAIL"}
 
 
-def _time(prep: C.Prepared, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
-    if device.type == "cuda" and not prep.host_timed:
-        return timing.time_cuda(prep, cfg.min_run_time)
-    return timing.time_cpu(prep, cfg.min_run_time, cfg.threads)
+@dataclass
+class _Entry:
+    """One row to time: the row so far and what to call (None: skipped)."""
+
+    row: dict[str, Any]
+    fn: Callable[[], Any] | None = None
+    host_timed: bool = False
+    times: list[float] = field(default_factory=list)
 
 
-def _measure(name: str, prep: C.Prepared, ref: torch.Tensor, cfg: BenchConfig, device: torch.device) -> list[dict[str, Any]]:
-    """Check, count and time one prepared contender (and its CUDA-graph replay when asked)."""
+def _prepare(name: str, ctx: C.Context, ref: torch.Tensor, cfg: BenchConfig) -> list[_Entry]:
+    """Prepare one contender, check it against eager, count its ops; add its CUDA-graph replay when asked."""
     dtype = DTYPES[cfg.dtype]
-    row: dict[str, Any] = {"contender": name, "setup_s": prep.setup_s}
-    row.update(_check(prep(), ref, dtype))
-    if prep.torch_path:
-        ops, nbytes, source = opcount.count_ops(prep.call, *prep.args)
-        row.update(ops_per_forward=ops, est_bytes=nbytes, est_mb=None if nbytes is None else nbytes / 1e6, ops_counter=source)
-    row.update(_time(prep, device, cfg))
-    rows = [row]
-    if cfg.cuda_graph and device.type == "cuda" and prep.torch_path:
+    try:
+        prep = C.CONTENDERS[name](ctx)
+        row: dict[str, Any] = {"contender": name, "setup_s": prep.setup_s}
+        row.update(_check(prep(), ref, dtype))
+        if prep.torch_path:
+            ops, nbytes, source = opcount.count_ops(prep.call, *prep.args)
+            row.update(ops_per_forward=ops, est_bytes=nbytes, est_mb=None if nbytes is None else nbytes / 1e6, ops_counter=source)
+    except C.Skip as e:
+        return [_Entry({"contender": name, "skipped": str(e)})]
+    except Exception as e:  # noqa: BLE001  (one broken contender must not hide the others' results)
+        return [_Entry({"contender": name, "skipped": f"error: {C._first_line(e)}"})]
+    entries = [_Entry(row, prep, prep.host_timed)]
+    if cfg.cuda_graph and ctx.device.type == "cuda" and prep.torch_path:
         g_row: dict[str, Any] = {"contender": f"{name}+graph", "ops_per_forward": row.get("ops_per_forward")}
         try:
             with torch.inference_mode():
@@ -91,20 +102,52 @@ def _measure(name: str, prep: C.Prepared, ref: torch.Tensor, cfg: BenchConfig, d
                 replay()
                 torch.cuda.synchronize()
                 g_row.update(_check(static_out, ref, dtype))
-            g_row.update(timing.time_cuda(replay, cfg.min_run_time))
+            entries.append(_Entry(g_row, replay))
         except Exception as e:  # noqa: BLE001  (not every op is capturable: report, don't crash)
             g_row["skipped"] = f"CUDA graph capture failed: {C._first_line(e)}"
-        rows.append(g_row)
-    return rows
+            entries.append(_Entry(g_row))
+    return entries
+
+
+def _sample(entry: _Entry, device: torch.device, seconds: float, threads: int) -> list[float]:
+    assert entry.fn is not None
+    if device.type == "cuda" and not entry.host_timed:
+        return timing.sample_cuda(entry.fn, seconds)
+    return timing.sample_cpu(entry.fn, seconds, threads)
+
+
+def _time_interleaved(entries: list[_Entry], cfg: BenchConfig, device: torch.device, bar: tqdm) -> None:
+    """Time every runnable entry in cfg.rounds rounds, taking turns, so load from other work hits all alike."""
+    timed = [e for e in entries if e.fn is not None]
+    for e in timed:  # a longer first warm-up: one-off costs and a compiler's background work settle
+        timing.warmup(e.fn, 2, min(1.0, 0.1 * cfg.min_run_time))
+    for r in range(cfg.rounds):
+        for e in timed:
+            bar.set_postfix_str(f"round {r + 1}/{cfg.rounds}: {e.row['contender']}", refresh=False)
+            if e.fn is not None:
+                try:
+                    e.times += _sample(e, device, cfg.min_run_time / cfg.rounds, cfg.threads)
+                except Exception as exc:  # noqa: BLE001
+                    e.row["skipped"], e.fn = f"error while timing: {C._first_line(exc)}", None
+            bar.update()
+    for e in timed:
+        if e.fn is not None and e.times:
+            e.row.update(timing.summarize(e.times))
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    """Benchmark every contender in cfg at every batch: (result name, config for the JSON, rows)."""
+    """Benchmark every contender in cfg at every batch: (result name, config for the JSON, rows).
+
+    Per batch, every contender is first prepared and checked against eager, then all are timed
+    in interleaved rounds (min_run_time split over cfg.rounds) with warm-up excluded.
+    """
     unknown = [c for c in cfg.contenders if c not in C.CONTENDERS]
     if unknown:
         raise BenchError(f"unknown contender(s) {', '.join(unknown)}: choose from {', '.join(C.CONTENDERS)}")
     if cfg.dtype not in DTYPES:
         raise BenchError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.rounds < 1:
+        raise BenchError(f"--rounds must be at least 1, got {cfg.rounds}")
     spec = resolve_model(cfg.model)
     size = cfg.input_size or spec.default_size
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
@@ -113,9 +156,10 @@ def run(cfg: BenchConfig, progress: bool = True) -> tuple[str, dict[str, Any], l
     base = randomize(build_model(cfg.model), size, cfg.seed).to(device)
     model = copy.deepcopy(base).to(dtype) if dtype != torch.float32 else base
     rows: list[dict[str, Any]] = []
-    todo = [(b, c) for b in cfg.batches for c in cfg.contenders]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    bar = tqdm(total=len(todo), desc="bench", unit="run", disable=not progress, leave=False)
+    # one step per contender prepared, one per contender timed in each round (CUDA-graph rows add steps)
+    bar = tqdm(total=len(cfg.batches) * len(cfg.contenders) * (1 + cfg.rounds), desc="bench", unit="step",
+               disable=not progress, leave=False)
     with C.make_workdir() as workdir:
         for batch in cfg.batches:
             x = torch.randn(batch, 3, *size, generator=gen).to(device=device, dtype=dtype)
@@ -125,17 +169,16 @@ def run(cfg: BenchConfig, progress: bool = True) -> tuple[str, dict[str, Any], l
             except RuntimeError as e:
                 raise BenchError(f"the eager model fails on input {tuple(x.shape)}: {C._first_line(e)}") from None
             ctx = C.Context(model, base, x, dtype, cfg.threads, Path(workdir))
+            entries: list[_Entry] = []
             for name in cfg.contenders:
-                bar.set_postfix_str(f"batch {batch}: {name}")
-                base_row = {"contender": name, "batch": batch, "device": device.type, "dtype": cfg.dtype}
-                try:
-                    got = _measure(name, C.CONTENDERS[name](ctx), ref, cfg, device)
-                except C.Skip as e:
-                    got = [{"skipped": str(e)}]
-                except Exception as e:  # noqa: BLE001  (one broken contender must not hide the others' results)
-                    got = [{"skipped": f"error: {C._first_line(e)}"}]
-                rows += [{**base_row, **r} for r in got]
+                bar.set_postfix_str(f"batch {batch}: prepare {name}")
+                entries += _prepare(name, ctx, ref, cfg)
                 bar.update()
+            bar.total += cfg.rounds * (len(entries) - len(cfg.contenders))
+            bar.update(cfg.rounds * sum(e.fn is None for e in entries))  # skipped rows: nothing to time
+            _time_interleaved(entries, cfg, device, bar)
+            rows += [{"contender": e.row["contender"], "batch": batch, "device": device.type, "dtype": cfg.dtype, **e.row}
+                     for e in entries]
     bar.close()
     _speedups(rows)
     config = {**asdict(cfg), "input_size": list(size), "model_source": spec.source, "rel_tol": REL_TOL[dtype]}

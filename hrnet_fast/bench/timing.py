@@ -1,4 +1,4 @@
-"""Median and IQR of one call: torch.utils.benchmark on CPU, triton.testing.do_bench (CUDA events) on GPU.
+"""Per-call times: torch.utils.benchmark on CPU, triton.testing.do_bench (CUDA events) on GPU; median and IQR.
 
 Warm-up is always excluded. Times are milliseconds.
 """
@@ -18,7 +18,8 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 import torch.utils.benchmark as tbench  # noqa: E402
 
 
-def _summary(times_ms: list[float]) -> dict[str, Any]:
+def summarize(times_ms: list[float]) -> dict[str, Any]:
+    """Median, inter-quartile range and count of per-call times (ms)."""
     q = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
     return {"median_ms": statistics.median(times_ms), "iqr_ms": q[2] - q[0], "runs": len(times_ms)}
 
@@ -33,17 +34,19 @@ def warmup(fn: Callable[[], Any], calls: int = 2, seconds: float = 0.0) -> None:
         fn()
 
 
-def time_cpu(fn: Callable[[], Any], min_run_time: float, threads: int) -> dict[str, Any]:
-    """blocked_autorange over fn() with `threads` torch threads, after warm-up."""
-    warmup(fn, 2, min(1.0, 0.2 * min_run_time))
+def sample_cpu(fn: Callable[[], Any], min_run_time: float, threads: int) -> list[float]:
+    """Per-call times (ms) of fn() from Timer.blocked_autorange with `threads` torch threads.
+
+    One untimed call first: another contender may have just evicted this one's weights from cache.
+    """
+    warmup(fn, 1)
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    # each block is number_per_run calls; m.times are per call already
-    return _summary([t * 1e3 for t in m.times])
+    return [t * 1e3 for t in m.times]  # per call: blocked_autorange divides each block by its size
 
 
-def time_cuda(fn: Callable[[], Any], min_run_time: float) -> dict[str, Any]:
-    """CUDA-event times of fn() (triton.testing.do_bench when installed: it also flushes L2)."""
+def sample_cuda(fn: Callable[[], Any], min_run_time: float) -> list[float]:
+    """Per-call CUDA-event times (ms) of fn() (triton.testing.do_bench when installed: it also flushes L2)."""
     warmup(fn, 3)
     torch.cuda.synchronize()
     try:
@@ -51,19 +54,16 @@ def time_cuda(fn: Callable[[], Any], min_run_time: float) -> dict[str, Any]:
     except ImportError:
         do_bench = None
     if do_bench is not None:
-        times = do_bench(fn, warmup=25, rep=max(1, int(min_run_time * 1e3)), return_mode="all")
-        return _summary([float(t) for t in times])
-    times = []
-    budget_ms, spent = min_run_time * 1e3, 0.0
-    while spent < budget_ms or len(times) < 5:
+        return [float(t) for t in do_bench(fn, warmup=25, rep=max(1, int(min_run_time * 1e3)), return_mode="all")]
+    times: list[float] = []
+    while sum(times) < min_run_time * 1e3 or len(times) < 5:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-        spent += times[-1]
-    return _summary(times)
+    return times
 
 
 def cuda_graph(fn: Callable[[], Any]) -> tuple[Callable[[], Any], Any]:
