@@ -1,6 +1,16 @@
 """hrnet_fast: fused CPU, CUDA and Triton kernels for HRNet inference."""
 from hrnet_fast import _extension
+from hrnet_fast.checkpoint import CheckpointMismatchError, load_checkpoint
 from hrnet_fast.ops import conv_bias_act, fuse_multi_res
+from hrnet_fast.reference import get_pose_net, pose_hrnet_w32, pose_hrnet_w48
 
-__all__ = ["conv_bias_act", "fuse_multi_res"]
+__all__ = [
+    "CheckpointMismatchError",
+    "conv_bias_act",
+    "fuse_multi_res",
+    "get_pose_net",
+    "load_checkpoint",
+    "pose_hrnet_w32",
+    "pose_hrnet_w48",
+]
 __version__ = "0.1.0"

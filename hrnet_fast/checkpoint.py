@@ -1,0 +1,108 @@
+"""load_checkpoint: the checkpoint formats people have, strict by default, every mismatch named.
+
+The official loader's `load_state_dict(..., strict=False)` silently drops what does not match; here a
+mismatch raises one error that lists the missing, unexpected and wrongly shaped keys.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import nn
+
+_SHOWN = 5  # keys listed per kind; the counts say how many more
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's keys or shapes do not match the model's."""
+
+
+@dataclass
+class LoadReport:
+    """What load_checkpoint did: keys loaded, and what it skipped (only with strict=False)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        def listing(kind: str, items: list[str]) -> str:
+            more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+            return f"{len(items)} {kind}: {', '.join(items[:_SHOWN])}{more}"
+
+        parts = []
+        if self.missing:
+            parts.append(listing("missing from the checkpoint", self.missing))
+        if self.unexpected:
+            parts.append(listing("unexpected in the checkpoint", self.unexpected))
+        if self.mismatched:
+            shapes = [f"{k} (model {list(m)}, checkpoint {list(c)})" for k, m, c in self.mismatched]
+            parts.append(listing("with the wrong shape", shapes))
+        return "; ".join(parts)
+
+
+def _extract_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    """The state dict inside `obj`: itself, or under "state_dict" / "model"; "module." prefixes dropped."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatchError(f"{where} holds a {type(obj).__name__}, not a state dict")
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointMismatchError(
+            f"{where} has no tensors: expected a state dict, or a dict holding one under 'state_dict' or 'model' "
+            f"(top-level keys: {list(obj)[:_SHOWN]})"
+        )
+    if all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
+    """Load `source` (a path, or a state dict) into `model`; returns a LoadReport.
+
+    strict=True (default): any missing, unexpected or wrongly shaped key raises CheckpointMismatchError
+    listing them, and nothing is loaded. strict=False loads what matches, warns about the rest, and the
+    report lists it.
+    """
+    if isinstance(source, (str, PathLike)):
+        where = f"checkpoint {str(source)!r}"
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # not a torch file, or pickled objects weights_only refuses
+            raise CheckpointMismatchError(f"{where} could not be read as a PyTorch checkpoint: {e}") from e
+    else:
+        where, obj = "the given state dict", source
+    state = _extract_state_dict(obj, where)
+
+    own = model.state_dict()
+    report = LoadReport(
+        missing=[k for k in own if k not in state],
+        unexpected=[k for k in state if k not in own],
+    )
+    for k, v in state.items():
+        if k in own:
+            if v.shape != own[k].shape:
+                report.mismatched.append((k, tuple(own[k].shape), tuple(v.shape)))
+            else:
+                report.loaded.append(k)
+    if not report.ok:
+        message = f"{where} does not match {type(model).__name__}: {report.describe()}"
+        if strict:
+            raise CheckpointMismatchError(message)
+        warnings.warn(message + "; loaded the rest (strict=False)", stacklevel=2)
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report

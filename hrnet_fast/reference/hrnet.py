@@ -1,0 +1,139 @@
+"""PoseHighResolutionNet: the official pose HRNet in plain PyTorch, state-dict compatible."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hrnet_fast.reference.blocks import BLOCKS, BN_MOMENTUM, Bottleneck
+from hrnet_fast.reference.config import HRNetConfig, StageConfig, parse_config, preset
+from hrnet_fast.reference.hr_module import HighResolutionModule
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout, momentum=BN_MOMENTUM),
+        nn.ReLU(inplace=True),
+    )
+
+
+class PoseHighResolutionNet(nn.Module):
+    """Heatmaps at 1/4 of the input: stem (2 stride-2 convs), layer1, stages 2-4, final_layer."""
+
+    def __init__(self, cfg: Any, **kwargs: Any):
+        super().__init__()
+        self.config: HRNetConfig = parse_config(cfg)
+        c = self.config
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(64, 64, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(Bottleneck, 64, 4)
+
+        pre = [256]
+        for k, stage_cfg in ((1, c.stage2), (2, c.stage3), (3, c.stage4)):
+            expansion = BLOCKS[stage_cfg.block].expansion
+            channels = [n * expansion for n in stage_cfg.num_channels]
+            setattr(self, f"transition{k}", self._make_transition_layer(pre, channels))
+            stage, pre = self._make_stage(stage_cfg, channels, multi_scale_output=k != 3)
+            setattr(self, f"stage{k + 1}", stage)
+        self.stage2_cfg, self.stage3_cfg, self.stage4_cfg = c.stage2, c.stage3, c.stage4
+
+        kernel = c.final_conv_kernel
+        self.final_layer = nn.Conv2d(pre[0], c.num_joints, kernel, 1, 1 if kernel == 3 else 0)
+
+    @staticmethod
+    def _make_transition_layer(pre: list[int], cur: list[int]) -> nn.ModuleList:
+        layers: list[nn.Module | None] = []
+        for i, ch in enumerate(cur):
+            if i < len(pre):
+                layers.append(_conv_bn_relu(pre[i], ch, 1) if ch != pre[i] else None)
+            else:
+                n = i + 1 - len(pre)
+                layers.append(
+                    nn.Sequential(*[_conv_bn_relu(pre[-1], ch if j == n - 1 else pre[-1], 2) for j in range(n)])
+                )
+        return nn.ModuleList(layers)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion, momentum=BN_MOMENTUM),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    @staticmethod
+    def _make_stage(cfg: StageConfig, inchannels: list[int], multi_scale_output: bool = True):
+        modules = []
+        for m in range(cfg.num_modules):
+            last = m == cfg.num_modules - 1
+            module = HighResolutionModule(
+                cfg.num_branches,
+                BLOCKS[cfg.block],
+                list(cfg.num_blocks),
+                inchannels,
+                list(cfg.num_channels),
+                cfg.fuse_method,
+                multi_scale_output or not last,
+            )
+            modules.append(module)
+            inchannels = module.get_num_inchannels()
+        return nn.Sequential(*modules), inchannels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.layer1(x)
+        y_list = [x]
+        for transition, stage, cfg in (
+            (self.transition1, self.stage2, self.stage2_cfg),
+            (self.transition2, self.stage3, self.stage3_cfg),
+            (self.transition3, self.stage4, self.stage4_cfg),
+        ):
+            # as the official forward: a transition (a new branch, or a re-projection) reads the lowest resolution
+            x_list = [y_list[i] if transition[i] is None else transition[i](y_list[-1]) for i in range(cfg.num_branches)]
+            y_list = stage(x_list)
+        return self.final_layer(y_list[0])
+
+    def init_weights(self) -> None:
+        """The official initialisation: conv weights N(0, 0.001), BN weight 1 and bias 0, conv biases 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.001)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+def get_pose_net(cfg: Any, is_train: bool = False, **kwargs: Any) -> PoseHighResolutionNet:
+    """The official entry point: cfg is the experiment config (dict, CfgNode or YAML path)."""
+    model = PoseHighResolutionNet(cfg, **kwargs)
+    if is_train:
+        model.init_weights()
+    return model
+
+
+def pose_hrnet_w32(num_joints: int = 17) -> PoseHighResolutionNet:
+    """HRNet-W32 as w32_256x192_adam_lr1e-3.yaml builds it (the input size is free)."""
+    return PoseHighResolutionNet(preset(32, num_joints))
+
+
+def pose_hrnet_w48(num_joints: int = 17) -> PoseHighResolutionNet:
+    """HRNet-W48 as w48_256x192_adam_lr1e-3.yaml builds it (the input size is free)."""
+    return PoseHighResolutionNet(preset(48, num_joints))
+
+
+def tiny_pose_hrnet(width: int = 4, num_joints: int = 3) -> PoseHighResolutionNet:
+    """All four branches, one module per stage, one block per branch: for fast tests."""
+    return PoseHighResolutionNet(preset(width, num_joints, num_blocks=1, modules=(1, 1, 1)))
