@@ -1,0 +1,36 @@
+"""Shared fixtures: where ../shared/fixtures is, and seeded models with non-trivial BN statistics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_fixtures() -> Path:
+    """../shared/fixtures beside the repo (CI clones the repo with shared/ next to it)."""
+    for d in (REPO.parent / "shared" / "fixtures", REPO / "shared" / "fixtures"):
+        if d.is_dir():
+            return d
+    raise FileNotFoundError(f"shared/fixtures not found beside {REPO}: the key-parity and config tests need it")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return shared_fixtures()
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial running stats and affine terms, so folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
