@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     b.add_argument("--threads", type=_positive_int, default=2, help="CPU threads for torch and ONNX Runtime (default: 2)")
     b.add_argument("--contenders", type=_contender_list, default=list(CONTENDER_NAMES), metavar="A,B,...",
-                   help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all; those that cannot run here are listed as skipped)")
+                   help=f"comma-separated subset of {', '.join(CONTENDER_NAMES)} (default: all; those that cannot run here are listed as skipped)")
     b.add_argument("--min-run-time", type=_positive_float, default=2.0, metavar="S",
                    help="seconds of timed runs per contender and batch, over all rounds (default: 2)")
     b.add_argument("--rounds", type=_positive_int, default=3,
