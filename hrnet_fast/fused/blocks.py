@@ -1,0 +1,80 @@
+"""FusedBlock: a ResNet BasicBlock or Bottleneck as 2 or 3 conv_bias_act calls, the last adding the shortcut."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hrnet_fast.fused.conv import FusedConv
+from hrnet_fast.fused.folding import fold_conv_bn
+
+# Attributes a block may carry that must be absent or identities for the plain conv-bn-relu semantics.
+_OPTIONAL_EXTRAS = ("se", "aa", "drop_block", "drop_path", "attn")
+_ACTS = ("relu", "act1", "act2", "act3")
+
+
+def block_depth(m: nn.Module) -> int:
+    """3 for a Bottleneck-like module, 2 for a BasicBlock-like one, 0 otherwise (by attributes, not class)."""
+    def pair(k: int) -> bool:
+        return isinstance(getattr(m, f"conv{k}", None), nn.Conv2d) and isinstance(getattr(m, f"bn{k}", None), nn.BatchNorm2d)
+
+    if not (pair(1) and pair(2)):
+        return 0
+    # a block holds nothing but its convs, BNs, activations, shortcut and optional extras (a stem does)
+    allowed = {f"{p}{k}" for p in ("conv", "bn") for k in (1, 2, 3)} | set(_ACTS) | set(_OPTIONAL_EXTRAS) | {"downsample"}
+    if any(n not in allowed for n, _ in m.named_children()):
+        return 0
+    return 3 if pair(3) else 2
+
+
+def why_not_block(m: nn.Module) -> str | None:
+    """Why a block-shaped module cannot be fused exactly, or None when it can."""
+    for name in _OPTIONAL_EXTRAS:
+        extra = getattr(m, name, None)
+        if extra is not None and not isinstance(extra, nn.Identity):
+            return f"has a {name} ({type(extra).__name__}) between its convs"
+    for name in _ACTS:
+        act = getattr(m, name, None)
+        if act is not None and not isinstance(act, (nn.ReLU, nn.Identity)):
+            return f"its activation {name} is {type(act).__name__}, not ReLU"
+    down = getattr(m, "downsample", None)
+    if down is not None and conv_bn_pair(down) is None:
+        return f"its downsample is not Sequential(Conv2d, BatchNorm2d): {type(down).__name__}"
+    return None
+
+
+def conv_bn_pair(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, bool] | None:
+    """(conv, bn, relu) when `m` is Sequential(Conv2d[, BatchNorm2d][, ReLU]), else None."""
+    if not isinstance(m, nn.Sequential) or not 1 <= len(m) <= 3 or not isinstance(m[0], nn.Conv2d):
+        return None
+    rest = list(m)[1:]
+    bn = rest.pop(0) if rest and isinstance(rest[0], nn.BatchNorm2d) else None
+    relu = bool(rest) and isinstance(rest[0], nn.ReLU)
+    if rest[relu:]:
+        return None
+    return m[0], bn, relu
+
+
+def fused_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, backend: str) -> FusedConv:
+    w, b = fold_conv_bn(conv, bn)
+    return FusedConv.from_conv(conv, w, b, relu, backend)
+
+
+class FusedBlock(nn.Module):
+    """out = relu(convN(...relu(conv1(x))...) + shortcut(x)), every conv with BN folded in."""
+
+    def __init__(self, block: nn.Module, backend: str):
+        super().__init__()
+        depth = block_depth(block)
+        # every conv applies ReLU: the inner ones after their BN, the last one after adding the shortcut
+        convs = [fused_conv(getattr(block, f"conv{k}"), getattr(block, f"bn{k}"), True, backend) for k in range(1, depth + 1)]
+        self.convs = nn.ModuleList(convs[:-1])
+        self.last = convs[-1]
+        down = getattr(block, "downsample", None)
+        self.downsample = None if down is None else fused_conv(*conv_bn_pair(down)[:2], False, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = x
+        for conv in self.convs:
+            out = conv(out)
+        return self.last(out, shortcut)

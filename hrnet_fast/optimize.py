@@ -1,0 +1,126 @@
+"""optimize(model): an eval-mode HRNet in, a fused inference copy out (BN folded, fused kernels, same outputs).
+
+Recognises structure, not class names, so the official pose HRNet, timm's hrnet_w* and MMPose's
+backbone all convert: HR modules (branches, fuse_layers, num_branches), residual blocks
+(conv1/bn1/conv2/bn2[/conv3/bn3][, downsample]), Sequential(Conv2d, BatchNorm2d[, ReLU]), conv{k}/bn{k}
+attribute pairs (stems), and any other plain Conv2d (heads).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from hrnet_fast.fused.blocks import FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
+from hrnet_fast.fused.conv import FusedConv
+from hrnet_fast.fused.hr_module import FusedHRModule, is_hr_module, why_not_hr_module
+from hrnet_fast.ops import _backend
+
+
+class ConversionError(ValueError):
+    """optimize(strict=True) met a module it cannot fuse exactly."""
+
+
+def _fusable_conv(conv: nn.Conv2d) -> str | None:
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return "grouped, dilated, string-padded or non-zero-padded conv"
+    return None
+
+
+class _Converter:
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.skipped: list[tuple[str, str]] = []
+
+    def convert(self, m: nn.Module, name: str) -> nn.Module:
+        """The fused replacement of `m` (children converted in place when `m` itself is kept)."""
+        if is_hr_module(m):
+            why = why_not_hr_module(m)
+            if why is None:
+                branches = nn.ModuleList([self.convert(b, f"{name}.branches.{k}") for k, b in enumerate(m.branches)])
+                return FusedHRModule(m, branches, self.backend)
+            self.skipped.append((name, why))
+        elif block_depth(m):
+            why = why_not_block(m) or next(
+                (_fusable_conv(c) for c in m.modules() if isinstance(c, nn.Conv2d) and _fusable_conv(c)), None
+            )
+            if why is None:
+                return FusedBlock(m, self.backend)
+            self.skipped.append((name, why))
+        pair = conv_bn_pair(m)
+        if pair is not None and _fusable_conv(pair[0]) is None:
+            return fused_conv(*pair, self.backend)
+        if isinstance(m, nn.Conv2d):
+            if _fusable_conv(m) is None:
+                return fused_conv(m, None, False, self.backend)
+            self.skipped.append((name, _fusable_conv(m)))
+            return m
+        self._fold_attribute_pairs(m)
+        for child_name, child in list(m.named_children()):
+            new = self.convert(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(m, child_name, new)
+        return m
+
+    def _fold_attribute_pairs(self, m: nn.Module) -> None:
+        """conv{k} followed by bn{k} in the parent's own forward (stems): the conv absorbs the BN."""
+        for k in range(1, 10):
+            conv, bn = getattr(m, f"conv{k}", None), getattr(m, f"bn{k}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _fusable_conv(conv) is None:
+                setattr(m, f"conv{k}", fused_conv(conv, bn, False, self.backend))
+                setattr(m, f"bn{k}", nn.Identity())
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the cpu kernels run NHWC end to end, so the input is converted once here."""
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+
+
+def optimize(
+    model: nn.Module,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    strict: bool = False,
+) -> nn.Module:
+    """A fused inference copy of `model` (which is left untouched) with the same outputs.
+
+    backend: "auto" (the compiled kernels for the model's device, else Triton on CUDA, else torch),
+    "cpu", "cuda", "triton" or "torch". dtype: cast the copy (float16/bfloat16 for cuda/triton).
+    What cannot be fused exactly is left as it was, listed in `.hrnet_fast_skipped` and warned about;
+    strict=True raises ConversionError instead.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("optimize folds BatchNorm running statistics, so it needs an eval-mode model: call model.eval() first")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    chosen = _backend.resolve(backend, device, "conv_bias_act")
+    if chosen == "cpu" and dtype not in (None, torch.float32):
+        raise ValueError(f"the cpu backend runs float32 only, got dtype={dtype}")
+    if chosen == "triton":
+        from hrnet_fast.triton import conv_bias_act as _t1, fuse_multi_res as _t2  # noqa: F401
+
+    fused = copy.deepcopy(model)
+    converter = _Converter(chosen)
+    with torch.no_grad():
+        fused = converter.convert(fused, "")
+    leftovers = [(n, "BatchNorm2d left unfolded") for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    skipped = converter.skipped + [s for s in leftovers if not any(s[0].startswith(p + ".") for p, _ in converter.skipped)]
+    if skipped:
+        listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped[:8])
+        if strict:
+            raise ConversionError(f"optimize(strict=True) cannot fuse {len(skipped)} module(s): {listing}")
+        warnings.warn(f"optimize left {len(skipped)} module(s) unfused: {listing}", stacklevel=2)
+    if dtype is not None:
+        fused = fused.to(dtype)
+    for m in fused.modules():
+        if isinstance(m, FusedConv):
+            m.pack()
+    if chosen == "cpu":
+        fused.register_forward_pre_hook(_to_channels_last)
+    fused.hrnet_fast_backend = chosen
+    fused.hrnet_fast_skipped = skipped
+    return fused.eval().requires_grad_(False)
