@@ -2,14 +2,17 @@
 from hrnet_fast import _extension
 from hrnet_fast.checkpoint import CheckpointMismatchError, load_checkpoint
 from hrnet_fast.ops import conv_bias_act, fuse_multi_res
+from hrnet_fast.optimize import ConversionError, optimize
 from hrnet_fast.reference import get_pose_net, pose_hrnet_w32, pose_hrnet_w48
 
 __all__ = [
     "CheckpointMismatchError",
+    "ConversionError",
     "conv_bias_act",
     "fuse_multi_res",
     "get_pose_net",
     "load_checkpoint",
+    "optimize",
     "pose_hrnet_w32",
     "pose_hrnet_w48",
 ]

@@ -58,11 +58,24 @@ class _Converter:
             self.skipped.append((name, _fusable_conv(m)))
             return m
         self._fold_attribute_pairs(m)
+        if isinstance(m, nn.Sequential):
+            self._fold_sequential_runs(m)
         for child_name, child in list(m.named_children()):
             new = self.convert(child, f"{name}.{child_name}" if name else child_name)
             if new is not child:
                 setattr(m, child_name, new)
         return m
+
+    def _fold_sequential_runs(self, m: nn.Sequential) -> None:
+        """Conv2d, BatchNorm2d[, ReLU] runs inside a longer Sequential: the conv absorbs the rest."""
+        children = list(m.named_children())
+        for k, (name, conv) in enumerate(children[:-1]):
+            bn = children[k + 1][1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _fusable_conv(conv) is None:
+                relu = k + 2 < len(children) and isinstance(children[k + 2][1], nn.ReLU)
+                setattr(m, name, fused_conv(conv, bn, relu, self.backend))
+                for absorbed_name, _ in children[k + 1 : k + 2 + relu]:
+                    setattr(m, absorbed_name, nn.Identity())
 
     def _fold_attribute_pairs(self, m: nn.Module) -> None:
         """conv{k} followed by bn{k} in the parent's own forward (stems): the conv absorbs the BN."""

@@ -1,0 +1,164 @@
+"""optimize(model): same outputs as the eager model on every HRNet it claims, the input model untouched."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import hrnet_fast
+from hrnet_fast.fused.conv import FusedConv
+from hrnet_fast.fused.hr_module import FusedHRModule
+from hrnet_fast.reference import tiny_pose_hrnet
+
+from conftest import randomize_bn
+
+BACKENDS = [pytest.param("torch"), pytest.param("cpu")]
+
+
+def _check(model: nn.Module, x: torch.Tensor, backend: str) -> nn.Module:
+    """optimize(model) agrees within 1e-4 * max|ref| on every output; returns the fused copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be left unfused on these models
+        fused = hrnet_fast.optimize(model, backend=backend)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    refs, outs = (ref, out) if isinstance(ref, (list, tuple)) else ([ref], [out])
+    assert len(refs) == len(outs)
+    for r, o in zip(refs, outs):
+        assert o.shape == r.shape
+        err = (o - r).abs().max().item()
+        assert err <= 1e-4 * r.abs().max().item(), err
+    assert fused.hrnet_fast_skipped == []
+    return fused
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_pose_hrnet(backend):
+    torch.manual_seed(0)
+    fused = _check(randomize_bn(tiny_pose_hrnet()).eval(), torch.randn(2, 3, 64, 64), backend)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, FusedHRModule) for m in fused.modules()) == 3
+
+
+@pytest.mark.parametrize(
+    "builder,size",
+    [
+        (hrnet_fast.pose_hrnet_w32, (256, 192)),
+        (hrnet_fast.pose_hrnet_w32, (384, 288)),
+        (hrnet_fast.pose_hrnet_w48, (256, 192)),
+        (hrnet_fast.pose_hrnet_w48, (384, 288)),
+    ],
+)
+def test_pose_hrnet_cpu(builder, size):
+    torch.manual_seed(0)
+    _check(randomize_bn(builder()).eval(), torch.randn(1, 3, *size), "cpu")
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("hrnet_w18_small", {}),
+        ("hrnet_w18_small", {"features_only": True}),
+        ("hrnet_w18", {}),
+        ("hrnet_w32", {}),
+        ("hrnet_w32", {"features_only": True}),
+    ],
+)
+def test_timm_hrnets(name, kwargs):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(name, pretrained=False, **kwargs)).eval()
+    _check(model, torch.randn(1, 3, 64, 64), "cpu")
+
+
+def test_input_model_is_untouched():
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        hrnet_fast.optimize(model, backend="cpu")(x)
+        after = model(x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(ref, after)
+    assert not any(isinstance(m, FusedConv) for m in model.modules())
+
+
+def test_training_mode_is_refused():
+    with pytest.raises(ValueError, match=r"call model\.eval\(\)"):
+        hrnet_fast.optimize(tiny_pose_hrnet().train())
+
+
+class _GeluBlock(nn.Module):
+    """Block-shaped but with a GELU: cannot become conv_bias_act(relu) exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4)
+        self.act1 = nn.GELU()
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + x)
+
+
+def test_unconvertible_module_is_left_and_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(), _GeluBlock()).eval()
+    randomize_bn(model)
+    with pytest.warns(UserWarning, match="GELU"):
+        fused = hrnet_fast.optimize(model, backend="cpu")
+    assert [n for n, _ in fused.hrnet_fast_skipped] == ["3"]
+    assert isinstance(fused[3], _GeluBlock)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(hrnet_fast.ConversionError, match="GELU"):
+        hrnet_fast.optimize(model, backend="cpu", strict=True)
+
+
+def test_packed_copy_deepcopies_and_still_matches():
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fused = copy.deepcopy(hrnet_fast.optimize(model, backend="cpu"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu")
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_op_count_is_at_most_a_third_of_eager():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func._schema.name.startswith("aten::") or torch.Tag.core in func.tags or "hrnet_fast" in func._schema.name:
+                pass
+            Count.n += func.__name__ not in ("view", "alias", "detach", "t", "_reshape_alias", "contiguous")
+            return func(*args, **(kwargs or {}))
+
+    model = randomize_bn(hrnet_fast.pose_hrnet_w32()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu")
+    x = torch.randn(1, 3, 256, 192)
+    counts = []
+    for m in (model, fused):
+        Count.n = 0
+        with torch.no_grad(), Count():
+            m(x)
+        counts.append(Count.n)
+    assert counts[1] * 3 <= counts[0], counts
