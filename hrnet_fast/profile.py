@@ -1,0 +1,63 @@
+"""count_ops(fn, *args): kernel-launching ops of one call, and the bytes they read and write.
+
+A TorchDispatchMode sees every op that reaches a backend (aten and hrnet_fast alike), after
+autograd and the Python wrappers, which is where a GPU would launch a kernel. Views, allocations
+and metadata queries launch nothing and are left out. Bytes are an estimate of memory traffic:
+the size of every distinct tensor argument (read) plus every output (written), per op.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# Ops that only allocate or touch metadata: no kernel runs for them.
+_NO_KERNEL = frozenset(
+    {
+        "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+        "aten::detach", "aten::alias", "aten::lift_fresh", "aten::size", "aten::stride", "aten::sym_size",
+        "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset", "aten::is_contiguous",
+        "aten::_local_scalar_dense", "aten::resize_",
+    }
+)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    # numel * itemsize, not the storage: oneDNN (Mkldnn) tensors have none, and a view reads only its elements
+    return t.numel() * t.element_size()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts kernel-launching ops (total and per op name) and the bytes their tensors hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name
+        if func.is_view or name in _NO_KERNEL:
+            return out
+        self.ops += 1
+        self.by_op[name] = self.by_op.get(name, 0) + 1
+        seen: set[int] = set()
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                self.bytes += _nbytes(t)
+        return out
+
+
+def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run fn(*args, **kwargs) once under no_grad: {"ops": int, "bytes": int, "by_op": {name: count}}."""
+    counter = OpCounter()
+    with torch.no_grad(), counter:
+        fn(*args, **kwargs)
+    return {"ops": counter.ops, "bytes": counter.bytes, "by_op": dict(sorted(counter.by_op.items()))}
