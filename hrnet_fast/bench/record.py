@@ -67,7 +67,7 @@ def _cpu_flags() -> list[str]:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
