@@ -1,0 +1,164 @@
+"""Triton kernel for fuse_multi_res: one launch computes act(base + bias + sum_k up(conv1x1(lowres[k]))).
+
+Each program owns a tile of output pixels (flattened n, h, w) x output channels. It loads the base
+tile, adds bias, and for every low-res input gathers the input rows its pixels map to under nearest
+upsampling (PyTorch's float32 index math) and multiplies them by the weight tile with tl.dot, all in
+fp32; ReLU and one store in the output dtype. No full-resolution intermediate is ever written.
+
+Up to MAX_LOWRES_PER_LAUNCH low-res inputs go into the single launch (HRNet fuses at most 3). More
+are accepted by chaining launches through an fp32 scratch buffer, because the op's contract (and
+tests/test_fuse_multi_res.py) allows any number; every HRNet fusion is one launch.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from hrnet_fast.triton._common import channel_block, dot_precision, interpreting, nearest_scale
+
+# the module, not the function that hrnet_fast.ops re-exports under the same name
+_ops = importlib.import_module("hrnet_fast.ops.fuse_multi_res")
+
+QUALNAME = "hrnet_fast::fuse_multi_res_triton"
+MAX_LOWRES_PER_LAUNCH = 3
+
+
+@triton.jit
+def _add_lowres(
+    acc, n, h, w, offs_c, mask_p, mask_c,
+    x_ptr, sxn, sxc, sxh, sxw, hi, wi, ck, scale_h, scale_w,
+    w_ptr, swc, swk,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc += nearest_up(x) @ w^T for this tile: gather the source rows, then a K-loop of tl.dot."""
+    # aten: src = min(floor(float32(dst) * float32(in / out)), in - 1)
+    hs = tl.minimum(tl.floor(h.to(tl.float32) * scale_h).to(tl.int64), hi - 1)
+    ws = tl.minimum(tl.floor(w.to(tl.float32) * scale_w).to(tl.int64), wi - 1)
+    row = n * sxn + hs * sxh + ws * sxw
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, ck, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < ck
+        a = tl.load(x_ptr + row[:, None] + kk[None, :] * sxc, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + offs_c[None, :] * swc + kk[:, None] * swk, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fuse_multi_res_kernel(
+    base_ptr, sbn, sbc, sbh, sbw,
+    out_ptr, son, soc, soh, sow,
+    bias_ptr, s_bias,
+    x0, x0n, x0c, x0h, x0w, h0, w0, c0, sh0, sw0, w0_ptr, w0c, w0k,
+    x1, x1n, x1c, x1h, x1w, h1, w1, c1, sh1, sw1, w1_ptr, w1c, w1k,
+    x2, x2n, x2c, x2h, x2w, h2, w2, c2, sh2, sw2, w2_ptr, w2c, w2k,
+    P, C, H, W,
+    NUM_LOWRES: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    # int64 pixel indices: N*H*W*strides can pass 2**31 for large batches
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < P
+    mask_c = offs_c < C
+    w = offs_p % W
+    h = (offs_p // W) % H
+    n = offs_p // (W * H)
+    mask = mask_p[:, None] & mask_c[None, :]
+
+    acc = tl.load(
+        base_ptr + (n * sbn + h * sbh + w * sbw)[:, None] + offs_c[None, :] * sbc, mask=mask, other=0.0
+    ).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c * s_bias, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    # Sum the low-res terms separately, then add once: the reference adds each upsampled conv to
+    # base + bias in turn, and a single fp32 GEMM accumulator is closest to that order per input.
+    if NUM_LOWRES > 0:
+        acc += _add_lowres(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), n, h, w, offs_c, mask_p, mask_c,
+                           x0, x0n, x0c, x0h, x0w, h0, w0, c0, sh0, sw0, w0_ptr, w0c, w0k, BLOCK_K, DOT_PRECISION)
+    if NUM_LOWRES > 1:
+        acc += _add_lowres(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), n, h, w, offs_c, mask_p, mask_c,
+                           x1, x1n, x1c, x1h, x1w, h1, w1, c1, sh1, sw1, w1_ptr, w1c, w1k, BLOCK_K, DOT_PRECISION)
+    if NUM_LOWRES > 2:
+        acc += _add_lowres(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), n, h, w, offs_c, mask_p, mask_c,
+                           x2, x2n, x2c, x2h, x2w, h2, w2, c2, sh2, sw2, w2_ptr, w2c, w2k, BLOCK_K, DOT_PRECISION)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(channels: int, lowres_channels: Sequence[int]) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps): one small tile under the interpreter, GPU-sized otherwise."""
+    if interpreting():
+        return 16, 16, 16, 1
+    block_k = channel_block(max(lowres_channels, default=16), 64)
+    return 64, channel_block(channels, 64), block_k, 4
+
+
+def _launch(
+    base: torch.Tensor,
+    out: torch.Tensor,
+    lowres: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    relu: bool,
+) -> None:
+    """One kernel launch: out = act(base + bias + sum over these <= 3 low-res inputs)."""
+    n, c, h, w = base.shape
+    args: list[object] = []
+    for k in range(MAX_LOWRES_PER_LAUNCH):
+        if k < len(lowres):
+            x, wt = lowres[k], weights[k]
+            hi, wi = x.shape[2], x.shape[3]
+            args += [x, *x.stride(), hi, wi, x.shape[1], nearest_scale(hi, h), nearest_scale(wi, w),
+                     wt, wt.stride(0), wt.stride(1)]
+        else:  # unused slot: any valid tensor, never read (NUM_LOWRES is constexpr)
+            args += [base, 0, 0, 0, 0, 1, 1, 0, 1.0, 1.0, base, 0, 0]
+    block_p, block_c, block_k, num_warps = _blocks(c, [x.shape[1] for x in lowres])
+    p = n * h * w
+    grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    wrap_triton(_fuse_multi_res_kernel)[grid](
+        base, *base.stride(), out, *out.stride(), base if bias is None else bias, 0 if bias is None else bias.stride(0),
+        *args, p, c, h, w,
+        NUM_LOWRES=len(lowres), HAS_BIAS=bias is not None, RELU=relu,
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PRECISION=dot_precision(base.dtype),
+        num_warps=num_warps,
+    )
+
+
+@triton_op(QUALNAME, mutates_args=())
+def fuse_multi_res_triton(
+    base: torch.Tensor,
+    lowres: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """act(base + bias + sum_k nearest_up(conv1x1(lowres[k], weights[k]))); out has empty_like(base)'s strides."""
+    if len(lowres) != len(weights):
+        raise ValueError(f"got {len(lowres)} lowres inputs but {len(weights)} weights: need one weight per input")
+    out = torch.empty_like(base)
+    if out.numel() == 0:
+        return out
+    m = MAX_LOWRES_PER_LAUNCH
+    chunks = [(lowres[i : i + m], weights[i : i + m]) for i in range(0, len(lowres), m)] or [([], [])]
+    src, b = base, bias
+    for i, (xs, ws) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        # more than 3 inputs (never in HRNet): chain launches through fp32, ReLU only at the end
+        dst = out if last else torch.empty_like(base, dtype=torch.float32)
+        _launch(src, dst, xs, ws, b, relu and last)
+        src, b = dst, None
+    return out
+
+
+torch.library.register_autograd(QUALNAME, _ops.backward, setup_context=_ops.setup_context)
