@@ -127,7 +127,7 @@ def main() -> None:
                     best = min(meds)
                     base = base or best
                     rows.append(dict(
-                        contender=name, shape=s.name, batch=batch, time_ms=best * 1e3,
+                        contender=name, shape=s.name, batch=batch, case=f"b{batch} {s.name}", time_ms=best * 1e3,
                         median_ms=sorted(meds)[len(meds) // 2] * 1e3, gflops=s.gflop(batch) / best,
                         speedup_vs_eager=base / best,
                     ))
@@ -149,8 +149,8 @@ def main() -> None:
                        ["batch", "contender", "time_ms", "speedup_vs_eager"]))
     config = dict(threads=args.threads, batches=batches, shapes=[s.name for s in shapes], dtype="float32",
                   rounds=args.rounds, time_ms="best of the rounds' medians")
-    paths = write_results("conv_bias_act_cpu" + ("_quick" if args.quick else ""), config, rows, metric="time_ms",
-                          group="shape")
+    paths = write_results("conv_bias_act_cpu" + ("_quick" if args.quick else ""), config, rows, metric="gflops",
+                          group="case")
     print("wrote", *paths)
 
 
