@@ -127,7 +127,8 @@ def _launch(
     p = n * h * w
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
     wrap_triton(_fuse_multi_res_kernel)[grid](
-        base, *base.stride(), out, *out.stride(), base if bias is None else bias, 0 if bias is None else bias.stride(0),
+        base, *base.stride(), out, *out.stride(),
+        base if bias is None else bias, 0 if bias is None else bias.stride(0),
         *args, p, c, h, w,
         NUM_LOWRES=len(lowres), HAS_BIAS=bias is not None, RELU=relu,
         BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PRECISION=dot_precision(base.dtype),
