@@ -1,15 +1,14 @@
-"""Triton kernel for conv_bias_act: an implicit-GEMM conv2d with bias, residual and ReLU in the epilogue.
+"""Triton kernel for conv_bias_act: implicit-GEMM convolution with bias, residual and ReLU in the epilogue.
 
-GEMM view: M = output pixels (N*Ho*Wo), N = C_out, K = kh*kw*C_in. Each program owns a BLOCK_M x
-BLOCK_N output tile; the K loop walks the kernel taps (r, s) outermost and C_in in BLOCK_K chunks
-innermost, so with NHWC input every A-tile row is a contiguous run of channels. Any input, weight,
-residual strides work (strides are kernel arguments); padding is a load mask, never a padded copy.
-Accumulation is fp32; the output is written once in the input dtype.
+GEMM view: M = N*Ho*Wo output pixels, N = C_out, K = kh*kw*C_in ordered (r, s, c_in) with c_in
+fastest, so on channels_last inputs every K-tile is a contiguous run of channels (NHWC-friendly).
+Each program owns a [BLOCK_M, BLOCK_N] output tile; it walks the kernel window (r, s) and C_in in
+BLOCK_K steps, loading the shifted input pixels (zero outside the padding) and the weight slice,
+and accumulates with tl.dot in fp32. Every tensor is addressed through its own strides.
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -19,7 +18,7 @@ from torch.library import triton_op, wrap_triton
 
 from hrnet_fast.triton._common import channel_block, dot_precision, interpreting
 
-# the module, not the function of the same name that hrnet_fast.ops re-exports
+# the module, not the function that hrnet_fast.ops re-exports under the same name
 _ops = importlib.import_module("hrnet_fast.ops.conv_bias_act")
 
 QUALNAME = "hrnet_fast::conv_bias_act_triton"
@@ -32,63 +31,60 @@ def _conv_bias_act_kernel(
     bias_ptr, s_bias,
     res_ptr, srn, src, srh, srw,
     out_ptr, son, soc, soh, sow,
-    M, C_OUT, C_IN, H, W, HO, WO,
+    M, C_OUT, C_IN, H, W, HO, WO, KH, KW,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
-    KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # int64 pixel indices: N*Ho*Wo*strides can pass 2**31 for large batches
+    # int64 pixel indices: offsets of large activations pass 2**31
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < C_OUT
-    wo = offs_m % WO
-    ho = (offs_m // WO) % HO
+    ow = offs_m % WO
+    oh = (offs_m // WO) % HO
     n = offs_m // (WO * HO)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(KH):
-        hi = ho * STRIDE_H - PAD_H + r
-        for s in range(KW):
-            wi = wo * STRIDE_W - PAD_W + s
-            # zero padding: taps outside the input are masked out of the A tile
-            valid = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            row = n * sxn + hi * sxh + wi * sxw
-            for k0 in range(0, C_IN, BLOCK_K):
-                kk = k0 + offs_k
+    for r in range(0, KH):
+        ih = ih0 + r
+        ok_h = mask_m & (ih >= 0) & (ih < H)
+        for s in range(0, KW):
+            iw = iw0 + s
+            ok = ok_h & (iw >= 0) & (iw < W)
+            row = n * sxn + ih * sxh + iw * sxw  # masked where the window leaves the input (zero padding)
+            w_rs = w_ptr + r * swh + s * sww
+            for c0 in range(0, C_IN, BLOCK_K):
+                kk = c0 + offs_k
                 mask_k = kk < C_IN
-                a = tl.load(x_ptr + row[:, None] + kk[None, :] * sxc, mask=valid[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(
-                    w_ptr + offs_n[None, :] * swo + kk[:, None] * swi + r * swh + s * sww,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-                )
+                a = tl.load(x_ptr + row[:, None] + kk[None, :] * sxc, mask=ok[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w_rs + offs_n[None, :] * swo + kk[:, None] * swi,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * s_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(
-            res_ptr + (n * srn + ho * srh + wo * srw)[:, None] + offs_n[None, :] * src, mask=mask, other=0.0
-        ).to(tl.float32)
+        res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src, mask=mask, other=0.0)
+        acc += res.to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + (n * son + ho * soh + wo * sow)[:, None] + offs_n[None, :] * soc,
+    tl.store(out_ptr + (n * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(c_out: int, c_in: int) -> tuple[int, int, int, int]:
+def _blocks(c_in: int, c_out: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): one small tile under the interpreter, GPU-sized otherwise."""
     if interpreting():
         return 16, 16, 16, 1
-    # HRNet's C_out/C_in are 18..512: a 64-pixel x up-to-64-channel tile keeps many programs in flight at batch 1
-    block_n = channel_block(c_out, 64)
-    block_k = channel_block(c_in, 32)
-    return 64, block_n, block_k, 4 if block_n <= 32 else 8
+    # HRNet's C_in/C_out are 32..384 (3 for the stem): a K-tile no wider than C_in wastes no loads
+    return 64, channel_block(c_out, 128), channel_block(c_in, 64), 4
 
 
 @triton_op(QUALNAME, mutates_args=())
@@ -96,31 +92,33 @@ def conv_bias_act_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
+    stride: list[int],
+    padding: list[int],
     residual: torch.Tensor | None = None,
     relu: bool = True,
 ) -> torch.Tensor:
     """act(conv2d(x, weight, stride, padding) + bias + residual); channels_last out iff x suggests it."""
-    if len(stride) != 2 or len(padding) != 2:
-        raise ValueError(f"stride and padding must have 2 entries, got stride={list(stride)}, padding={list(padding)}")
     shape = _ops.output_shape(x, weight, stride, padding)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+    # the same layout as the shared fake (and aten's conv): follows suggest_memory_format(x)
+    out = x.new_empty(shape).contiguous(memory_format=suggest_memory_format(x))
     if out.numel() == 0:
         return out
     n, c_out, ho, wo = shape
     c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
     kh, kw = weight.shape[2], weight.shape[3]
-    block_m, block_n, block_k, num_warps = _blocks(c_out, c_in)
+    block_m, block_n, block_k, num_warps = _blocks(c_in, c_out)
     m = n * ho * wo
-    res = out if residual is None else residual  # unused slot when absent (HAS_RESIDUAL is constexpr)
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     wrap_triton(_conv_bias_act_kernel)[grid](
-        x, *x.stride(), weight, *weight.stride(), x if bias is None else bias, 0 if bias is None else bias.stride(0),
-        res, *res.stride(), out, *out.stride(),
-        m, c_out, c_in, h, w, ho, wo,
+        x, *x.stride(),
+        weight, *weight.stride(),
+        x if bias is None else bias, 0 if bias is None else bias.stride(0),
+        x if residual is None else residual, *res_strides,
+        out, *out.stride(),
+        m, c_out, c_in, h, w, ho, wo, kh, kw,
         stride[0], stride[1], padding[0], padding[1],
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=num_warps,
     )
