@@ -91,3 +91,23 @@ def _tiny_cfg() -> dict:
     }
     return {"MODEL": {"NUM_JOINTS": 3, "IMAGE_SIZE": [64, 64],
                       "EXTRA": {"FINAL_CONV_KERNEL": 1, "STAGE2": stage(2, 1), "STAGE3": stage(3, 1), "STAGE4": stage(4, 1)}}}
+
+
+def test_transition_reprojects_an_existing_branch_from_itself():
+    """STAGE3 widens branch 0 (4 -> 6 channels): transition2[0] must read branch 0, not the lowest one."""
+    cfg = _tiny_cfg()
+    cfg["MODEL"]["EXTRA"]["STAGE3"]["NUM_CHANNELS"] = [6, 8, 16]
+    cfg["MODEL"]["EXTRA"]["STAGE4"]["NUM_CHANNELS"] = [6, 8, 16, 32]
+    model = hrnet_fast.get_pose_net(cfg).eval()
+    assert model.transition2[0] is not None and model.transition2[1] is None
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stem = model.layer1(model.relu(model.bn2(model.conv2(model.relu(model.bn1(model.conv1(x)))))))
+        y2 = model.stage2([model.transition1[0](stem), model.transition1[1](stem)])
+        expected_x0 = model.transition2[0](y2[0])
+        seen = {}
+        handle = model.stage3.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+        out = model(x)
+        handle.remove()
+    torch.testing.assert_close(seen["x"][0], expected_x0)
+    assert out.shape == (1, 3, 16, 16)

@@ -99,8 +99,13 @@ class PoseHighResolutionNet(nn.Module):
             (self.transition2, self.stage3, self.stage3_cfg),
             (self.transition3, self.stage4, self.stage4_cfg),
         ):
-            # as the official forward: a transition (a new branch, or a re-projection) reads the lowest resolution
-            x_list = [y_list[i] if transition[i] is None else transition[i](y_list[-1]) for i in range(cfg.num_branches)]
+            # a new branch grows from the lowest resolution; an existing one that changes width is re-projected
+            # from itself (the official code reads y_list[-1] there too, which crashes on such configs; the
+            # official configs never re-project, so their outputs are unchanged)
+            x_list = [
+                y_list[i] if transition[i] is None else transition[i](y_list[min(i, len(y_list) - 1)])
+                for i in range(cfg.num_branches)
+            ]
             y_list = stage(x_list)
         return self.final_layer(y_list[0])
 
