@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
+from torch.library import triton_op
 
 # tl.dot needs every tile dimension >= 16 on GPUs; the interpreter accepts the same sizes.
 MIN_BLOCK = 16
@@ -33,3 +36,39 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     float32 quotient, so this is computed on the host (a GPU's fp32 `/` may be approximate).
     """
     return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
+
+
+
+def define_op(qualname: str, fake: Callable[..., torch.Tensor]) -> Callable[[Callable[..., torch.Tensor]], Any]:
+    """Decorator: `fn` as a torch.library.triton_op, or an opaque custom_op under TRITON_INTERPRET=1.
+
+    On a GPU torch.compile traces through a triton_op and sees each wrap_triton launch as a graph
+    node. Under the interpreter wrap_triton hands back the interpreted kernel itself, which tracing
+    would either run on fake tensors or drop; an opaque custom op with `fake` as its meta function
+    keeps the launch inside the op instead. Both take the schema from `fn`'s annotations.
+    """
+
+    def wrap(fn: Callable[..., torch.Tensor]) -> Any:
+        if interpreting():
+            op = torch.library.custom_op(qualname, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return triton_op(qualname, mutates_args=())(fn)
+
+    return wrap
+
+
+def define_op(qualname: str, fn: Callable[..., torch.Tensor], fake: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Register `fn` (which launches its kernels through wrap_triton) as the custom op `qualname`.
+
+    On GPUs this is torch.library.triton_op, so torch.compile traces into the kernel launches.
+    Under TRITON_INTERPRET=1, @triton.jit gives InterpretedFunction objects that wrap_triton passes
+    through untraced (torch cannot put them in a graph, and tracing would launch them on fake
+    tensors), so there the op is an opaque torch.library.custom_op with the shared fake instead:
+    same schema, same kernels when it runs, and torch.compile still captures it in one graph.
+    """
+    if interpreting():
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return triton_op(qualname, mutates_args=())(fn)

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from hrnet_fast.triton._common import channel_block, dot_precision, interpreting
+from hrnet_fast.triton._common import channel_block, define_op, dot_precision, define_op, interpreting
 
 # the module, not the function that hrnet_fast.ops re-exports under the same name
 _ops = importlib.import_module("hrnet_fast.ops.conv_bias_act")
@@ -87,8 +87,8 @@ def _blocks(c_in: int, c_out: int) -> tuple[int, int, int, int]:
     return 64, channel_block(c_out, 128), channel_block(c_in, 64), 4
 
 
-@triton_op(QUALNAME, mutates_args=())
-def conv_bias_act_triton(
+@define_op(QUALNAME, _ops.fake)
+def _conv_bias_act_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -125,4 +125,5 @@ def conv_bias_act_triton(
     return out
 
 
+conv_bias_act_triton = define_op(QUALNAME, _conv_bias_act_triton, _ops.fake)
 torch.library.register_autograd(QUALNAME, _ops.backward, setup_context=_ops.setup_context)
