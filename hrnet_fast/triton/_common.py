@@ -38,7 +38,6 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
 
 
-
 def define_op(qualname: str, fake: Callable[..., torch.Tensor]) -> Callable[[Callable[..., torch.Tensor]], Any]:
     """Decorator: `fn` as a torch.library.triton_op, or an opaque custom_op under TRITON_INTERPRET=1.
 
@@ -56,19 +55,3 @@ def define_op(qualname: str, fake: Callable[..., torch.Tensor]) -> Callable[[Cal
         return triton_op(qualname, mutates_args=())(fn)
 
     return wrap
-
-
-def define_op(qualname: str, fn: Callable[..., torch.Tensor], fake: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Register `fn` (which launches its kernels through wrap_triton) as the custom op `qualname`.
-
-    On GPUs this is torch.library.triton_op, so torch.compile traces into the kernel launches.
-    Under TRITON_INTERPRET=1, @triton.jit gives InterpretedFunction objects that wrap_triton passes
-    through untraced (torch cannot put them in a graph, and tracing would launch them on fake
-    tensors), so there the op is an opaque torch.library.custom_op with the shared fake instead:
-    same schema, same kernels when it runs, and torch.compile still captures it in one graph.
-    """
-    if interpreting():
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-    return triton_op(qualname, mutates_args=())(fn)

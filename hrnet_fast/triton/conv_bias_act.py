@@ -16,7 +16,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 from torch.library import wrap_triton
 
-from hrnet_fast.triton._common import channel_block, define_op, dot_precision, define_op, interpreting
+from hrnet_fast.triton._common import channel_block, define_op, dot_precision, interpreting
 
 # the module, not the function that hrnet_fast.ops re-exports under the same name
 _ops = importlib.import_module("hrnet_fast.ops.conv_bias_act")
@@ -88,7 +88,7 @@ def _blocks(c_in: int, c_out: int) -> tuple[int, int, int, int]:
 
 
 @define_op(QUALNAME, _ops.fake)
-def _conv_bias_act_triton(
+def conv_bias_act_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -125,5 +125,4 @@ def _conv_bias_act_triton(
     return out
 
 
-conv_bias_act_triton = define_op(QUALNAME, _conv_bias_act_triton, _ops.fake)
 torch.library.register_autograd(QUALNAME, _ops.backward, setup_context=_ops.setup_context)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from hrnet_fast.triton._common import channel_block, define_op, dot_precision, define_op, interpreting, nearest_scale
+from hrnet_fast.triton._common import channel_block, define_op, dot_precision, interpreting, nearest_scale
 
 # the module, not the function that hrnet_fast.ops re-exports under the same name
 _ops = importlib.import_module("hrnet_fast.ops.fuse_multi_res")
@@ -137,7 +137,7 @@ def _launch(
 
 
 @define_op(QUALNAME, _ops.fake)
-def _fuse_multi_res_triton(
+def fuse_multi_res_triton(
     base: torch.Tensor,
     lowres: list[torch.Tensor],
     weights: list[torch.Tensor],
@@ -162,5 +162,4 @@ def _fuse_multi_res_triton(
     return out
 
 
-fuse_multi_res_triton = define_op(QUALNAME, _fuse_multi_res_triton, _ops.fake)
 torch.library.register_autograd(QUALNAME, _ops.backward, setup_context=_ops.setup_context)
