@@ -8,6 +8,7 @@ attribute pairs (stems), and any other plain Conv2d (heads).
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import torch
@@ -86,9 +87,45 @@ class _Converter:
                 setattr(m, f"bn{k}", nn.Identity())
 
 
+class _InferenceMode:
+    """Hooks that run the fused forward under torch.inference_mode() when grad is off anyway.
+
+    Under no_grad every custom-op call still passes through its Python autograd wrapper (~10 us,
+    ~300 calls a forward); inference mode skips it. Not while compiling (Dynamo traces no grad mode
+    split across hooks) nor when grad is enabled (a training caller keeps autograd).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        stack = self._local.__dict__.setdefault("stack", [])
+        mode = None
+        if not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+            mode = torch.inference_mode()
+            mode.__enter__()
+        stack.append(mode)
+
+    def exit(self, module: nn.Module, args: tuple, output: object) -> None:
+        stack = self._local.__dict__.get("stack")
+        mode = stack.pop() if stack else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+
 def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: the cpu kernels run NHWC end to end, so the input is converted once here."""
     return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+
+
+class _CastInputs:
+    """Forward pre-hook: floating inputs are cast to the copy's dtype, so callers can keep passing float32."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def optimize(
@@ -100,7 +137,7 @@ def optimize(
     """A fused inference copy of `model` (which is left untouched) with the same outputs.
 
     backend: "auto" (the compiled kernels for the model's device, else Triton on CUDA, else torch),
-    "cpu", "cuda", "triton" or "torch". dtype: cast the copy (float16/bfloat16 for cuda/triton).
+    "cpu", "cuda", "triton" or "torch". dtype: cast the copy (float16/bfloat16 for cuda/triton); inputs are cast to it on entry.
     What cannot be fused exactly is left as it was, listed in `.hrnet_fast_skipped` and warned about;
     strict=True raises ConversionError instead.
     """
@@ -129,11 +166,15 @@ def optimize(
         warnings.warn(f"optimize left {len(skipped)} module(s) unfused: {listing}", stacklevel=2)
     if dtype is not None:
         fused = fused.to(dtype)
+        fused.register_forward_pre_hook(_CastInputs(dtype))
     for m in fused.modules():
         if isinstance(m, FusedConv):
             m.pack()
     if chosen == "cpu":
         fused.register_forward_pre_hook(_to_channels_last)
+    mode = _InferenceMode()
+    fused.register_forward_pre_hook(mode.enter)
+    fused.register_forward_hook(mode.exit, always_call=True)
     fused.hrnet_fast_backend = chosen
     fused.hrnet_fast_skipped = skipped
     return fused.eval().requires_grad_(False)
