@@ -110,9 +110,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{name}: {config['model_source']}, input {config['input_size'][0]}x{config['input_size'][1]}, "
           f"{cfg.dtype}, {cfg.device}, {cfg.threads} threads")
     print(record.format_table(rows, [c for c in runner.TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]))
-    counters = sorted({r["ops_counter"] for r in rows if r.get("ops_counter")})
-    if counters:
-        print(f"ops_per_forward, est_mb: kernel-launching ops and MB read+written per forward ({', '.join(counters)})")
+    if any(r.get("ops_per_forward") is not None for r in rows):
+        print("ops_per_forward, est_mb: kernel-launching ops and MB read+written per forward (hrnet_fast.profile.count_ops)")
     json_path, png_path = record.write_results(name, config, rows, out_dir=args.out)
     print(f"wrote {json_path} and {png_path}")
     failed = [f"{r['contender']} (batch {r['batch']})" for r in rows if str(r.get("check", "")).startswith("FAIL")]

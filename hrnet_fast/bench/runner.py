@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from hrnet_fast.bench import contenders as C
-from hrnet_fast.bench import opcount, timing
+from hrnet_fast.bench import timing
+from hrnet_fast.profile import count_ops
 from hrnet_fast.bench.model import BenchError, build_model, randomize, resolve_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -87,8 +88,9 @@ def _prepare(name: str, ctx: C.Context, ref: torch.Tensor, cfg: BenchConfig) -> 
         row: dict[str, Any] = {"contender": name, "setup_s": prep.setup_s}
         row.update(_check(prep(), ref, dtype))
         if prep.torch_path:
-            ops, nbytes, source = opcount.count_ops(prep.call, *prep.args)
-            row.update(ops_per_forward=ops, est_bytes=nbytes, est_mb=None if nbytes is None else nbytes / 1e6, ops_counter=source)
+            with torch.inference_mode():
+                counted = count_ops(prep.call, *prep.args)
+            row.update(ops_per_forward=counted["ops"], est_bytes=counted["bytes"], est_mb=counted["bytes"] / 1e6)
     except C.Skip as e:
         return [_Entry({"contender": name, "skipped": str(e)})]
     except Exception as e:  # noqa: BLE001  (one broken contender must not hide the others' results)
@@ -181,7 +183,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> tuple[str, dict[str, Any], l
                      for e in entries]
     bar.close()
     _speedups(rows)
-    config = {**asdict(cfg), "input_size": list(size), "model_source": spec.source, "rel_tol": REL_TOL[dtype]}
+    config = {**asdict(cfg), "input_size": list(size), "model_source": spec.source, "rel_tol": REL_TOL[dtype],
+              "ops_counter": "hrnet_fast.profile.count_ops"}
     return cfg.result_name(spec.tag, size), config, rows
 
 
