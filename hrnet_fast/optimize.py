@@ -98,10 +98,14 @@ class _InferenceMode:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    def __reduce__(self):  # copies and pickles start with an empty per-thread stack
+        return (_InferenceMode, ())
+
     def enter(self, module: nn.Module, args: tuple) -> None:
         stack = self._local.__dict__.setdefault("stack", [])
         mode = None
-        if not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+        # is_compiling first: Dynamo cannot trace the other two queries
+        if not torch.compiler.is_compiling() and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             mode = torch.inference_mode()
             mode.__enter__()
         stack.append(mode)
