@@ -282,3 +282,78 @@ def test_optimize_tiny_pose_hrnet_end_to_end(monkeypatch):
     assert conv_calls and fuse_calls, "the fused model must run both Triton kernels"
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+# ---- fp32 extras: several K/N tiles, residual in the other layout, strided views ----------------
+# (merged from 813f293's version of this file, which a concurrent commit replaced)
+
+# (N, C_in, H, W, C_out, k, stride, padding): odd sizes, padding 0/1, one pixel, and channel counts
+# past the interpreter's 32-wide tiles so the K loop and the C_out grid take several steps
+CONV_CASES = [
+    (1, 5, 7, 9, 6, 3, 1, 1),
+    (2, 3, 9, 7, 4, 3, 2, 1),
+    (1, 4, 5, 5, 3, 3, 2, 0),
+    (2, 17, 3, 4, 18, 1, 1, 0),
+    (1, 3, 1, 1, 5, 3, 1, 1),
+    (1, 40, 5, 4, 36, 3, 1, 1),
+    (1, 70, 3, 3, 65, 1, 2, 0),
+]
+
+
+def _conv_case(case, *, cl: bool, bias: bool, residual: bool, seed: int = 0):
+    n, ci, h, w, co, k, s, p = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, ci, h, w, generator=g)
+    x = x.contiguous(memory_format=CL) if cl else x
+    wt = torch.randn(co, ci, k, k, generator=g) / math.sqrt(ci * k * k)
+    b = torch.randn(co, generator=g) if bias else None
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    # the residual in the other layout than x: its strides are kernel arguments of their own
+    r = torch.randn(n, co, ho, wo, generator=g).contiguous(memory_format=torch.contiguous_format if cl else CL) \
+        if residual else None
+    return x, wt, b, [s, s], [p, p], r
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("i", range(len(CONV_CASES)))
+def test_conv_fp32_cases(i: int, cl: bool) -> None:
+    # cycle bias/residual/relu over the cases so each combination appears without a full product
+    bias, residual, relu = bool(i & 1), not i & 2, i % 3 != 2
+    x, w, b, s, p, r = _conv_case(CONV_CASES[i], cl=cl, bias=bias, residual=residual)
+    out = conv_bias_act(x, w, b, s, p, r, relu, backend="triton")
+    ref = conv_bias_act_reference(x, w, b, s, p, r, relu)
+    assert out.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_conv_strided_views() -> None:
+    """Non-dense x, transposed weight storage, strided bias: every stride is a kernel argument."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 8, 6, 10, generator=g)[:, ::2, :, ::2]
+    w = torch.randn(4, 3, 3, 3, generator=g).transpose(0, 1)  # [3, 4, 3, 3] with C_in-major storage
+    b = torch.randn(3, 2, generator=g)[:, 1]
+    out = conv_bias_act(x, w, b, 1, 1, backend="triton")
+    torch.testing.assert_close(out, conv_bias_act_reference(x, w, b, [1, 1], [1, 1]), rtol=0, atol=2e-5 * 4)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_fuse_fp32_wide_channels(cl: bool) -> None:
+    """C and C_k past the 32-wide tiles: several channel programs and K steps, both weight forms."""
+    fmt = CL if cl else torch.contiguous_format
+    base, lowres, weights, bias = fuse_inputs((1, 40, 5, 4), [(36, 3, 2), (70, 1, 2)], fmt=fmt)
+    weights = [weights[0], weights[1][:, :, None, None]]
+    out = fuse_multi_res(base, lowres, weights, bias, backend="triton")
+    ref = fuse_multi_res_reference(base, lowres, weights, bias)
+    assert out.stride() == torch.empty_like(base).stride()
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_torch_compile_aot_eager() -> None:
+    """The same module through aot_eager: AOTAutograd's functionalization must keep the ops' launches."""
+    module, ref_module = _Block("triton").eval(), _Block("torch-reference").eval()
+    x, lowres = _block_inputs(CL)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(module, fullgraph=True, backend="aot_eager")(x, lowres)
+        ref = ref_module(x, lowres)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
