@@ -8,13 +8,14 @@ The contenders take turns for several rounds; time_ms is the best round's median
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as tb
+
+from hrnet_fast.bench.op_args import op_bench_parser
 
 cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")
 
@@ -99,11 +100,7 @@ def contenders(s: Shape, batch: int) -> dict[str, tuple[str, dict]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds per contender, over all rounds")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = op_bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="three shapes, batch 1: a smoke run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

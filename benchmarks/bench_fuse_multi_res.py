@@ -12,13 +12,13 @@ which also see the op's internal C++ allocations); the output itself is counted 
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 import torch.utils.benchmark as tb
 from torch._C._profiler import _EventType
 
+from hrnet_fast.bench.op_args import op_bench_parser
 from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
 
 BRANCHES = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]  # W32 at 256x192: (C, H, W)
@@ -88,11 +88,7 @@ def peak_bytes(fn: Callable[[], torch.Tensor]) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds per contender, over all rounds")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = op_bench_parser(__doc__.splitlines()[0])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import hrnet_fast
+
 REPO = Path(__file__).resolve().parents[1]
+
+# The official pose nets at both input sizes of the official experiments: (builder, (H, W)).
+POSE_CASES = [
+    (hrnet_fast.pose_hrnet_w32, (256, 192)),
+    (hrnet_fast.pose_hrnet_w32, (384, 288)),
+    (hrnet_fast.pose_hrnet_w48, (256, 192)),
+    (hrnet_fast.pose_hrnet_w48, (384, 288)),
+]
 
 
 def shared_fixtures() -> Path:

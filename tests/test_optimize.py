@@ -14,7 +14,7 @@ from hrnet_fast.fused.hr_module import FusedHRModule
 from hrnet_fast.profile import count_ops
 from hrnet_fast.reference import tiny_pose_hrnet
 
-from conftest import randomize_bn
+from conftest import POSE_CASES, randomize_bn
 
 BACKENDS = [pytest.param("torch"), pytest.param("cpu")]
 
@@ -44,15 +44,7 @@ def test_tiny_pose_hrnet(backend):
     assert sum(isinstance(m, FusedHRModule) for m in fused.modules()) == 3
 
 
-@pytest.mark.parametrize(
-    "builder,size",
-    [
-        (hrnet_fast.pose_hrnet_w32, (256, 192)),
-        (hrnet_fast.pose_hrnet_w32, (384, 288)),
-        (hrnet_fast.pose_hrnet_w48, (256, 192)),
-        (hrnet_fast.pose_hrnet_w48, (384, 288)),
-    ],
-)
+@pytest.mark.parametrize("builder,size", POSE_CASES)
 def test_pose_hrnet_cpu(builder, size):
     torch.manual_seed(0)
     _check(randomize_bn(builder()).eval(), torch.randn(1, 3, *size), "cpu")

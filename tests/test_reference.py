@@ -8,6 +8,8 @@ import yaml
 import hrnet_fast
 from hrnet_fast.reference import HighResolutionModule, tiny_pose_hrnet
 
+from conftest import POSE_CASES
+
 
 def _fixture_rows(path) -> list[tuple[str, str, str]]:
     rows = []
@@ -37,15 +39,7 @@ def test_state_dict_matches_official_key_for_key(fixtures_dir, width):
     assert _rows(preset) == expected
 
 
-@pytest.mark.parametrize(
-    "builder,size",
-    [
-        (hrnet_fast.pose_hrnet_w32, (256, 192)),
-        (hrnet_fast.pose_hrnet_w32, (384, 288)),
-        (hrnet_fast.pose_hrnet_w48, (256, 192)),
-        (hrnet_fast.pose_hrnet_w48, (384, 288)),
-    ],
-)
+@pytest.mark.parametrize("builder,size", POSE_CASES)
 def test_heatmaps_are_a_quarter_of_the_input(builder, size):
     model = builder().eval()
     with torch.no_grad():
