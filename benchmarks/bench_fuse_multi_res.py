@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import torch
 import torch.utils.benchmark as tb
-from torch._C._profiler import _EventType
 
 from hrnet_fast.bench.op_args import op_bench_parser
 from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
+from hrnet_fast.profile import peak_bytes
 
 BRANCHES = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]  # W32 at 256x192: (C, H, W)
 # (branches in the stage, output i) and how many times a forward runs it (modules per stage; the
@@ -63,28 +63,6 @@ def build(stage: int, i: int, batch: int) -> dict[str, Callable[[], torch.Tensor
     for name, fn in fns.items():  # every contender computes the same thing before it is timed
         torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4, msg=name)
     return fns
-
-
-def peak_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Highest CPU-allocator total during one call of fn, minus the total just before it."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    del out
-    events = []
-
-    def walk(node) -> None:
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    if not events:
-        return 0
-    events.sort()
-    before = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - before
 
 
 def main() -> None:

@@ -61,3 +61,31 @@ def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, An
     with torch.no_grad(), counter:
         fn(*args, **kwargs)
     return {"ops": counter.ops, "bytes": counter.bytes, "by_op": dict(sorted(counter.by_op.items()))}
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    """Highest CPU-allocator total during one call of fn, minus the total just before it.
+
+    From the profiler's allocation events (profile_memory=True), so allocations made inside C++ ops
+    through torch's allocator count too; oneDNN's own scratchpad does not. fn's result is included.
+    """
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    events = []
+
+    def walk(node: Any) -> None:
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    if not events:
+        return 0
+    events.sort()
+    # the total before the first allocation of the call: its running total less its own size
+    return max(total for _, _, total in events) - (events[0][2] - events[0][1])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
+from hrnet_fast.profile import peak_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = [pytest.param("torch"), pytest.param("cpu"), pytest.param("triton", marks=pytest.mark.triton)]
@@ -207,33 +208,13 @@ def test_torch_compile_fullgraph():
     assert_close(out, 2.0 * fuse_multi_res_reference(base, lowres, weights, bias))
 
 
-def _peak_allocated_bytes(fn) -> int:
-    """Highest CPU-allocator total during fn() minus the total before it (profiler allocation events)."""
-    from torch._C._profiler import _EventType
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(node):
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    events.sort()
-    return max(t for _, _, t in events) - (events[0][2] - events[0][1])
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cpu_writes_no_full_resolution_intermediate(channels_last):
     """Peak extra memory: the output plus the low-res GEMM results, never a second full-res tensor."""
     base_shape, lows = fusion_case(W32, 4, 0, batch=2)
     base, lowres, weights, bias = make_inputs(base_shape, lows, channels_last=channels_last)
     with torch.inference_mode():
-        peak = _peak_allocated_bytes(lambda: fuse_multi_res(base, lowres, weights, bias, backend="cpu"))
+        peak = peak_bytes(lambda: fuse_multi_res(base, lowres, weights, bias, backend="cpu"))
     low_bytes = sum(4 * base_shape[0] * base_shape[1] * h * w for _, h, w in lows)
     assert base.nbytes <= peak <= base.nbytes + low_bytes + 64 * 1024
 
