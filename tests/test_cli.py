@@ -74,6 +74,9 @@ def test_bench_end_to_end_tiny(tiny_yaml: Path, tmp_path: Path, capsys) -> None:
         fast = rows["hrnet_fast_cpu", batch]
         assert fast["check"] == "ok" and fast["rel_err"] < 1e-4 and fast["median_ms"] > 0, fast
         assert fast["ops_per_forward"] < eager["ops_per_forward"]  # BN folded, epilogues fused
+        # peak above the input: at least the heatmaps it returns (batch x 5 joints x 16 x 8 floats)
+        for r in (eager, cl, fast):
+            assert r["peak_mib"] * 2**20 >= batch * 5 * 16 * 8 * 4, r
     lines = stdout.splitlines()
     assert lines[1].startswith("| contender ") and sum(line.startswith("| eager ") for line in lines) == 2
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from hrnet_fast.bench import contenders as C
 from hrnet_fast.bench import timing
-from hrnet_fast.profile import count_ops
+from hrnet_fast.profile import count_ops, peak_bytes
 from hrnet_fast.bench.model import BenchError, build_model, randomize, resolve_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 REL_TOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
 TABLE_COLUMNS = [
     "contender", "batch", "median_ms", "iqr_ms", "runs", "speedup_vs_eager", "imgs_per_s",
-    "max_abs_err", "rel_err", "check", "ops_per_forward", "est_mb", "setup_s", "skipped",
+    "max_abs_err", "rel_err", "check", "ops_per_forward", "est_mb", "peak_mib", "setup_s", "skipped",
 ]
 
 
@@ -80,6 +80,19 @@ class _Entry:
     times: list[float] = field(default_factory=list)
 
 
+def _peak_mib(prep: C.Prepared, device: torch.device) -> float:
+    """MiB the allocator holds above its level before one forward, at the forward's highest point."""
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            prep.call(*prep.args)
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return peak_bytes(lambda: prep.call(*prep.args)) / 2**20
+
+
 def _prepare(name: str, ctx: C.Context, ref: torch.Tensor, cfg: BenchConfig) -> list[_Entry]:
     """Prepare one contender, check it against eager, count its ops; add its CUDA-graph replay when asked."""
     dtype = DTYPES[cfg.dtype]
@@ -91,6 +104,7 @@ def _prepare(name: str, ctx: C.Context, ref: torch.Tensor, cfg: BenchConfig) -> 
             with torch.inference_mode():
                 counted = count_ops(prep.call, *prep.args)
             row.update(ops_per_forward=counted["ops"], est_bytes=counted["bytes"], est_mb=counted["bytes"] / 1e6)
+            row["peak_mib"] = _peak_mib(prep, ctx.device)
     except C.Skip as e:
         return [_Entry({"contender": name, "skipped": str(e)})]
     except Exception as e:  # noqa: BLE001  (one broken contender must not hide the others' results)
