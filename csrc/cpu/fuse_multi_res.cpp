@@ -88,14 +88,11 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
   TORCH_CHECK(base_in.scalar_type() == at::kFloat,
               "hrnet_fast::fuse_multi_res: the CPU kernel takes float32 inputs, got base of dtype ",
               fmr_dtype(base_in.scalar_type()));
-  const auto fmt = base_in.suggest_memory_format();
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor base = base_in.contiguous(fmt);
-  // Same strides as the fake (empty_like(base)); only an oddly-strided dense base needs a copy.
-  at::Tensor result = at::empty_like(base_in);
-  const bool direct = result.is_contiguous(fmt);
-  at::Tensor out = direct ? result : at::empty_like(base);
-  if (out.numel() == 0) return result;
+  FmrOutput dst = fmr_output(base_in);
+  const bool nhwc = dst.nhwc;
+  const at::Tensor& base = dst.base;
+  at::Tensor& out = dst.out;
+  if (out.numel() == 0) return dst.result;
 
   const int64_t n = base.size(0), c = base.size(1), h = base.size(2), w = base.size(3);
   const int64_t nk = static_cast<int64_t>(lowres.size());
@@ -160,8 +157,7 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
       }
     }
   });
-  if (!direct) result.copy_(out);
-  return result;
+  return dst.finish();
 }
 
 }  // namespace

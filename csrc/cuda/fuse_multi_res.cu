@@ -51,14 +51,11 @@ at::Tensor fuse_multi_res_cuda(const at::Tensor& base_in, at::TensorList lowres,
               "hrnet_fast::fuse_multi_res: the CUDA kernel takes float32, float16 or bfloat16, got base of dtype ",
               fmr_dtype(dtype));
   const c10::cuda::CUDAGuard guard(base_in.device());
-  const auto fmt = base_in.suggest_memory_format();
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor base = base_in.contiguous(fmt);
-  // Same strides as the fake (empty_like(base)); only an oddly-strided dense base needs a copy.
-  at::Tensor result = at::empty_like(base_in);
-  const bool direct = result.is_contiguous(fmt);
-  at::Tensor out = direct ? result : at::empty_like(base);
-  if (out.numel() == 0) return result;
+  FmrOutput dst = fmr_output(base_in);
+  const bool nhwc = dst.nhwc;
+  const at::Tensor& base = dst.base;
+  at::Tensor& out = dst.out;
+  if (out.numel() == 0) return dst.result;
 
   std::vector<at::Tensor> ys;
   ys.reserve(lowres.size());
@@ -73,8 +70,7 @@ at::Tensor fuse_multi_res_cuda(const at::Tensor& base_in, at::TensorList lowres,
   } else {
     launch<at::BFloat16>(base, out, ys, lowres, bias_p, nhwc, relu);
   }
-  if (!direct) result.copy_(out);
-  return result;
+  return dst.finish();
 }
 
 }  // namespace

@@ -113,6 +113,7 @@ __global__ void fuse_multi_res_kernel(FmrParams<scalar_t> p) {
 #if !defined(HF_CUDA_EMU)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
@@ -169,6 +170,25 @@ inline void fmr_check(const at::Tensor& base, at::TensorList lowres, at::TensorL
                 bias->sizes());
     same(*bias, FmrArg{"bias", SIZE_MAX});
   }
+}
+
+// Where a kernel writes: `out`, dense in base's suggested layout. `result` has the fake's strides
+// (empty_like(base)); only an oddly-strided dense base makes them differ, and finish() copies back.
+struct FmrOutput {
+  bool nhwc;
+  at::Tensor base, result, out;
+  at::Tensor finish() {
+    if (!out.is_same(result)) result.copy_(out);
+    return result;
+  }
+};
+
+inline FmrOutput fmr_output(const at::Tensor& base_in) {
+  const auto fmt = base_in.suggest_memory_format();
+  at::Tensor base = base_in.contiguous(fmt);
+  at::Tensor result = at::empty_like(base_in);
+  at::Tensor out = result.is_contiguous(fmt) ? result : at::empty_like(base);
+  return {fmt == at::MemoryFormat::ChannelsLast, base, result, out};
 }
 
 // conv1x1(x, w) at x's resolution as one GEMM, float32, dense in the output's layout:
