@@ -1,0 +1,242 @@
+// conv3x3_winograd on CPU: act(conv3x3(x, w, stride 1, padding 1) + bias + residual) by Winograd
+// F(m x m, 3 x 3), m = 2 or 4 (csrc/kernels/winograd.h), NHWC, float32.
+//
+// Work is split into blocks of tiles sized to stay in the L2 cache. Per block, one thread
+//   1. transforms the input tiles: V[p][t][c] = (B^T d_{t,c} B)[p]      (p < K*K, K = m + 2)
+//   2. runs K*K small GEMMs:       Mt[p][t][o] = sum_c V[p][t][c] U[p][c][o]
+//   3. transforms back and applies the epilogue straight into y:
+//                                  y[t] = act(A^T Mt[.][t][o] A + bias[o] + residual[t])
+// so nothing but x, the transformed weights U (pre-packed once, hrnet_fast.ops.conv3x3_winograd)
+// and y touches memory. The GEMM's micro-kernel is a 6 x 16 register block: 12 accumulators of
+// 8 floats, the AVX2 FMA shape of BLIS/oneDNN. U is packed as [K*K][C_out/16][C_in][16] so each
+// micro-kernel streams one contiguous 16-wide panel.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "kernels/winograd.h"
+
+namespace hrnet_fast {
+namespace {
+
+// 8 floats: GCC/Clang vector extensions compile to AVX2 (and FMA under -mfma) where available and
+// to correct scalar or SSE code elsewhere. vf8u is the unaligned-access alias for load8/store8; the
+// transforms take vf8 pointers (a template drops the alias's alignment), so x and the V and Mt
+// buffers are kept 32-byte aligned.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf8u __attribute__((vector_size(32), aligned(4)));
+
+inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
+inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8u*>(p) = v; }
+
+constexpr int kMr = 6;   // micro-kernel rows (tiles)
+constexpr int kNr = 16;  // micro-kernel columns (output channels): two vectors
+// Budget for one thread's V and Mt buffers: half of a 1 MiB L2, leaving room for U's panels.
+constexpr int64_t kBlockBytes = 512 * 1024;
+// Past this size U no longer stays in cache between blocks, and every block streams all of it
+// from memory again (36 C_in C_out floats: 9.4 MB at 256 channels, when batch 1 has 4 tiles).
+// Such convs take bigger blocks, letting V and Mt spill from L2 to L3 (one position's slice,
+// which is what a GEMM touches, still fits L2).
+constexpr int64_t kCachedWeightBytes = 1024 * 1024;
+constexpr int64_t kSpillBlockBytes = 8 * 1024 * 1024;
+
+// C[6][16] = A[6][k] * B[k][16]: A rows at stride lda, B a packed [k][16] panel, C rows at ldc.
+inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
+                       float* __restrict__ c, int64_t ldc, int64_t k) {
+  vf8 acc[kMr][2] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    const vf8 b0 = load8(b + p * kNr), b1 = load8(b + p * kNr + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMr; ++r) {
+      const float ar = a[r * lda + p];
+      acc[r][0] += ar * b0;
+      acc[r][1] += ar * b1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMr; ++r) {
+    store8(c + r * ldc, acc[r][0]);
+    store8(c + r * ldc + 8, acc[r][1]);
+  }
+}
+
+struct Geometry {
+  int64_t n, h, w, cin, cout, tiles_h, tiles_w, tiles;
+};
+
+// Step 1 for tiles [t0, t0 + nt): V[p][i][c] (i < nt_padded, rows past nt zeroed).
+template <int M>
+void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t nt, int64_t ntp, float* v) {
+  constexpr int K = Winograd<M>::kTile;
+  const int64_t plane = ntp * g.cin / 8;  // vectors per transform position p
+  const int64_t row = g.w * g.cin / 8, col = g.cin / 8;  // NHWC strides of x, in vectors
+  vf8* vv = reinterpret_cast<vf8*>(v);
+  vf8 t[K * K], patch[K * K];
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t tile = t0 + i;
+    const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
+    const int64_t y0 = (rem / g.tiles_w) * M - 1, x0 = (rem % g.tiles_w) * M - 1;  // padding 1
+    const bool interior = y0 >= 0 && x0 >= 0 && y0 + K <= g.h && x0 + K <= g.w;
+    const vf8* base = reinterpret_cast<const vf8*>(x + img * g.h * g.w * g.cin);
+    for (int64_t c = 0; c < col; ++c) {
+      vf8* out = vv + i * col + c;
+      if (interior) {
+        winograd_input_tile<M>(base + y0 * row + x0 * col + c, row, col, out, plane, t);
+        continue;
+      }
+      // a border tile: copy the patch with zeros outside the image (the conv's padding)
+      for (int r = 0; r < K; ++r) {
+        for (int q = 0; q < K; ++q) {
+          const int64_t yy = y0 + r, xx = x0 + q;
+          patch[r * K + q] = (yy >= 0 && yy < g.h && xx >= 0 && xx < g.w) ? vf8(base[yy * row + xx * col + c]) : vf8{};
+        }
+      }
+      winograd_input_tile<M>(patch, K, 1, out, plane, t);
+    }
+  }
+  for (int64_t i = nt; i < ntp; ++i)
+    for (int p = 0; p < K * K; ++p) std::memset(v + (p * plane + i * col) * 8, 0, g.cin * sizeof(float));
+}
+
+// Step 3: y for tiles [t0, t0 + nt) and channel vectors [c0, c1) from Mt[p][i][o], with bias,
+// residual and ReLU.
+template <int M>
+void output_transform(const float* mt, const Geometry& g, int64_t t0, int64_t nt, int64_t ntp, int64_t c0,
+                      int64_t c1, const float* bias, const float* residual, bool relu, float* y) {
+  constexpr int K = Winograd<M>::kTile;
+  const int64_t plane = ntp * g.cout / 8, col = g.cout / 8;
+  const vf8* mv = reinterpret_cast<const vf8*>(mt);
+  vf8 t[M * K], out[M * M];
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t tile = t0 + i;
+    const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
+    const int64_t y0 = (rem / g.tiles_w) * M, x0 = (rem % g.tiles_w) * M;
+    const int rows = static_cast<int>(std::min<int64_t>(M, g.h - y0)), cols = static_cast<int>(std::min<int64_t>(M, g.w - x0));
+    const int64_t offset = ((img * g.h + y0) * g.w + x0) * g.cout;
+    for (int64_t c = c0; c < c1; ++c) {
+      winograd_output_tile<M>(mv + i * col + c, plane, out, rows, t);
+      const vf8 b = bias ? load8(bias + c * 8) : vf8{};
+      for (int r = 0; r < rows; ++r) {
+        for (int q = 0; q < cols; ++q) {
+          const int64_t at = offset + (r * g.w + q) * g.cout + c * 8;
+          vf8 val = out[r * M + q] + b;
+          if (residual) val += load8(residual + at);
+          // torch.relu keeps NaN: select on v < 0, which is false for NaN
+          if (relu) val = val < 0.f ? vf8{} : val;
+          store8(y + at, val);
+        }
+      }
+    }
+  }
+}
+
+template <int M>
+void winograd_forward(const float* x, const float* u, const float* bias, const float* residual, bool relu,
+                      const Geometry& g, float* y) {
+  constexpr int K = Winograd<M>::kTile;
+  const int64_t threads = at::get_num_threads(), panels = g.cout / kNr;
+  // Tiles per block: what the cache budget allows.
+  const int64_t per_tile = K * K * (g.cin + g.cout) * int64_t(sizeof(float));
+  const int64_t weight_bytes = K * K * g.cin * g.cout * int64_t(sizeof(float));
+  const int64_t budget = weight_bytes > kCachedWeightBytes ? kSpillBlockBytes : kBlockBytes;
+  const int64_t max_tiles = std::max<int64_t>(kMr, budget / per_tile / kMr * kMr);
+  int64_t blocks = (g.tiles + max_tiles - 1) / max_tiles;
+  // Work for every thread: blocks in a multiple of the thread count (with 2 threads, 3 blocks would
+  // leave one idle a third of the time); with fewer blocks than threads, each block's output
+  // channels are split instead (each part transforms the same input: cheap next to its GEMMs).
+  if (blocks >= threads) blocks = (blocks + threads - 1) / threads * threads;
+  const int64_t tb = ((g.tiles + blocks - 1) / blocks + kMr - 1) / kMr * kMr;
+  blocks = (g.tiles + tb - 1) / tb;
+  const int64_t splits = blocks >= threads ? 1 : std::min(panels, (threads + blocks - 1) / blocks);
+
+  // Each thread's V and Mt, from torch's allocator so memory profiles see them (at::empty is
+  // 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
+  const int64_t per_thread = (K * K * tb * (g.cin + g.cout) + 15) / 16 * 16;
+  const int64_t slots = std::min(threads, blocks * splits);
+  const at::Tensor scratch = at::empty({slots * per_thread}, at::TensorOptions().dtype(at::kFloat));
+  float* const scratch_base = scratch.data_ptr<float>();
+  at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
+    float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
+    float* mbuf = vbuf + K * K * tb * g.cin;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task / splits, part = task % splits;
+      const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
+      const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
+      input_transform<M>(x, g, t0, nt, ntp, vbuf);
+      for (int p = 0; p < K * K; ++p) {
+        const float* vp = vbuf + p * ntp * g.cin;
+        float* mp = mbuf + p * ntp * g.cout;
+        for (int64_t j = j0; j < j1; ++j) {
+          const float* panel = u + (p * panels + j) * g.cin * kNr;
+          for (int64_t i = 0; i < ntp; i += kMr)
+            micro_6x16(vp + i * g.cin, g.cin, panel, mp + i * g.cout + j * kNr, g.cout, g.cin);
+        }
+      }
+      output_transform<M>(mbuf, g, t0, nt, ntp, j0 * kNr / 8, j1 * kNr / 8, bias, residual, relu, y);
+    }
+  });
+}
+
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, bool relu) {
+  constexpr const char* op = "hrnet_fast::conv3x3_winograd (cpu)";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(3) == kNr,
+              op, ": weight must be a transformed weight [16 or 36, C_out/16, C_in, 16] from "
+              "hrnet_fast.ops.conv3x3_winograd.transform_weight, got shape ", weight.sizes());
+  const int64_t cin = x.size(1), cout = weight.size(1) * kNr;
+  TORCH_CHECK(weight.size(2) == cin, op, ": weight was transformed for ", weight.size(2),
+              " input channels, x has ", cin);
+  TORCH_CHECK(cin % 8 == 0, op, ": C_in must be a multiple of 8, got ", cin);
+  for (const auto* t : {&x, &weight}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->layout() == at::kStrided, op,
+                ": x and weight must be dense float32 CPU tensors, got ", t->scalar_type(), " on ", t->device());
+  }
+  const std::vector<int64_t> out_sizes = {x.size(0), cout, x.size(2), x.size(3)};
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cout && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
+                op, ": bias must be a float32 CPU tensor of shape [", cout, "], got ", bias->sizes(), " ",
+                bias->scalar_type(), " on ", bias->device());
+  }
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == c10::IntArrayRef(out_sizes) && residual->scalar_type() == at::kFloat &&
+                    residual->device().is_cpu() && residual->layout() == at::kStrided,
+                op, ": residual must be a dense float32 CPU tensor of the output's shape ", out_sizes, ", got ",
+                residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
+  }
+  const at::MemoryFormat fmt = x.suggest_memory_format();
+  // The kernel works in NHWC; an NCHW x (or residual) is converted, and y is returned in x's format.
+  at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  if (reinterpret_cast<std::uintptr_t>(xc.data_ptr()) % 32) xc = xc.clone(at::MemoryFormat::ChannelsLast);
+  const at::Tensor wc = weight.contiguous();
+  std::optional<at::Tensor> bc, rc;
+  if (bias) bc = bias->contiguous();
+  if (residual) rc = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y = at::empty(out_sizes, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
+
+  const int m = weight.size(0) == 16 ? 2 : 4;
+  Geometry g{x.size(0), x.size(2), x.size(3), cin, cout, 0, 0, 0};
+  g.tiles_h = (g.h + m - 1) / m;
+  g.tiles_w = (g.w + m - 1) / m;
+  g.tiles = g.n * g.tiles_h * g.tiles_w;
+  const float* b = bc ? bc->data_ptr<float>() : nullptr;
+  const float* r = rc ? rc->data_ptr<float>() : nullptr;
+  if (m == 2)
+    winograd_forward<2>(xc.data_ptr<float>(), wc.data_ptr<float>(), b, r, relu, g, y.data_ptr<float>());
+  else
+    winograd_forward<4>(xc.data_ptr<float>(), wc.data_ptr<float>(), b, r, relu, g, y.data_ptr<float>());
+  return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
+}
+
+}  // namespace
+}  // namespace hrnet_fast
+
+TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("conv3x3_winograd", &hrnet_fast::conv3x3_winograd_cpu); }

@@ -1,0 +1,118 @@
+"""conv3x3_winograd: act(conv2d(x, w, stride=1, padding=1) + bias + residual) by Winograd F(m x m, 3 x 3).
+
+HRNet spends most of its FLOPs in 3x3 stride-1 convolutions. Winograd's minimal filtering does each
+m x m output tile with (m+2)^2 multiplies per channel pair instead of 9 m^2: 2.25x fewer for m = 2,
+4x fewer for m = 4 (see csrc/kernels/winograd.h). oneDNN has Winograd only for AVX-512, so on AVX2
+machines this kernel is ours (torch.ops.hrnet_fast.conv3x3_winograd, CPU, float32, inference).
+
+`transform_weight(w, m)` applies the filter transform G w G^T once (in float64) and packs the result
+for the kernel; pass that to `conv3x3_winograd`. The arithmetic differs from direct convolution only
+by rounding: about 1e-7 relative for m = 2, and about 1e-6 for m = 4 (measured in tests/).
+"""
+from __future__ import annotations
+
+import torch
+
+from hrnet_fast import _extension
+from hrnet_fast.ops._checks import check_4d, check_bias, check_same
+
+OP = "conv3x3_winograd"
+TILES = (2, 4)
+# F(4x4) does 44% fewer multiplies than F(2x2) but its transformed weight is 2.25x larger; where an
+# input has few tiles the weight's trip from memory costs more than the multiplies save.
+# benchmarks/bench_conv3x3_winograd.py measured the crossover near 1 MiB of F(4x4) weight per tile
+# (HRNet-W32 batch 1: F(2x2) wins at 256 channels on 8x6, F(4x4) at 128 channels on 16x12).
+WEIGHT_BYTES_PER_TILE = 1 << 20
+PANEL = 16  # output channels per packed panel (the kernel's micro-kernel width)
+
+# G of F(m, 3): the filter transform (rows: interpolation points 0, +-1[, +-2], infinity).
+_G = {
+    2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+    4: [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+}
+
+
+def supports(weight: torch.Tensor, stride: list[int], padding: list[int]) -> str | None:
+    """Why the Winograd kernel cannot run this conv, or None when it can."""
+    if tuple(weight.shape[2:]) != (3, 3) or list(stride) != [1, 1] or list(padding) != [1, 1]:
+        return f"needs a 3x3 kernel with stride 1 and padding 1, got {tuple(weight.shape[2:])}, stride={list(stride)}, padding={list(padding)}"
+    if weight.shape[0] % PANEL or weight.shape[1] % 8:
+        return f"needs C_out % {PANEL} == 0 and C_in % 8 == 0, got C_out={weight.shape[0]}, C_in={weight.shape[1]}"
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return f"is float32 CPU only, got {weight.dtype} on {weight.device}"
+    return None
+
+
+def transform_weight(weight: torch.Tensor, m: int = 4) -> torch.Tensor:
+    """G w G^T for every filter of a [C_out, C_in, 3, 3] weight, packed as [(m+2)^2, C_out/16, C_in, 16]."""
+    check_4d("weight", weight)
+    if m not in TILES:
+        raise ValueError(f"m (the output tile size) must be one of {TILES}, got {m}")
+    why = supports(weight, [1, 1], [1, 1])
+    if why is not None:
+        raise ValueError(f"conv3x3_winograd {why}")
+    g = torch.tensor(_G[m], dtype=torch.float64)
+    with torch.no_grad():
+        u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)  # [K, K, C_in, C_out]
+        k, cin, cout = m + 2, weight.shape[1], weight.shape[0]
+        u = u.reshape(k * k, cin, cout // PANEL, PANEL).permute(0, 2, 1, 3)
+        return u.to(torch.float32).contiguous()
+
+
+def choose_tile(x_shape: torch.Size | tuple[int, ...], c_out: int) -> int:
+    """m (2 or 4) of the faster Winograd variant for an input of `x_shape` [N, C_in, H, W]."""
+    n, c_in, h, w = x_shape
+    tiles = n * (-(-h // 4)) * (-(-w // 4))
+    return 4 if 36 * 4 * c_in * c_out <= WEIGHT_BYTES_PER_TILE * tiles else 2
+
+
+def tile_size(transformed: torch.Tensor) -> int:
+    """m of a transformed weight: 2 for [16, ...], 4 for [36, ...]."""
+    return {16: 2, 36: 4}[transformed.shape[0]]
+
+
+def conv3x3_winograd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+) -> torch.Tensor:
+    """act(conv2d(x, w, stride=1, padding=1) + bias + residual), `weight` = transform_weight(w, m).
+
+    The output's memory format follows x's (the kernel itself runs channels_last).
+    """
+    check_4d("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] not in (16, 36) or weight.shape[3] != PANEL:
+        raise ValueError(
+            "weight must be a transformed weight [16 or 36, C_out/16, C_in, 16] from transform_weight(w, m), "
+            f"got shape {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if weight.shape[2] != x.shape[1]:
+        raise ValueError(f"weight was transformed for {weight.shape[2]} input channels, x has {x.shape[1]}")
+    cout = weight.shape[1] * PANEL
+    check_bias(bias, cout)
+    shape = [x.shape[0], cout, x.shape[2], x.shape[3]]
+    if residual is not None and list(residual.shape) != shape:
+        raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
+    check_same("x", x, [("weight", weight), ("bias", bias), ("residual", residual)])
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError(f"conv3x3_winograd is float32 CPU only, got {x.dtype} on {x.device}")
+    _extension.require(OP, "CPU")
+    return torch.ops.hrnet_fast.conv3x3_winograd(x, weight, bias, residual, relu)
+
+
+def fake(x, weight, bias, residual=None, relu=True):
+    out = x.new_empty([x.shape[0], weight.shape[1] * PANEL, x.shape[2], x.shape[3]])
+    return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+
+
+if _extension.is_built():
+    torch.library.register_fake(f"hrnet_fast::{OP}")(fake)

@@ -1,0 +1,173 @@
+"""conv3x3_winograd against direct convolution (float64 reference): both tile sizes, image borders,
+every thread split, the epilogue, memory formats, opcheck, torch.compile, the tile choice and
+input validation."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from hrnet_fast import _extension
+
+wino = importlib.import_module("hrnet_fast.ops.conv3x3_winograd")
+cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")
+CL = torch.channels_last
+
+pytestmark = pytest.mark.skipif(not _extension.has_kernel("conv3x3_winograd", "CPU"), reason="C++ extension not built")
+
+# (N, C_in, C_out, H, W): sizes that are and are not multiples of both tiles, a 1x1 image, more
+# output channels than input, and (last two) weights past 1 MiB, which take the large-block path.
+SHAPES = [
+    (1, 8, 16, 8, 8),
+    (2, 16, 32, 13, 9),
+    (1, 8, 16, 1, 1),
+    (3, 8, 48, 5, 7),
+    (1, 32, 16, 2, 3),
+    (2, 128, 128, 6, 5),
+    (1, 256, 64, 3, 4),
+]
+
+
+def make(shape, seed=0, res=True, bias=True):
+    n, cin, cout, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g)
+    weight = torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin**0.5)
+    b = torch.randn(cout, generator=g) if bias else None
+    r = torch.randn(n, cout, h, w, generator=g) if res else None
+    return x, weight, b, r
+
+
+def reference(x, weight, b, r, relu):
+    """Direct convolution in float64: the exact answer the float32 kernels round towards."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return cba.conv_bias_act_reference(d(x), d(weight), d(b), [1, 1], [1, 1], d(r), relu)
+
+
+def assert_close_to(out: torch.Tensor, expected: torch.Tensor, m: int) -> None:
+    # rounding grows with the transform's constants: ~1e-7 relative for F(2x2), ~1e-6 for F(4x4)
+    tol = (2e-6 if m == 2 else 2e-5) * expected.abs().max().item()
+    err = (out.double() - expected).abs().max().item()
+    assert err <= tol, f"F({m}x{m},3x3): max error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("m", wino.TILES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("relu,res,bias", [(True, True, True), (False, False, True), (True, False, False)])
+def test_matches_direct_convolution(m, shape, relu, res, bias):
+    x, weight, b, r = make(shape, res=res, bias=bias)
+    out = wino.conv3x3_winograd(x.contiguous(memory_format=CL), wino.transform_weight(weight, m), b, r, relu)
+    assert out.is_contiguous(memory_format=CL)
+    assert_close_to(out, reference(x, weight, b, r, relu), m)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 8, 64, 4, 4), (4, 16, 32, 20, 12)], ids=["splits_channels", "many_blocks"])
+def test_thread_counts_agree(threads, shape):
+    """One tile with 4 output panels splits channels across threads; 120 tiles split into blocks."""
+    x, weight, b, r = make(shape)
+    u = wino.transform_weight(weight, 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = wino.conv3x3_winograd(x, u, b, r, True)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to(out, reference(x, weight, b, r, True), 4)
+
+
+def test_nchw_input_gives_nchw_output():
+    x, weight, b, r = make((2, 8, 16, 6, 5))
+    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 2), b, r, True)
+    assert out.is_contiguous()
+    assert_close_to(out, reference(x, weight, b, r, True), 2)
+
+
+def test_unaligned_input_view():
+    """A view starting mid-allocation is not 32-byte aligned; the kernel copies it rather than fault."""
+    x, weight, b, _ = make((1, 8, 16, 4, 4))
+    flat = torch.randn(1 + x.numel())
+    view = flat[1:].view(1, 4, 4, 8).permute(0, 3, 1, 2)  # channels_last strides, offset by 4 bytes
+    assert view.is_contiguous(memory_format=CL) and view.data_ptr() % 32
+    out = wino.conv3x3_winograd(view, wino.transform_weight(weight, 4), b, None, False)
+    assert_close_to(out, reference(view, weight, b, None, False), 4)
+
+
+def test_nan_propagates_through_its_tile_and_relu():
+    """ReLU keeps NaN as torch.relu does; the transforms mix a whole tile, so a NaN input reaches
+    every output of its m x m tile (direct convolution: only its 3x3 neighbourhood)."""
+    x, weight, b, _ = make((1, 8, 16, 8, 8))
+    x[0, 0, 1, 1] = float("nan")
+    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 4), b, None, True)
+    direct = torch.relu(torch.nn.functional.conv2d(x, weight, b, padding=1))
+    assert direct.isnan().any() and not (direct.isnan() & ~out.isnan()).any()
+    tile = torch.zeros(8, 8, dtype=torch.bool)
+    tile[:4, :4] = True  # the input pixel (1, 1) feeds tile (0, 0) only
+    assert torch.equal(out.isnan().any(1)[0], tile)
+
+
+def test_transform_weight_layout():
+    """U[p, j, c, o'] = (G w[16 j + o', c] G^T)[p] for F(2x2,3x3), with G written out by hand."""
+    w = torch.randn(32, 8, 3, 3, dtype=torch.float64)
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    u = wino.transform_weight(w.float(), 2)
+    assert u.shape == (16, 2, 8, 16)
+    o, c = 21, 5
+    expected = (g @ w[o, c] @ g.T).reshape(16)
+    torch.testing.assert_close(u[:, o // 16, c, o % 16].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "x_shape,c_out,m",
+    [
+        ((1, 256, 8, 6), 256, 2),  # W32 batch 1, branch 4: 4 tiles, 9.4 MB of F(4x4) weight
+        ((1, 128, 16, 12), 128, 4),  # branch 3: 12 tiles, 2.4 MB
+        ((8, 256, 8, 6), 256, 4),  # batch 8: 32 tiles
+        ((1, 32, 64, 48), 32, 4),
+    ],
+)
+def test_choose_tile(x_shape, c_out, m):
+    assert wino.choose_tile(x_shape, c_out) == m
+
+
+def test_opcheck():
+    x, weight, b, r = make((2, 8, 16, 5, 4))
+    u = wino.transform_weight(weight, 4)
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x.contiguous(memory_format=CL), u, b, r, True))
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, u, None, None, False))
+
+
+def test_torch_compile_fullgraph():
+    x, weight, b, r = make((1, 8, 16, 6, 6))
+    u = wino.transform_weight(weight, 4)
+    fn = torch.compile(lambda x, r: torch.ops.hrnet_fast.conv3x3_winograd(x, u, b, r, True), fullgraph=True)
+    assert_close_to(fn(x, r), reference(x, weight, b, r, True), 4)
+
+
+def _bad_calls():
+    x, weight, b, r = make((1, 8, 16, 4, 4))
+    u = wino.transform_weight(weight, 4)
+    return [
+        (lambda: wino.conv3x3_winograd(x, weight, b, r), ValueError, "transformed weight"),
+        (lambda: wino.conv3x3_winograd(x[:, :4], u, b, r), ValueError, "transformed for 8 input channels, x has 4"),
+        (lambda: wino.conv3x3_winograd(x, u, b[:3], r), ValueError, r"bias must have shape \(16,\)"),
+        (lambda: wino.conv3x3_winograd(x, u, b, r[:, :3]), ValueError, "residual must have the output's shape"),
+        (lambda: wino.conv3x3_winograd(x.double(), u.double(), b.double(), r.double()), ValueError, "float32 CPU only"),
+        (lambda: wino.conv3x3_winograd(x, u, b.double(), r), RuntimeError, "bias has dtype torch.float64"),
+        (lambda: wino.transform_weight(weight, 3), ValueError, "m .* must be one of"),
+        (lambda: wino.transform_weight(torch.randn(16, 8, 5, 5)), ValueError, "needs a 3x3 kernel"),
+        (lambda: wino.transform_weight(torch.randn(12, 8, 3, 3)), ValueError, "C_out % 16 == 0"),
+        (lambda: wino.transform_weight(torch.randn(16, 6, 3, 3)), ValueError, "C_in % 8 == 0"),
+        # the op itself checks as well, for callers that skip the Python wrapper
+        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x, weight, b, r, True), RuntimeError, "transformed weight"),
+        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x[:, :4], u, b, r, True), RuntimeError, "8 input channels"),
+        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x, u, b, r[:, :3], True), RuntimeError, "output's shape"),
+        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x, u, b[:3], r, True), RuntimeError, "bias must be"),
+    ]
+
+
+@pytest.mark.parametrize("call,exc,msg", _bad_calls())
+def test_bad_input_raises(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
