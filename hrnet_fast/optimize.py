@@ -137,6 +137,7 @@ def optimize(
     backend: str = "auto",
     dtype: torch.dtype | None = None,
     strict: bool = False,
+    winograd: bool = True,
 ) -> nn.Module:
     """A fused inference copy of `model` (which is left untouched) with the same outputs.
 
@@ -144,6 +145,8 @@ def optimize(
     "cpu", "cuda", "triton" or "torch". dtype: cast the copy (float16/bfloat16 for cuda/triton); inputs are cast to it on entry.
     What cannot be fused exactly is left as it was, listed in `.hrnet_fast_skipped` and warned about;
     strict=True raises ConversionError instead.
+    winograd: on the cpu backend, run 3x3 stride-1 convs by Winograd F(4x4, 3x3) (about 2x faster than
+    oneDNN's direct convolution here; outputs differ by rounding, ~1e-6 relative); False keeps oneDNN.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
@@ -173,7 +176,7 @@ def optimize(
         fused.register_forward_pre_hook(_CastInputs(dtype))
     for m in fused.modules():
         if isinstance(m, FusedConv):
-            m.pack()
+            m.pack(use_winograd=winograd)
     if chosen == "cpu":
         fused.register_forward_pre_hook(_to_channels_last)
     mode = _InferenceMode()

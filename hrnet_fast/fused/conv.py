@@ -6,6 +6,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hrnet_fast import _extension
+from hrnet_fast.ops import conv3x3_winograd as winograd
 from hrnet_fast.ops.conv_bias_act import conv_bias_act_reference, prepack
 
 # The op each backend runs, resolved once at optimize() time: the hot path does no checks or lookups.
@@ -31,6 +33,9 @@ CONV_OPS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+_MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
+
+
 class FusedConv(nn.Module):
     """act(conv2d(x, weight) + bias + residual) with BN already folded into weight and bias."""
 
@@ -49,17 +54,45 @@ class FusedConv(nn.Module):
         self.stride, self.padding, self.relu = list(stride), list(padding), relu
         self.backend = backend
         self._op = CONV_OPS[backend]
-        # oneDNN-layout weight for the cpu backend (not a buffer: it cannot be copied or saved)
-        self._packed: torch.Tensor | None = None
+        # oneDNN-layout weights for the cpu backend by input shape (None: dense weight). Not buffers:
+        # they cannot be copied or saved. Keyed by shape because oneDNN's preferred weight layout
+        # depends on it (and on the CPU): a weight packed for another shape is reordered on every call.
+        self._packed: dict[tuple[int, ...], torch.Tensor] | None = None
+        # Winograd-transformed weights by tile size m (cpu backend, 3x3 stride 1; None: not used).
+        # Derived from weight, so kept out of state_dict. F(4x4) is made at pack time, F(2x2) on
+        # first use (few convs at few input sizes want it: see conv3x3_winograd.choose_tile).
+        self._winograd: dict[int, torch.Tensor] | None = None
+        self.use_winograd = False
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, relu: bool, backend: str) -> "FusedConv":
         return cls(weight, bias, conv.stride, conv.padding, relu, backend)
 
-    def pack(self) -> None:
-        """Reorder the weight once into oneDNN's blocked layout (cpu backend, float32)."""
-        if self.backend == "cpu" and self.weight.dtype == torch.float32:
-            self._packed = prepack(self.weight, [1, self.weight.shape[1], 32, 32], self.stride, self.padding)
+    def pack(self, use_winograd: bool | None = None) -> None:
+        """Prepare the cpu backend's weight once (float32): Winograd-transformed for a 3x3 stride-1
+        conv when `use_winograd` (and the kernel is built), else reordered into oneDNN's blocked layout."""
+        if use_winograd is not None:
+            self.use_winograd = use_winograd
+        self._packed = self._winograd = None
+        if self.backend != "cpu" or self.weight.dtype != torch.float32:
+            return
+        if (
+            self.use_winograd
+            and winograd.supports(self.weight, self.stride, self.padding) is None
+            and _extension.has_kernel(winograd.OP, "CPU")
+        ):
+            self._winograd = {4: winograd.transform_weight(self.weight, 4)}
+        else:
+            self._packed = {}  # filled by forward, once per input shape
+
+    def _packed_for(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        w = self._packed.get(key)
+        if w is None:
+            if len(self._packed) >= _MAX_PACKED_SHAPES:
+                self._packed.pop(next(iter(self._packed)))
+            w = self._packed[key] = prepack(self.weight, key, self.stride, self.padding)
+        return w
 
     def __getstate__(self) -> dict:
         # a oneDNN tensor has no storage to copy or pickle: drop it, and pack again on the other side
@@ -71,10 +104,23 @@ class FusedConv(nn.Module):
         self.__dict__.update(state)
         self.pack()
 
+    def _winograd_for(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # no weight transforms inside a graph: F(4x4) always
+            return self._winograd[4]
+        m = winograd.choose_tile(x.shape, self.weight.shape[0])
+        u = self._winograd.get(m)
+        if u is None:
+            u = self._winograd[m] = winograd.transform_weight(self.weight, m)
+        return u
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.weight if self._packed is None or torch.compiler.is_compiling() else self._packed
+        if self._winograd is not None:
+            return torch.ops.hrnet_fast.conv3x3_winograd(x, self._winograd_for(x), self.bias, residual, self.relu)
+        w = self.weight if self._packed is None or torch.compiler.is_compiling() else self._packed_for(x)
         return self._op(x, w, self.bias, self.stride, self.padding, residual, self.relu)
 
     def extra_repr(self) -> str:
         k = tuple(self.weight.shape)
-        return f"{k[1]}->{k[0]}, kernel={k[2:]}, stride={self.stride}, padding={self.padding}, relu={self.relu}, backend={self.backend}"
+        return f"{k[1]}->{k[0]}, kernel={k[2:]}, stride={self.stride}, padding={self.padding}, relu={self.relu}, backend={self.backend}" + (
+            ", winograd" if self._winograd is not None else ""
+        )
