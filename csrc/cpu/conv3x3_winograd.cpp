@@ -40,12 +40,12 @@ constexpr int kMr = 6;   // micro-kernel rows (tiles)
 constexpr int kNr = 16;  // micro-kernel columns (output channels): two vectors
 // Budget for one thread's V and Mt buffers: half of a 1 MiB L2, leaving room for U's panels.
 constexpr int64_t kBlockBytes = 512 * 1024;
-// Past this size U no longer stays in cache between blocks, and every block streams all of it
-// from memory again (36 C_in C_out floats: 9.4 MB at 256 channels, when batch 1 has 4 tiles).
-// Such convs take bigger blocks, letting V and Mt spill from L2 to L3 (one position's slice,
-// which is what a GEMM touches, still fits L2).
-constexpr int64_t kCachedWeightBytes = 1024 * 1024;
-constexpr int64_t kSpillBlockBytes = 8 * 1024 * 1024;
+// Past this size U no longer stays close by between blocks, and every block streams all of it
+// again (36 C_in C_out floats: 9.4 MB at 256 channels). Such convs take blocks up to 4x bigger,
+// letting V and Mt spill from L2 (one position's slice, which is what a GEMM touches, still fits).
+// Bounded: this scratch is memory the forward pass holds.
+constexpr int64_t kCachedWeightBytes = 2 * 1024 * 1024;
+constexpr int64_t kSpillBlockBytes = 2 * 1024 * 1024;
 
 // C[6][16] = A[6][k] * B[k][16]: A rows at stride lda, B a packed [k][16] panel, C rows at ldc.
 inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
@@ -151,6 +151,7 @@ void winograd_forward(const float* x, const float* u, const float* bias, const f
   // Work for every thread: blocks in a multiple of the thread count (with 2 threads, 3 blocks would
   // leave one idle a third of the time); with fewer blocks than threads, each block's output
   // channels are split instead (each part transforms the same input: cheap next to its GEMMs).
+  if (g.tiles >= threads * kMr) blocks = std::max(blocks, threads);
   if (blocks >= threads) blocks = (blocks + threads - 1) / threads * threads;
   const int64_t tb = ((g.tiles + blocks - 1) / blocks + kMr - 1) / kMr * kMr;
   blocks = (g.tiles + tb - 1) / tb;

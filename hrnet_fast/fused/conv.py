@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hrnet_fast import _extension
-from hrnet_fast.ops import conv3x3_winograd as winograd
+from hrnet_fast.ops.conv3x3_winograd import OP as WINOGRAD_OP
+from hrnet_fast.ops.conv3x3_winograd import choose_tile, supports, transform_weight
 from hrnet_fast.ops.conv_bias_act import conv_bias_act_reference, prepack
 
 # The op each backend runs, resolved once at optimize() time: the hot path does no checks or lookups.
@@ -70,7 +71,8 @@ class FusedConv(nn.Module):
 
     def pack(self, use_winograd: bool | None = None) -> None:
         """Prepare the cpu backend's weight once (float32): Winograd-transformed for a 3x3 stride-1
-        conv when `use_winograd` (and the kernel is built), else reordered into oneDNN's blocked layout."""
+        conv when `use_winograd` (and the kernel is built), else reordered into oneDNN's blocked layout
+        (per input shape, on first use)."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
         self._packed = self._winograd = None
@@ -78,10 +80,10 @@ class FusedConv(nn.Module):
             return
         if (
             self.use_winograd
-            and winograd.supports(self.weight, self.stride, self.padding) is None
-            and _extension.has_kernel(winograd.OP, "CPU")
+            and supports(self.weight, self.stride, self.padding) is None
+            and _extension.has_kernel(WINOGRAD_OP, "CPU")
         ):
-            self._winograd = {4: winograd.transform_weight(self.weight, 4)}
+            self._winograd = {4: transform_weight(self.weight, 4)}
         else:
             self._packed = {}  # filled by forward, once per input shape
 
@@ -107,10 +109,10 @@ class FusedConv(nn.Module):
     def _winograd_for(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # no weight transforms inside a graph: F(4x4) always
             return self._winograd[4]
-        m = winograd.choose_tile(x.shape, self.weight.shape[0])
+        m = choose_tile(x.shape, self.weight.shape[0])
         u = self._winograd.get(m)
         if u is None:
-            u = self._winograd[m] = winograd.transform_weight(self.weight, m)
+            u = self._winograd[m] = transform_weight(self.weight, m)
         return u
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
