@@ -31,6 +31,8 @@ def test_extension_loads_with_cpu_kernels():
         assert _extension.has_kernel(op, "CPU"), op
     # packed (oneDNN-layout) weights dispatch to the same CPU kernel
     assert _extension.has_kernel("conv_bias_act", "MkldnnCPU")
+    # the Winograd convolution is a CPU kernel only (cuDNN chooses its own algorithms on CUDA)
+    assert _extension.has_kernel("conv3x3_winograd", "CPU")
 
 
 @pytest.mark.skipif(os.environ.get("HRNET_FAST_CUDA") == "0", reason="CUDA kernels switched off for this build")
