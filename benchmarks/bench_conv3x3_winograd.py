@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.benchmark as tb
 
 from hrnet_fast.bench.op_args import op_bench_parser
+from hrnet_fast.bench.timing import take_turns
 
 cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")
 wino = importlib.import_module("hrnet_fast.ops.conv3x3_winograd")
@@ -99,13 +99,7 @@ def main() -> None:
     with torch.inference_mode():
         for batch in batches:
             for s in shapes:
-                timers = {name: tb.Timer(stmt, globals=glb, num_threads=args.threads, label=s.name, sub_label=name)
-                          for name, (stmt, glb) in contenders(s, batch, args.warm).items()}
-                # contenders take turns, round after round, so a burst of load hits one round of each
-                per_round = {name: [] for name in timers}
-                for _ in range(args.rounds):
-                    for name, t in timers.items():
-                        per_round[name].append(t.blocked_autorange(min_run_time=args.min_run_time / args.rounds).median)
+                per_round = take_turns(contenders(s, batch, args.warm), args.rounds, args.min_run_time, args.threads, s.name)
                 base = min(per_round["eager CL"])
                 for name, meds in per_round.items():
                     best = min(meds)

@@ -45,6 +45,23 @@ def sample_cpu(fn: Callable[[], Any], min_run_time: float, threads: int) -> list
     return [t * 1e3 for t in m.times]  # per call: blocked_autorange divides each block by its size
 
 
+def take_turns(
+    contenders: dict[str, tuple[str, dict[str, Any]]], rounds: int, min_run_time: float, threads: int, label: str = ""
+) -> dict[str, list[float]]:
+    """Per-round median seconds of each contender's (statement, globals), the contenders taking turns
+    round after round: a burst of load from another process then hits one round of each, and the
+    best round shows what the code itself costs. `min_run_time` is per contender, over all rounds."""
+    timers = {
+        name: tbench.Timer(stmt, globals=glb, num_threads=threads, label=label, sub_label=name)
+        for name, (stmt, glb) in contenders.items()
+    }
+    per_round: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, t in timers.items():
+            per_round[name].append(t.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return per_round
+
+
 def sample_cuda(fn: Callable[[], Any], min_run_time: float) -> list[float]:
     """Per-call CUDA-event times (ms) of fn() (triton.testing.do_bench when installed: it also flushes L2)."""
     warmup(fn, 3)
