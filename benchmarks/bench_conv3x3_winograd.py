@@ -79,7 +79,7 @@ def contenders(s: Shape, batch: int, warm: bool) -> dict[str, tuple[str, dict]]:
     want = torch.relu(want + r.double() if r is not None else want)
     out = {}
     for name, ws in weights.items():
-        fn = fns.get(name, lambda w: ops.conv3x3_winograd(x, w, b, r, True))
+        fn = fns.get(name, lambda w: ops.conv3x3_winograd(x, w, c, b, r, True))
         err = (fn(ws[0]).double() - want).abs().max().item()
         assert err <= 2e-5 * want.abs().max().item(), (name, err)
         out[name] = ("fn(next(ws))", dict(fn=fn, ws=itertools.cycle(ws)))

@@ -23,5 +23,7 @@ TORCH_LIBRARY(hrnet_fast, m) {
       "bool relu=True) -> Tensor");
   // act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w given Winograd-transformed
   // (hrnet_fast.ops.conv3x3_winograd.transform_weight): CPU only; cuDNN picks Winograd itself on CUDA.
-  m.def("conv3x3_winograd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, bool relu=True) -> Tensor");
+  m.def(
+      "conv3x3_winograd(Tensor x, Tensor weight, int out_channels, Tensor? bias, Tensor? residual=None, "
+      "bool relu=True) -> Tensor");
 }

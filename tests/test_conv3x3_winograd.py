@@ -17,15 +17,19 @@ CL = torch.channels_last
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("conv3x3_winograd", "CPU"), reason="C++ extension not built")
 
 # (N, C_in, C_out, H, W): sizes that are and are not multiples of both tiles, a 1x1 image, more
-# output channels than input, and (last two) weights past 1 MiB, which take the large-block path.
+# output channels than input, channel counts that are not multiples of 8 / 16 (timm's W18 has
+# 18, 36, 72, 144; and 3), and (last two) weights past 2 MB, which take the large-block path.
 SHAPES = [
     (1, 8, 16, 8, 8),
     (2, 16, 32, 13, 9),
     (1, 8, 16, 1, 1),
     (3, 8, 48, 5, 7),
     (1, 32, 16, 2, 3),
+    (2, 18, 18, 7, 6),
+    (1, 36, 72, 5, 5),
+    (1, 3, 20, 4, 9),
     (2, 128, 128, 6, 5),
-    (1, 256, 64, 3, 4),
+    (1, 256, 144, 3, 4),
 ]
 
 
@@ -57,7 +61,7 @@ def assert_close_to(out: torch.Tensor, expected: torch.Tensor, m: int) -> None:
 @pytest.mark.parametrize("relu,res,bias", [(True, True, True), (False, False, True), (True, False, False)])
 def test_matches_direct_convolution(m, shape, relu, res, bias):
     x, weight, b, r = make(shape, res=res, bias=bias)
-    out = wino.conv3x3_winograd(x.contiguous(memory_format=CL), wino.transform_weight(weight, m), b, r, relu)
+    out = wino.conv3x3_winograd(x.contiguous(memory_format=CL), wino.transform_weight(weight, m), shape[2], b, r, relu)
     assert out.is_contiguous(memory_format=CL)
     assert_close_to(out, reference(x, weight, b, r, relu), m)
 
@@ -71,7 +75,7 @@ def test_thread_counts_agree(threads, shape):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        out = wino.conv3x3_winograd(x, u, b, r, True)
+        out = wino.conv3x3_winograd(x, u, shape[2], b, r, True)
     finally:
         torch.set_num_threads(before)
     assert_close_to(out, reference(x, weight, b, r, True), 4)
@@ -79,7 +83,7 @@ def test_thread_counts_agree(threads, shape):
 
 def test_nchw_input_gives_nchw_output():
     x, weight, b, r = make((2, 8, 16, 6, 5))
-    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 2), b, r, True)
+    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 2), 16, b, r, True)
     assert out.is_contiguous()
     assert_close_to(out, reference(x, weight, b, r, True), 2)
 
@@ -90,7 +94,7 @@ def test_unaligned_input_view():
     flat = torch.randn(1 + x.numel())
     view = flat[1:].view(1, 4, 4, 8).permute(0, 3, 1, 2)  # channels_last strides, offset by 4 bytes
     assert view.is_contiguous(memory_format=CL) and view.data_ptr() % 32
-    out = wino.conv3x3_winograd(view, wino.transform_weight(weight, 4), b, None, False)
+    out = wino.conv3x3_winograd(view, wino.transform_weight(weight, 4), 16, b, None, False)
     assert_close_to(out, reference(view, weight, b, None, False), 4)
 
 
@@ -99,7 +103,7 @@ def test_nan_propagates_through_its_tile_and_relu():
     every output of its m x m tile (direct convolution: only its 3x3 neighbourhood)."""
     x, weight, b, _ = make((1, 8, 16, 8, 8))
     x[0, 0, 1, 1] = float("nan")
-    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 4), b, None, True)
+    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 4), 16, b, None, True)
     direct = torch.relu(torch.nn.functional.conv2d(x, weight, b, padding=1))
     assert direct.isnan().any() and not (direct.isnan() & ~out.isnan()).any()
     tile = torch.zeros(8, 8, dtype=torch.bool)
@@ -134,36 +138,40 @@ def test_choose_tile(x_shape, c_out, m):
 def test_opcheck():
     x, weight, b, r = make((2, 8, 16, 5, 4))
     u = wino.transform_weight(weight, 4)
-    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x.contiguous(memory_format=CL), u, b, r, True))
-    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, u, None, None, False))
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x.contiguous(memory_format=CL), u, 16, b, r, True))
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, u, 16, None, None, False))
+    x, weight, b, r = make((1, 18, 36, 5, 4))
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, wino.transform_weight(weight, 4), 36, b, r, True))
 
 
 def test_torch_compile_fullgraph():
     x, weight, b, r = make((1, 8, 16, 6, 6))
     u = wino.transform_weight(weight, 4)
-    fn = torch.compile(lambda x, r: torch.ops.hrnet_fast.conv3x3_winograd(x, u, b, r, True), fullgraph=True)
+    fn = torch.compile(lambda x, r: torch.ops.hrnet_fast.conv3x3_winograd(x, u, 16, b, r, True), fullgraph=True)
     assert_close_to(fn(x, r), reference(x, weight, b, r, True), 4)
 
 
 def _bad_calls():
     x, weight, b, r = make((1, 8, 16, 4, 4))
     u = wino.transform_weight(weight, 4)
+    ops = torch.ops.hrnet_fast
     return [
-        (lambda: wino.conv3x3_winograd(x, weight, b, r), ValueError, "transformed weight"),
-        (lambda: wino.conv3x3_winograd(x[:, :4], u, b, r), ValueError, "transformed for 8 input channels, x has 4"),
-        (lambda: wino.conv3x3_winograd(x, u, b[:3], r), ValueError, r"bias must have shape \(16,\)"),
-        (lambda: wino.conv3x3_winograd(x, u, b, r[:, :3]), ValueError, "residual must have the output's shape"),
-        (lambda: wino.conv3x3_winograd(x.double(), u.double(), b.double(), r.double()), ValueError, "float32 CPU only"),
-        (lambda: wino.conv3x3_winograd(x, u, b.double(), r), RuntimeError, "bias has dtype torch.float64"),
+        (lambda: wino.conv3x3_winograd(x, weight, 16, b, r), ValueError, "transformed weight"),
+        (lambda: wino.conv3x3_winograd(x[:, :7], u, 16, b, r), ValueError, "transformed for 8 input channels, x has 7"),
+        (lambda: wino.conv3x3_winograd(x, u, 17, b, r), ValueError, "out_channels=17 does not fit"),
+        (lambda: wino.conv3x3_winograd(x, u, 16, b[:3], r), ValueError, r"bias must have shape \(16,\)"),
+        (lambda: wino.conv3x3_winograd(x, u, 16, b, r[:, :3]), ValueError, "residual must have the output's shape"),
+        (lambda: wino.conv3x3_winograd(x.double(), u.double(), 16, b.double(), r.double()), ValueError, "float32 CPU only"),
+        (lambda: wino.conv3x3_winograd(x, u, 16, b.double(), r), RuntimeError, "bias has dtype torch.float64"),
         (lambda: wino.transform_weight(weight, 3), ValueError, "m .* must be one of"),
         (lambda: wino.transform_weight(torch.randn(16, 8, 5, 5)), ValueError, "needs a 3x3 kernel"),
-        (lambda: wino.transform_weight(torch.randn(12, 8, 3, 3)), ValueError, "C_out % 16 == 0"),
-        (lambda: wino.transform_weight(torch.randn(16, 6, 3, 3)), ValueError, "C_in % 8 == 0"),
+        (lambda: wino.transform_weight(weight.double()), ValueError, "float32 CPU only"),
         # the op itself checks as well, for callers that skip the Python wrapper
-        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x, weight, b, r, True), RuntimeError, "transformed weight"),
-        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x[:, :4], u, b, r, True), RuntimeError, "8 input channels"),
-        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x, u, b, r[:, :3], True), RuntimeError, "output's shape"),
-        (lambda: torch.ops.hrnet_fast.conv3x3_winograd(x, u, b[:3], r, True), RuntimeError, "bias must be"),
+        (lambda: ops.conv3x3_winograd(x, weight, 16, b, r, True), RuntimeError, "transformed weight"),
+        (lambda: ops.conv3x3_winograd(x[:, :7], u, 16, b, r, True), RuntimeError, "for 8 input channels, x has 7"),
+        (lambda: ops.conv3x3_winograd(x, u, 0, None, None, True), RuntimeError, "out_channels=0 does not fit"),
+        (lambda: ops.conv3x3_winograd(x, u, 16, b, r[:, :3], True), RuntimeError, "output's shape"),
+        (lambda: ops.conv3x3_winograd(x, u, 16, b[:3], r, True), RuntimeError, "bias must be"),
     ]
 
 

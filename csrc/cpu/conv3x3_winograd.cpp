@@ -9,7 +9,9 @@
 // so nothing but x, the transformed weights U (pre-packed once, hrnet_fast.ops.conv3x3_winograd)
 // and y touches memory. The GEMM's micro-kernel is a 6 x 16 register block: 12 accumulators of
 // 8 floats, the AVX2 FMA shape of BLIS/oneDNN. U is packed as [K*K][C_out/16][C_in][16] so each
-// micro-kernel streams one contiguous 16-wide panel.
+// micro-kernel streams one contiguous 16-wide panel, C_out padded to whole panels with zeros; V's
+// rows are padded to whole vectors of 8 channels. The transforms read and write only real channels,
+// so any channel count works (timm's HRNet-W18 has 18, 36, 72 and 144).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,13 +30,22 @@ namespace {
 
 // 8 floats: GCC/Clang vector extensions compile to AVX2 (and FMA under -mfma) where available and
 // to correct scalar or SSE code elsewhere. vf8u is the unaligned-access alias for load8/store8; the
-// transforms take vf8 pointers (a template drops the alias's alignment), so x and the V and Mt
-// buffers are kept 32-byte aligned.
+// transforms take vf8 pointers (a template drops the alias's alignment), so the V and Mt buffers, and
+// x where it is read as vectors in place (C_in a multiple of 8), are kept 32-byte aligned.
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf8u __attribute__((vector_size(32), aligned(4)));
 
 inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
 inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8u*>(p) = v; }
+// The first n < 8 lanes, for a channel count that is not a multiple of 8 (the rest read as 0).
+inline vf8 load_n(const float* p, int n) {
+  vf8 v = {};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+inline void store_n(float* p, vf8 v, int n) {
+  for (int i = 0; i < n; ++i) p[i] = v[i];
+}
 
 constexpr int kMr = 6;   // micro-kernel rows (tiles)
 constexpr int kNr = 16;  // micro-kernel columns (output channels): two vectors
@@ -67,16 +78,18 @@ inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __
   }
 }
 
+// cin/cout: the conv's channels; cinp: V's row length (vectors of 8; the GEMM reads the first cin);
+// coutp: the GEMM's N, padded to whole 16-wide panels with the transformed weight's zero columns.
 struct Geometry {
-  int64_t n, h, w, cin, cout, tiles_h, tiles_w, tiles;
+  int64_t n, h, w, cin, cout, cinp, coutp, tiles_h, tiles_w, tiles;
 };
 
-// Step 1 for tiles [t0, t0 + nt): V[p][i][c] (i < nt_padded, rows past nt zeroed).
+// Step 1 for tiles [t0, t0 + nt): V[p][i][c] (i < nt_padded, rows past nt and channels past cin zeroed).
 template <int M>
 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t nt, int64_t ntp, float* v) {
   constexpr int K = Winograd<M>::kTile;
-  const int64_t plane = ntp * g.cin / 8;  // vectors per transform position p
-  const int64_t row = g.w * g.cin / 8, col = g.cin / 8;  // NHWC strides of x, in vectors
+  const int64_t plane = ntp * g.cinp / 8, col = g.cinp / 8;  // V's strides, in vectors
+  const bool vector_rows = g.cin % 8 == 0;  // x's pixels start on vector boundaries (x is 32-byte aligned)
   vf8* vv = reinterpret_cast<vf8*>(v);
   vf8 t[K * K], patch[K * K];
   for (int64_t i = 0; i < nt; ++i) {
@@ -84,25 +97,28 @@ void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t nt, 
     const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
     const int64_t y0 = (rem / g.tiles_w) * M - 1, x0 = (rem % g.tiles_w) * M - 1;  // padding 1
     const bool interior = y0 >= 0 && x0 >= 0 && y0 + K <= g.h && x0 + K <= g.w;
-    const vf8* base = reinterpret_cast<const vf8*>(x + img * g.h * g.w * g.cin);
+    const float* base = x + img * g.h * g.w * g.cin;
     for (int64_t c = 0; c < col; ++c) {
       vf8* out = vv + i * col + c;
-      if (interior) {
-        winograd_input_tile<M>(base + y0 * row + x0 * col + c, row, col, out, plane, t);
+      if (interior && vector_rows) {  // the common case: transform straight from x
+        const vf8* xv = reinterpret_cast<const vf8*>(base) + (y0 * g.w + x0) * col + c;
+        winograd_input_tile<M>(xv, g.w * col, col, out, plane, t);
         continue;
       }
-      // a border tile: copy the patch with zeros outside the image (the conv's padding)
+      // otherwise copy the patch: zeros outside the image (the conv's padding) and past cin
+      const int lanes = static_cast<int>(std::min<int64_t>(8, g.cin - c * 8));
       for (int r = 0; r < K; ++r) {
         for (int q = 0; q < K; ++q) {
           const int64_t yy = y0 + r, xx = x0 + q;
-          patch[r * K + q] = (yy >= 0 && yy < g.h && xx >= 0 && xx < g.w) ? vf8(base[yy * row + xx * col + c]) : vf8{};
+          const float* px = base + (yy * g.w + xx) * g.cin + c * 8;
+          patch[r * K + q] = !(yy >= 0 && yy < g.h && xx >= 0 && xx < g.w) ? vf8{} : lanes == 8 ? load8(px) : load_n(px, lanes);
         }
       }
       winograd_input_tile<M>(patch, K, 1, out, plane, t);
     }
   }
   for (int64_t i = nt; i < ntp; ++i)
-    for (int p = 0; p < K * K; ++p) std::memset(v + (p * plane + i * col) * 8, 0, g.cin * sizeof(float));
+    for (int p = 0; p < K * K; ++p) std::memset(v + (p * plane + i * col) * 8, 0, g.cinp * sizeof(float));
 }
 
 // Step 3: y for tiles [t0, t0 + nt) and channel vectors [c0, c1) from Mt[p][i][o], with bias,
@@ -111,7 +127,7 @@ template <int M>
 void output_transform(const float* mt, const Geometry& g, int64_t t0, int64_t nt, int64_t ntp, int64_t c0,
                       int64_t c1, const float* bias, const float* residual, bool relu, float* y) {
   constexpr int K = Winograd<M>::kTile;
-  const int64_t plane = ntp * g.cout / 8, col = g.cout / 8;
+  const int64_t plane = ntp * g.coutp / 8, col = g.coutp / 8;
   const vf8* mv = reinterpret_cast<const vf8*>(mt);
   vf8 t[M * K], out[M * M];
   for (int64_t i = 0; i < nt; ++i) {
@@ -120,17 +136,21 @@ void output_transform(const float* mt, const Geometry& g, int64_t t0, int64_t nt
     const int64_t y0 = (rem / g.tiles_w) * M, x0 = (rem % g.tiles_w) * M;
     const int rows = static_cast<int>(std::min<int64_t>(M, g.h - y0)), cols = static_cast<int>(std::min<int64_t>(M, g.w - x0));
     const int64_t offset = ((img * g.h + y0) * g.w + x0) * g.cout;
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t c = c0; c < std::min(c1, (g.cout + 7) / 8); ++c) {  // vectors past cout: padding only
+      const int lanes = static_cast<int>(std::min<int64_t>(8, g.cout - c * 8));
       winograd_output_tile<M>(mv + i * col + c, plane, out, rows, t);
-      const vf8 b = bias ? load8(bias + c * 8) : vf8{};
+      const vf8 b = !bias ? vf8{} : lanes == 8 ? load8(bias + c * 8) : load_n(bias + c * 8, lanes);
       for (int r = 0; r < rows; ++r) {
         for (int q = 0; q < cols; ++q) {
           const int64_t at = offset + (r * g.w + q) * g.cout + c * 8;
           vf8 val = out[r * M + q] + b;
-          if (residual) val += load8(residual + at);
+          if (residual) val += lanes == 8 ? load8(residual + at) : load_n(residual + at, lanes);
           // torch.relu keeps NaN: select on v < 0, which is false for NaN
           if (relu) val = val < 0.f ? vf8{} : val;
-          store8(y + at, val);
+          if (lanes == 8)
+            store8(y + at, val);
+          else
+            store_n(y + at, val, lanes);
         }
       }
     }
@@ -141,10 +161,10 @@ template <int M>
 void winograd_forward(const float* x, const float* u, const float* bias, const float* residual, bool relu,
                       const Geometry& g, float* y) {
   constexpr int K = Winograd<M>::kTile;
-  const int64_t threads = at::get_num_threads(), panels = g.cout / kNr;
+  const int64_t threads = at::get_num_threads(), panels = g.coutp / kNr;
   // Tiles per block: what the cache budget allows.
-  const int64_t per_tile = K * K * (g.cin + g.cout) * int64_t(sizeof(float));
-  const int64_t weight_bytes = K * K * g.cin * g.cout * int64_t(sizeof(float));
+  const int64_t per_tile = K * K * (g.cinp + g.coutp) * int64_t(sizeof(float));
+  const int64_t weight_bytes = K * K * g.cin * g.coutp * int64_t(sizeof(float));
   const int64_t budget = weight_bytes > kCachedWeightBytes ? kSpillBlockBytes : kBlockBytes;
   const int64_t max_tiles = std::max<int64_t>(kMr, budget / per_tile / kMr * kMr);
   int64_t blocks = (g.tiles + max_tiles - 1) / max_tiles;
@@ -159,25 +179,25 @@ void winograd_forward(const float* x, const float* u, const float* bias, const f
 
   // Each thread's V and Mt, from torch's allocator so memory profiles see them (at::empty is
   // 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
-  const int64_t per_thread = (K * K * tb * (g.cin + g.cout) + 15) / 16 * 16;
+  const int64_t per_thread = (K * K * tb * (g.cinp + g.coutp) + 15) / 16 * 16;
   const int64_t slots = std::min(threads, blocks * splits);
   const at::Tensor scratch = at::empty({slots * per_thread}, at::TensorOptions().dtype(at::kFloat));
   float* const scratch_base = scratch.data_ptr<float>();
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
     float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
-    float* mbuf = vbuf + K * K * tb * g.cin;
+    float* mbuf = vbuf + K * K * tb * g.cinp;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / splits, part = task % splits;
       const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
       const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
       input_transform<M>(x, g, t0, nt, ntp, vbuf);
       for (int p = 0; p < K * K; ++p) {
-        const float* vp = vbuf + p * ntp * g.cin;
-        float* mp = mbuf + p * ntp * g.cout;
+        const float* vp = vbuf + p * ntp * g.cinp;
+        float* mp = mbuf + p * ntp * g.coutp;
         for (int64_t j = j0; j < j1; ++j) {
           const float* panel = u + (p * panels + j) * g.cin * kNr;
           for (int64_t i = 0; i < ntp; i += kMr)
-            micro_6x16(vp + i * g.cin, g.cin, panel, mp + i * g.cout + j * kNr, g.cout, g.cin);
+            micro_6x16(vp + i * g.cinp, g.cinp, panel, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
         }
       }
       output_transform<M>(mbuf, g, t0, nt, ntp, j0 * kNr / 8, j1 * kNr / 8, bias, residual, relu, y);
@@ -185,17 +205,18 @@ void winograd_forward(const float* x, const float* u, const float* bias, const f
   });
 }
 
-at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& residual, bool relu) {
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t out_channels,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                bool relu) {
   constexpr const char* op = "hrnet_fast::conv3x3_winograd (cpu)";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   TORCH_CHECK(weight.dim() == 4 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(3) == kNr,
-              op, ": weight must be a transformed weight [16 or 36, C_out/16, C_in, 16] from "
+              op, ": weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
               "hrnet_fast.ops.conv3x3_winograd.transform_weight, got shape ", weight.sizes());
-  const int64_t cin = x.size(1), cout = weight.size(1) * kNr;
-  TORCH_CHECK(weight.size(2) == cin, op, ": weight was transformed for ", weight.size(2),
-              " input channels, x has ", cin);
-  TORCH_CHECK(cin % 8 == 0, op, ": C_in must be a multiple of 8, got ", cin);
+  const int64_t cin = x.size(1), cout = out_channels;
+  TORCH_CHECK(weight.size(2) == cin, op, ": weight was transformed for ", weight.size(2), " input channels, x has ", cin);
+  TORCH_CHECK(cout > (weight.size(1) - 1) * kNr && cout <= weight.size(1) * kNr, op, ": out_channels=", cout,
+              " does not fit a weight transformed for ", weight.size(1) * kNr, " (padded) output channels");
   for (const auto* t : {&x, &weight}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->layout() == at::kStrided, op,
                 ": x and weight must be dense float32 CPU tensors, got ", t->scalar_type(), " on ", t->device());
@@ -215,7 +236,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const at::MemoryFormat fmt = x.suggest_memory_format();
   // The kernel works in NHWC; an NCHW x (or residual) is converted, and y is returned in x's format.
   at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  if (reinterpret_cast<std::uintptr_t>(xc.data_ptr()) % 32) xc = xc.clone(at::MemoryFormat::ChannelsLast);
+  if (cin % 8 == 0 && reinterpret_cast<std::uintptr_t>(xc.data_ptr()) % 32) xc = xc.clone(at::MemoryFormat::ChannelsLast);
   const at::Tensor wc = weight.contiguous();
   std::optional<at::Tensor> bc, rc;
   if (bias) bc = bias->contiguous();
@@ -224,7 +245,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, c
   if (y.numel() == 0) return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 
   const int m = weight.size(0) == 16 ? 2 : 4;
-  Geometry g{x.size(0), x.size(2), x.size(3), cin, cout, 0, 0, 0};
+  Geometry g{x.size(0), x.size(2), x.size(3), cin, cout, (cin + 7) / 8 * 8, weight.size(1) * kNr, 0, 0, 0};
   g.tiles_h = (g.h + m - 1) / m;
   g.tiles_w = (g.w + m - 1) / m;
   g.tiles = g.n * g.tiles_h * g.tiles_w;

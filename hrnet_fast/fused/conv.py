@@ -117,7 +117,9 @@ class FusedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self._winograd is not None:
-            return torch.ops.hrnet_fast.conv3x3_winograd(x, self._winograd_for(x), self.bias, residual, self.relu)
+            return torch.ops.hrnet_fast.conv3x3_winograd(
+                x, self._winograd_for(x), self.weight.shape[0], self.bias, residual, self.relu
+            )
         w = self.weight if self._packed is None or torch.compiler.is_compiling() else self._packed_for(x)
         return self._op(x, w, self.bias, self.stride, self.padding, residual, self.relu)
 

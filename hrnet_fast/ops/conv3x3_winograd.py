@@ -43,15 +43,14 @@ def supports(weight: torch.Tensor, stride: list[int], padding: list[int]) -> str
     """Why the Winograd kernel cannot run this conv, or None when it can."""
     if tuple(weight.shape[2:]) != (3, 3) or list(stride) != [1, 1] or list(padding) != [1, 1]:
         return f"needs a 3x3 kernel with stride 1 and padding 1, got {tuple(weight.shape[2:])}, stride={list(stride)}, padding={list(padding)}"
-    if weight.shape[0] % PANEL or weight.shape[1] % 8:
-        return f"needs C_out % {PANEL} == 0 and C_in % 8 == 0, got C_out={weight.shape[0]}, C_in={weight.shape[1]}"
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return f"is float32 CPU only, got {weight.dtype} on {weight.device}"
     return None
 
 
 def transform_weight(weight: torch.Tensor, m: int = 4) -> torch.Tensor:
-    """G w G^T for every filter of a [C_out, C_in, 3, 3] weight, packed as [(m+2)^2, C_out/16, C_in, 16]."""
+    """G w G^T for every filter of a [C_out, C_in, 3, 3] weight, packed as
+    [(m+2)^2, ceil(C_out/16), C_in, 16] (zeros in the output channels past C_out)."""
     check_4d("weight", weight)
     if m not in TILES:
         raise ValueError(f"m (the output tile size) must be one of {TILES}, got {m}")
@@ -62,7 +61,9 @@ def transform_weight(weight: torch.Tensor, m: int = 4) -> torch.Tensor:
     with torch.no_grad():
         u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)  # [K, K, C_in, C_out]
         k, cin, cout = m + 2, weight.shape[1], weight.shape[0]
-        u = u.reshape(k * k, cin, cout // PANEL, PANEL).permute(0, 2, 1, 3)
+        cout_p = -(-cout // PANEL) * PANEL
+        u = torch.nn.functional.pad(u, (0, cout_p - cout))
+        u = u.reshape(k * k, cin, cout_p // PANEL, PANEL).permute(0, 2, 1, 3)
         return u.to(torch.float32).contiguous()
 
 
@@ -81,23 +82,27 @@ def tile_size(transformed: torch.Tensor) -> int:
 def conv3x3_winograd(
     x: torch.Tensor,
     weight: torch.Tensor,
+    out_channels: int,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = True,
 ) -> torch.Tensor:
-    """act(conv2d(x, w, stride=1, padding=1) + bias + residual), `weight` = transform_weight(w, m).
+    """act(conv2d(x, w, stride=1, padding=1) + bias + residual), `weight` = transform_weight(w, m) and
+    `out_channels` = w.shape[0] (the transformed weight holds it rounded up to 16).
 
     The output's memory format follows x's (the kernel itself runs channels_last).
     """
     check_4d("x", x)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] not in (16, 36) or weight.shape[3] != PANEL:
         raise ValueError(
-            "weight must be a transformed weight [16 or 36, C_out/16, C_in, 16] from transform_weight(w, m), "
-            f"got shape {tuple(getattr(weight, 'shape', ()))}"
+            "weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
+            f"transform_weight(w, m), got shape {tuple(getattr(weight, 'shape', ()))}"
         )
     if weight.shape[2] != x.shape[1]:
         raise ValueError(f"weight was transformed for {weight.shape[2]} input channels, x has {x.shape[1]}")
-    cout = weight.shape[1] * PANEL
+    cout = int(out_channels)
+    if not (weight.shape[1] - 1) * PANEL < cout <= weight.shape[1] * PANEL:
+        raise ValueError(f"out_channels={cout} does not fit a weight transformed for {weight.shape[1] * PANEL} (padded) output channels")
     check_bias(bias, cout)
     shape = [x.shape[0], cout, x.shape[2], x.shape[3]]
     if residual is not None and list(residual.shape) != shape:
@@ -106,11 +111,11 @@ def conv3x3_winograd(
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise ValueError(f"conv3x3_winograd is float32 CPU only, got {x.dtype} on {x.device}")
     _extension.require(OP, "CPU")
-    return torch.ops.hrnet_fast.conv3x3_winograd(x, weight, bias, residual, relu)
+    return torch.ops.hrnet_fast.conv3x3_winograd(x, weight, cout, bias, residual, relu)
 
 
-def fake(x, weight, bias, residual=None, relu=True):
-    out = x.new_empty([x.shape[0], weight.shape[1] * PANEL, x.shape[2], x.shape[3]])
+def fake(x, weight, out_channels, bias, residual=None, relu=True):
+    out = x.new_empty([x.shape[0], out_channels, x.shape[2], x.shape[3]])
     return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
 
 
