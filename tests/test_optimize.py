@@ -149,6 +149,8 @@ def test_packed_copy_deepcopies_and_still_matches():
     torch.manual_seed(0)
     model = randomize_bn(tiny_pose_hrnet()).eval()
     fused = copy.deepcopy(hrnet_fast.optimize(model, backend="cpu"))
+    # derived weights are not copied but made again from the dense ones
+    assert any(m._winograd is not None for m in fused.modules() if isinstance(m, FusedConv))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)

@@ -97,9 +97,10 @@ class FusedConv(nn.Module):
         return w
 
     def __getstate__(self) -> dict:
-        # a oneDNN tensor has no storage to copy or pickle: drop it, and pack again on the other side
+        # a oneDNN tensor has no storage to copy or pickle, and the Winograd weights are 4x the dense
+        # weight and derived from it: drop both, and pack again on the other side
         state = self.__dict__.copy()
-        state["_packed"] = None
+        state["_packed"] = state["_winograd"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
