@@ -67,9 +67,12 @@ def test_matches_direct_convolution(m, shape, relu, res, bias):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(1, 8, 64, 4, 4), (4, 16, 32, 20, 12)], ids=["splits_channels", "many_blocks"])
+@pytest.mark.parametrize(
+    "shape", [(1, 8, 64, 4, 4), (7, 8, 512, 4, 4), (4, 16, 32, 20, 12)], ids=["one_tile", "weight_bound_blocks", "many_blocks"]
+)
 def test_thread_counts_agree(threads, shape):
-    """One tile with 4 output panels splits channels across threads; 120 tiles split into blocks."""
+    """Threads share output channels where the weights outweigh the tiles (one tile; 7 tiles in 2
+    blocks against 32 panels of weight), and whole blocks otherwise (120 tiles)."""
     x, weight, b, r = make(shape)
     u = wino.transform_weight(weight, 4)
     before = torch.get_num_threads()

@@ -167,15 +167,23 @@ void winograd_forward(const float* x, const float* u, const float* bias, const f
   const int64_t weight_bytes = K * K * g.cin * g.coutp * int64_t(sizeof(float));
   const int64_t budget = weight_bytes > kCachedWeightBytes ? kSpillBlockBytes : kBlockBytes;
   const int64_t max_tiles = std::max<int64_t>(kMr, budget / per_tile / kMr * kMr);
-  int64_t blocks = (g.tiles + max_tiles - 1) / max_tiles;
-  // Work for every thread: blocks in a multiple of the thread count (with 2 threads, 3 blocks would
-  // leave one idle a third of the time); with fewer blocks than threads, each block's output
-  // channels are split instead (each part transforms the same input: cheap next to its GEMMs).
-  if (g.tiles >= threads * kMr) blocks = std::max(blocks, threads);
-  if (blocks >= threads) blocks = (blocks + threads - 1) / threads * threads;
+  int64_t blocks = (g.tiles + max_tiles - 1) / max_tiles, splits = 1;
+  // Share the work between threads. Where the weights outweigh the tiles' V and Mt (few tiles, many
+  // channels: W32's 16x12 and 8x6 branches at batch 1), reading U from memory is the cost, so each
+  // thread takes a share of the output channels (of U) for every block; the input transform, cheap
+  // there, is done by each. Otherwise each thread takes whole blocks, as many as the others (with
+  // 2 threads, 3 blocks would leave one idle a third of the time), splitting channels only when
+  // there are fewer blocks than threads.
+  const bool weight_bound = weight_bytes > g.tiles * per_tile;
+  if (weight_bound) {
+    splits = std::min(panels, threads);
+  } else {
+    if (g.tiles >= threads * kMr) blocks = std::max(blocks, threads);
+    if (blocks >= threads) blocks = (blocks + threads - 1) / threads * threads;
+  }
   const int64_t tb = ((g.tiles + blocks - 1) / blocks + kMr - 1) / kMr * kMr;
   blocks = (g.tiles + tb - 1) / tb;
-  const int64_t splits = blocks >= threads ? 1 : std::min(panels, (threads + blocks - 1) / blocks);
+  if (!weight_bound && blocks < threads) splits = std::min(panels, (threads + blocks - 1) / blocks);
 
   // Each thread's V and Mt, from torch's allocator so memory profiles see them (at::empty is
   // 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
@@ -187,7 +195,8 @@ void winograd_forward(const float* x, const float* u, const float* bias, const f
     float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
     float* mbuf = vbuf + K * K * tb * g.cinp;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / splits, part = task % splits;
+      // part-major: a thread's contiguous range of tasks covers its share of channels, all blocks
+      const int64_t part = task / blocks, blk = task % blocks;
       const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
       const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
       input_transform<M>(x, g, t0, nt, ntp, vbuf);
