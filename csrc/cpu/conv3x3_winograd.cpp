@@ -1,7 +1,8 @@
 // conv3x3_winograd on CPU: act(conv3x3(x, w, stride 1, padding 1) + bias + residual) by Winograd
 // F(m x m, 3 x 3), m = 2 or 4 (csrc/kernels/winograd.h), NHWC, float32.
 //
-// Work is split into blocks of tiles sized to stay in the L2 cache. Per block, one thread
+// Work is split into blocks of tiles sized to stay in the L2 cache (and, where the weights dominate,
+// into shares of the output channels: see winograd_forward). Per block and share, one thread
 //   1. transforms the input tiles: V[p][t][c] = (B^T d_{t,c} B)[p]      (p < K*K, K = m + 2)
 //   2. runs K*K small GEMMs:       Mt[p][t][o] = sum_c V[p][t][c] U[p][c][o]
 //   3. transforms back and applies the epilogue straight into y:

@@ -104,6 +104,7 @@ class FusedConv(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("use_winograd", False)  # pickled before the Winograd kernel existed
         self.__dict__.update(state)
         self.pack()
 
