@@ -1,8 +1,11 @@
 """Build hrnet_fast._C: CPU kernels always, CUDA kernels when a CUDA toolchain and a CUDA torch exist.
 
-HRNET_FAST_CUDA=auto|0|1 (auto by default) decides the CUDA part. With no GPU to query, a default
-TORCH_CUDA_ARCH_LIST is set, and the CUDA headers that torch's own headers need but
-/usr/local/cuda/include lacks (cuBLAS, cuSPARSE) are taken from the nvidia wheels in site-packages.
+HRNET_FAST_CUDA=auto|0|1 (auto by default) decides the CUDA part. It builds against the torch that
+is installed (use `pip install --no-build-isolation`): torch's C++ ABI changes between releases.
+TORCH_CUDA_ARCH_LIST, when unset, is the visible GPUs' compute capabilities, or 8.0;9.0 where no GPU
+can be seen. The CUDA headers that torch's own headers need but the toolkit may lack (cuBLAS,
+cuSPARSE: /usr/local/cuda/include here has neither) are taken from the nvidia wheels in
+site-packages, searched after the toolkit's own headers (-isystem) so that they never shadow them.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from pathlib import Path
 # torch.utils.cpp_extension reads CUDA_HOME at import time; the `nvcc` on PATH may be a wrapper.
 if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 
 import torch  # noqa: E402
@@ -37,15 +39,29 @@ def _want_cuda() -> bool:
     return have and mode != "0"
 
 
-def _nvidia_include_dirs() -> list[str]:
-    """Header dirs of the nvidia-* wheels torch depends on (cu13 toolkit headers, cuDNN)."""
-    dirs = []
+def _arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST: the user's, else every visible GPU's capability, else 8.0;9.0 (A100, H100)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    caps = set()
+    if torch.cuda.is_available():
+        caps = {"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(sorted(caps)) or "8.0;9.0"
+
+
+def _nvidia_include_flags() -> list[str]:
+    """-isystem flags for the nvidia-* wheels' headers (cu13 toolkit, cuDNN), only where the toolkit
+    lacks cublas_v2.h. -isystem folders are searched after every -I folder (the toolkit's include is
+    one), so a version skew between wheel and toolkit cannot shadow the toolkit's own headers."""
+    if CUDA_HOME is not None and (Path(CUDA_HOME) / "include" / "cublas_v2.h").exists():
+        return []
+    flags: list[str] = []
     for sp in sys.path:
         for sub in ("nvidia/cu13/include", "nvidia/cudnn/include"):
             d = Path(sp) / sub
-            if d.is_dir() and str(d) not in dirs:
-                dirs.append(str(d))
-    return dirs
+            if d.is_dir() and str(d) not in flags:
+                flags += ["-isystem", str(d)]
+    return flags
 
 
 def _cpu_flags() -> list[str]:
@@ -65,15 +81,16 @@ def extensions():
     include_dirs = [str(ROOT / "csrc")]
     extra = {"cxx": _cpu_flags()}
     if _want_cuda():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
-        extra["cxx"].append("-DHRNET_FAST_WITH_CUDA")
-        extra["nvcc"].append("-DHRNET_FAST_WITH_CUDA")
+        nvidia = _nvidia_include_flags()
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-DHRNET_FAST_WITH_CUDA", "-lineinfo"] + nvidia
+        extra["cxx"] += ["-DHRNET_FAST_WITH_CUDA"] + nvidia
         return [
             CUDAExtension(
                 "hrnet_fast._C",
                 sources,
-                include_dirs=include_dirs + _nvidia_include_dirs(),
+                include_dirs=include_dirs,
                 extra_compile_args=extra,
                 extra_link_args=["-fopenmp"],
             )

@@ -1,7 +1,16 @@
 """Loads the compiled extension (hrnet_fast._C) if it was built; the reference path works without it."""
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
+
+BUILD_HINT = (
+    "build it with `make setup`, or against the installed torch with "
+    "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`); "
+    "set CUDA_HOME to the CUDA toolkit for the CUDA kernels"
+)
 
 try:
     from hrnet_fast import _C  # noqa: F401  (registers torch.ops.hrnet_fast.*)
@@ -9,11 +18,17 @@ try:
     LOAD_ERROR: Exception | None = None
 except ImportError as e:  # not built: reference (and Triton) paths only
     LOAD_ERROR = e
-
-BUILD_HINT = (
-    "build it with `make setup` (or `pip install --no-build-isolation -e .` in a venv with "
-    "torch==2.14.1; set CUDA_HOME=/usr/local/cuda for the CUDA kernels)"
-)
+    # Built but unloadable (most often: compiled against another torch release, whose C++ ABI differs):
+    # say so loudly, since backend="auto" would otherwise quietly fall back to slower paths.
+    built = sorted(Path(__file__).parent.glob("_C*.so")) + sorted(Path(__file__).parent.glob("_C*.pyd"))
+    if built:
+        warnings.warn(
+            f"hrnet_fast's compiled extension {built[0].name} exists but failed to load ({e}); it was probably "
+            f"built against another torch than this one ({torch.__version__}): rebuild it, {BUILD_HINT}. "
+            "Until then only the torch reference and Triton backends run.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def is_built() -> bool:

@@ -15,8 +15,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <tuple>
 
 #include "kernels/conv_bias_act.h"
 
@@ -44,9 +49,63 @@ void launch_epilogue(at::Tensor& out, const std::optional<at::Tensor>& bias, con
   });
 }
 
-// Per dtype (float, half, bfloat16): cleared the first time cuDNN finds no engine for the fused
-// graph, after which that dtype takes the unfused path.
-std::atomic<bool> fused_usable[3] = {true, true, true};
+// Whether cuDNN's fused conv-bias-(add)-ReLU graph runs for a conv configuration. cuDNN's runtime
+// fusion engines support some dtypes, layouts and channel alignments and not others (and vary by
+// version), so each configuration is tried once and the answer remembered: a rejection costs one
+// failed plan search, not one per call, and never switches off the configurations that do work.
+struct FusedKey {
+  int dtype;
+  bool channels_last, residual, bias;
+  int64_t c_in, c_out, kh, kw, sh, sw, ph, pw;
+  bool operator<(const FusedKey& o) const {
+    return std::tie(dtype, channels_last, residual, bias, c_in, c_out, kh, kw, sh, sw, ph, pw) <
+           std::tie(o.dtype, o.channels_last, o.residual, o.bias, o.c_in, o.c_out, o.kh, o.kw, o.sh, o.sw, o.ph, o.pw);
+  }
+};
+
+// HRNET_FAST_CUDNN_FUSED: "auto" (default: try, remember), "0" (never: conv + our epilogue), "1"
+// (always try, never remember a failure). HRNET_FAST_DEBUG=1 reports each rejection on stderr.
+int fused_mode() {
+  static const int mode = [] {
+    const char* v = std::getenv("HRNET_FAST_CUDNN_FUSED");
+    if (v == nullptr || std::strcmp(v, "auto") == 0 || *v == '\0') return -1;
+    return std::strcmp(v, "0") == 0 ? 0 : 1;
+  }();
+  return mode;
+}
+
+class FusedDecisions {
+ public:
+  // false when this configuration is known not to run fused.
+  bool worth_trying(const FusedKey& k) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    const auto it = usable_.find(k);
+    return it == usable_.end() || it->second;
+  }
+  void remember(const FusedKey& k, bool ok, const char* why) {
+    {
+      const std::lock_guard<std::mutex> lock(mu_);
+      usable_[k] = ok;
+    }
+    static const bool debug = std::getenv("HRNET_FAST_DEBUG") != nullptr;
+    if (!ok && debug) {
+      std::fprintf(stderr,
+                   "hrnet_fast: cuDNN fused conv-bias-%sReLU unavailable for dtype %d %s C_in=%lld C_out=%lld "
+                   "k=%lldx%lld stride=%lldx%lld: %.300s\n",
+                   k.residual ? "add-" : "", k.dtype, k.channels_last ? "NHWC" : "NCHW", (long long)k.c_in,
+                   (long long)k.c_out, (long long)k.kh, (long long)k.kw, (long long)k.sh, (long long)k.sw, why);
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<FusedKey, bool> usable_;
+};
+
+FusedDecisions& fused_decisions() {
+  static FusedDecisions d;
+  return d;
+}
 
 at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -62,17 +121,26 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   if (c10::multiply_integers(out_sizes) == 0) return at::empty(out_sizes, x.options().memory_format(fmt));
   const int64_t dilation[2] = {1, 1};
   const int64_t no_padding[2] = {0, 0};
-  std::atomic<bool>& fused_ok = fused_usable[dtype == at::kFloat ? 0 : dtype == at::kHalf ? 1 : 2];
 
   at::Tensor out;
-  if (relu && at::globalContext().userEnabledCuDNN() && fused_ok.load(std::memory_order_relaxed)) {
-    try {
-      out = residual ? at::cudnn_convolution_add_relu(x, weight, *residual, 1, bias, stride, padding, dilation, 1)
-                     : at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1);
-    } catch (const c10::Error&) {
-      // cuDNN rejects some fused graphs (engine support varies by version, dtype and shape);
-      // the error is raised on the host before any launch, so falling back is safe.
-      fused_ok.store(false, std::memory_order_relaxed);
+  const int mode = fused_mode();
+  if (relu && mode != 0 && at::globalContext().userEnabledCuDNN()) {
+    const FusedKey key{static_cast<int>(dtype), fmt == at::MemoryFormat::ChannelsLast, residual.has_value(),
+                       bias.has_value(), x.size(1), weight.size(0), weight.size(2), weight.size(3),
+                       stride[0], stride[1], padding[0], padding[1]};
+    if (mode == 1 || fused_decisions().worth_trying(key)) {
+      try {
+        out = residual ? at::cudnn_convolution_add_relu(x, weight, *residual, 1, bias, stride, padding, dilation, 1)
+                       : at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1);
+        if (mode != 1) fused_decisions().remember(key, true, "");
+      } catch (const c10::OutOfMemoryError&) {
+        throw;  // says nothing about whether the fused graph runs
+      } catch (const std::exception& e) {
+        // cuDNN (c10::Error) or cudnn_frontend (std::runtime_error) found no engine for the fused
+        // graph; raised on the host before any launch, so falling back is safe.
+        if (mode != 1) fused_decisions().remember(key, false, e.what());
+        out = at::Tensor();
+      }
     }
   }
   if (!out.defined()) {
