@@ -1,6 +1,7 @@
 """Helpers shared by the Triton ops: interpreter detection, tile sizes, PyTorch's nearest-index scale."""
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Callable
@@ -25,8 +26,18 @@ def channel_block(channels: int, cap: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs multiply in IEEE fp32 (not TF32), so results match fp32 references; 16-bit inputs are exact."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """How fp32 products are done: as eager's convolutions do them. cuDNN runs fp32 convs in TF32
+    while torch.backends.cudnn.allow_tf32 is set (torch's default), IEEE fp32 otherwise; the Triton
+    ops follow the same switch, so they match eager either way. (16-bit inputs multiply exactly
+    whatever the setting; "tf32" is Triton's default for them.)"""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make t's GPU current for the launch (Triton launches on the current device); a no-op on CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def nearest_scale(in_size: int, out_size: int) -> float:

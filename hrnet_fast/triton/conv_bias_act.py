@@ -16,7 +16,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 from torch.library import wrap_triton
 
-from hrnet_fast.triton._common import channel_block, define_op, dot_precision, interpreting
+from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting
 
 # the module, not the function that hrnet_fast.ops re-exports under the same name
 _ops = importlib.import_module("hrnet_fast.ops.conv_bias_act")
@@ -24,17 +24,25 @@ _ops = importlib.import_module("hrnet_fast.ops.conv_bias_act")
 QUALNAME = "hrnet_fast::conv_bias_act_triton"
 
 
-@triton.jit
+# Sizes and conv geometry vary per layer: specialising them (on ==1 and divisibility by 16) would
+# compile a variant per layer for nothing. Strides stay specialised: a unit channel stride is what
+# makes the loads vector loads.
+_SIZES = ["M", "C_OUT", "C_IN", "H", "W", "HO", "WO", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _conv_bias_act_kernel(
     x_ptr, sxn, sxc, sxh, sxw,
     w_ptr, swo, swi, swh, sww,
     bias_ptr, s_bias,
     res_ptr, srn, src, srh, srw,
     out_ptr, son, soc, soh, sow,
-    M, C_OUT, C_IN, H, W, HO, WO, KH, KW,
+    M, C_OUT, C_IN, H, W, HO, WO,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,23 +57,28 @@ def _conv_bias_act_kernel(
     n = offs_m // (WO * HO)
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
+    x_n = x_ptr + n * sxn
 
+    # One flat K loop over (r, s, C_in blocks): the software pipeliner overlaps the loads of step
+    # t+1.. with the dot of step t only in the innermost loop, and most HRNet convs have C_in <= 64,
+    # where a C_in loop nested in r and s would run once per (r, s).
+    k_blocks = tl.cdiv(C_IN, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, KH):
+    for t in tl.range(0, KH * KW * k_blocks, num_stages=NUM_STAGES):
+        rs = t // k_blocks
+        c0 = (t - rs * k_blocks) * BLOCK_K
+        r = rs // KW
+        s = rs - r * KW
         ih = ih0 + r
-        ok_h = mask_m & (ih >= 0) & (ih < H)
-        for s in range(0, KW):
-            iw = iw0 + s
-            ok = ok_h & (iw >= 0) & (iw < W)
-            row = n * sxn + ih * sxh + iw * sxw  # masked where the window leaves the input (zero padding)
-            w_rs = w_ptr + r * swh + s * sww
-            for c0 in range(0, C_IN, BLOCK_K):
-                kk = c0 + offs_k
-                mask_k = kk < C_IN
-                a = tl.load(x_ptr + row[:, None] + kk[None, :] * sxc, mask=ok[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_rs + offs_n[None, :] * swo + kk[:, None] * swi,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        iw = iw0 + s
+        ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # zero padding outside the input
+        kk = c0 + offs_k
+        mask_k = kk < C_IN
+        a = tl.load(x_n[:, None] + (ih * sxh + iw * sxw)[:, None] + kk[None, :] * sxc,
+                    mask=ok[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + r * swh + s * sww + offs_n[None, :] * swo + kk[:, None] * swi,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
@@ -74,19 +87,27 @@ def _conv_bias_act_kernel(
         res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src, mask=mask, other=0.0)
         acc += res.to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # acc < 0 is false for NaN: NaN passes through, as torch.relu lets it (tl.maximum would not)
+        acc = tl.where(acc < 0.0, 0.0, acc)
     tl.store(out_ptr + (n * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(c_in: int, c_out: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): one fixed tile under the interpreter, GPU-sized otherwise."""
+def _blocks(m: int, c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): one fixed tile under the interpreter,
+    GPU-sized otherwise."""
     if interpreting():
         # the interpreter pays per program, so one mid-sized tile: ~10x faster than 16s on the
         # tiny model, still small enough that the tests cover edge masks and several tiles
-        return 64, 32, 32, 1
-    # HRNet's C_in/C_out are 32..384 (3 for the stem): a K-tile no wider than C_in wastes no loads
-    return 64, channel_block(c_out, 128), channel_block(c_in, 64), 4
+        return 64, 32, 32, 1, 1
+    # Few output pixels (the small branches at batch 1): narrow tiles, so that there are programs
+    # for more of the multiprocessors. HRNet's C_in/C_out are 18..384 (3 for the stem): a K-tile no
+    # wider than C_in wastes no loads.
+    block_m = 32 if m <= 1024 else 64 if m <= 16384 else 128
+    block_n = channel_block(c_out, 64 if m <= 16384 else 128)
+    block_k = channel_block(c_in, 64)
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return block_m, block_n, block_k, num_warps, 3
 
 
 @define_op(QUALNAME, _ops.fake)
@@ -99,31 +120,37 @@ def conv_bias_act_triton(
     residual: torch.Tensor | None = None,
     relu: bool = True,
 ) -> torch.Tensor:
-    """act(conv2d(x, weight, stride, padding) + bias + residual); channels_last out iff x suggests it."""
+    """act(conv2d(x, weight, stride, padding) + bias + residual); channels_last out iff x suggests it.
+
+    Any strides work; the fast layout is channels_last x with the weight stored [kH, kW, C_in, C_out]
+    (FusedConv packs it so): then every tile load is contiguous along channels.
+    """
     shape = _ops.output_shape(x, weight, stride, padding)
     # the same layout as the shared fake (and aten's conv): follows suggest_memory_format(x)
-    out = x.new_empty(shape).contiguous(memory_format=suggest_memory_format(x))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
     if out.numel() == 0:
         return out
     n, c_out, ho, wo = shape
     c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
     kh, kw = weight.shape[2], weight.shape[3]
-    block_m, block_n, block_k, num_warps = _blocks(c_in, c_out)
     m = n * ho * wo
+    block_m, block_n, block_k, num_warps, num_stages = _blocks(m, c_in, c_out)
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    wrap_triton(_conv_bias_act_kernel)[grid](
-        x, *x.stride(),
-        weight, *weight.stride(),
-        x if bias is None else bias, 0 if bias is None else bias.stride(0),
-        x if residual is None else residual, *res_strides,
-        out, *out.stride(),
-        m, c_out, c_in, h, w, ho, wo, kh, kw,
-        stride[0], stride[1], padding[0], padding[1],
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=num_warps,
-    )
+    with device_guard(x):  # Triton launches on the current device, which need not be x's
+        wrap_triton(_conv_bias_act_kernel)[grid](
+            x, *x.stride(),
+            weight, *weight.stride(),
+            x if bias is None else bias, 0 if bias is None else bias.stride(0),
+            x if residual is None else residual, *res_strides,
+            out, *out.stride(),
+            m, c_out, c_in, h, w, ho, wo,
+            stride[0], stride[1], padding[0], padding[1],
+            KH=kh, KW=kw,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision(x.dtype),
+            NUM_STAGES=num_stages, num_warps=num_warps,
+        )
     return out
 
 

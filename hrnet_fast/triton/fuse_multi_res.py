@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from hrnet_fast.triton._common import channel_block, define_op, dot_precision, interpreting, nearest_scale
+from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting, nearest_scale
 
 # the module, not the function that hrnet_fast.ops re-exports under the same name
 _ops = importlib.import_module("hrnet_fast.ops.fuse_multi_res")
@@ -50,7 +50,12 @@ def _add_lowres(
     return acc
 
 
-@triton.jit
+# Sizes vary per fusion: specialising them would compile a variant per layer for nothing (strides
+# stay specialised: a unit channel stride makes the loads vector loads).
+_SIZES = ["h0", "w0", "c0", "h1", "w1", "c1", "h2", "w2", "c2", "P", "C", "H", "W"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _fuse_multi_res_kernel(
     base_ptr, sbn, sbc, sbh, sbw,
     out_ptr, son, soc, soh, sow,
@@ -91,7 +96,8 @@ def _fuse_multi_res_kernel(
         acc += _add_lowres(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), n, h, w, offs_c, mask_p, mask_c,
                            x2, x2n, x2c, x2h, x2w, h2, w2, c2, sh2, sw2, w2_ptr, w2c, w2k, BLOCK_K, DOT_PRECISION)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # acc < 0 is false for NaN: NaN passes through, as torch.relu lets it (tl.maximum would not)
+        acc = tl.where(acc < 0.0, 0.0, acc)
     tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -103,7 +109,7 @@ def _blocks(channels: int, lowres_channels: Sequence[int]) -> tuple[int, int, in
         # tiny model, still small enough that the tests cover edge masks and several tiles
         return 64, 32, 32, 1
     block_k = channel_block(max(lowres_channels, default=16), 64)
-    return 64, channel_block(channels, 64), block_k, 4
+    return 64, channel_block(channels, 64), block_k, 4 if channels > 32 else 2
 
 
 def _launch(
@@ -128,14 +134,15 @@ def _launch(
     block_p, block_c, block_k, num_warps = _blocks(c, [x.shape[1] for x in lowres])
     p = n * h * w
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
-    wrap_triton(_fuse_multi_res_kernel)[grid](
-        base, *base.stride(), out, *out.stride(),
-        base if bias is None else bias, 0 if bias is None else bias.stride(0),
-        *args, p, c, h, w,
-        NUM_LOWRES=len(lowres), HAS_BIAS=bias is not None, RELU=relu,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PRECISION=dot_precision(base.dtype),
-        num_warps=num_warps,
-    )
+    with device_guard(base):  # Triton launches on the current device, which need not be base's
+        wrap_triton(_fuse_multi_res_kernel)[grid](
+            base, *base.stride(), out, *out.stride(),
+            base if bias is None else bias, 0 if bias is None else bias.stride(0),
+            *args, p, c, h, w,
+            NUM_LOWRES=len(lowres), HAS_BIAS=bias is not None, RELU=relu,
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PRECISION=dot_precision(base.dtype),
+            num_warps=num_warps,
+        )
 
 
 @define_op(QUALNAME, _ops.fake)
