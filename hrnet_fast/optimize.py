@@ -13,10 +13,13 @@ import warnings
 
 import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format
+from torch.utils._pytree import tree_map
 
 from hrnet_fast.fused.blocks import FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.hr_module import FusedHRModule, is_hr_module, why_not_hr_module
+from hrnet_fast.graphs import CUDAGraphForward
 from hrnet_fast.ops import _backend
 
 
@@ -87,49 +90,58 @@ class _Converter:
                 setattr(m, f"bn{k}", nn.Identity())
 
 
-class _InferenceMode:
-    """Hooks that run the fused forward under torch.inference_mode() when grad is off anyway.
+class _ForwardScope:
+    """The optimized model's forward pre/post hooks, one pair for everything done per call.
 
-    Under no_grad every custom-op call still passes through its Python autograd wrapper (~10 us,
-    ~300 calls a forward); inference mode skips it. Not while compiling (Dynamo traces no grad mode
-    split across hooks) nor when grad is enabled (a training caller keeps autograd).
+    - dtype: floating inputs are cast to the copy's dtype, so callers can keep passing float32.
+    - channels_last: the compiled backends run NHWC end to end, so 4-D inputs are converted once on
+      entry; 4-D outputs go back to NCHW when the caller passed NCHW, the layout eager returns.
+    - inference mode: under no_grad every custom-op call still passes through its Python autograd
+      wrapper (~10 us, ~300 calls a forward); inference mode skips it. Not while compiling (Dynamo
+      traces no grad mode split across hooks) nor when grad is enabled (a training caller keeps autograd).
+    Per-call state lives on a per-thread stack, so threads may share one model.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None, channels_last: bool) -> None:
+        self.dtype, self.channels_last = dtype, channels_last
         self._local = threading.local()
 
     def __reduce__(self):  # copies and pickles start with an empty per-thread stack
-        return (_InferenceMode, ())
+        return (_ForwardScope, (self.dtype, self.channels_last))
 
-    def enter(self, module: nn.Module, args: tuple) -> None:
+    def _prepare(self, a: object) -> object:
+        if not isinstance(a, torch.Tensor):
+            return a
+        if self.dtype is not None and a.is_floating_point() and a.dtype != self.dtype:
+            a = a.to(self.dtype)
+        if self.channels_last and a.dim() == 4:
+            a = a.contiguous(memory_format=torch.channels_last)
+        return a
+
+    def enter(self, module: nn.Module, args: tuple) -> tuple:
         stack = self._local.__dict__.setdefault("stack", [])
+        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4), None)
+        restore = (
+            self.channels_last and first is not None and suggest_memory_format(first) != torch.channels_last
+        )
         mode = None
         # is_compiling first: Dynamo cannot trace the other two queries
         if not torch.compiler.is_compiling() and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             mode = torch.inference_mode()
             mode.__enter__()
-        stack.append(mode)
+        stack.append((mode, restore))
+        return tuple(self._prepare(a) for a in args)
 
-    def exit(self, module: nn.Module, args: tuple, output: object) -> None:
+    def exit(self, module: nn.Module, args: tuple, output: object) -> object:
         stack = self._local.__dict__.get("stack")
-        mode = stack.pop() if stack else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
-
-
-def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: the cpu kernels run NHWC end to end, so the input is converted once here."""
-    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
-
-
-class _CastInputs:
-    """Forward pre-hook: floating inputs are cast to the copy's dtype, so callers can keep passing float32."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        return tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        mode, restore = stack.pop() if stack else (None, False)
+        try:
+            if restore:
+                output = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) and t.dim() == 4 else t, output)
+        finally:
+            if mode is not None:
+                mode.__exit__(None, None, None)
+        return output
 
 
 def optimize(
@@ -138,6 +150,7 @@ def optimize(
     dtype: torch.dtype | None = None,
     strict: bool = False,
     winograd: bool = True,
+    cuda_graph: bool = False,
 ) -> nn.Module:
     """A fused inference copy of `model` (which is left untouched) with the same outputs.
 
@@ -147,18 +160,36 @@ def optimize(
     strict=True raises ConversionError instead.
     winograd: on the cpu backend, run 3x3 stride-1 convs by Winograd F(4x4, 3x3) (about 2x faster than
     oneDNN's direct convolution here; outputs differ by rounding, ~1e-6 relative); False keeps oneDNN.
+    cuda_graph: (CUDA models) capture one CUDA graph per input shape on first use and replay it
+    after: the whole forward becomes one launch (see hrnet_fast.graphs.CUDAGraphForward).
+    The compiled backends run channels_last inside; outputs come back in the layout eager would
+    give (NCHW for an NCHW input).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
-    if model.training:
-        raise ValueError("optimize folds BatchNorm running statistics, so it needs an eval-mode model: call model.eval() first")
+    if hasattr(model, "hrnet_fast_backend"):
+        raise ValueError(
+            f"this model is already an optimize()d copy (backend {model.hrnet_fast_backend!r}): "
+            "call optimize on the original model to get another backend or dtype"
+        )
+    training = next((n or "<root>" for n, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise ValueError(
+            f"optimize folds BatchNorm running statistics, so it needs an eval-mode model, but {training} is in "
+            "training mode: call model.eval() first"
+        )
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     chosen = _backend.resolve(backend, device, "conv_bias_act")
-    if chosen == "cpu" and dtype not in (None, torch.float32):
-        raise ValueError(f"the cpu backend runs float32 only, got dtype={dtype}")
+    run_dtype = dtype if dtype is not None else (param.dtype if param is not None else torch.float32)
+    if chosen == "cpu" and run_dtype != torch.float32:
+        if backend == "cpu":
+            raise ValueError(f"the cpu backend runs float32 only, got a {run_dtype} model: use backend='torch' for it")
+        chosen = "torch"  # auto: the reference runs any dtype (BN still folded)
     if chosen == "triton":
         from hrnet_fast.triton import conv_bias_act as _t1, fuse_multi_res as _t2  # noqa: F401
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True replays CUDA graphs, so it needs a model on a CUDA device, got {device}")
 
     fused = copy.deepcopy(model)
     converter = _Converter(chosen)
@@ -173,15 +204,18 @@ def optimize(
         warnings.warn(f"optimize left {len(skipped)} module(s) unfused: {listing}", stacklevel=2)
     if dtype is not None:
         fused = fused.to(dtype)
-        fused.register_forward_pre_hook(_CastInputs(dtype))
     for m in fused.modules():
         if isinstance(m, FusedConv):
             m.pack(use_winograd=winograd)
-    if chosen == "cpu":
-        fused.register_forward_pre_hook(_to_channels_last)
-    mode = _InferenceMode()
-    fused.register_forward_pre_hook(mode.enter)
-    fused.register_forward_hook(mode.exit, always_call=True)
+    # the compiled backends run channels_last end to end (NHWC tiles for Triton, cuDNN's fast
+    # layout for half types, oneDNN's and our Winograd kernel's layout on the CPU)
+    scope = _ForwardScope(dtype, channels_last=chosen in ("cpu", "cuda", "triton"))
+    fused.register_forward_pre_hook(scope.enter)
+    fused.register_forward_hook(scope.exit, always_call=True)
     fused.hrnet_fast_backend = chosen
     fused.hrnet_fast_skipped = skipped
-    return fused.eval().requires_grad_(False)
+    fused.eval()  # not chained: some models' train() returns None (MMPose's backbone)
+    fused.requires_grad_(False)
+    if cuda_graph:
+        CUDAGraphForward.attach(fused)
+    return fused

@@ -70,12 +70,19 @@ class FusedConv(nn.Module):
         return cls(weight, bias, conv.stride, conv.padding, relu, backend)
 
     def pack(self, use_winograd: bool | None = None) -> None:
-        """Prepare the cpu backend's weight once (float32): Winograd-transformed for a 3x3 stride-1
-        conv when `use_winograd` (and the kernel is built), else reordered into oneDNN's blocked layout
-        (per input shape, on first use)."""
+        """Prepare the weight for the backend, once. cuda: channels_last (cuDNN would otherwise
+        transform an NCHW weight for a channels_last input on every call). triton: stored
+        [kH, kW, C_in, C_out] (seen through OIHW strides), so weight tiles load contiguously along
+        C_out. cpu (float32): Winograd-transformed for a 3x3 stride-1 conv when `use_winograd` (and
+        the kernel is built), else reordered into oneDNN's blocked layout (per input shape, on first use).
+        The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
         self._packed = self._winograd = None
+        if self.backend == "cuda":
+            self._buffers["weight"] = self.weight.contiguous(memory_format=torch.channels_last)
+        elif self.backend == "triton":
+            self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         if self.backend != "cpu" or self.weight.dtype != torch.float32:
             return
         if (
