@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contenders take turns over this many timing rounds, so machine load hits all alike (default: 3)")
     b.add_argument("--out", default="benchmarks/results", help="folder for <name>.json and <name>.png (default: benchmarks/results)")
     b.add_argument("--cuda-graph", action="store_true", help="on CUDA, also time a CUDA-graph replay of each PyTorch contender")
+    b.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"), default="default",
+                   help="torch.compile's mode for the compile contender (reduce-overhead replays CUDA graphs; default: default)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights, BN stats and inputs (default: 0)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
@@ -104,7 +106,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = runner.BenchConfig(
         model=args.model, input_size=args.input_size, batches=list(dict.fromkeys(args.batch)), device=device,
         dtype=args.dtype, threads=args.threads, contenders=args.contenders, min_run_time=args.min_run_time, rounds=args.rounds,
-        cuda_graph=args.cuda_graph, seed=args.seed,
+        cuda_graph=args.cuda_graph, seed=args.seed, compile_mode=args.compile_mode,
     )
     name, config, rows = runner.run(cfg, progress=not args.no_progress)
     print(f"{name}: {config['model_source']}, input {config['input_size'][0]}x{config['input_size'][1]}, "

@@ -110,10 +110,25 @@ def machine_info() -> dict[str, Any]:
         info["cuda_device"] = {
             "name": props.name,
             "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
             "memory_gib": round(props.total_memory / 2**30, 1),
             "count": torch.cuda.device_count(),
+            "driver": _nvidia_driver(),
+            "cudnn": torch.backends.cudnn.version(),
+            # fp32 convolutions and matmuls in TF32 (torch's defaults: convs yes, matmuls no)
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         }
     return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def _clean(v: Any) -> Any:

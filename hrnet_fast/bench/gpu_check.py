@@ -1,0 +1,220 @@
+"""`make gpu-check`: on a machine with an NVIDIA GPU and a CUDA PyTorch, check an install end to end.
+
+    python -m hrnet_fast.bench.gpu_check --out DIR [--budget-s 520] [--skip memcheck,bench_fp32]
+
+Steps, in order, each under its own time limit (and together under --budget-s):
+  build       the extension, in place, against the installed torch (`setup.py build_ext --inplace`)
+  tests       the GPU tests (`pytest -m cuda`, in parallel processes where pytest-xdist is installed)
+  profile     the kernel-time table of one forward per contender (hrnet_fast.bench.kernel_profile)
+  bench_fp16  `hrnet-fast bench --device cuda`, W32 256x192, batch 1 and 64, every GPU contender,
+              CUDA-graph replays of the PyTorch ones, torch.compile in reduce-overhead mode
+  memcheck    a subset of the op tests under `compute-sanitizer --tool memcheck`
+  bench_fp32  the benchmark again in float32
+Everything goes to DIR: gpu_check.log (every step's output), gpu_check.json (device, versions,
+each step's status, time and test counts), the benchmarks' JSON and PNG, profile.txt. A short table
+is printed last. Exit code: 0 all ran and passed, 1 a step failed, 2 bad arguments, 3 no GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32")
+# Each step's own limit in seconds; the run's --budget-s caps them further.
+LIMITS = {"build": 240, "tests": 210, "profile": 90, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150}
+# The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
+MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
+BENCH_CONTENDERS = "eager,eager_cl,compile,hrnet_fast_cuda,hrnet_fast_triton"
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "pending"  # ok | failed | timeout | skipped
+    seconds: float = 0.0
+    detail: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _pytest_counts(text: str) -> dict[str, int]:
+    """{"passed": 412, "failed": 2, ...} from pytest's last summary line."""
+    lines = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", ln)]
+    if not lines:
+        return {}
+    return {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", lines[-1])}
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _sanitizer() -> str | None:
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    cand = Path(home) / "bin" / "compute-sanitizer"
+    return str(cand) if cand.exists() else shutil.which("compute-sanitizer")
+
+
+def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The command line and extra environment of every step."""
+    py = [python]
+    pytest = py + ["-m", "pytest", "-q", "-rfE", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"]
+    tests = pytest + ["--durations=8"]
+    if workers > 1 and _have("xdist"):
+        tests += ["-n", str(workers), "--dist", "loadgroup"]
+    if _have("pytest_timeout"):
+        tests += ["--timeout", "180"]
+    bench = py + ["-m", "hrnet_fast.cli", "bench", "--device", "cuda", "--batch", "1", "64", "--cuda-graph",
+                  "--no-progress", "--min-run-time", "1.0", "--rounds", "2", "--out", str(out)]
+    sanitizer = _sanitizer() or "compute-sanitizer"
+    threads = {"OMP_NUM_THREADS": "2"}  # test workers share the cores
+    return {
+        "build": (py + ["setup.py", "-q", "build_ext", "--inplace"], {"HRNET_FAST_CUDA": "1"}),
+        "tests": (tests, threads),
+        "bench_fp16": (bench + ["--dtype", "float16", "--contenders", BENCH_CONTENDERS, "--compile-mode", "reduce-overhead"], {}),
+        "profile": (py + ["-m", "hrnet_fast.bench.kernel_profile", "--batch", "1", "64", "--dtype", "float16",
+                          "--out", str(out / "profile.txt")], {"HRNET_FAST_DEBUG": "1"}),
+        # no caching allocator: memcheck sees only cudaMalloc'd bounds, and a cached block hides overruns
+        "memcheck": ([sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20"] + pytest
+                     + ["-k", MEMCHECK_K], {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", **threads}),
+        "bench_fp32": (bench + ["--dtype", "float32", "--contenders", "eager,eager_cl,hrnet_fast_cuda,hrnet_fast_triton"], {}),
+    }
+
+
+def gpu_info(python: str) -> dict[str, Any]:
+    """Device, driver and versions as the installed torch sees them (in a subprocess: this one stays light)."""
+    code = (
+        "import json, torch\n"
+        "from hrnet_fast.bench.record import machine_info\n"
+        "print(json.dumps(machine_info()))\n"
+    )
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        return {"error": str(e)}
+
+
+def run_step(step: Step, cmd: list[str], env: dict[str, str], limit: float, log) -> None:
+    log.write(f"\n\n===== {step.name}: {' '.join(cmd)}\n")
+    log.flush()
+    t0 = time.perf_counter()
+    try:
+        # its own process group: a step that runs out of time is stopped with all its children
+        # (test workers, compile workers), which would otherwise go on loading the GPU
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    except OSError as e:
+        text, step.status, step.detail = "", "failed", f"could not start: {e}"
+    else:
+        try:
+            text, _ = proc.communicate(timeout=limit)
+            step.status = "ok" if proc.returncode == 0 else "failed"
+            step.detail = "" if proc.returncode == 0 else f"exit code {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            text, _ = proc.communicate()
+            step.status, step.detail = "timeout", f"stopped after {limit:.0f} s"
+    step.seconds = time.perf_counter() - t0
+    log.write(text)
+    log.write(f"\n===== {step.name}: {step.status} in {step.seconds:.1f} s {step.detail}\n")
+    log.flush()
+    if step.name in ("tests", "memcheck"):
+        step.counts = _pytest_counts(text)
+        if step.name == "memcheck":
+            m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+            if m:
+                step.counts["memcheck_errors"] = int(m.group(1))
+    print(f"[gpu-check] {step.name}: {step.status} in {step.seconds:.0f} s {step.detail}", flush=True)
+
+
+def bench_table(out: Path) -> str:
+    """The benchmark rows in a few columns, from the JSON files the bench steps wrote."""
+    from hrnet_fast.bench.record import format_table
+
+    rows = []
+    for path in sorted(out.glob("model_*_cuda*.json")):
+        data = json.loads(path.read_text())
+        dtype = data.get("config", {}).get("dtype", "?")
+        for r in data.get("rows", []):
+            rows.append({"dtype": dtype, **{k: r.get(k) for k in ("contender", "batch", "median_ms", "imgs_per_s",
+                                                                 "speedup_vs_eager", "peak_mib", "check", "skipped")}})
+    return format_table(rows) if rows else "(no benchmark results)"
+
+
+def summary_table(steps: Sequence[Step]) -> str:
+    from hrnet_fast.bench.record import format_table
+
+    return format_table([{"step": s.name, "status": s.status, "seconds": round(s.seconds, 1),
+                          "counts": " ".join(f"{k}={v}" for k, v in s.counts.items()), "detail": s.detail} for s in steps])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hrnet_fast.bench.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for the log, JSON, PNG and profile (created)")
+    p.add_argument("--budget-s", type=float, default=520.0, help="seconds for all steps together (default: 520)")
+    p.add_argument("--skip", default="", help=f"comma-separated steps to leave out, of {','.join(STEPS)}")
+    p.add_argument("--python", default=sys.executable, help="the Python that has the CUDA torch (default: this one)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel test processes")
+    args = p.parse_args(argv)
+    skip = [s for s in args.skip.split(",") if s]
+    bad = [s for s in skip if s not in STEPS]
+    if bad:
+        p.error(f"unknown step(s) {', '.join(bad)} in --skip; choose from {', '.join(STEPS)}")
+    if not args.budget_s > 0:
+        p.error(f"--budget-s must be positive, got {args.budget_s}")
+    args.skip = skip
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.budget_s
+    info = gpu_info(args.python)
+    steps = [Step(name) for name in STEPS]
+    no_gpu = not (info.get("cuda_device") or {}).get("name")
+    cmds = commands(out, args.python, args.workers)
+    with open(out / "gpu_check.log", "w", encoding="utf-8") as log:
+        log.write(json.dumps(info, indent=1) + "\n")
+        for step in steps:
+            left = deadline - time.perf_counter()
+            if no_gpu:
+                step.status = "skipped"
+                step.detail = "no CUDA device: torch.cuda.is_available() is False" + (f" ({info['error'][-200:]})" if "error" in info else "")
+            elif step.name in args.skip:
+                step.status, step.detail = "skipped", "--skip"
+            elif step.name == "memcheck" and _sanitizer() is None:
+                step.status, step.detail = "skipped", "compute-sanitizer not found (CUDA_HOME/bin or PATH)"
+            elif left < 20:
+                step.status, step.detail = "skipped", f"--budget-s spent ({left:.0f} s left)"
+            else:
+                run_step(step, *cmds[step.name], min(LIMITS[step.name], left), log)
+    report = {"device": info, "budget_s": args.budget_s, "steps": [asdict(s) for s in steps]}
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    device = (info.get("cuda_device") or {}).get("name", "no CUDA device")
+    print(f"\nhrnet_fast gpu-check on {device}, torch {info.get('versions', {}).get('torch')}, "
+          f"triton {info.get('versions', {}).get('triton')}; logs and results in {out}")
+    print(bench_table(out))
+    print(summary_table(steps))
+    if no_gpu:
+        return 3
+    return 0 if all(s.status in ("ok", "skipped") for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
