@@ -24,7 +24,7 @@ except ImportError as e:  # not built: reference (and Triton) paths only
     if built:
         warnings.warn(
             f"hrnet_fast's compiled extension {built[0].name} exists but failed to load ({e}); it was probably "
-            f"built against another torch than this one ({torch.__version__}): rebuild it, {BUILD_HINT}. "
+            f"built against another torch than this one ({torch.__version__}); {BUILD_HINT}. "
             "Until then only the torch reference and Triton backends run.",
             RuntimeWarning,
             stacklevel=2,

@@ -108,7 +108,10 @@ def _bench(args: argparse.Namespace) -> int:
         dtype=args.dtype, threads=args.threads, contenders=args.contenders, min_run_time=args.min_run_time, rounds=args.rounds,
         cuda_graph=args.cuda_graph, seed=args.seed, compile_mode=args.compile_mode,
     )
-    name, config, rows = runner.run(cfg, progress=not args.no_progress)
+    def checkpoint(name: str, config: dict, rows: list) -> None:  # each finished batch is on disk at once
+        record.write_results(name, config, rows, out_dir=args.out)
+
+    name, config, rows = runner.run(cfg, progress=not args.no_progress, on_batch=checkpoint)
     print(f"{name}: {config['model_source']}, input {config['input_size'][0]}x{config['input_size'][1]}, "
           f"{cfg.dtype}, {cfg.device}, {cfg.threads} threads")
     print(record.format_table(rows, [c for c in runner.TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]))

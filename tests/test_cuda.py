@@ -425,14 +425,9 @@ def _first(out):
     return out[-1] if isinstance(out, (list, tuple)) else out
 
 
-def _grouped(names):
-    """One pytest-xdist worker per model (where xdist runs the tests), so each builds it once."""
-    return [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in names]
-
-
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", _grouped(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 def test_optimize_whole_model(name, backend, dtype):
     model, x, ref64 = built(name)
     eager = eager_output(name, dtype)
@@ -445,7 +440,6 @@ def test_optimize_whole_model(name, backend, dtype):
     assert out.is_contiguous() == eager.is_contiguous(), "the optimized model returns another layout than eager"
 
 
-@pytest.mark.xdist_group("w32")
 @gpu_only
 def test_optimize_tf32_default_matches_eager():
     """With torch's default TF32 for cuDNN convs, eager and both backends round alike (~1e-3)."""
@@ -461,7 +455,6 @@ def test_optimize_tf32_default_matches_eager():
 # ---- CUDA graphs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xdist_group("w32")
 @gpu_only
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_graph_replays_the_model(backend):
@@ -479,7 +472,6 @@ def test_cuda_graph_replays_the_model(backend):
         assert graphed.forward.num_graphs == 2
 
 
-@pytest.mark.xdist_group("w32")
 @gpu_only
 def test_cuda_graph_errors_are_clear():
     model, x, _ = built("w32")
@@ -492,7 +484,6 @@ def test_cuda_graph_errors_are_clear():
         hrnet_fast.optimize(copy.deepcopy(model).cpu(), cuda_graph=True)
 
 
-@pytest.mark.xdist_group("timm_w18")
 @gpu_only
 def test_cuda_graph_with_load_state_dict():
     """Weights are read by address at replay: loading another state dict takes effect."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,7 +163,11 @@ def _time_interleaved(entries: list[_Entry], cfg: BenchConfig, device: torch.dev
             e.row.update(timing.summarize(e.times))
 
 
-def run(cfg: BenchConfig, progress: bool = True) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+def run(
+    cfg: BenchConfig,
+    progress: bool = True,
+    on_batch: Callable[[str, dict[str, Any], list[dict[str, Any]]], None] | None = None,
+) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     """Benchmark every contender in cfg at every batch: (result name, config for the JSON, rows).
 
     Per batch, every contender is first prepared and checked against eager, then all are timed
@@ -177,6 +183,9 @@ def run(cfg: BenchConfig, progress: bool = True) -> tuple[str, dict[str, Any], l
     spec = resolve_model(cfg.model)
     size = cfg.input_size or spec.default_size
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    result_name = cfg.result_name(spec.tag, size)
+    config = {**asdict(cfg), "input_size": list(size), "model_source": spec.source, "rel_tol": rel_tol(dtype, device),
+              "ops_counter": "hrnet_fast.profile.count_ops"}
     torch.set_num_threads(cfg.threads)
 
     base = randomize(build_model(cfg.model), size, cfg.seed).to(device)
@@ -201,18 +210,21 @@ def run(cfg: BenchConfig, progress: bool = True) -> tuple[str, dict[str, Any], l
             entries: list[_Entry] = []
             for name in cfg.contenders:
                 bar.set_postfix_str(f"batch {batch}: prepare {name}")
+                t0 = time.perf_counter()
                 entries += _prepare(name, ctx, ref, cfg)
+                if not progress:  # a log's progress: one line per prepared contender
+                    print(f"bench: batch {batch}: prepared {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 bar.update()
             bar.total += cfg.rounds * (len(entries) - len(cfg.contenders))
             bar.update(cfg.rounds * sum(e.fn is None for e in entries))  # skipped rows: nothing to time
             _time_interleaved(entries, cfg, device, bar)
             rows += [{"contender": e.row["contender"], "batch": batch, "device": device.type, "dtype": cfg.dtype, **e.row}
                      for e in entries]
+            _speedups(rows)
+            if on_batch is not None:  # e.g. write what is measured so far: a run cut short keeps its batches
+                on_batch(result_name, config, rows)
     bar.close()
-    _speedups(rows)
-    config = {**asdict(cfg), "input_size": list(size), "model_source": spec.source, "rel_tol": rel_tol(dtype, device),
-              "ops_counter": "hrnet_fast.profile.count_ops"}
-    return cfg.result_name(spec.tag, size), config, rows
+    return result_name, config, rows
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:

@@ -9,11 +9,13 @@ import torch
 from hrnet_fast import _extension
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+# Looked up once: Dynamo cannot trace importlib (a fullgraph compile through the ops would break).
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_available(device: torch.device) -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAVE_TRITON:
         return False
     if device.type == "cuda":
         return True

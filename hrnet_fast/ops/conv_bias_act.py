@@ -165,7 +165,9 @@ def backward(ctx, grad):
     )
     grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
     grad_residual = grad if ctx.has_residual else None
-    return grad_x, grad_w, grad_bias, None, None, grad_residual, None
+    # One gradient per input the caller passed: torch 2.11's AOT autograd leaves trailing defaults
+    # out of the call, fills them in for setup_context, but then wants them out of the result.
+    return (grad_x, grad_w, grad_bias, None, None, grad_residual, None)[: len(ctx.needs_input_grad)]
 
 
 def register(qualname: str) -> None:

@@ -128,7 +128,9 @@ def backward(ctx, grad):
         gw = torch.einsum("nchw,nkhw->ck", g, x)
         grad_weights.append(gw if wdim == 2 else gw[:, :, None, None])
     grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
-    return grad, grad_lowres, grad_weights, grad_bias, None
+    # One gradient per input the caller passed: torch 2.11's AOT autograd leaves the trailing default
+    # (relu=True) out of the call, fills it in for setup_context, but then wants it out of the result.
+    return (grad, grad_lowres, grad_weights, grad_bias, None)[: len(ctx.needs_input_grad)]
 
 
 def register(qualname: str) -> None:

@@ -26,13 +26,15 @@ def channel_block(channels: int, cap: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """How fp32 products are done: as eager's convolutions do them. cuDNN runs fp32 convs in TF32
-    while torch.backends.cudnn.allow_tf32 is set (torch's default), IEEE fp32 otherwise; the Triton
-    ops follow the same switch, so they match eager either way. (16-bit inputs multiply exactly
-    whatever the setting; "tf32" is Triton's default for them.)"""
+    """How fp32 products are done. While torch.backends.cudnn.allow_tf32 is set (torch's default)
+    eager's cuDNN convolutions run in TF32, and the Triton ops take the tensor cores too, but as
+    "tf32x3" (three TF32 products per product, about fp32's accuracy): with plain "tf32" the whole
+    W32 model was 10x further from float64 than eager with cuDNN's TF32 (5.6% of the output's range
+    against 0.5%, H200, benchmarks/GPU-NOTES.md). IEEE fp32 otherwise.
+    (16-bit inputs multiply exactly whatever the setting; "tf32" is Triton's default for them.)"""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
+    return "tf32x3" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
