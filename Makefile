@@ -49,7 +49,7 @@ bench: setup
 # build in place against that torch, run the GPU tests, a memcheck pass and the GPU benchmark.
 # `make gpu-check PYTHON=python3 GPU_OUT=dir`; results, logs and the table land in GPU_OUT.
 PYTHON ?= python3
-GPU_OUT ?= benchmarks/results/gpu-check
+GPU_OUT ?= bench-results/gpu-check
 gpu-check:
 	$(PYTHON) -m hrnet_fast.bench.gpu_check --out $(GPU_OUT) $(GPU_CHECK_ARGS)
 

@@ -1,5 +1,6 @@
 """The `hrnet-fast` command line. `hrnet-fast bench` benchmarks the whole model against eager,
-torch.compile and ONNX Runtime, prints a table and writes JSON + PNG under benchmarks/results/.
+torch.compile and ONNX Runtime, prints a table and writes JSON + PNG under --out (default: bench-results/,
+which git ignores: the committed reference runs in benchmarks/results/ are written there only on purpose).
 
 Bad arguments exit with code 2 and one line on stderr; a contender that cannot run here becomes
 a row that says why. Code 1 means a contender's output disagreed with eager (results still written).
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of timed runs per contender and batch, over all rounds (default: 2)")
     b.add_argument("--rounds", type=_positive_int, default=3,
                    help="contenders take turns over this many timing rounds, so machine load hits all alike (default: 3)")
-    b.add_argument("--out", default="benchmarks/results", help="folder for <name>.json and <name>.png (default: benchmarks/results)")
+    b.add_argument("--out", default="bench-results", help="folder for <name>.json and <name>.png (default: bench-results)")
     b.add_argument("--cuda-graph", action="store_true", help="on CUDA, also time a CUDA-graph replay of each PyTorch contender")
     b.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"), default="default",
                    help="torch.compile's mode for the compile contender (reduce-overhead replays CUDA graphs; default: default)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: where ../shared/fixtures is, and seeded models with non-trivial BN statistics."""
+"""Shared fixtures: the official key lists and configs (tests/fixtures), and seeded models with non-trivial BN statistics."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,17 +19,13 @@ POSE_CASES = [
 ]
 
 
-def shared_fixtures() -> Path:
-    """../shared/fixtures beside the repo (CI clones the repo with shared/ next to it)."""
-    for d in (REPO.parent / "shared" / "fixtures", REPO / "shared" / "fixtures"):
-        if d.is_dir():
-            return d
-    raise FileNotFoundError(f"shared/fixtures not found beside {REPO}: the key-parity and config tests need it")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    return shared_fixtures()
+    """The official state_dict key lists and experiment YAMLs, copied into the project as shipped."""
+    return FIXTURES
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

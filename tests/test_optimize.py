@@ -219,3 +219,75 @@ def test_triton_backend_tiny():
     with torch.no_grad():
         ref, out = model(x), fused(x)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+# ---- drop-in details: layout, refusals decided at optimize time ------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_output_layout_follows_eager(backend):
+    """NCHW in, NCHW out (fast(x).view(...) works as on eager's output); channels_last in, channels_last out."""
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fast = hrnet_fast.optimize(model, backend=backend)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            want, got = model(inp), fast(inp)
+            assert got.stride() == want.stride(), (got.stride(), want.stride())
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        fast(x).view(2, -1)
+
+
+def test_refuses_a_submodule_in_training_mode():
+    model = tiny_pose_hrnet().eval()
+    model.stage2.train()
+    with pytest.raises(ValueError, match=r"stage2.* is in training mode"):
+        hrnet_fast.optimize(model)
+
+
+def test_refuses_an_optimized_model():
+    fast = hrnet_fast.optimize(tiny_pose_hrnet().eval(), backend="cpu")
+    with pytest.raises(ValueError, match="already an optimize"):
+        hrnet_fast.optimize(fast, backend="torch")
+
+
+def test_float64_model_runs_on_the_reference_backend():
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval().double()
+    fast = hrnet_fast.optimize(model)
+    assert fast.hrnet_fast_backend == "torch"
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="cpu backend runs float32 only"):
+        hrnet_fast.optimize(model, backend="cpu")
+
+
+def test_cuda_graph_needs_a_cuda_model():
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        hrnet_fast.optimize(tiny_pose_hrnet().eval(), cuda_graph=True)
+
+
+def test_model_whose_train_returns_none():
+    """MMPose's backbone overrides train() without returning self: optimize must not chain .eval()."""
+
+    class NoneTrain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_pose_hrnet()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def train(self, mode=True):
+            super().train(mode)
+
+    torch.manual_seed(0)
+    model = NoneTrain()
+    randomize_bn(model)
+    model.eval()
+    fast = hrnet_fast.optimize(model, backend="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,75 @@
+"""`make gpu-check` (hrnet_fast.bench.gpu_check) on a machine without a GPU: arguments, skip reasons,
+the summary files and table, and how a step's output, failure and time limit are recorded."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from hrnet_fast.bench import gpu_check
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_without_a_gpu_every_step_is_skipped_with_the_reason(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path / "r")]) == 3
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "gpu_check.json").read_text())
+    assert [s["name"] for s in report["steps"]] == list(gpu_check.STEPS)
+    assert all(s["status"] == "skipped" and "no CUDA device" in s["detail"] for s in report["steps"])
+    assert (tmp_path / "r" / "gpu_check.log").exists()
+    assert "| build " in out and "no CUDA device" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--out", "x", "--skip", "bild"], "unknown step(s) bild in --skip"),
+        (["--out", "x", "--only", "tests,nope"], "unknown step(s) nope in --only"),
+        (["--out", "x", "--budget-s", "0"], "--budget-s must be positive"),
+        ([], "--out"),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_reason(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.parse_args(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_only_picks_steps_in_the_order_given():
+    args = gpu_check.parse_args(["--out", "x", "--only", "bench_fp16,tests,bench_fp16"])
+    assert args.order == ["bench_fp16", "tests"]
+
+
+def test_a_step_records_status_counts_and_output():
+    log = io.StringIO()
+    step = gpu_check.Step("tests")
+    script = "print('2 failed, 40 passed, 3 skipped in 1.0s'); raise SystemExit(1)"
+    gpu_check.run_step(step, [sys.executable, "-c", script], {}, 60, log)
+    assert (step.status, step.detail) == ("failed", "exit code 1")
+    assert step.counts == {"failed": 2, "passed": 40, "skipped": 3}
+    assert "40 passed" in log.getvalue()
+
+
+def test_a_step_over_its_limit_is_stopped_with_its_children():
+    log = io.StringIO()
+    step = gpu_check.Step("profile")
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print('started', flush=True); time.sleep(60)"
+    gpu_check.run_step(step, [sys.executable, "-c", script], {}, 2, log)
+    assert step.status == "timeout" and step.seconds < 30
+    assert "started" in log.getvalue()
+
+
+def test_the_commands_run_the_cuda_tests_and_both_benchmarks(tmp_path):
+    cmds = gpu_check.commands(tmp_path, sys.executable, workers=1)
+    assert set(cmds) == set(gpu_check.STEPS)
+    tests, _ = cmds["tests"]
+    assert "-m" in tests and "cuda" in tests
+    for step, dtype in (("bench_fp16", "float16"), ("bench_fp32", "float32")):
+        argv, _ = cmds[step]
+        assert argv[argv.index("--dtype") + 1] == dtype and "--cuda-graph" in argv
+        assert argv[argv.index("--batch") + 1 : argv.index("--batch") + 3] == ["1", "64"]
+    assert "--tool" in cmds["memcheck"][0] and cmds["memcheck"][1]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
