@@ -182,3 +182,31 @@ def _bad_calls():
 def test_bad_input_raises(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+def _tiles_reading(p: int, m: int, size: int) -> range:
+    """Output rows (or columns) of every m-tile whose (m+2)-wide input window holds input index p."""
+    first = max(0, (p - 2) // m) if p >= 2 else 0
+    last = min((size - 1) // m, (p + 1) // m)
+    return range(first * m, min(size, (last + 1) * m))
+
+
+@pytest.mark.parametrize("m", wino.TILES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("pos", [(0, 0), (3, 4), (4, 3), (5, 8), (9, 9)], ids=str)
+def test_non_finite_inputs_reach_a_superset_of_eagers_outputs(m, value, pos):
+    """Where eager's output is NaN or +-Inf, ours is NaN or +-Inf too; ours may be NaN further out,
+    but only within the output tiles whose input window holds the bad pixel (documented in the README)."""
+    x, weight, b, r = make((1, 8, 16, 10, 10), seed=7)
+    x[0, 2, pos[0], pos[1]] = value
+    u = wino.transform_weight(weight, m)
+    out = wino.conv3x3_winograd(x.contiguous(memory_format=CL), u, 16, b, r.contiguous(memory_format=CL), True)
+    eager = cba.conv_bias_act_reference(x, weight, b, [1, 1], [1, 1], r, True)
+    bad_eager, bad_ours = ~torch.isfinite(eager), ~torch.isfinite(out)
+    assert bad_eager.any()
+    assert not (bad_eager & ~bad_ours).any(), "a non-finite eager output came out finite"
+    allowed = torch.zeros(10, 10, dtype=torch.bool)
+    rows, cols = _tiles_reading(pos[0], m, 10), _tiles_reading(pos[1], m, 10)
+    allowed[rows.start : rows.stop, cols.start : cols.stop] = True
+    assert not (bad_ours[0] & ~allowed).any(), "non-finite outside the tiles that read the pixel"
+    torch.testing.assert_close(out[:, :, ~allowed], eager[:, :, ~allowed], rtol=1e-4, atol=1e-4)

@@ -330,3 +330,28 @@ def test_emulated_cuda_epilogue(emu_lib, nhwc, relu, bias, res, launch):
     body = flat[: conv.numel()]
     got = body.view(n, h, wd, c).permute(0, 3, 1, 2) if nhwc else body.view(n, c, h, wd)
     torch.testing.assert_close(got, ref(x, w, b, stride, padding, r, relu), rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["nchw", "cl", "packed"])
+@pytest.mark.parametrize("res", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("k,stride,padding", [(3, 2, 1), (1, 1, 0)], ids=["3x3s2", "1x1"])
+def test_cpu_relu_keeps_nan_and_inf(layout, res, k, stride, padding):
+    """oneDNN's ReLU post-op is max(x, 0), which drops NaN: the cpu backend must not (eager keeps it)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 8, 9, 7, generator=g)
+    x[0, 1, 4, 3] = float("nan")
+    x[1, 5, 2, 2] = float("inf")
+    w = torch.randn(6, 8, k, k, generator=g) / 8
+    b = torch.randn(6, generator=g)
+    ref = cba.conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, None, True)
+    r = torch.randn(ref.shape, generator=g) if res else None
+    ref = cba.conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, r, True)
+    fmt = torch.contiguous_format if layout == "nchw" else CL
+    wk = cba.prepack(w, x.shape, stride, padding) if layout == "packed" else w
+    out = cba.conv_bias_act(x.contiguous(memory_format=fmt), wk, b, stride, padding,
+                            None if r is None else r.contiguous(memory_format=fmt), True, backend="cpu")
+    assert torch.isnan(ref).any() and torch.isinf(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-4)

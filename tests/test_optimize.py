@@ -291,3 +291,109 @@ def test_model_whose_train_returns_none():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# ---- weights that change after optimize(): derived weights must follow -------------------------
+
+
+def _pair(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(tiny_pose_hrnet(), seed=seed).eval()
+
+
+def test_load_state_dict_takes_effect():
+    """FB = optimize(MB); FB(x); FB.load_state_dict(optimize(MA).state_dict()) must then compute MA."""
+    ma, mb = _pair(0), _pair(1)
+    fb = hrnet_fast.optimize(mb, backend="cpu")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fb(x)  # builds the per-shape and Winograd caches from MB's weights
+        fb.load_state_dict(hrnet_fast.optimize(ma, backend="cpu").state_dict())
+        torch.testing.assert_close(fb(x), ma(x), rtol=1e-4, atol=1e-4)
+
+
+def test_in_place_weight_edits_take_effect():
+    """An in-place edit of a Winograd conv and of a oneDNN-packed conv is seen by the next call."""
+    model = _pair(2)
+    fast = hrnet_fast.optimize(model, backend="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    winograd_conv = fast.stage2[0].branches[0][0].convs[0]
+    assert winograd_conv._winograd is not None
+    with torch.no_grad():
+        fast(x)
+        model.stage2[0].branches[0][0].conv1.weight.zero_()
+        winograd_conv.weight.zero_()
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        fast.final_layer.weight.zero_()  # a 1x1 conv (oneDNN, packed per input shape): out == its bias
+        out = fast(x)
+    assert fast.final_layer._packed is not None
+    torch.testing.assert_close(out, fast.final_layer.bias.view(1, -1, 1, 1).expand_as(out), rtol=0, atol=0)
+
+
+def test_a_cast_optimized_model_says_what_to_do():
+    fast = hrnet_fast.optimize(_pair(3), backend="cpu").double()
+    with pytest.raises(RuntimeError, match="optimize the torch.float64 model itself"):
+        fast(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    fast = hrnet_fast.optimize(_pair(3), backend="cpu")
+    with pytest.raises(ValueError, match=r"expected a 4-D input \[N, C, H, W\], got shape \(3, 64, 64\)"):
+        fast(torch.randn(3, 64, 64))
+
+
+def test_threads_sharing_a_model_with_different_input_shapes():
+    """Serving threads meet new shapes at once: no 'dictionary changed size', the cache stays bounded."""
+    import sys
+    import threading
+
+    model = _pair(4)
+    fast = hrnet_fast.optimize(model, backend="cpu", winograd=False)
+    sizes = [(32 + 32 * (k % 6), 64) for k in range(12)]
+    inputs = {s: torch.randn(1, 3, *s) for s in sizes}
+    with torch.no_grad():
+        want = {s: model(x) for s, x in inputs.items()}
+    errors: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        def work(k: int) -> None:
+            try:
+                with torch.no_grad():
+                    for s in sizes[k:] + sizes[:k]:
+                        torch.testing.assert_close(fast(inputs[s]), want[s], rtol=1e-4, atol=1e-4)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert all(len(m._packed) <= 4 for m in fast.modules() if isinstance(m, FusedConv) and m._packed is not None)
+
+
+def test_gradients_through_the_cpu_backend_are_refused_clearly():
+    fast = hrnet_fast.optimize(_pair(5), backend="cpu")
+    with pytest.raises(RuntimeError, match=r"runs inference only .* torch.no_grad\(\) .* backend='torch'"):
+        fast(torch.randn(1, 3, 64, 64, requires_grad=True))
+    model = _pair(5)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    hrnet_fast.optimize(model, backend="torch")(x).sum().backward()  # the way to differentiate works
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend,winograd", [("torch", False), ("cpu", False), ("cpu", True)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_input_pixel_reaches_the_output_as_in_eager(backend, winograd, value):
+    """One bad pixel: eager's output is non-finite wherever that pixel reaches; so is ours."""
+    model = _pair(6)
+    fast = hrnet_fast.optimize(model, backend=backend, winograd=winograd)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    x[0, 1, 30, 17] = value
+    with torch.no_grad():
+        want, got = model(x), fast(x)
+    bad = ~torch.isfinite(want)
+    assert bad.any()
+    assert not (bad & torch.isfinite(got)).any(), f"{int((bad & torch.isfinite(got)).sum())} outputs hid a non-finite value"
+    torch.testing.assert_close(got[~bad], want[~bad], rtol=1e-4, atol=1e-4)

@@ -59,6 +59,16 @@ void epilogue_nchw_inplace(at::Tensor& out, const float* bias, const float* resi
   });
 }
 
+// ReLU in place over a dense tensor, keeping NaN as torch.relu does. oneDNN's ReLU post-op is
+// max(x, 0), which turns NaN into 0 (vmaxps returns its second operand when either is NaN), so the
+// ReLU is never left to oneDNN: a NaN in the input must reach the output as it does in eager.
+void relu_inplace(at::Tensor& out) {
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, out.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = conv_bias_act_epilogue<float>(o[i], 0.f, 0.f, true);
+  });
+}
+
 at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              c10::IntArrayRef stride, c10::IntArrayRef padding,
                              const std::optional<at::Tensor>& residual, bool relu) {
@@ -84,13 +94,14 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // channels_last; mirrors aten's mkldnn_conv_use_channels_last.
   const bool onednn_nhwc = weight.is_mkldnn() || fmt == at::MemoryFormat::ChannelsLast ||
                            weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  const std::optional<std::string_view> unary = relu ? std::optional<std::string_view>("relu") : std::nullopt;
   at::Tensor out;
   if (!residual) {
-    out = pointwise_op().call(x, weight, b, padding, stride, dil, 1, relu ? "relu" : "none", Scalars(), std::nullopt);
+    out = pointwise_op().call(x, weight, b, padding, stride, dil, 1, "none", Scalars(), std::nullopt);
+    if (relu) relu_inplace(out);
   } else if (onednn_nhwc) {
-    out = pointwise_binary_op().call(x, *residual, weight, b, padding, stride, dil, 1, "add", std::nullopt, unary,
-                                     Scalars(), std::nullopt);
+    out = pointwise_binary_op().call(x, *residual, weight, b, padding, stride, dil, 1, "add", std::nullopt,
+                                     std::nullopt, Scalars(), std::nullopt);
+    if (relu) relu_inplace(out);
   } else {
     // NCHW: oneDNN would fall back to conv + a separate add + relu; ours is one pass instead.
     out = pointwise_op().call(x, weight, std::nullopt, padding, stride, dil, 1, "none", Scalars(), std::nullopt);

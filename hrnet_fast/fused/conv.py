@@ -1,6 +1,7 @@
 """FusedConv: one folded Conv(+BN)(+residual)(+ReLU) as a single conv_bias_act call on a fixed backend."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,9 @@ CONV_OPS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
+# Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
+# so threads sharing a model can meet new input shapes or reloaded weights at the same time.
+_CACHE_LOCK = threading.Lock()
 
 
 class FusedConv(nn.Module):
@@ -64,6 +68,9 @@ class FusedConv(nn.Module):
         # first use (few convs at few input sizes want it: see conv3x3_winograd.choose_tile).
         self._winograd: dict[int, torch.Tensor] | None = None
         self.use_winograd = False
+        # (version, address, dtype) of the weight the caches were derived from: load_state_dict and
+        # in-place edits bump the version, a replaced or cast weight has another address.
+        self._derived_from: tuple | None = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, relu: bool, backend: str) -> "FusedConv":
@@ -78,36 +85,59 @@ class FusedConv(nn.Module):
         The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
-        self._packed = self._winograd = None
         if self.backend == "cuda":
             self._buffers["weight"] = self.weight.contiguous(memory_format=torch.channels_last)
         elif self.backend == "triton":
             self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-        if self.backend != "cpu" or self.weight.dtype != torch.float32:
+        packed: dict[tuple[int, ...], torch.Tensor] | None = None
+        winograd: dict[int, torch.Tensor] | None = None
+        if self.backend == "cpu" and self.weight.dtype == torch.float32:
+            if (
+                self.use_winograd
+                and supports(self.weight, self.stride, self.padding) is None
+                and _extension.has_kernel(WINOGRAD_OP, "CPU")
+            ):
+                winograd = {4: transform_weight(self.weight, 4)}
+            else:
+                packed = {}  # filled by forward, once per input shape
+        # swapped in together at the end: a thread running forward meanwhile sees old or new caches
+        self._packed, self._winograd, self._derived_from = packed, winograd, self._weight_state()
+
+    def _weight_state(self) -> tuple:
+        return (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
+
+    def _refresh(self) -> None:
+        """Derive the cpu backend's weights again when the dense weight changed since they were made
+        (load_state_dict, an in-place edit, a replaced weight): they must never go stale."""
+        if self._derived_from == self._weight_state():
             return
-        if (
-            self.use_winograd
-            and supports(self.weight, self.stride, self.padding) is None
-            and _extension.has_kernel(WINOGRAD_OP, "CPU")
-        ):
-            self._winograd = {4: transform_weight(self.weight, 4)}
-        else:
-            self._packed = {}  # filled by forward, once per input shape
+        if self.weight.dtype != torch.float32:
+            raise RuntimeError(
+                f"this model was optimized for the cpu backend, which runs float32 only, but its weights are now "
+                f"{self.weight.dtype}: optimize the {self.weight.dtype} model itself (it runs on the torch backend)"
+            )
+        with _CACHE_LOCK:
+            if self._derived_from != self._weight_state():
+                self.pack()
 
     def _packed_for(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
-        w = self._packed.get(key)
+        packed = self._packed
+        w = packed.get(key)
         if w is None:
-            if len(self._packed) >= _MAX_PACKED_SHAPES:
-                self._packed.pop(next(iter(self._packed)))
-            w = self._packed[key] = prepack(self.weight, key, self.stride, self.padding)
+            with _CACHE_LOCK:
+                w = packed.get(key)
+                if w is None:
+                    if len(packed) >= _MAX_PACKED_SHAPES:
+                        packed.pop(next(iter(packed)))
+                    w = packed[key] = prepack(self.weight, key, self.stride, self.padding)
         return w
 
     def __getstate__(self) -> dict:
         # a oneDNN tensor has no storage to copy or pickle, and the Winograd weights are 4x the dense
         # weight and derived from it: drop both, and pack again on the other side
         state = self.__dict__.copy()
-        state["_packed"] = state["_winograd"] = None
+        state["_packed"] = state["_winograd"] = state["_derived_from"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -119,12 +149,26 @@ class FusedConv(nn.Module):
         if torch.compiler.is_compiling():  # no weight transforms inside a graph: F(4x4) always
             return self._winograd[4]
         m = choose_tile(x.shape, self.weight.shape[0])
-        u = self._winograd.get(m)
+        winograd = self._winograd
+        u = winograd.get(m)
         if u is None:
-            u = self._winograd[m] = transform_weight(self.weight, m)
+            with _CACHE_LOCK:
+                u = winograd.get(m)
+                if u is None:
+                    u = winograd[m] = transform_weight(self.weight, m)
         return u
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.backend == "cpu" and not torch.compiler.is_compiling():
+            if x.dim() != 4:
+                raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+            if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+                raise RuntimeError(
+                    "the cpu backend of an optimize()d model runs inference only (its weights are pre-packed), "
+                    "but the input requires grad: call it under torch.no_grad() or torch.inference_mode(), "
+                    "or use optimize(model, backend='torch') to differentiate through it"
+                )
+            self._refresh()
         if self._winograd is not None:
             return torch.ops.hrnet_fast.conv3x3_winograd(
                 x, self._winograd_for(x), self.weight.shape[0], self.bias, residual, self.relu
