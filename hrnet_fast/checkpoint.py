@@ -29,10 +29,11 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    unusable: list[tuple[str, str]] = field(default_factory=list)  # (key, why its tensor cannot be copied)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.unusable)
 
     def describe(self) -> str:
         def listing(kind: str, items: list[str]) -> str:
@@ -47,6 +48,8 @@ class LoadReport:
         if self.mismatched:
             shapes = [f"{k} (model {list(m)}, checkpoint {list(c)})" for k, m, c in self.mismatched]
             parts.append(listing("with the wrong shape", shapes))
+        if self.unusable:
+            parts.append(listing("that cannot be loaded", [f"{k} ({why})" for k, why in self.unusable]))
         return "; ".join(parts)
 
 
@@ -54,19 +57,35 @@ def _extract_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
     """The state dict inside `obj`: itself, or under "state_dict" / "model"; "module." prefixes dropped."""
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"{where} holds a {type(obj).__name__}, not a state dict")
-    for key in ("state_dict", "model"):
-        if key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
+    # where a state dict may be: under "state_dict", under "model", or the object itself (first with tensors)
+    places = [(f"{where}[{k!r}]", obj[k]) for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)]
+    places.append((where, obj))
+    tensors: dict[str, torch.Tensor] = {}
+    for _, place in places:
+        tensors = {k: v for k, v in place.items() if isinstance(v, torch.Tensor)}
+        if tensors:
             break
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
+        looked = "; ".join(f"{name} has keys {', '.join(map(repr, list(p)[:_SHOWN])) or 'none'}" for name, p in places)
         raise CheckpointMismatchError(
-            f"{where} has no tensors: expected a state dict, or a dict holding one under 'state_dict' or 'model' "
-            f"(top-level keys: {list(obj)[:_SHOWN]})"
+            f"{where} has no tensors: expected a state dict, or a dict holding one under 'state_dict' or 'model' ({looked})"
         )
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
+
+
+def _unusable(v: torch.Tensor, target: torch.Tensor) -> str | None:
+    """Why tensor `v` cannot be copied into `target`, or None when it can."""
+    if v.layout != torch.strided:
+        return f"a {str(v.layout).removeprefix('torch.')} tensor, not a dense one"
+    if v.device.type == "meta":
+        return "a meta tensor: it holds no values"
+    if v.is_quantized:
+        return "a quantized tensor"
+    if target.is_floating_point() and not (v.is_floating_point() or v.dtype in (torch.int64, torch.int32)):
+        return f"dtype {v.dtype} for a {target.dtype} tensor"
+    return None
 
 
 def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
@@ -83,22 +102,30 @@ def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping[str, Any]
         except FileNotFoundError:
             raise
         except Exception as e:  # not a torch file, or pickled objects weights_only refuses
-            raise CheckpointMismatchError(f"{where} could not be read as a PyTorch checkpoint: {e}") from e
+            raise CheckpointMismatchError(
+                f"{where} could not be read as a PyTorch checkpoint ({type(e).__name__}: {str(e).strip() or 'no details'})"
+            ) from e
     else:
         where, obj = "the given state dict", source
     state = _extract_state_dict(obj, where)
 
     own = model.state_dict()
     report = LoadReport(
-        missing=[k for k in own if k not in state],
+        # older checkpoints have no BatchNorm num_batches_tracked, which torch's strict load accepts too
+        missing=[k for k in own if k not in state and not k.endswith(".num_batches_tracked")],
         unexpected=[k for k in state if k not in own],
     )
+    # everything is checked before anything is copied: an error leaves the model as it was
     for k, v in state.items():
-        if k in own:
-            if v.shape != own[k].shape:
-                report.mismatched.append((k, tuple(own[k].shape), tuple(v.shape)))
-            else:
-                report.loaded.append(k)
+        if k not in own:
+            continue
+        why = _unusable(v, own[k])
+        if why is not None:
+            report.unusable.append((k, why))
+        elif v.shape != own[k].shape:
+            report.mismatched.append((k, tuple(own[k].shape), tuple(v.shape)))
+        else:
+            report.loaded.append(k)
     if not report.ok:
         message = f"{where} does not match {type(model).__name__}: {report.describe()}"
         if strict:

@@ -1,6 +1,8 @@
 """load_checkpoint: every format people have round-trips; every mismatch raises one error listing it."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -76,7 +78,7 @@ def test_strict_mismatch_raises_one_error_listing_all(source_model, kind, fragme
 
 def test_many_missing_keys_are_counted_not_all_listed(source_model):
     sd = {k: v for k, v in source_model.state_dict().items() if not k.startswith("stage4")}
-    n = sum(k.startswith("stage4") for k in source_model.state_dict())
+    n = sum(k.startswith("stage4") and not k.endswith("num_batches_tracked") for k in source_model.state_dict())
     with pytest.raises(CheckpointMismatchError, match=rf"{n} missing from the checkpoint: .*\(\+{n - 5} more\)"):
         load_checkpoint(tiny_pose_hrnet(), sd)
 
@@ -107,3 +109,30 @@ def test_w32_preset_loads_an_official_layout_checkpoint(tmp_path):
     official_layout = hrnet_fast.pose_hrnet_w32()
     torch.save({"state_dict": official_layout.state_dict()}, tmp_path / "w32.pth")
     assert load_checkpoint(hrnet_fast.pose_hrnet_w32(), tmp_path / "w32.pth").ok
+
+
+def test_a_checkpoint_without_num_batches_tracked_loads(source_model):
+    """Older checkpoints lack BatchNorm's num_batches_tracked; torch's strict load_state_dict accepts that."""
+    sd = {k: v for k, v in source_model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    target = tiny_pose_hrnet()
+    report = load_checkpoint(target, sd)
+    assert report.ok and torch.equal(target.final_layer.weight, source_model.final_layer.weight)
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_unusable_tensors_are_refused_before_anything_is_copied(source_model, kind):
+    sd = dict(source_model.state_dict())
+    key = "stage4.0.fuse_layers.1.0.0.0.weight" if "stage4.0.fuse_layers.1.0.0.0.weight" in sd else sorted(sd)[-3]
+    sd[key] = torch.empty_like(sd[key], device="meta") if kind == "meta" else sd[key].to_sparse()
+    target = tiny_pose_hrnet()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=rf"1 that cannot be loaded: {re.escape(key)} \(a {kind}"):
+        load_checkpoint(target, sd)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items()), "something was loaded"
+
+
+def test_a_nested_dict_without_tensors_names_where_it_looked(source_model):
+    target = tiny_pose_hrnet()
+    assert load_checkpoint(target, {"state_dict": {"a": 1}, "model": source_model.state_dict()}).ok  # "model" has them
+    with pytest.raises(CheckpointMismatchError, match=r"\['state_dict'\] has keys 'a'; the given state dict has keys 'state_dict', 'epoch'"):
+        load_checkpoint(target, {"state_dict": {"a": 1}, "epoch": 3})
