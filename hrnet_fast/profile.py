@@ -7,7 +7,10 @@ the size of every distinct tensor argument (read) plus every output (written), p
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -63,6 +66,22 @@ def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, An
     return {"ops": counter.ops, "bytes": counter.bytes, "by_op": dict(sorted(counter.by_op.items()))}
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Native stderr (fd 2) to /dev/null for the block: the profiler's C++ library (Kineto) prints
+    stage, USDT and "gpuGetDeviceCount failed" lines there on every start, which would land in the
+    middle of a benchmark's table. Python exceptions still surface after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes(fn: Callable[[], Any]) -> int:
     """Highest CPU-allocator total during one call of fn, minus the total just before it.
 
@@ -71,7 +90,9 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     """
     from torch._C._profiler import _EventType
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         out = fn()
     del out
     events = []
