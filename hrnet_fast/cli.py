@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from hrnet_fast.bench.contenders import CONTENDERS
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_positive_int, nargs="+", default=[1], metavar="N", help="batch sizes (default: 1)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when present, else cpu")
     b.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    b.add_argument("--threads", type=_positive_int, default=2, help="CPU threads for torch and ONNX Runtime (default: 2)")
+    b.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch and ONNX Runtime (default: 2, or the core count if lower)")
     b.add_argument("--contenders", type=_contender_list, default=list(CONTENDER_NAMES), metavar="A,B,...",
                    help=f"comma-separated subset of {', '.join(CONTENDER_NAMES)} (default: all; those that cannot run here are listed as skipped)")
     b.add_argument("--min-run-time", type=_positive_float, default=2.0, metavar="S",
@@ -92,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(out: str) -> None:
+    """--out must be a folder this process can create and write in."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"--out {out!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise BenchError(f"--out {out!r} is not a writable folder ({e.strerror or e})") from None
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -103,6 +120,12 @@ def _bench(args: argparse.Namespace) -> int:
     elif device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
     resolve_model(args.model)  # bad --model fails here, before the heavy imports below
+    _check_out(args.out)  # and a bad --out before the run, not after it
+    cores = os.cpu_count() or 1
+    if args.threads is None:
+        args.threads = min(2, cores)
+    if args.threads > cores:
+        raise BenchError(f"--threads {args.threads} is more than this machine's {cores} cores")
 
     from hrnet_fast.bench import record, runner
     cfg = runner.BenchConfig(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -188,7 +189,11 @@ def run(
               "ops_counter": "hrnet_fast.profile.count_ops"}
     torch.set_num_threads(cfg.threads)
 
-    base = randomize(build_model(cfg.model), size, cfg.seed).to(device)
+    _check_size(size, max(cfg.batches), dtype)
+    try:
+        base = randomize(build_model(cfg.model), size, cfg.seed).to(device)
+    except RuntimeError as e:  # e.g. a size HRNet's fusions cannot add up (eager itself fails)
+        raise BenchError(f"the model cannot run on input {size[0]}x{size[1]}: {C._first_line(e)}") from None
     model = copy.deepcopy(base).to(dtype) if dtype != torch.float32 else base
     rows: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -225,6 +230,22 @@ def run(
                 on_batch(result_name, config, rows)
     bar.close()
     return result_name, config, rows
+
+
+# Activations eager keeps alive per input pixel (W32, float32: ~650 MB moved for 256x192, the peak far
+# lower; 2 KiB a pixel bounds the peak generously); a request past the machine's memory is refused.
+_BYTES_PER_PIXEL = 2048
+
+
+def _check_size(size: tuple[int, int], batch: int, dtype: torch.dtype) -> None:
+    need = batch * size[0] * size[1] * _BYTES_PER_PIXEL * torch.finfo(dtype).bits // 32
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise BenchError(f"--input-size {size[0]}x{size[1]} at batch {batch} needs about {need / 2**30:.0f} GiB "
+                         f"for activations, more than this machine's {have / 2**30:.0f} GiB")
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
