@@ -355,3 +355,15 @@ def test_cpu_relu_keeps_nan_and_inf(layout, res, k, stride, padding):
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
     finite = torch.isfinite(ref)
     torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+def test_direct_calls_with_a_meta_tensor_among_cpu_ones_are_refused():
+    """The dispatcher runs the fake (Meta) kernel when any input is meta: it must refuse, not return memory."""
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="weight is on meta but x is on cpu"):
+        torch.ops.hrnet_fast.conv_bias_act(x, w.to("meta"), None, [1, 1], [1, 1], None, True)
+    with pytest.raises(RuntimeError, match="residual is on meta but x is on cpu"):
+        torch.ops.hrnet_fast.conv_bias_act(x, w, None, [1, 1], [1, 1], torch.empty(1, 5, 6, 6, device="meta"), True)
+    with pytest.raises(RuntimeError, match=r"weights\[0\] is on meta but base is on cpu"):
+        torch.ops.hrnet_fast.fuse_multi_res(x, [torch.randn(1, 3, 3, 3)], [torch.randn(4, 3, device="meta")], None, True)

@@ -38,3 +38,14 @@ def pair(name: str, v: int | Sequence[int]) -> list[int]:
     if len(vals) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return vals
+
+
+def same_device(op: str, named: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    """Raise when the tensors in `named` are not all on one device. The fake kernels call it: with one
+    meta tensor among real ones the dispatcher runs the fake (Meta) kernel, never the C++ checks, and
+    would hand back an empty tensor instead of an error."""
+    tensors = [(n, t) for n, t in named if t is not None]
+    first_name, first = tensors[0]
+    for name, t in tensors[1:]:
+        if t.device != first.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}: all inputs must share a device")

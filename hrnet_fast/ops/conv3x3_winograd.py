@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from hrnet_fast import _extension
-from hrnet_fast.ops._checks import check_4d, check_bias, check_same
+from hrnet_fast.ops._checks import check_4d, check_bias, check_same, same_device
 
 OP = "conv3x3_winograd"
 TILES = (2, 4)
@@ -115,6 +115,7 @@ def conv3x3_winograd(
 
 
 def fake(x, weight, out_channels, bias, residual=None, relu=True):
+    same_device("hrnet_fast::conv3x3_winograd", [("x", x), ("weight", weight), ("bias", bias), ("residual", residual)])
     out = x.new_empty([x.shape[0], out_channels, x.shape[2], x.shape[3]])
     return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
 

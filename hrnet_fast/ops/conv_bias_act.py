@@ -20,7 +20,7 @@ from torch._prims_common import suggest_memory_format
 
 from hrnet_fast import _extension
 from hrnet_fast.ops import _backend
-from hrnet_fast.ops._checks import check_4d, check_bias, check_same, pair
+from hrnet_fast.ops._checks import check_4d, check_bias, check_same, pair, same_device
 
 OP = "conv_bias_act"
 
@@ -142,6 +142,7 @@ def conv_bias_act(
 
 
 def fake(x, weight, bias, stride, padding, residual=None, relu=True):
+    same_device("hrnet_fast::conv_bias_act", [("x", x), ("weight", weight), ("bias", bias), ("residual", residual)])
     shape = output_shape(x, weight, stride, padding)
     # the kernels give channels_last output exactly when x suggests channels_last (as aten's conv does)
     return x.new_empty(shape).contiguous(memory_format=suggest_memory_format(x))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hrnet_fast import _extension
 from hrnet_fast.ops import _backend
-from hrnet_fast.ops._checks import check_4d, check_bias, check_same
+from hrnet_fast.ops._checks import check_4d, check_bias, check_same, same_device
 
 OP = "fuse_multi_res"
 
@@ -101,6 +101,8 @@ def fuse_multi_res(
 
 
 def fake(base, lowres, weights, bias=None, relu=True):
+    same_device("hrnet_fast::fuse_multi_res", [("base", base)] + [(f"lowres[{k}]", t) for k, t in enumerate(lowres)]
+                + [(f"weights[{k}]", t) for k, t in enumerate(weights)] + [("bias", bias)])
     return torch.empty_like(base)
 
 
