@@ -397,3 +397,32 @@ def test_a_non_finite_input_pixel_reaches_the_output_as_in_eager(backend, winogr
     assert bad.any()
     assert not (bad & torch.isfinite(got)).any(), f"{int((bad & torch.isfinite(got)).sum())} outputs hid a non-finite value"
     torch.testing.assert_close(got[~bad], want[~bad], rtol=1e-4, atol=1e-4)
+
+
+def test_sizes_eager_cannot_run_give_the_nearest_by_size_answer():
+    """250x190: eager's Upsample(scale_factor=2) makes 64 rows where 63 are needed and fails; the
+    optimized model upsamples to the exact size, i.e. the reference with interpolate(size=...)."""
+    model = _pair(7)
+    fast = hrnet_fast.optimize(model, backend="cpu")
+    x = torch.randn(1, 3, 250, 190)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="must match"):
+        model(x)
+    for m in model.modules():  # the same model, with upsampling by size instead of by factor
+        if isinstance(m, nn.Upsample):
+            m.scale_factor, m.size = None, None
+            m.forward = lambda t, m=m: torch.nn.functional.interpolate(t, size=m._target, mode="nearest")
+    def set_targets(module, args):
+        # each HR module's fuse layer j>i upsamples to branch i's size: record it on the Upsample
+        xs = args[0]
+        for i, row in enumerate(module.fuse_layers or []):
+            for j, f in enumerate(row):
+                if j > i:
+                    f[2]._target = xs[i].shape[-2:]
+
+    hooks = [m.register_forward_pre_hook(set_targets) for m in model.modules() if hasattr(m, "fuse_layers")]
+    with torch.no_grad():
+        want = model(x)
+        got = fast(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
