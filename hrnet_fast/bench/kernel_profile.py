@@ -13,29 +13,15 @@ import copy
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hrnet_fast.bench import contenders as C
 from hrnet_fast.bench.model import build_model, randomize
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _contenders(model_fp32: torch.nn.Module, dtype: torch.dtype, names: Sequence[str]) -> dict[str, torch.nn.Module]:
-    import hrnet_fast
-
-    eager = copy.deepcopy(model_fp32).to(dtype)
-    out: dict[str, torch.nn.Module] = {}
-    for name in names:
-        if name == "eager":
-            out[name] = eager
-        elif name == "eager_cl":
-            out[name] = copy.deepcopy(eager).to(memory_format=torch.channels_last)
-        else:
-            backend = name.removeprefix("hrnet_fast_")
-            out[name] = hrnet_fast.optimize(model_fp32, backend=backend, dtype=None if dtype == torch.float32 else dtype)
-    return out
 
 
 def profile_forward(fn: Callable[[], Any], iters: int = 5, row_limit: int = 12) -> dict[str, Any]:
@@ -68,21 +54,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--contenders", default="eager,eager_cl,hrnet_fast_cuda,hrnet_fast_triton")
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
+    names = args.contenders.split(",")
+    unknown = [n for n in names if n not in C.CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {', '.join(unknown)}; choose from {','.join(C.CONTENDERS)}")
     if not torch.cuda.is_available():
         print("kernel_profile: error: needs a CUDA device", file=sys.stderr)
         return 2
     size = (256, 192)
     model = randomize(build_model(args.model), size, seed=0).cuda()
     dtype = DTYPES[args.dtype]
+    eager = copy.deepcopy(model).to(dtype)
     lines: list[str] = []
     summary: list[str] = []
-    models = _contenders(model, dtype, args.contenders.split(","))
-    with torch.inference_mode():
+    with C.make_workdir() as workdir:
         for batch in args.batch:
             x = torch.randn(batch, 3, *size, device="cuda", dtype=dtype)
-            for name, m in models.items():
-                xin = x.contiguous(memory_format=torch.channels_last) if name == "eager_cl" else x
-                r = profile_forward(lambda m=m, xin=xin: m(xin))
+            ctx = C.Context(eager, model, x, dtype, torch.get_num_threads(), Path(workdir))
+            for name in names:
+                try:
+                    prep = C.CONTENDERS[name](ctx)  # the same preparation as `hrnet-fast bench`
+                except C.Skip as e:
+                    summary.append(f"{name} batch {batch}: skipped ({e})")
+                    continue
+                r = profile_forward(prep)
                 head = (f"{name} batch {batch} {args.dtype}: {r['kernels_per_forward']:.0f} kernels/forward, "
                         f"GPU {r['gpu_ms']:.3f} ms/forward, wall {r['wall_ms']:.3f} ms/forward")
                 summary.append(head)
