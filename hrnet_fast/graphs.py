@@ -33,6 +33,24 @@ MAX_GRAPHS = 8
 WARMUP_CALLS = 2
 
 
+def capture(fn: Callable[[], Any], warmup_calls: int = WARMUP_CALLS, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture fn() in a CUDA graph: (graph, fn's output as captured). fn must read only static buffers.
+
+    Warm-up calls run first on a side stream, as the CUDA-graph docs ask, so that nothing happens for
+    the first time inside the capture (cuDNN plan searches, Triton compiles, allocator growth).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def _key(args: tuple) -> tuple:
     return tuple(
         (tuple(a.shape), a.dtype, a.stride(), a.device) if isinstance(a, torch.Tensor) else ("const", repr(a))
@@ -48,15 +66,9 @@ class _Graph:
             self.static_in = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
                                    if isinstance(a, torch.Tensor) else a for a in args)
         self._copy_in(args)
-        side = torch.cuda.Stream(device=args[0].device if isinstance(args[0], torch.Tensor) else None)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                fn(*self.static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.static_out = fn(*self.static_in)
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device):  # the side stream and the capture on the inputs' GPU
+            self.graph, self.static_out = capture(lambda: fn(*self.static_in), pool=pool)
 
     def _copy_in(self, args: tuple) -> None:
         for dst, src in zip(self.static_in, args):

@@ -85,12 +85,7 @@ def sample_cuda(fn: Callable[[], Any], min_run_time: float) -> list[float]:
 
 def cuda_graph(fn: Callable[[], Any]) -> tuple[Callable[[], Any], Any]:
     """Capture fn() (static inputs) in a CUDA graph: (replay, the graph's static output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as the CUDA-graph docs ask
-        warmup(fn, 3)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    from hrnet_fast.graphs import capture
+
+    graph, out = capture(fn, warmup_calls=3)
     return graph.replay, out
