@@ -1,4 +1,5 @@
-"""conv_bias_act on every backend against the plain-PyTorch reference: values, memory format,
+"""conv_bias_act: the plain-PyTorch reference against an independent float64 convolution
+(tests/references.py), the compiled backends against the reference: values, memory format,
 pre-packed weights, gradients, opcheck, torch.compile and input validation."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import references
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -52,6 +54,11 @@ def ref(x, w, b, stride, padding, r, relu):
     return cba.conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, r, relu)
 
 
+def exact(x, w, b, stride, padding, r, relu):
+    """The independent float64 answer, in x's dtype."""
+    return references.conv_bias_act(x, w, b, stride, padding, r, relu).to(x.dtype)
+
+
 def assert_format_follows_x(y: torch.Tensor, x: torch.Tensor) -> None:
     """y is laid out like torch.empty(shape).contiguous(suggest_memory_format(x)) (the fake's promise)."""
     expected = torch.empty(y.shape).contiguous(memory_format=suggest_memory_format(x))
@@ -69,19 +76,28 @@ def _triton_slice(x_cl: bool, res: str | None, relu: bool, bias: bool) -> bool:
     return (relu, bias) == ((False, True) if x_cl else (True, False))
 
 
+# every case x layout x residual format x act
+VALUE_CASES = [(case, x_cl, res, relu, bias) for case in CASES for x_cl in (False, True) for res in (None, "nchw", "cl")
+               for relu, bias in ACTS]
+
+
 def value_params():
-    """Every case x layout x residual format x act on torch/cpu; a smaller slice on Triton (interpreted)."""
-    out = []
-    for backend in ("torch", "cpu", "triton"):
-        for case in CASES:
-            for x_cl in (False, True):
-                for res in (None, "nchw", "cl"):
-                    for relu, bias in ACTS:
-                        if backend == "triton" and not _triton_slice(x_cl, res, relu, bias):
-                            continue
-                        marks = [pytest.mark.triton] if backend == "triton" else []
-                        out.append(pytest.param(backend, case, x_cl, res, relu, bias, marks=marks))
+    """VALUE_CASES on cpu; a smaller slice on Triton (interpreted)."""
+    out = [pytest.param("cpu", *c) for c in VALUE_CASES]
+    out += [pytest.param("triton", *c, marks=pytest.mark.triton) for c in VALUE_CASES if _triton_slice(*c[1:])]
     return out
+
+
+@pytest.mark.parametrize("case,x_cl,res,relu,bias", VALUE_CASES)
+def test_reference_matches_float64(case, x_cl, res, relu, bias):
+    """backend="torch" (conv_bias_act_reference, what the other backends are held to) against the sum
+    over sliding windows in float64."""
+    x, w, b, stride, padding, r = make(case, x_cl, res, bias)
+    y = cba.conv_bias_act(x, w, b, stride, padding, r, relu, backend="torch")
+    torch.testing.assert_close(y, exact(x, w, b, stride, padding, r, relu), rtol=1e-5, atol=1e-5)
+    assert_format_follows_x(y, x)
+    if relu:
+        assert (y >= 0).all()
 
 
 @pytest.mark.parametrize("backend,case,x_cl,res,relu,bias", value_params())
@@ -113,7 +129,7 @@ def test_output_memory_format(backend, layout):
         x = x.contiguous(memory_format=CL) if layout == "cl" else x
     w = torch.randn(3, x.shape[1], 3, 3, generator=g)
     y = cba.conv_bias_act(x, w, None, 1, 1, None, True, backend=backend)
-    torch.testing.assert_close(y, ref(x, w, None, 1, 1, None, True), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, exact(x, w, None, 1, 1, None, True), rtol=1e-4, atol=1e-4)
     assert_format_follows_x(y, x)
     wants_cl = suggest_memory_format(x) == CL
     assert y.is_contiguous(memory_format=CL if wants_cl else torch.contiguous_format)
@@ -174,20 +190,23 @@ def test_prepack_rejects_bad_input():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case,x_cl,res,relu", [("3x3s2_odd", False, "nchw", True), ("1x1", True, "cl", False),
                                                ("3x3s1", True, None, True)])
-def test_gradients_match_reference(backend, case, x_cl, res, relu):
+def test_gradients_match_float64(backend, case, x_cl, res, relu):
+    """Every backend's gradients (the reference's are aten's conv backward) against autograd through
+    the float64 sliding-window sum."""
     inputs = make(case, x_cl, res, seed=3)
     x, w, b, stride, padding, r = inputs
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)] + [
         r.detach().clone().requires_grad_() if r is not None else None
     ]
-    ref_leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    exact_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
     g = torch.randn(cba.output_shape(x, w, [stride] * 2, [padding] * 2), generator=torch.Generator().manual_seed(4))
     y = cba.conv_bias_act(leaves[0], leaves[1], leaves[2], stride, padding, leaves[3], relu, backend=backend)
     y.backward(g)
-    ref(ref_leaves[0], ref_leaves[1], ref_leaves[2], stride, padding, ref_leaves[3], relu).backward(g)
-    for name, got, want in zip(("x", "weight", "bias", "residual"), leaves, ref_leaves):
+    references.conv_bias_act(exact_leaves[0], exact_leaves[1], exact_leaves[2], stride, padding, exact_leaves[3],
+                             relu).backward(g.double())
+    for name, got, want in zip(("x", "weight", "bias", "residual"), leaves, exact_leaves):
         if got is not None:
-            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+            torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
 @needs_ext
@@ -289,7 +308,7 @@ def test_cpu_backend_rejects_float64_clearly():
     x, w = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="supports float32 only"):
         cba.conv_bias_act(x, w, backend="cpu")
-    torch.testing.assert_close(cba.conv_bias_act(x, w, backend="torch"), ref(x, w, None, 1, 0, None, True))
+    torch.testing.assert_close(cba.conv_bias_act(x, w, backend="torch"), exact(x, w, None, 1, 0, None, True))
 
 
 # ---- the CUDA epilogue kernel itself, compiled by g++ against tests/emu/cuda_emu.h --------------

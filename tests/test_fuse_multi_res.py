@@ -1,4 +1,5 @@
-"""fuse_multi_res on every backend against the plain-PyTorch reference, and the CUDA kernel under emulation."""
+"""fuse_multi_res: the plain-PyTorch reference against an independent float64 computation
+(tests/references.py), the compiled backends against the reference, and the CUDA kernel under emulation."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import references
 import torch
 import torch.nn.functional as F
 
@@ -46,19 +48,35 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * scale)
 
 
+def exact(base, lowres, weights, bias=None, relu=True):
+    """The independent float64 answer, in base's dtype."""
+    return references.fuse_multi_res(base, lowres, weights, bias, relu).to(base.dtype)
+
+
 def fusion_case(branches, stage, i, batch=1):
     c, h, w = branches[i]
     return (batch, c, h, w), [branches[j] for j in range(i + 1, stage)]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stage,i", FUSIONS)
 @pytest.mark.parametrize("branches", [W32, W48], ids=["w32", "w48"])
-def test_hrnet_fusion_shapes(backend, branches, stage, i, channels_last):
+def test_reference_hrnet_fusion_shapes(branches, stage, i, channels_last):
+    """backend="torch" (fuse_multi_res_reference, what the other backends are held to) against float64."""
     base_shape, lows = fusion_case(branches, stage, i)
     base, lowres, weights, bias = make_inputs(base_shape, lows, channels_last=channels_last)
-    out = fuse_multi_res(base, lowres, weights, bias, backend=backend)
+    out = fuse_multi_res(base, lowres, weights, bias, backend="torch")
+    assert_close(out, exact(base, lowres, weights, bias))
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stage,i", FUSIONS)
+@pytest.mark.parametrize("branches", [W32, W48], ids=["w32", "w48"])
+def test_hrnet_fusion_shapes(branches, stage, i, channels_last):
+    base_shape, lows = fusion_case(branches, stage, i)
+    base, lowres, weights, bias = make_inputs(base_shape, lows, channels_last=channels_last)
+    out = fuse_multi_res(base, lowres, weights, bias, backend="cpu")
     assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -93,11 +111,22 @@ ODD_TRITON = [
 ]
 
 
-@pytest.mark.parametrize(
-    "backend,case,channels_last,bias,relu",
-    [(b, case, cl, bias, relu) for b in ("torch", "cpu") for case in sorted(ODD) for cl in (False, True)
-     for bias in (True, False) for relu in (True, False)] + ODD_TRITON,
-)
+ODD_CASES = [(case, cl, bias, relu) for case in sorted(ODD) for cl in (False, True) for bias in (True, False)
+             for relu in (True, False)]
+
+
+@pytest.mark.parametrize("case,channels_last,bias,relu", ODD_CASES)
+def test_reference_odd_shapes(case, channels_last, bias, relu):
+    base_shape, lows = ODD[case]
+    base, lowres, weights, b = make_inputs(base_shape, lows, bias=bias, channels_last=channels_last)
+    out = fuse_multi_res(base, lowres, weights, b, relu, backend="torch")
+    assert_close(out, exact(base, lowres, weights, b, relu))
+    assert out.stride() == torch.empty_like(base).stride()
+    if relu:
+        assert out.min() >= 0
+
+
+@pytest.mark.parametrize("backend,case,channels_last,bias,relu", [("cpu", *c) for c in ODD_CASES] + ODD_TRITON)
 def test_odd_shapes(backend, case, channels_last, bias, relu):
     base_shape, lows = ODD[case]
     base, lowres, weights, b = make_inputs(base_shape, lows, bias=bias, channels_last=channels_last)
@@ -108,18 +137,41 @@ def test_odd_shapes(backend, case, channels_last, bias, relu):
         assert out.min() >= 0
 
 
-# (in, out) pairs where float(in)/float(out) * dst rounds near integers.
-SIZE_PAIRS = [(7, 20), (5, 13), (3, 7), (5, 17), (6, 12), (12, 12), (13, 7), (1, 9), (9, 1), (11, 32), (25, 73)]
+# (in, out) pairs where float(in)/float(out) * dst rounds near integers; (26, 22): float32 and exact
+# arithmetic pick different source rows.
+SIZE_PAIRS = [(7, 20), (5, 13), (3, 7), (5, 17), (6, 12), (12, 12), (13, 7), (1, 9), (9, 1), (11, 32), (25, 73),
+              (26, 22)]
+
+
+@pytest.mark.parametrize(
+    "size,index",
+    [
+        ((3, 7), [0, 0, 0, 1, 1, 2, 2]),  # floor(d * 3/7)
+        ((7, 3), [0, 2, 4]),  # floor(d * 7/3): down-sampling skips rows
+        ((5, 2), [0, 2]),
+        ((4, 8), [0, 0, 1, 1, 2, 2, 3, 3]),
+        ((1, 3), [0, 0, 0]),
+        # float32(26/22) = 1.18181812... < 13/11, so output 11 reads row 12 (exact arithmetic: 13)
+        ((26, 22), [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24]),
+    ],
+    ids=str,
+)
+def test_independent_nearest_index(size, index):
+    """The independent reference's index rule: worked out by hand, and what F.interpolate picks."""
+    assert references.nearest_index(*size).tolist() == index
+    src = torch.arange(float(size[0])).view(1, 1, -1, 1)
+    assert F.interpolate(src, size=(size[1], 1), mode="nearest").flatten().long().tolist() == index
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_nearest_index_bit_exact(backend, channels_last):
-    """Identity weights make the GEMM exact, so the result must equal base + F.interpolate bit for bit."""
+    """Identity weights make the GEMM exact, so the result must equal base + the gathered low-res
+    pixels bit for bit (the gather is tests/references.py's, not F.interpolate)."""
     for (hi, ho), (wi, wo) in zip(SIZE_PAIRS, reversed(SIZE_PAIRS)):
         base, lowres, _, _ = make_inputs((1, 3, ho, wo), [(3, hi, wi)], bias=False, channels_last=channels_last)
         out = fuse_multi_res(base, lowres, [torch.eye(3)], None, False, backend=backend)
-        expected = base + F.interpolate(lowres[0], size=(ho, wo), mode="nearest")
+        expected = base + references.upsample_nearest(lowres[0], (ho, wo))
         assert torch.equal(out, expected), f"{hi}x{wi} -> {ho}x{wo}"
 
 
@@ -133,7 +185,7 @@ def test_non_contiguous_inputs(backend):
     w1 = weights[1][:, :, None, None]  # the 4-D [C, C_k, 1, 1] form
     b = torch.stack([bias, bias], 1)[:, 0]
     args = (base, [low0, low1], [w0, w1], b)
-    assert_close(fuse_multi_res(*args, backend=backend), fuse_multi_res_reference(*args))
+    assert_close(fuse_multi_res(*args, backend=backend), exact(*args))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -143,7 +195,7 @@ def test_dense_permuted_base(backend):
     base = base.transpose(2, 3).contiguous().transpose(2, 3)  # strides (216, 54, 1, 6)
     out = fuse_multi_res(base, lowres, weights, bias, backend=backend)
     assert out.stride() == torch.empty_like(base).stride() == base.stride()
-    assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
+    assert_close(out, exact(base, lowres, weights, bias))
     if backend == "cpu":
         torch.library.opcheck(torch.ops.hrnet_fast.fuse_multi_res.default, (base, lowres, weights, bias, True))
 
@@ -155,7 +207,7 @@ def test_mixed_memory_formats(backend, base_cl, low_cl, batch):
     base, _, weights, bias = make_inputs((batch, 4, 8, 6), [(3, 4, 3)], channels_last=base_cl)
     _, lowres, _, _ = make_inputs((batch, 4, 8, 6), [(3, 4, 3)], channels_last=low_cl, seed=1)
     out = fuse_multi_res(base, lowres, weights, bias, backend=backend)
-    assert_close(out, fuse_multi_res_reference(base, lowres, weights, bias))
+    assert_close(out, exact(base, lowres, weights, bias))
     assert out.stride() == torch.empty_like(base).stride()
 
 
