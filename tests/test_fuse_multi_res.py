@@ -329,18 +329,24 @@ def emu_lib(tmp_path_factory) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     i64, vp = ctypes.c_longlong, ctypes.c_void_p
     lib.fmr_emu_run.argtypes = [ctypes.c_int, vp, vp, vp, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                ctypes.POINTER(vp), ctypes.POINTER(i64), ctypes.POINTER(i64), i64, ctypes.c_int]
+                                ctypes.POINTER(vp), ctypes.POINTER(i64), ctypes.POINTER(i64), i64, ctypes.c_int, ctypes.c_int]
     lib.fmr_emu_run.restype = ctypes.c_int
+    lib.fmr_emu_last_plan.restype = ctypes.c_int
     return lib
 
 
 EMU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37):
+SCALAR, WIDE = 1, 2  # bits of fmr_emu_run's `force` and of fmr_emu_last_plan (VECTOR for the latter)
+VECTOR = 1
+
+
+def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37, force=0):
     """The kernel on dense NCHW/NHWC storage of base's dtype; `guard` NaNs after the output catch stray writes.
 
-    ys and bias are float32, as the CUDA entry point hands them to the kernel.
+    ys and bias are float32, as the CUDA entry point hands them to the kernel. Returns the output and
+    the plan the kernel ran with (VECTOR and WIDE bits).
     """
     def dense(t):
         return (t.permute(0, 2, 3, 1) if nhwc else t).contiguous()
@@ -352,18 +358,19 @@ def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37)
     hs = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[2] for y in ys])
     ws = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[3] for y in ys])
     rc = lib.fmr_emu_run(EMU_DTYPES[base.dtype], b.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), n, c, h, w,
-                         int(nhwc), int(relu), len(low), ptrs, hs, ws, blocks, threads)
+                         int(nhwc), int(relu), len(low), ptrs, hs, ws, blocks, threads, force)
     assert rc == 0
     assert out[base.numel():].isnan().all(), "the kernel wrote past the end of the output"
     flat = out[: base.numel()]
-    return flat.view(n, h, w, c).permute(0, 3, 1, 2) if nhwc else flat.view(n, c, h, w)
+    return (flat.view(n, h, w, c).permute(0, 3, 1, 2) if nhwc else flat.view(n, c, h, w)), lib.fmr_emu_last_plan()
 
 
+@pytest.mark.parametrize("force", [0, SCALAR, WIDE, SCALAR | WIDE], ids=["planned", "scalar", "wide", "scalar_wide"])
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("launch", [(0, 0), (3, 7), (1, 32), (500, 64)], ids=["default", "3x7", "1x32", "500x64"])
 @pytest.mark.parametrize("case", ["w32_stage4_o2", "7x5_to_20x13", "two_odd", "one_pixel", "no_lowres", "four",
-                                  "past_max_grid"])
-def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc):
+                                  "vector_four", "past_max_grid"])
+def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc, force):
     """Projected low-res inputs + the same float32 op order as the reference: results equal bit for bit."""
     shapes = {
         "w32_stage4_o2": ((1, 128, 16, 12), [(128, 8, 6)]),
@@ -372,26 +379,50 @@ def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc):
         "one_pixel": ((1, 5, 1, 1), [(5, 1, 1)]),
         "no_lowres": ((2, 6, 5, 7), []),
         "four": ((1, 3, 9, 8), [(3, 3, 4), (3, 9, 8), (3, 2, 3), (3, 1, 1)]),
+        "vector_four": ((2, 8, 9, 8), [(8, 3, 4), (8, 9, 8), (8, 2, 3), (8, 1, 1)]),
         # more than kFmrMaxBlocks * kFmrThreads elements: the default launch relies on the grid-stride loop
         "past_max_grid": ((1, 2, 1030, 1024), [(2, 515, 512)]),
     }
     base_shape, lows = shapes[case]
     for bias_on, relu in [(True, True), (False, False)]:
         base, ys, _, bias = make_inputs(base_shape, lows, bias=bias_on)
-        out = run_emulated(emu_lib, base, ys, bias, relu, nhwc, *launch)
+        out, plan = run_emulated(emu_lib, base, ys, bias, relu, nhwc, *launch, force=force)
+        # 16-byte vectors of 4 float32 channels where the layout and channel count allow, else one element a thread
+        assert plan & VECTOR == (nhwc and base_shape[1] % 4 == 0 and not force & SCALAR)
+        assert bool(plan & WIDE) == bool(force & WIDE)
         # The reference with identity weights: its GEMM is exact, so its sum order is the kernel's.
         eye = [torch.eye(base_shape[1])] * len(ys)
         assert torch.equal(out, fuse_multi_res_reference(base, ys, eye, bias, relu))
 
 
+@pytest.mark.parametrize("channels", [5, 16], ids=["scalar", "vector"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nhwc", [False, True])
-def test_emulated_cuda_kernel_16bit(emu_lib, dtype, nhwc):
+def test_emulated_cuda_kernel_16bit(emu_lib, dtype, nhwc, channels):
     """16-bit base/out: the kernel sums in float32 and rounds once, so it equals the float32 result rounded."""
-    base32, ys, _, bias32 = make_inputs((2, 5, 11, 9), [(5, 4, 5), (5, 3, 2)])
+    base32, ys, _, bias32 = make_inputs((2, channels, 11, 9), [(channels, 4, 5), (channels, 3, 2)])
     base, bias = base32.to(dtype), bias32.to(dtype).float()  # the CUDA entry point casts bias to float32
     for relu in (True, False):
-        out = run_emulated(emu_lib, base, ys, bias, relu, nhwc, 3, 64)
-        eye = [torch.eye(5)] * len(ys)
+        out, plan = run_emulated(emu_lib, base, ys, bias, relu, nhwc, 3, 64)
+        assert plan & VECTOR == (nhwc and channels % 8 == 0)  # 8 channels of 16 bits per 16-byte vector
+        eye = [torch.eye(channels)] * len(ys)
         assert out.dtype == dtype
         assert torch.equal(out, fuse_multi_res_reference(base.float(), ys, eye, bias, relu).to(dtype))
+
+
+def test_emulated_cuda_kernel_misaligned_falls_back(emu_lib):
+    """A base that starts 4 bytes into its storage cannot be read in 16-byte vectors: the scalar kernel runs."""
+    storage = torch.randn(8 * 6 * 5 + 1)
+    base = storage[1:].view(1, 6, 5, 8).permute(0, 3, 1, 2)  # NHWC storage at a 4-byte offset
+    assert base.data_ptr() % 16 != 0
+    _, ys2, _, bias2 = make_inputs((1, 8, 6, 5), [(8, 3, 3)])
+    # run_emulated copies base densely (aligned), so hand the kernel the misaligned storage directly
+    n, c, h, w = base.shape
+    out = torch.full((base.numel() + 1,), float("nan"))[1:]
+    low = ys2[0].permute(0, 2, 3, 1).contiguous()
+    rc = emu_lib.fmr_emu_run(0, base.data_ptr(), out.data_ptr(), bias2.data_ptr(), n, c, h, w, 1, 1, 1,
+                             (ctypes.c_void_p * 1)(low.data_ptr()), (ctypes.c_longlong * 1)(3),
+                             (ctypes.c_longlong * 1)(3), 0, 0, 0)
+    assert rc == 0 and emu_lib.fmr_emu_last_plan() & VECTOR == 0
+    expect = fuse_multi_res_reference(base.contiguous(), ys2, [torch.eye(8)], bias2, True)
+    assert torch.equal(out.view(1, 6, 5, 8).permute(0, 3, 1, 2), expect)

@@ -112,7 +112,7 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
     const float sw = fmr_scale(wk, w);
     scale_h[k] = fmr_scale(hk, h);
     yp[k] = ys[k].data_ptr<float>();
-    for (int64_t x = 0; x < w; ++x) cols[k * w + x] = fmr_nearest(x, wk, w, sw) * (nhwc ? c : 1);
+    for (int64_t x = 0; x < w; ++x) cols[k * w + x] = fmr_nearest<int64_t>(x, wk, w, sw) * (nhwc ? c : 1);
   }
 
   // Inputs beyond kFmrMaxLowres go in later chunks over the same row, still in cache.
@@ -139,7 +139,7 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
       for (int64_t j = 0; j < chunks; ++j) {
         const int64_t k0 = j * kFmrMaxLowres, k1 = std::min<int64_t>(nk, k0 + kFmrMaxLowres);
         for (int64_t k = k0; k < k1; ++k) {
-          const int64_t sy = fmr_nearest(y, lh[k], h, scale_h[k]);
+          const int64_t sy = fmr_nearest<int64_t>(y, lh[k], h, scale_h[k]);
           const int64_t* col = cols.data() + k * w;
           if (nhwc) {
             row.y[k - k0] = yp[k] + (nc * lh[k] + sy) * lw[k] * c;

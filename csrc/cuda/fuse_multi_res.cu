@@ -22,7 +22,8 @@ void launch(const at::Tensor& base, at::Tensor& out, const std::vector<at::Tenso
   const int64_t nk = static_cast<int64_t>(ys.size());
   const int64_t chunks = std::max<int64_t>(1, (nk + kFmrMaxLowres - 1) / kFmrMaxLowres);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = fmr_blocks(out.numel());
+  int64_t largest = out.numel();
+  for (const at::Tensor& y : ys) largest = std::max(largest, y.numel());
   for (int64_t j = 0; j < chunks; ++j) {
     FmrParams<scalar_t> p{};
     // Later chunks (more than kFmrMaxLowres inputs) add into the output in place.
@@ -38,8 +39,10 @@ void launch(const at::Tensor& base, at::Tensor& out, const std::vector<at::Tenso
       const int64_t hk = lowres[k].size(2), wk = lowres[k].size(3);
       p.low[k - k0] = FmrLowres{ys[k].const_data_ptr<float>(), hk, wk, fmr_scale(hk, p.h), fmr_scale(wk, p.w)};
     }
-    fuse_multi_res_kernel<scalar_t><<<static_cast<unsigned>(blocks), kFmrThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fmr_dispatch(p, fmr_plan(p, largest), [&](auto kernel, const auto& params, auto units) {
+      kernel<<<static_cast<unsigned>(fmr_blocks(units)), kFmrThreads, 0, stream>>>(params, units);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
 }
 

@@ -21,10 +21,11 @@ HF_HD float fmr_scale(int64_t in, int64_t out) {
 
 // Source index of output index `dst`, exactly as ATen's nearest_idx (UpSample.h): the two fast
 // paths (same size, exact 2x), else min(floor(float(dst) * scale), in - 1) in float arithmetic.
-HF_HD int64_t fmr_nearest(int64_t dst, int64_t in, int64_t out, float scale) {
+template <typename index_t>
+HF_HD index_t fmr_nearest(index_t dst, index_t in, index_t out, float scale) {
   if (out == in) return dst;
   if (out == 2 * in) return dst >> 1;
-  const int64_t src = static_cast<int64_t>(floorf(static_cast<float>(dst) * scale));
+  const index_t src = static_cast<index_t>(floorf(static_cast<float>(dst) * scale));
   return src < in - 1 ? src : in - 1;
 }
 
@@ -57,50 +58,128 @@ struct FmrParams {
   FmrLowres low[kFmrMaxLowres];
 };
 
-// Offset of output element (n, ch, y, x)'s source in low-res input `l`.
-HF_HD int64_t fmr_lowres_offset(const FmrLowres& l, int64_t n, int64_t ch, int64_t y, int64_t x,
-                                int64_t c, int64_t h, int64_t w, bool nhwc) {
-  const int64_t sy = fmr_nearest(y, l.h, h, l.scale_h);
-  const int64_t sx = fmr_nearest(x, l.w, w, l.scale_w);
-  return nhwc ? ((n * l.h + sy) * l.w + sx) * c + ch : ((n * c + ch) * l.h + sy) * l.w + sx;
+// Offset of output element (n, ch, y, x)'s source in low-res input `l`. `index_t` is int32_t when
+// every tensor the kernel addresses has fewer than 2**31 elements (then the division-heavy index math
+// runs at full speed), int64_t otherwise.
+template <typename index_t>
+HF_HD index_t fmr_lowres_offset(const FmrLowres& l, index_t n, index_t ch, index_t y, index_t x,
+                                index_t c, index_t h, index_t w, bool nhwc) {
+  const index_t lh = static_cast<index_t>(l.h), lw = static_cast<index_t>(l.w);
+  const index_t sy = fmr_nearest<index_t>(y, lh, h, l.scale_h);
+  const index_t sx = fmr_nearest<index_t>(x, lw, w, l.scale_w);
+  return nhwc ? ((n * lh + sy) * lw + sx) * c + ch : ((n * c + ch) * lh + sy) * lw + sx;
 }
 
-// Output element `i` (linear index in the dense layout): what each CUDA thread computes.
-template <typename scalar_t>
-HF_HD void fmr_element(const FmrParams<scalar_t>& p, int64_t i) {
-  int64_t ch, x, y, n, t;
+// Output element `i` (linear index in the dense layout), any layout: what each thread of the
+// scalar kernel computes.
+template <typename scalar_t, typename index_t>
+HF_HD void fmr_element(const FmrParams<scalar_t>& p, index_t i) {
+  const index_t c = static_cast<index_t>(p.c), h = static_cast<index_t>(p.h), w = static_cast<index_t>(p.w);
+  index_t ch, x, y, n, t;
   if (p.nhwc) {
-    ch = i % p.c; t = i / p.c;
-    x = t % p.w; t /= p.w;
-    y = t % p.h; n = t / p.h;
+    ch = i % c; t = i / c;
+    x = t % w; t /= w;
+    y = t % h; n = t / h;
   } else {
-    x = i % p.w; t = i / p.w;
-    y = t % p.h; t /= p.h;
-    ch = t % p.c; n = t / p.c;
+    x = i % w; t = i / w;
+    y = t % h; t /= h;
+    ch = t % c; n = t / c;
   }
   float acc = fmr_start(static_cast<float>(p.base[i]), p.bias, ch);
   for (int k = 0; k < p.k; ++k) {
-    acc = fmr_add(acc, p.low[k].data[fmr_lowres_offset(p.low[k], n, ch, y, x, p.c, p.h, p.w, p.nhwc)]);
+    acc = fmr_add(acc, p.low[k].data[fmr_lowres_offset<index_t>(p.low[k], n, ch, y, x, c, h, w, p.nhwc)]);
   }
   p.out[i] = static_cast<scalar_t>(fmr_act(acc, p.relu));
 }
 
-// Launch shape: 256 threads, enough blocks to cover `numel` up to `max_blocks`; the kernel's
+// Channels one thread of the vector kernel handles: 16 bytes of the output (4 float32, 8 half).
+template <typename scalar_t>
+constexpr int fmr_vec_width() {
+  return Vec16<scalar_t>::kLen;
+}
+
+// NHWC, V = fmr_vec_width<scalar_t>() channels of one pixel starting at channel `ch` (a multiple of V):
+// one 16-byte load of base, 16-byte loads of each low-res source, one 16-byte store, and the pixel's
+// index math once for V elements. The same per-element order as fmr_element.
+template <typename scalar_t, typename index_t>
+HF_HD void fmr_vector(const FmrParams<scalar_t>& p, index_t unit) {
+  constexpr int V = fmr_vec_width<scalar_t>();
+  constexpr int VF = Vec16<float>::kLen;  // float32 low-res values per 16-byte load
+  const index_t c = static_cast<index_t>(p.c), h = static_cast<index_t>(p.h), w = static_cast<index_t>(p.w);
+  const index_t groups = c / V;
+  const index_t ch = (unit % groups) * V;
+  index_t t = unit / groups;
+  const index_t x = t % w;
+  t /= w;
+  const index_t y = t % h, n = t / h;
+  const index_t i = unit * V;  // == ((n * h + y) * w + x) * c + ch
+  const Vec16<scalar_t> b = *reinterpret_cast<const Vec16<scalar_t>*>(p.base + i);
+  float acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = fmr_start(static_cast<float>(b.v[v]), p.bias, ch + v);
+  for (int k = 0; k < p.k; ++k) {
+    const float* src = p.low[k].data + fmr_lowres_offset<index_t>(p.low[k], n, ch, y, x, c, h, w, true);
+    for (int j = 0; j < V; j += VF) {
+      const Vec16<float> l = *reinterpret_cast<const Vec16<float>*>(src + j);
+      for (int v = 0; v < VF; ++v) acc[j + v] = fmr_add(acc[j + v], l.v[v]);
+    }
+  }
+  Vec16<scalar_t> o;
+  for (int v = 0; v < V; ++v) o.v[v] = static_cast<scalar_t>(fmr_act(acc[v], p.relu));
+  *reinterpret_cast<Vec16<scalar_t>*>(p.out + i) = o;
+}
+
+// Launch shape: 256 threads, enough blocks to cover `units` up to `max_blocks`; the kernel's
 // grid-stride loop covers the rest.
 constexpr int kFmrThreads = 256;
 constexpr int64_t kFmrMaxBlocks = 8192;
-inline int64_t fmr_blocks(int64_t numel, int64_t max_blocks = kFmrMaxBlocks) {
-  const int64_t b = (numel + kFmrThreads - 1) / kFmrThreads;
+inline int64_t fmr_blocks(int64_t units, int64_t max_blocks = kFmrMaxBlocks) {
+  const int64_t b = (units + kFmrThreads - 1) / kFmrThreads;
   return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
 }
 
-#if defined(__CUDACC__) || defined(HF_CUDA_EMU)
+// Which kernel runs: vector (NHWC, C a multiple of V, every pointer 16-byte aligned) or scalar, and
+// 32- or 64-bit indices. `units` is what the grid covers (elements, or V-channel groups).
+struct FmrPlan {
+  bool vector, wide;
+  int64_t units;
+};
+
 template <typename scalar_t>
-__global__ void fuse_multi_res_kernel(FmrParams<scalar_t> p) {
+inline FmrPlan fmr_plan(const FmrParams<scalar_t>& p, int64_t largest_numel) {
+  constexpr int V = fmr_vec_width<scalar_t>();
+  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  bool vector = p.nhwc && p.c % V == 0 && aligned(p.base) && aligned(p.out);
+  for (int k = 0; k < p.k; ++k) vector = vector && aligned(p.low[k].data);
   const int64_t numel = p.n * p.c * p.h * p.w;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
-    fmr_element(p, i);
+  // the index math forms offsets up to the largest tensor's size, plus one grid stride
+  const bool wide = largest_numel + kFmrMaxBlocks * kFmrThreads >= (int64_t{1} << 31);
+  return {vector, wide, vector ? numel / V : numel};
+}
+
+#if defined(__CUDACC__) || defined(HF_CUDA_EMU)
+template <typename scalar_t, typename index_t, bool Vector>
+__global__ void fuse_multi_res_kernel(FmrParams<scalar_t> p, index_t units) {
+  const index_t step = static_cast<index_t>(blockDim.x * gridDim.x);
+  for (index_t u = static_cast<index_t>(blockIdx.x * blockDim.x + threadIdx.x); u < units; u += step) {
+    if constexpr (Vector) {
+      fmr_vector<scalar_t, index_t>(p, u);
+    } else {
+      fmr_element<scalar_t, index_t>(p, u);
+    }
+  }
+}
+
+// Runs the planned kernel through `launch(kernel, units)`: the CUDA entry point launches it with
+// <<<>>>, the tests through the emulator, so both take the same path for the same inputs.
+template <typename scalar_t, typename Launch>
+void fmr_dispatch(const FmrParams<scalar_t>& p, const FmrPlan& plan, Launch&& launch) {
+  if (plan.wide) {
+    if (plan.vector) launch(fuse_multi_res_kernel<scalar_t, int64_t, true>, p, int64_t{plan.units});
+    else launch(fuse_multi_res_kernel<scalar_t, int64_t, false>, p, int64_t{plan.units});
+  } else {
+    const int32_t units = static_cast<int32_t>(plan.units);
+    if (plan.vector) launch(fuse_multi_res_kernel<scalar_t, int32_t, true>, p, units);
+    else launch(fuse_multi_res_kernel<scalar_t, int32_t, false>, p, units);
   }
 }
 #endif

@@ -6,3 +6,11 @@
 #else
 #define HF_HD inline
 #endif
+
+// 16 bytes of T: the unit of one vector load or store (4 float32, 8 half). Kernels read through it
+// only where the address is 16-byte aligned, which the host code checks before choosing them.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kLen = 16 / static_cast<int>(sizeof(T));
+  T v[kLen];
+};

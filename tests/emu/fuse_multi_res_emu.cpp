@@ -3,6 +3,7 @@
 // explicit float conversions as c10::Half / c10::BFloat16, round to nearest even). Built by
 // tests/test_fuse_multi_res.py with plain g++ and called via ctypes; the low-res inputs come in
 // already projected (float32, in the output's layout), as the cuBLAS GEMMs leave them.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -10,6 +11,9 @@
 #include "kernels/fuse_multi_res.h"
 
 namespace {
+
+// The last run's plan, for the tests to check which kernel ran.
+bool g_plan_vector = false, g_plan_wide = false;
 
 struct EmuHalf {
   _Float16 v;
@@ -38,19 +42,29 @@ static_assert(sizeof(EmuHalf) == 2 && sizeof(EmuBFloat16) == 2, "16-bit storage"
 template <typename scalar_t>
 void run(const void* base, void* out, const float* bias, long long n, long long c, long long h, long long w,
          int nhwc, int relu, int k, const float* const* low, const long long* low_h, const long long* low_w,
-         long long blocks, int threads) {
+         long long blocks, int threads, int force) {
   using namespace hrnet_fast;
   FmrParams<scalar_t> p{};
   p.base = static_cast<const scalar_t*>(base), p.out = static_cast<scalar_t*>(out), p.bias = bias;
   p.n = n, p.c = c, p.h = h, p.w = w;
   p.nhwc = nhwc != 0, p.relu = relu != 0, p.k = k;
+  long long largest = n * c * h * w;
   for (int i = 0; i < k; ++i) {
     p.low[i] = FmrLowres{low[i], low_h[i], low_w[i], fmr_scale(low_h[i], h), fmr_scale(low_w[i], w)};
+    largest = std::max(largest, n * c * low_h[i] * low_w[i]);
   }
-  // blocks <= 0: the launch shape the CUDA entry point uses (fmr_blocks, kFmrThreads).
-  const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : fmr_blocks(n * c * h * w));
-  const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kFmrThreads);
-  emu_launch(dim3(nb), dim3(nt), fuse_multi_res_kernel<scalar_t>, p);
+  // The plan the CUDA entry point makes; `force` bit 0 takes the scalar kernel, bit 1 64-bit indices.
+  FmrPlan plan = fmr_plan(p, largest);
+  if (force & 1) plan = FmrPlan{false, plan.wide, n * c * h * w};
+  if (force & 2) plan.wide = true;
+  g_plan_vector = plan.vector;
+  g_plan_wide = plan.wide;
+  fmr_dispatch(p, plan, [&](auto kernel, const auto& params, auto units) {
+    // blocks <= 0: the launch shape the CUDA entry point uses (fmr_blocks, kFmrThreads).
+    const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : fmr_blocks(units));
+    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kFmrThreads);
+    emu_launch(dim3(nb), dim3(nt), kernel, params, units);
+  });
 }
 
 }  // namespace
@@ -58,12 +72,16 @@ void run(const void* base, void* out, const float* bias, long long n, long long 
 // dtype: 0 float32, 1 float16, 2 bfloat16 (base and out); bias and the low-res inputs are float32.
 extern "C" int fmr_emu_run(int dtype, const void* base, void* out, const float* bias, long long n, long long c,
                            long long h, long long w, int nhwc, int relu, int k, const float* const* low,
-                           const long long* low_h, const long long* low_w, long long blocks, int threads) {
+                           const long long* low_h, const long long* low_w, long long blocks, int threads, int force) {
   if (k < 0 || k > hrnet_fast::kFmrMaxLowres) return 1;
   switch (dtype) {
-    case 0: run<float>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads); return 0;
-    case 1: run<EmuHalf>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads); return 0;
-    case 2: run<EmuBFloat16>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads); return 0;
+    case 0: run<float>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force); break;
+    case 1: run<EmuHalf>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force); break;
+    case 2: run<EmuBFloat16>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force); break;
     default: return 2;
   }
+  return 0;
 }
+
+// Which kernel the last run took: bit 0 the vector kernel, bit 1 64-bit indices.
+extern "C" int fmr_emu_last_plan() { return (g_plan_vector ? 1 : 0) | (g_plan_wide ? 2 : 0); }
