@@ -322,8 +322,9 @@ def emu_lib(tmp_path_factory) -> ctypes.CDLL:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(so))
     i64, vp = ctypes.c_longlong, ctypes.c_void_p
-    lib.cba_emu_run.argtypes = [vp, vp, vp, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int]
+    lib.cba_emu_run.argtypes = [vp, vp, vp, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int]
     lib.cba_emu_run.restype = ctypes.c_int
+    lib.cba_emu_last_plan.restype = ctypes.c_int
     return lib
 
 
@@ -331,8 +332,12 @@ def emu_lib(tmp_path_factory) -> ctypes.CDLL:
 @pytest.mark.parametrize("relu,bias,res", [(True, True, True), (False, True, False), (True, False, True),
                                            (False, False, True)])
 @pytest.mark.parametrize("launch", [(0, 0), (2, 32), (64, 128)], ids=["default", "grid_stride", "oversized"])
-def test_emulated_cuda_epilogue(emu_lib, nhwc, relu, bias, res, launch):
-    """The CUDA path's bias + residual + ReLU pass over a bias-free conv output equals the reference."""
+@pytest.mark.parametrize("force", [0, 1, 2], ids=["planned", "scalar", "wide"])
+def test_emulated_cuda_epilogue(emu_lib, nhwc, relu, bias, res, launch, force):
+    """The CUDA path's bias + residual + ReLU pass over a bias-free conv output equals the reference.
+
+    The planned kernel for NHWC with 12 channels reads 16-byte vectors of 4 channels; `force` 1 takes
+    the element-per-thread kernel instead, 2 the 64-bit-index one."""
     x, w, b, stride, padding, r = make("3x3s2_odd", x_cl=nhwc, res="cl" if nhwc else "nchw", bias=bias, seed=7)
     r = r if res else None
     fmt = CL if nhwc else torch.contiguous_format
@@ -343,8 +348,10 @@ def test_emulated_cuda_epilogue(emu_lib, nhwc, relu, bias, res, launch):
     rflat = None if r is None else (r.permute(0, 2, 3, 1).reshape(-1) if nhwc else r.reshape(-1)).contiguous()
     rc = emu_lib.cba_emu_run(flat.data_ptr(), None if b is None else b.data_ptr(),
                              None if rflat is None else rflat.data_ptr(), conv.numel(), c, h * wd, int(nhwc),
-                             int(relu), *launch)
+                             int(relu), *launch, force)
     assert rc == 0
+    plan = emu_lib.cba_emu_last_plan()
+    assert plan & 1 == (nhwc and force != 1) and bool(plan & 2) == (force == 2)
     assert (flat[conv.numel():] == 7.0).all(), "kernel wrote past the output"
     body = flat[: conv.numel()]
     got = body.view(n, h, wd, c).permute(0, 3, 1, 2) if nhwc else body.view(n, c, h, wd)

@@ -53,7 +53,7 @@ void epilogue_nchw_inplace(at::Tensor& out, const float* bias, const float* resi
     for (int64_t plane = begin; plane < end; ++plane) {
       float* op = o + plane * hw;
       const float* rp = residual + plane * hw;
-      const float b = bias ? bias[conv_bias_act_channel(plane * hw, channels, hw, false)] : 0.f;
+      const float b = bias ? bias[conv_bias_act_channel<int64_t>(plane * hw, channels, hw, false)] : 0.f;
       for (int64_t k = 0; k < hw; ++k) op[k] = conv_bias_act_epilogue<float>(op[k], b, rp[k], relu);
     }
   });

@@ -37,15 +37,19 @@ void launch_epilogue(at::Tensor& out, const std::optional<at::Tensor>& bias, con
   // Same layout as out, so one flat index addresses both.
   const at::Tensor res = !residual ? at::Tensor() : residual->is_contiguous(fmt) ? *residual : residual->contiguous(fmt);
   const at::Tensor b = !bias ? at::Tensor() : bias->contiguous();
-  const int64_t blocks = conv_bias_act_blocks(numel);
   const auto stream = c10::cuda::getCurrentCUDAStream(out.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bias_act_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    conv_bias_act_epilogue_kernel<scalar_t, acc_t><<<blocks, kCbaThreads, 0, stream>>>(
-        out.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr, numel, out.size(1), out.size(2) * out.size(3),
-        channels_last, relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t channels = out.size(1), hw = out.size(2) * out.size(3);
+    const EpiloguePlan plan = conv_bias_act_epilogue_plan(o, rp, numel, channels, channels_last);
+    conv_bias_act_epilogue_dispatch<scalar_t, acc_t>(plan, [&](auto kernel, auto units) {
+      kernel<<<static_cast<unsigned>(conv_bias_act_blocks(units)), kCbaThreads, 0, stream>>>(
+          o, bp, rp, units, channels, hw, channels_last, relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -144,9 +148,10 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
     }
   }
   if (!out.defined()) {
-    const bool epilogue = relu || residual.has_value();
-    // Without an epilogue cuDNN adds the bias itself; with one, the bias joins the single extra pass.
-    out = at::convolution(x, weight, epilogue ? std::nullopt : bias, stride, padding, dilation, false, no_padding, 1);
+    // The bias always joins our epilogue pass: aten's own bias add after a cuDNN conv is a broadcast
+    // add_ that does not vectorise over NHWC, several times slower than the epilogue kernel.
+    const bool epilogue = relu || residual.has_value() || bias.has_value();
+    out = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, no_padding, 1);
     if (epilogue) {
       if (!out.is_contiguous() && !out.is_contiguous(at::MemoryFormat::ChannelsLast)) out = out.contiguous(fmt);
       launch_epilogue(out, bias, residual, relu);

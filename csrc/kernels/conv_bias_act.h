@@ -17,30 +17,80 @@ HF_HD acc_t conv_bias_act_epilogue(acc_t conv, acc_t bias, acc_t residual, bool 
 }
 
 // Channel of element `i` of a dense [N, C, H, W] tensor stored NCHW (channels_last=false) or NHWC.
-HF_HD int64_t conv_bias_act_channel(int64_t i, int64_t channels, int64_t hw, bool channels_last) {
+template <typename index_t>
+HF_HD index_t conv_bias_act_channel(index_t i, index_t channels, index_t hw, bool channels_last) {
   return channels_last ? i % channels : (i / hw) % channels;
 }
 
 // Launch shape of the epilogue kernel: grid-stride beyond kCbaMaxBlocks, enough to fill any current GPU.
 constexpr int kCbaThreads = 256;
 constexpr int64_t kCbaMaxBlocks = 8192;
-inline int64_t conv_bias_act_blocks(int64_t numel) {
-  const int64_t blocks = (numel + kCbaThreads - 1) / kCbaThreads;
+inline int64_t conv_bias_act_blocks(int64_t units) {
+  const int64_t blocks = (units + kCbaThreads - 1) / kCbaThreads;
   return blocks < 1 ? 1 : (blocks > kCbaMaxBlocks ? kCbaMaxBlocks : blocks);
+}
+
+// Which epilogue kernel runs: vector (NHWC, C a multiple of the 16-byte vector's length, out and
+// residual 16-byte aligned: one thread per vector) or one element a thread; 32-bit indices unless
+// the tensor is too large for them.
+struct EpiloguePlan {
+  bool vector, wide;
+  int64_t units;
+};
+
+template <typename scalar_t>
+inline EpiloguePlan conv_bias_act_epilogue_plan(const scalar_t* out, const scalar_t* residual, int64_t numel,
+                                                int64_t channels, bool channels_last) {
+  constexpr int V = Vec16<scalar_t>::kLen;
+  auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  const bool vector = channels_last && channels % V == 0 && aligned(out) && aligned(residual);
+  const bool wide = numel + kCbaMaxBlocks * kCbaThreads >= (int64_t{1} << 31);
+  return {vector, wide, vector ? numel / V : numel};
 }
 
 #if defined(__CUDACC__) || defined(HF_CUDA_EMU)
 // out = act(out + bias[channel] + residual) in place; out and residual dense in the same format
-// (NCHW, or NHWC when channels_last). bias and residual may be null. tests/emu runs it on the CPU.
-template <typename scalar_t, typename acc_t>
+// (NCHW, or NHWC when channels_last). bias and residual may be null. Vector: unit u is the V
+// channels at element u * V (NHWC only). tests/emu runs it on the CPU.
+template <typename scalar_t, typename acc_t, typename index_t, bool Vector>
 __global__ void conv_bias_act_epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ bias,
-                                              const scalar_t* __restrict__ residual, int64_t numel,
+                                              const scalar_t* __restrict__ residual, index_t units,
                                               int64_t channels, int64_t hw, bool channels_last, bool relu) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
-    const acc_t b = bias ? static_cast<acc_t>(bias[conv_bias_act_channel(i, channels, hw, channels_last)]) : acc_t(0);
-    const acc_t r = residual ? static_cast<acc_t>(residual[i]) : acc_t(0);
-    out[i] = static_cast<scalar_t>(conv_bias_act_epilogue<acc_t>(static_cast<acc_t>(out[i]), b, r, relu));
+  const index_t c = static_cast<index_t>(channels), plane = static_cast<index_t>(hw);
+  const index_t step = static_cast<index_t>(blockDim.x * gridDim.x);
+  for (index_t u = static_cast<index_t>(blockIdx.x * blockDim.x + threadIdx.x); u < units; u += step) {
+    if constexpr (Vector) {
+      constexpr int V = Vec16<scalar_t>::kLen;
+      const index_t i = u * V, ch = i % c;
+      Vec16<scalar_t> o = *reinterpret_cast<const Vec16<scalar_t>*>(out + i);
+      Vec16<scalar_t> r{};
+      if (residual) r = *reinterpret_cast<const Vec16<scalar_t>*>(residual + i);
+      for (int v = 0; v < V; ++v) {
+        const acc_t b = bias ? static_cast<acc_t>(bias[ch + v]) : acc_t(0);
+        const acc_t res = residual ? static_cast<acc_t>(r.v[v]) : acc_t(0);
+        o.v[v] = static_cast<scalar_t>(conv_bias_act_epilogue<acc_t>(static_cast<acc_t>(o.v[v]), b, res, relu));
+      }
+      *reinterpret_cast<Vec16<scalar_t>*>(out + i) = o;
+    } else {
+      const index_t ch = conv_bias_act_channel<index_t>(u, c, plane, channels_last);
+      const acc_t b = bias ? static_cast<acc_t>(bias[ch]) : acc_t(0);
+      const acc_t r = residual ? static_cast<acc_t>(residual[u]) : acc_t(0);
+      out[u] = static_cast<scalar_t>(conv_bias_act_epilogue<acc_t>(static_cast<acc_t>(out[u]), b, r, relu));
+    }
+  }
+}
+
+// Runs the planned kernel through `launch(kernel, units)`: <<<>>> in the CUDA entry point, the
+// emulator in the tests, so both take the same path for the same inputs.
+template <typename scalar_t, typename acc_t, typename Launch>
+void conv_bias_act_epilogue_dispatch(const EpiloguePlan& plan, Launch&& launch) {
+  if (plan.wide) {
+    if (plan.vector) launch(conv_bias_act_epilogue_kernel<scalar_t, acc_t, int64_t, true>, int64_t{plan.units});
+    else launch(conv_bias_act_epilogue_kernel<scalar_t, acc_t, int64_t, false>, int64_t{plan.units});
+  } else {
+    const int32_t units = static_cast<int32_t>(plan.units);
+    if (plan.vector) launch(conv_bias_act_epilogue_kernel<scalar_t, acc_t, int32_t, true>, units);
+    else launch(conv_bias_act_epilogue_kernel<scalar_t, acc_t, int32_t, false>, units);
   }
 }
 #endif
