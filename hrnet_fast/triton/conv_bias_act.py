@@ -8,7 +8,11 @@ and accumulates with tl.dot in fp32. Every tensor is addressed through its own s
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -41,13 +45,17 @@ def _conv_bias_act_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # int64 pixel indices: offsets of large activations pass 2**31
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 32-bit index math unless some tensor has 2**31 elements or more (the host decides): the
+    # [BLOCK_M, BLOCK_K] address tile of every K step is the kernel's main integer work.
+    if INDEX_64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
@@ -57,7 +65,8 @@ def _conv_bias_act_kernel(
     n = offs_m // (WO * HO)
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
-    x_n = x_ptr + n * sxn
+    x_rows = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw  # each output pixel's window corner
+    w_cols = w_ptr + offs_n[None, :] * swo
 
     # One flat K loop over (r, s, C_in blocks): the software pipeliner overlaps the loads of step
     # t+1.. with the dot of step t only in the innermost loop, and most HRNet convs have C_in <= 64,
@@ -74,9 +83,9 @@ def _conv_bias_act_kernel(
         ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # zero padding outside the input
         kk = c0 + offs_k
         mask_k = kk < C_IN
-        a = tl.load(x_n[:, None] + (ih * sxh + iw * sxw)[:, None] + kk[None, :] * sxc,
+        a = tl.load(x_rows[:, None] + (r * sxh + s * sxw) + kk[None, :] * sxc,
                     mask=ok[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptr + r * swh + s * sww + offs_n[None, :] * swo + kk[:, None] * swi,
+        b = tl.load(w_cols + (r * swh + s * sww) + kk[:, None] * swi,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -93,9 +102,14 @@ def _conv_bias_act_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _span(t: torch.Tensor) -> int:
+    """One past the largest element offset of `t` (its strides, not its numel: views may be sparse)."""
+    return 1 + sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()))
+
+
 def _blocks(m: int, c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): one fixed tile under the interpreter,
-    GPU-sized otherwise."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) without tuning: one fixed tile under the
+    interpreter, GPU-sized otherwise."""
     if interpreting():
         # the interpreter pays per program, so one mid-sized tile: ~10x faster than 16s on the
         # tiny model, still small enough that the tests cover edge masks and several tiles
@@ -108,6 +122,45 @@ def _blocks(m: int, c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
     block_k = channel_block(c_in, 64)
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return block_m, block_n, block_k, num_warps, 3
+
+
+# Tiles the autotuner times on the GPU, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N
+# and BLOCK_K are cut to the layer's channel counts, so a narrow layer times fewer distinct tiles.
+_TUNED_TILES = [
+    (32, 32, 32, 2, 3),
+    (64, 32, 32, 4, 3),
+    (64, 64, 32, 4, 4),
+    (128, 32, 32, 4, 4),
+    (128, 64, 32, 4, 3),
+    (128, 64, 64, 4, 3),
+    (128, 128, 32, 8, 3),
+    (256, 64, 32, 8, 3),
+]
+
+
+def _quick_bench(fn: Callable[[], Any], quantiles: list[float]) -> Any:
+    """The autotuner's timer with short windows: HRNet's convs take microseconds, and a model meets
+    a few dozen distinct ones, each timed once per process on first use."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+@functools.cache
+def _tuner(n_cap: int, k_cap: int) -> Any:
+    """The kernel autotuned over _TUNED_TILES cut to BLOCK_N <= n_cap and BLOCK_K <= k_cap, keyed
+    on everything that changes which tile wins (sizes, geometry, epilogue; dtypes are added by Triton)."""
+    tiles = sorted({(bm, min(bn, n_cap), min(bk, k_cap), w, st) for bm, bn, bk, w, st in _TUNED_TILES})
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "NUM_STAGES": st}, num_warps=w)
+        for bm, bn, bk, w, st in tiles
+    ]
+    key = ["M", "C_OUT", "C_IN", "H", "W", "STRIDE_H", "STRIDE_W", "KH", "KW", "HAS_BIAS", "HAS_RESIDUAL", "RELU"]
+    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)(_conv_bias_act_kernel)
+
+
+def autotuning() -> bool:
+    """Whether GPU launches time the candidate tiles on first use of a shape (default) or take the
+    fixed heuristic tile (HRNET_FAST_TRITON_AUTOTUNE=0). Never under the interpreter."""
+    return not interpreting() and os.environ.get("HRNET_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 
 @define_op(QUALNAME, _ops.fake)
@@ -134,23 +187,32 @@ def conv_bias_act_triton(
     c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
     kh, kw = weight.shape[2], weight.shape[3]
     m = n * ho * wo
-    block_m, block_n, block_k, num_warps, num_stages = _blocks(m, c_in, c_out)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    index_64 = max(_span(t) for t in (x, weight, residual, out) if t is not None) >= 2**31
+    args = (
+        x, *x.stride(),
+        weight, *weight.stride(),
+        x if bias is None else bias, 0 if bias is None else bias.stride(0),
+        x if residual is None else residual, *res_strides,
+        out, *out.stride(),
+        m, c_out, c_in, h, w, ho, wo,
+        stride[0], stride[1], padding[0], padding[1],
+    )
+    flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+                 DOT_PRECISION=dot_precision(x.dtype), INDEX_64=index_64)
     with device_guard(x):  # Triton launches on the current device, which need not be x's
-        wrap_triton(_conv_bias_act_kernel)[grid](
-            x, *x.stride(),
-            weight, *weight.stride(),
-            x if bias is None else bias, 0 if bias is None else bias.stride(0),
-            x if residual is None else residual, *res_strides,
-            out, *out.stride(),
-            m, c_out, c_in, h, w, ho, wo,
-            stride[0], stride[1], padding[0], padding[1],
-            KH=kh, KW=kw,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision(x.dtype),
-            NUM_STAGES=num_stages, num_warps=num_warps,
-        )
+        if autotuning():
+            def grid(meta: dict[str, Any]) -> tuple[int, int]:
+                return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
+
+            wrap_triton(_tuner(channel_block(c_out, 128), channel_block(c_in, 64)))[grid](*args, **flags)
+        else:
+            block_m, block_n, block_k, num_warps, num_stages = _blocks(m, c_in, c_out)
+            grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+            wrap_triton(_conv_bias_act_kernel)[grid](
+                *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+                num_warps=num_warps,
+            )
     return out
 
 
