@@ -151,6 +151,7 @@ def optimize(
     strict: bool = False,
     winograd: bool = True,
     cuda_graph: bool = False,
+    streams: bool = False,
 ) -> nn.Module:
     """A fused inference copy of `model` (which is left untouched) with the same outputs.
 
@@ -162,6 +163,9 @@ def optimize(
     oneDNN's direct convolution here; outputs differ by rounding, ~1e-6 relative); False keeps oneDNN.
     cuda_graph: (CUDA models) capture one CUDA graph per input shape on first use and replay it
     after: the whole forward becomes one launch (see hrnet_fast.graphs.CUDAGraphForward).
+    streams: (CUDA models) run each HR module's branches, and then its fused outputs, on parallel
+    CUDA streams (hrnet_fast.fused.streams): at small batches one branch leaves most of the GPU idle.
+    Combines with cuda_graph (the graph keeps the fork and join).
     The compiled backends run channels_last inside; outputs come back in the layout eager would
     give (NCHW for an NCHW input).
     """
@@ -190,6 +194,8 @@ def optimize(
         from hrnet_fast.triton import conv_bias_act as _t1, fuse_multi_res as _t2  # noqa: F401
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True replays CUDA graphs, so it needs a model on a CUDA device, got {device}")
+    if streams and device.type != "cuda":
+        raise ValueError(f"streams=True runs branches on parallel CUDA streams, so it needs a model on a CUDA device, got {device}")
 
     fused = copy.deepcopy(model)
     converter = _Converter(chosen)
@@ -207,6 +213,8 @@ def optimize(
     for m in fused.modules():
         if isinstance(m, FusedConv):
             m.pack(use_winograd=winograd)
+        elif isinstance(m, FusedHRModule):
+            m.streams = streams
     # the compiled backends run channels_last end to end (NHWC tiles for Triton, cuDNN's fast
     # layout for half types, oneDNN's and our Winograd kernel's layout on the CPU)
     scope = _ForwardScope(dtype, channels_last=chosen in ("cpu", "cuda", "triton"))

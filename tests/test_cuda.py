@@ -318,6 +318,53 @@ def test_batch_64_shapes(backend):
     assert_close("b64 fuse", out, ref64, eager, torch.float16)
 
 
+@gpu_only
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_triton_untuned_tiles(case, monkeypatch):
+    """HRNET_FAST_TRITON_AUTOTUNE=0: the fixed heuristic tile instead of the tuned one, same answers."""
+    monkeypatch.setenv("HRNET_FAST_TRITON_AUTOTUNE", "0")
+    x, w, b, stride, padding, r, relu = conv_case(case, "bias_res_relu", seed=5)
+    ref64 = conv_bias_act_reference(x, w, b, stride, padding, r, relu)
+    xd, wd, bd, rd = _dev(x, torch.float16, "cl"), _dev(w, torch.float16), _dev(b, torch.float16), _dev(r, torch.float16, "cl")
+    eager = conv_bias_act_reference(xd, wd, bd, stride, padding, rd, relu)
+    poison(eager.numel() * eager.element_size())
+    out = conv_bias_act(xd, wd, bd, stride, padding, rd, relu, backend="triton")
+    assert_close("untuned triton conv", out, ref64, eager, torch.float16)
+
+
+def _assert_close_in_rows(what: str, out: torch.Tensor, eager: torch.Tensor, rows: int = 1024) -> None:
+    """out against eager (both fp16, same computation) a band of rows at a time: 4 GiB tensors have
+    no room for float64 copies. Within 4 fp16 ulps of the largest value: the paths round differently."""
+    scale = eager.abs().amax().float().item()
+    for y in range(0, out.shape[2], rows):
+        o, e = out[:, :, y:y + rows].float(), eager[:, :, y:y + rows].float()
+        assert torch.isfinite(o).all(), f"{what}: NaN/Inf in rows {y}..{y + rows} (unwritten?)"
+        err = (o - e).abs().max().item()
+        assert err <= 4e-3 * scale, f"{what}: rows {y}..: max error {err:.3g} of max|eager| {scale:.3g}"
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_past_2_31_elements(backend):
+    """Tensors of 2**31 elements: the 64-bit index paths (Triton's INDEX_64, the CUDA kernels' wide plans)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(1, 16, 16384, 8192, device=DEV, generator=g, dtype=torch.float16).contiguous(memory_format=CL)
+    assert x.numel() == 2**31
+    w = (torch.randn(16, 16, 1, 1, device=DEV, generator=g) / 4).half()
+    b = torch.randn(16, device=DEV, generator=g).half()
+    # bias + residual, no ReLU: on the cuda backend this is cuDNN's conv and then our epilogue kernel
+    out = conv_bias_act(x, w, b, 1, 0, x, False, backend=backend)
+    eager = conv_bias_act_reference(x, w, b, [1, 1], [0, 0], x, False)
+    _assert_close_in_rows("conv past 2**31", out, eager)
+    del out, eager
+    low = torch.randn(1, 16, 8192, 4096, device=DEV, generator=g, dtype=torch.float16).contiguous(memory_format=CL)
+    out = fuse_multi_res(x, [low], [w.reshape(16, 16)], b, backend=backend)
+    eager = fuse_multi_res_reference(x, [low], [w.reshape(16, 16)], b)
+    _assert_close_in_rows("fuse past 2**31", out, eager)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ops_on_a_second_gpu(backend):
@@ -470,6 +517,24 @@ def test_cuda_graph_replays_the_model(backend):
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
             torch.testing.assert_close(again, plain(shape_x * 0.5), rtol=2e-3, atol=2e-3)
         assert graphed.forward.num_graphs == 2
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "graph"])
+def test_streams_give_the_same_outputs(backend, cuda_graph):
+    """optimize(streams=True): branches and outputs on parallel streams, same kernels, same answers;
+    with a CUDA graph the forked streams are captured too. Two batch sizes, repeated, so reused memory
+    from the side streams' pools would show up as wrong values."""
+    model, x, _ = built("w32")
+    with torch.no_grad():
+        plain = hrnet_fast.optimize(model, backend=backend, dtype=torch.float16)
+        par = hrnet_fast.optimize(model, backend=backend, dtype=torch.float16, streams=True, cuda_graph=cuda_graph)
+        for shape_x in (x, x[:1], x, x[:1]):
+            want = [plain(shape_x * s) for s in (1.0, 0.5)]
+            got = [par(shape_x * s) for s in (1.0, 0.5)]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
 
 
 @gpu_only

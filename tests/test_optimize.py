@@ -269,6 +269,11 @@ def test_cuda_graph_needs_a_cuda_model():
         hrnet_fast.optimize(tiny_pose_hrnet().eval(), cuda_graph=True)
 
 
+def test_streams_need_a_cuda_model():
+    with pytest.raises(ValueError, match="streams=True runs branches on parallel CUDA streams, so it needs a model on a CUDA"):
+        hrnet_fast.optimize(tiny_pose_hrnet().eval(), streams=True)
+
+
 def test_model_whose_train_returns_none():
     """MMPose's backbone overrides train() without returning self: optimize must not chain .eval()."""
 

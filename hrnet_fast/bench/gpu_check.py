@@ -36,7 +36,7 @@ STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32")
 LIMITS = {"build": 240, "tests": 210, "profile": 90, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150}
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
 MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
-BENCH_CONTENDERS = "eager,eager_cl,compile,hrnet_fast_cuda,hrnet_fast_triton"
+BENCH_CONTENDERS = "eager,eager_cl,compile,hrnet_fast_cuda,hrnet_fast_cuda_streams,hrnet_fast_triton"
 
 
 @dataclass
@@ -89,7 +89,9 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
                           "--out", str(out / "profile.txt")], {"HRNET_FAST_DEBUG": "1"}),
         # no caching allocator: memcheck sees only cudaMalloc'd bounds, and a cached block hides overruns
         "memcheck": ([sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20"] + pytest
-                     + ["-k", MEMCHECK_K], {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", **threads}),
+                     + ["-k", MEMCHECK_K],
+                     # the autotuner's timing runs would be instrumented too: the fixed tiles suffice here
+                     {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "HRNET_FAST_TRITON_AUTOTUNE": "0", **threads}),
         "bench_fp32": (bench + ["--dtype", "float32", "--contenders", "eager,eager_cl,hrnet_fast_cuda,hrnet_fast_triton"], {}),
     }
 

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="w32")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--dtype", choices=DTYPES, default="float16")
-    p.add_argument("--contenders", default="eager,eager_cl,hrnet_fast_cuda,hrnet_fast_triton")
+    p.add_argument("--contenders", default="eager,eager_cl,hrnet_fast_cuda,hrnet_fast_cuda_streams,hrnet_fast_triton")
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     names = args.contenders.split(",")

@@ -13,6 +13,7 @@ from torch import nn
 
 from hrnet_fast.fused.blocks import conv_bn_pair, fused_conv
 from hrnet_fast.fused.folding import fold_conv_bn
+from hrnet_fast.fused.streams import run_concurrently
 from hrnet_fast.ops.fuse_multi_res import fuse_multi_res_reference
 
 
@@ -105,22 +106,29 @@ class FusedHRModule(nn.Module):
                 self.register_buffer(f"w_{i}_{k}", w.reshape(w.shape[0], w.shape[1]))
             self.register_buffer(f"b_{i}", torch.stack([b for _, b in folded]).sum(0) if folded else None)
         self.n_out = len(rows)
+        # set by optimize(streams=True): branches, then outputs, on parallel CUDA streams
+        self.streams = False
+
+    def _output(self, i: int, x: list[torch.Tensor]) -> torch.Tensor:
+        s = x[i]
+        for j, chain in enumerate(self.chains[i]):
+            t = x[j]
+            for conv in chain[:-1]:
+                t = conv(t)
+            s = chain[-1](t, s)
+        idx = self.lowres_index[i]
+        if idx:
+            weights = [getattr(self, f"w_{i}_{k}") for k in range(len(idx))]
+            s = self._fuse(s, [x[j] for j in idx], weights, getattr(self, f"b_{i}"), True)
+        return s
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.streams and x[0].is_cuda and not torch.compiler.is_compiling():
+            x = run_concurrently([lambda b=b, xi=xi: b(xi) for b, xi in zip(self.branches, x)], x[0].device)
+            if self.n_out == 0:
+                return x
+            return run_concurrently([lambda i=i: self._output(i, x) for i in range(self.n_out)], x[0].device)
         x = [branch(xi) for branch, xi in zip(self.branches, x)]
         if self.n_out == 0:  # a single branch: the official module returns it without fusing
             return x
-        out = []
-        for i in range(self.n_out):
-            s = x[i]
-            for j, chain in enumerate(self.chains[i]):
-                t = x[j]
-                for conv in chain[:-1]:
-                    t = conv(t)
-                s = chain[-1](t, s)
-            idx = self.lowres_index[i]
-            if idx:
-                weights = [getattr(self, f"w_{i}_{k}") for k in range(len(idx))]
-                s = self._fuse(s, [x[j] for j in idx], weights, getattr(self, f"b_{i}"), True)
-            out.append(s)
-        return out
+        return [self._output(i, x) for i in range(self.n_out)]
