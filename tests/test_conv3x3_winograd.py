@@ -1,11 +1,12 @@
 """conv3x3_winograd against direct convolution (float64 reference): both tile sizes, image borders,
-every thread split, the epilogue, memory formats, opcheck, torch.compile, the tile choice and
-input validation."""
+every thread split, the epilogue, memory formats, gradients, opcheck, torch.compile, the tile choice
+and input validation."""
 from __future__ import annotations
 
 import importlib
 
 import pytest
+import references
 import torch
 
 from hrnet_fast import _extension
@@ -138,6 +139,45 @@ def test_choose_tile(x_shape, c_out, m):
     assert wino.choose_tile(x_shape, c_out) == m
 
 
+@pytest.mark.parametrize("m", wino.TILES)
+@pytest.mark.parametrize("shape", [(2, 5, 18, 7, 9), (1, 8, 16, 1, 1), (1, 3, 20, 8, 8)], ids=str)
+@pytest.mark.parametrize("relu", [True, False])
+def test_gradients_match_direct_convolution(m, shape, relu):
+    """x, bias and residual get direct convolution's gradients; the transformed weight's, taken back
+    through the filter transform (weight_grad_to_dense), is direct convolution's weight gradient."""
+    x, weight, b, r = make(shape, seed=8)
+    leaves = [t.clone().requires_grad_() for t in (x, wino.transform_weight(weight, m), b, r)]
+    y = wino.conv3x3_winograd(leaves[0], leaves[1], shape[2], leaves[2], leaves[3], relu)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    y.backward(dy)
+    exact = [t.double().requires_grad_() for t in (x, weight, b, r)]
+    references.conv_bias_act(exact[0], exact[1], exact[2], 1, 1, exact[3], relu).backward(dy.double())
+    got = [leaves[0].grad, wino.weight_grad_to_dense(leaves[1].grad, shape[2]), leaves[2].grad, leaves[3].grad]
+    for g, e in zip(got, exact):
+        assert g.shape == e.shape
+        assert_close_to(g, e.grad, m)
+
+
+@pytest.mark.parametrize("m", wino.TILES)
+def test_backward_is_the_kernels_adjoint(m):
+    """Without bias, residual and ReLU the op is linear in x and in the transformed weight U apart, so
+    <dy, op(p, U)> = <dx, p> and <dy, op(x, q)> = <dU, q> for any p and q: q need not be a
+    transformed 3x3 weight, and its padded output channels (which the op ignores) get zero."""
+    n, cin, cout, h, w = 2, 6, 20, 9, 7
+    g = torch.Generator().manual_seed(10)
+    x, p = torch.randn(n, cin, h, w, generator=g), torch.randn(n, cin, h, w, generator=g)
+    u = wino.transform_weight(torch.randn(cout, cin, 3, 3, generator=g), m)
+    q = torch.randn(u.shape, generator=g)
+    dy = torch.randn(n, cout, h, w, generator=g)
+    xl, ul = x.clone().requires_grad_(), u.clone().requires_grad_()
+    wino.conv3x3_winograd(xl, ul, cout, None, None, False).backward(dy)
+    dot = lambda a, b: (a.double() * b.double()).sum().item()  # noqa: E731
+    for lhs, rhs in [(dot(dy, wino.conv3x3_winograd(p, u, cout, None, None, False)), dot(xl.grad, p)),
+                     (dot(dy, wino.conv3x3_winograd(x, q, cout, None, None, False)), dot(ul.grad, q))]:
+        assert abs(lhs - rhs) <= 1e-5 * abs(rhs), (lhs, rhs)
+    assert not ul.grad[:, -1, :, cout % wino.PANEL :].any()
+
+
 def test_opcheck():
     x, weight, b, r = make((2, 8, 16, 5, 4))
     u = wino.transform_weight(weight, 4)
@@ -145,6 +185,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, u, 16, None, None, False))
     x, weight, b, r = make((1, 18, 36, 5, 4))
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, wino.transform_weight(weight, 4), 36, b, r, True))
+    x, weight, b, r = make((2, 5, 18, 6, 7))  # with gradients: autograd registration and AOT autograd
+    args = [t.requires_grad_() for t in (x, wino.transform_weight(weight, 2), b, r)]
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (args[0], args[1], 18, args[2], args[3], True))
 
 
 def test_torch_compile_fullgraph():

@@ -3,15 +3,21 @@
 HRNet spends most of its FLOPs in 3x3 stride-1 convolutions. Winograd's minimal filtering does each
 m x m output tile with (m+2)^2 multiplies per channel pair instead of 9 m^2: 2.25x fewer for m = 2,
 4x fewer for m = 4 (see csrc/kernels/winograd.h). oneDNN has Winograd only for AVX-512, so on AVX2
-machines this kernel is ours (torch.ops.hrnet_fast.conv3x3_winograd, CPU, float32, inference).
+machines this kernel is ours (torch.ops.hrnet_fast.conv3x3_winograd, CPU, float32).
 
 `transform_weight(w, m)` applies the filter transform G w G^T once (in float64) and packs the result
 for the kernel; pass that to `conv3x3_winograd`. The arithmetic differs from direct convolution only
 by rounding: about 1e-7 relative for m = 2, and about 1e-6 for m = 4 (measured in tests/).
+
+Fake and autograd are registered here. The backward is the adjoint of the Winograd algorithm itself
+(in PyTorch ops), so it gives the gradient with respect to the transformed weight the op was called
+with; `transform_weight` detaches, so a gradient for the dense 3x3 weight w is G^T dU G (what
+`weight_grad_to_dense` computes). For x, bias and residual it equals direct convolution's gradient.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from hrnet_fast import _extension
 from hrnet_fast.ops._checks import check_4d, check_bias, check_same, same_device
@@ -36,6 +42,22 @@ _G = {
         [1 / 24, -1 / 12, 1 / 6],
         [0, 0, 1],
     ],
+}
+# B^T (input transform) and A^T (output transform) of F(m, 3), as csrc/kernels/winograd.h applies them.
+_BT = {
+    2: [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    4: [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+}
+_AT = {
+    2: [[1, 1, 1, 0], [0, 1, -1, -1]],
+    4: [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
 }
 
 
@@ -76,7 +98,7 @@ def choose_tile(x_shape: torch.Size | tuple[int, ...], c_out: int) -> int:
 
 def tile_size(transformed: torch.Tensor) -> int:
     """m of a transformed weight: 2 for [16, ...], 4 for [36, ...]."""
-    return {16: 2, 36: 4}[transformed.shape[0]]
+    return 2 if transformed.shape[0] == 16 else 4  # a comparison, not a dict lookup: works on symbolic shapes
 
 
 def conv3x3_winograd(
@@ -120,5 +142,58 @@ def fake(x, weight, out_channels, bias, residual=None, relu=True):
     return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
 
 
+def setup_context(ctx, inputs, output):
+    x, weight, out_channels, bias, residual, relu = inputs
+    ctx.out_channels, ctx.relu = int(out_channels), relu
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.save_for_backward(x, weight, output)
+
+
+def backward(ctx, grad):
+    """Adjoint of Y = A^T [sum_c U_c .* (B^T D_c B)] A over every m x m output tile (zero padding
+    around the image, tiles past its edge cut off), for x and the packed transformed weight U."""
+    x, weight, out = ctx.saved_tensors
+    if ctx.relu:
+        grad = grad * (out > 0)
+    m = tile_size(weight)
+    k, (n, cin, h, w), cout = m + 2, x.shape, ctx.out_channels
+    th, tw = -(-h // m), -(-w // m)
+    bt = torch.tensor(_BT[m], dtype=grad.dtype, device=grad.device)
+    at = torch.tensor(_AT[m], dtype=grad.dtype, device=grad.device)
+    # dZ = A dY A^T of every output tile: [N, C_out, tiles_h, tiles_w, k, k]
+    dy = F.pad(grad, (0, tw * m - w, 0, th * m - h)).unfold(2, m, m).unfold(3, m, m)
+    dz = torch.einsum("ia,notsij,jb->notsab", at, dy, at)
+    u = weight.permute(0, 2, 1, 3).reshape(k, k, cin, -1)[..., :cout]  # [k, k, C_in, C_out]
+    grad_x = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        dv = torch.einsum("abco,notsab->nctsab", u, dz)
+        dd = torch.einsum("ai,nctsab,bj->ncijts", bt, dv, bt)  # B dV B^T per input tile
+        # input tiles overlap by 2: add them back into the padded image, then drop the padding
+        dx = F.fold(dd.reshape(n, cin * k * k, th * tw), (th * m + 2, tw * m + 2), kernel_size=k, stride=m)
+        grad_x = dx[:, :, 1 : h + 1, 1 : w + 1]
+    if ctx.needs_input_grad[1]:
+        d = F.pad(x, (1, tw * m - w + 1, 1, th * m - h + 1)).unfold(2, k, m).unfold(3, k, m)
+        v = torch.einsum("ai,nctsij,bj->nctsab", bt, d, bt)  # B^T D B, as the forward's input transform
+        du = torch.einsum("nctsab,notsab->abco", v, dz)
+        du = F.pad(du, (0, weight.shape[1] * PANEL - cout))  # the padded output channels get no gradient
+        grad_weight = du.reshape(k * k, cin, weight.shape[1], PANEL).permute(0, 2, 1, 3)
+    grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
+    grad_residual = grad if ctx.has_residual else None
+    # One gradient per input the caller passed: torch 2.11's AOT autograd leaves trailing defaults
+    # out of the call, fills them in for setup_context, but then wants them out of the result.
+    return (grad_x, grad_weight, None, grad_bias, grad_residual, None)[: len(ctx.needs_input_grad)]
+
+
+def weight_grad_to_dense(grad_transformed: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The gradient for the dense [C_out, C_in, 3, 3] weight w, given the gradient for
+    transform_weight(w, m): U = G w G^T is linear in w, so dw = G^T dU G."""
+    m = tile_size(grad_transformed)
+    k, cin = m + 2, grad_transformed.shape[2]
+    g = torch.tensor(_G[m], dtype=grad_transformed.dtype, device=grad_transformed.device)
+    du = grad_transformed.permute(0, 2, 1, 3).reshape(k, k, cin, -1)[..., :out_channels]
+    return torch.einsum("ak,abio,bl->oikl", g, du, g)
+
+
 if _extension.is_built():
     torch.library.register_fake(f"hrnet_fast::{OP}")(fake)
+    torch.library.register_autograd(f"hrnet_fast::{OP}", backward, setup_context=setup_context)
