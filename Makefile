@@ -26,7 +26,13 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(BUILD_LOCK) $(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 
-setup: $(VENV)/.built
+# MMPose's own HRNet backbone, for tests/test_mmpose.py: the pinned set in requirements-mmpose.txt,
+# with --no-deps (mmpose declares opencv-python, xtcocotools, chumpy, ... which the backbone never imports).
+$(VENV)/.mmpose: requirements-mmpose.txt $(VENV)/.deps
+	$(PIP) install -q --no-deps -r requirements-mmpose.txt
+	touch $@
+
+setup: $(VENV)/.built $(VENV)/.mmpose
 
 # Rebuild the extension in place (incremental with ninja) after editing csrc/.
 ext: $(VENV)/.deps
