@@ -77,12 +77,9 @@ def _hrnet_fast(backend: str, streams: bool = False) -> Callable[[Context], Prep
             raise Skip("Triton on CPU runs only in its interpreter (TRITON_INTERPRET=1), far too slow for a whole model")
         import hrnet_fast
 
-        optimize = getattr(hrnet_fast, "optimize", None)
-        if optimize is None:
-            raise Skip("hrnet_fast.optimize has not landed in this checkout")
         t0 = time.perf_counter()
         try:
-            fast = optimize(ctx.model_fp32, backend=backend, dtype=None if ctx.dtype == torch.float32 else ctx.dtype,
+            fast = hrnet_fast.optimize(ctx.model_fp32, backend=backend, dtype=None if ctx.dtype == torch.float32 else ctx.dtype,
                             streams=streams)
         except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
             raise Skip(f"optimize(backend={backend!r}) failed: {_first_line(e)}") from None

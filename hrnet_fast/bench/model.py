@@ -59,11 +59,7 @@ def build_model(spec: str) -> nn.Module:
     """The reference pose HRNet for --model, in eval mode, from hrnet_fast's public builders."""
     import hrnet_fast
 
-    name = f"pose_hrnet_{spec}" if spec in PRESETS else "get_pose_net"
-    builder = getattr(hrnet_fast, name, None)
-    if builder is None:
-        raise BenchError(f"hrnet_fast.{name} is not available in this checkout (the reference model has not landed)")
-    model = builder() if spec in PRESETS else builder(spec)
+    model = getattr(hrnet_fast, f"pose_hrnet_{spec}")() if spec in PRESETS else hrnet_fast.get_pose_net(spec)
     return model.eval()
 
 
