@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from hrnet_fast.bench.op_args import op_bench_parser
+from hrnet_fast.bench.record import format_table, write_results
 from hrnet_fast.bench.timing import take_turns
+from hrnet_fast.fused.folding import fold_conv_bn
 
 cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")
 
@@ -72,9 +74,7 @@ def contenders(s: Shape, batch: int) -> dict[str, tuple[str, dict]]:
         bn.running_mean.uniform_(-0.1, 0.1, generator=g)
         bn.running_var.uniform_(0.5, 1.5, generator=g)
     eager = torch.nn.Sequential(conv, bn).eval()
-    # BN folded, as optimize() does
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    wf, bf = (w * scale[:, None, None, None]).detach(), (bn.bias - bn.running_mean * scale).detach()
+    wf, bf = fold_conv_bn(conv, bn)  # BN folded, as optimize() does
     r = torch.randn(batch, s.c_out, *s.out_hw(), generator=g) if s.residual else None
     cl = torch.channels_last
     xc, rc = x.contiguous(memory_format=cl), (r.contiguous(memory_format=cl) if r is not None else None)
@@ -130,11 +130,6 @@ def main() -> None:
     for (batch, name), ms in total.items():
         base = total[(batch, "eager NCHW")]
         rows.append(dict(contender=name, shape="sum of shapes", batch=batch, time_ms=ms, speedup_vs_eager=base / ms))
-    try:
-        from hrnet_fast.bench.record import format_table, write_results
-    except ImportError:  # the shared recorder is optional
-        print(rows)
-        return
     print(format_table([r for r in rows if r["shape"] == "sum of shapes"],
                        ["batch", "contender", "time_ms", "speedup_vs_eager"]))
     config = dict(threads=args.threads, batches=batches, shapes=[s.name for s in shapes], dtype="float32",

@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.utils.benchmark as tb
 
 from hrnet_fast.bench.op_args import op_bench_parser
+from hrnet_fast.bench.record import format_table, write_results
+from hrnet_fast.bench.timing import take_turns
+from hrnet_fast.fused.folding import fold_conv_bn
 from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
 from hrnet_fast.profile import peak_bytes
 
@@ -42,9 +44,9 @@ def build(stage: int, i: int, batch: int) -> dict[str, Callable[[], torch.Tensor
             bn.running_mean.uniform_(-0.1, 0.1, generator=g)
             bn.running_var.uniform_(0.5, 1.5, generator=g)
         layers.append(torch.nn.Sequential(conv, bn, torch.nn.Upsample(scale_factor=2 ** (j - i), mode="nearest")).eval())
-        scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach()  # BN folded, as optimize() does
-        wf.append((conv.weight[:, :, 0, 0] * scale[:, None]).detach())
-        bf = bf + (bn.bias - bn.running_mean * scale).detach()
+        wj, bj = fold_conv_bn(conv, bn)  # BN folded, as optimize() does
+        wf.append(wj[:, :, 0, 0])
+        bf = bf + bj
 
     def eager() -> torch.Tensor:  # HighResolutionModule._forward's fuse loop for output i
         y = base
@@ -76,20 +78,13 @@ def main() -> None:
             for (stage, i), calls in FUSIONS:
                 shape = f"s{stage} out{i} <- {stage - i - 1} lowres"
                 fns = build(stage, i, batch)
-                best: dict[str, tb.Measurement] = {}
-                for _ in range(args.rounds):
-                    for name, fn in fns.items():
-                        t = tb.Timer("fn()", globals={"fn": fn}, num_threads=args.threads, label=shape, sub_label=name)
-                        m = t.blocked_autorange(min_run_time=args.min_run_time / args.rounds)
-                        if name not in best or m.median < best[name].median:
-                            best[name] = m
-                eager_ms = best["eager NCHW"].median * 1e3
+                per_round = take_turns({name: ("fn()", {"fn": fn}) for name, fn in fns.items()}, args.rounds,
+                                       args.min_run_time, args.threads, shape)
+                eager_ms = min(per_round["eager NCHW"]) * 1e3
                 for name, fn in fns.items():
-                    m = best[name]
-                    ms = m.median * 1e3
+                    ms = min(per_round[name]) * 1e3
                     rows.append(dict(contender=name, shape=shape, batch=batch, calls_per_forward=calls,
-                                     median_ms=ms, iqr_ms=m.iqr * 1e3, speedup_vs_eager=eager_ms / ms,
-                                     peak_mib=peak_bytes(fn) / 2**20))
+                                     median_ms=ms, speedup_vs_eager=eager_ms / ms, peak_mib=peak_bytes(fn) / 2**20))
                     r = rows[-1]
                     print(f"b{batch} {shape:22s} {name:11s} {ms * 1e3:8.1f} us  x{r['speedup_vs_eager']:5.2f}  "
                           f"peak {r['peak_mib']:6.2f} MiB", flush=True)
@@ -109,16 +104,6 @@ def main() -> None:
     for r in rows:  # the chart groups bars by case: batch and shape together
         r["case"] = f"b{r['batch']} {r['shape']}"
     columns = ["batch", "shape", "contender", "median_ms", "speedup_vs_eager", "peak_mib"]
-    try:
-        from hrnet_fast.bench.record import format_table, write_results
-    except ImportError:  # the shared recorder is optional
-        import json
-        from pathlib import Path
-
-        Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-        Path("benchmarks/results/fuse_multi_res_cpu.json").write_text(json.dumps(rows, indent=1))
-        print(*rows, sep="\n")
-        return
     print(format_table(rows, columns))
     config = dict(threads=args.threads, batches=args.batch, branches=BRANCHES, dtype="float32", rounds=args.rounds,
                   median_ms="best of the rounds' medians",
