@@ -3,12 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The `nvcc` on PATH may be a wrapper that misleads torch: point at the real toolkit when it is there.
-ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
-export CUDA_HOME ?= /usr/local/cuda
-endif
-# TORCH_CUDA_ARCH_LIST, when unset, is chosen by setup.py: the visible GPUs, else 8.0;9.0.
-export HRNET_FAST_CUDA ?= auto
+# CUDA_HOME, TORCH_CUDA_ARCH_LIST and HRNET_FAST_CUDA, when unset, are chosen by setup.py, which a
+# plain `pip install` runs too: /usr/local/cuda when its nvcc is there, the visible GPUs, auto.
 # Builds in this tree are serialised: several shells may ask at once.
 BUILD_LOCK := flock $(CURDIR)/.build.lock
 
