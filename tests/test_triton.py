@@ -357,3 +357,21 @@ def test_torch_compile_aot_eager() -> None:
         out = torch.compile(module, fullgraph=True, backend="aot_eager")(x, lowres)
         ref = ref_module(x, lowres)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_launches_a_remembered_tuned_tile_directly(monkeypatch):
+    """On a GPU the tile the autotuner chose is remembered per shape and launched without the
+    Autotuner; here the remembered-tile path runs under the interpreter with a tile put in by hand."""
+    tc = importlib.import_module("hrnet_fast.triton.conv_bias_act")
+    x, w, b, r = conv_inputs((2, 8, 9, 7), (16, 8, 3, 3), residual_shape=(2, 16, 9, 7), seed=3)
+    monkeypatch.setattr(tc, "autotuning", lambda: True)
+    monkeypatch.setattr(tc, "_BEST", {})
+    monkeypatch.setattr(tc, "_tuner", lambda *a: pytest.fail("the Autotuner ran although a tuned tile was remembered"))
+    expect = conv_bias_act_reference(x, w, b, [1, 1], [1, 1], r, True)
+    args = (2 * 9 * 7, 16, 8, 9, 7, 9, 7, 1, 1, 1, 1)
+    flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, DOT_PRECISION=tc.dot_precision(x.dtype),
+                 INDEX_64=False)
+    tile = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "NUM_STAGES": 1, "num_warps": 1, "num_stages": 1}
+    tc._BEST[(x.dtype, x.device, args, tuple(flags.items()))] = tile
+    out = conv_bias_act(x, w, b, 1, 1, r, True, backend="triton")
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)

@@ -157,6 +157,10 @@ def _tuner(n_cap: int, k_cap: int) -> Any:
     return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)(_conv_bias_act_kernel)
 
 
+# The tile the autotuner chose per (dtype, device, sizes and geometry, flags): the launch kwargs.
+_BEST: dict[tuple, dict[str, Any]] = {}
+
+
 def autotuning() -> bool:
     """Whether GPU launches time the candidate tiles on first use of a shape (default) or take the
     fixed heuristic tile (HRNET_FAST_TRITON_AUTOTUNE=0). Never under the interpreter."""
@@ -205,7 +209,17 @@ def conv_bias_act_triton(
             def grid(meta: dict[str, Any]) -> tuple[int, int]:
                 return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
 
-            wrap_triton(_tuner(channel_block(c_out, 128), channel_block(c_in, 64)))[grid](*args, **flags)
+            key = (x.dtype, x.device, tuple(args[-11:]), tuple(flags.items()))
+            best = _BEST.get(key)
+            if best is None or torch.compiler.is_compiling():
+                tuner = _tuner(channel_block(c_out, 128), channel_block(c_in, 64))
+                wrap_triton(tuner)[grid](*args, **flags)
+                if not torch.compiler.is_compiling():
+                    _BEST[key] = tuner.best_config.all_kwargs()
+            else:
+                # the tuned tile, launched directly: triton's Autotuner.run rebuilds its key from
+                # every argument on each call, a cost comparable to the launch itself
+                wrap_triton(_conv_bias_act_kernel)[grid](*args, **flags, **best)
         else:
             block_m, block_n, block_k, num_warps, num_stages = _blocks(m, c_in, c_out)
             grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
