@@ -27,7 +27,8 @@ class ConversionError(ValueError):
     """optimize(strict=True) met a module it cannot fuse exactly."""
 
 
-def _fusable_conv(conv: nn.Conv2d) -> str | None:
+def _why_not_fusable_conv(conv: nn.Conv2d) -> str | None:
+    """Why `conv` cannot become a fused conv, or None when it can."""
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "grouped, dilated, string-padded or non-zero-padded conv"
     return None
@@ -47,19 +48,18 @@ class _Converter:
                 return FusedHRModule(m, branches, self.backend)
             self.skipped.append((name, why))
         elif block_depth(m):
-            why = why_not_block(m) or next(
-                (_fusable_conv(c) for c in m.modules() if isinstance(c, nn.Conv2d) and _fusable_conv(c)), None
-            )
+            convs = (c for c in m.modules() if isinstance(c, nn.Conv2d))
+            why = why_not_block(m) or next((r for r in map(_why_not_fusable_conv, convs) if r is not None), None)
             if why is None:
                 return FusedBlock(m, self.backend)
             self.skipped.append((name, why))
         pair = conv_bn_pair(m)
-        if pair is not None and _fusable_conv(pair[0]) is None:
+        if pair is not None and _why_not_fusable_conv(pair[0]) is None:
             return fused_conv(*pair, self.backend)
         if isinstance(m, nn.Conv2d):
-            if _fusable_conv(m) is None:
+            if _why_not_fusable_conv(m) is None:
                 return fused_conv(m, None, False, self.backend)
-            self.skipped.append((name, _fusable_conv(m)))
+            self.skipped.append((name, _why_not_fusable_conv(m)))
             return m
         self._fold_attribute_pairs(m)
         if isinstance(m, nn.Sequential):
@@ -75,7 +75,7 @@ class _Converter:
         children = list(m.named_children())
         for k, (name, conv) in enumerate(children[:-1]):
             bn = children[k + 1][1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _fusable_conv(conv) is None:
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _why_not_fusable_conv(conv) is None:
                 relu = k + 2 < len(children) and isinstance(children[k + 2][1], nn.ReLU)
                 setattr(m, name, fused_conv(conv, bn, relu, self.backend))
                 for absorbed_name, _ in children[k + 1 : k + 2 + relu]:
@@ -85,7 +85,7 @@ class _Converter:
         """conv{k} followed by bn{k} in the parent's own forward (stems): the conv absorbs the BN."""
         for k in range(1, 10):
             conv, bn = getattr(m, f"conv{k}", None), getattr(m, f"bn{k}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _fusable_conv(conv) is None:
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _why_not_fusable_conv(conv) is None:
                 setattr(m, f"conv{k}", fused_conv(conv, bn, False, self.backend))
                 setattr(m, f"bn{k}", nn.Identity())
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from hrnet_fast import _extension
 from hrnet_fast.ops.conv3x3_winograd import OP as WINOGRAD_OP
-from hrnet_fast.ops.conv3x3_winograd import choose_tile, supports, transform_weight
+from hrnet_fast.ops.conv3x3_winograd import choose_tile, transform_weight, why_not_winograd
 from hrnet_fast.ops.conv_bias_act import conv_bias_act_reference, prepack
 
 # The op each backend runs, resolved once at optimize() time: the hot path does no checks or lookups.
@@ -94,7 +94,7 @@ class FusedConv(nn.Module):
         if self.backend == "cpu" and self.weight.dtype == torch.float32:
             if (
                 self.use_winograd
-                and supports(self.weight, self.stride, self.padding) is None
+                and why_not_winograd(self.weight, self.stride, self.padding) is None
                 and _extension.has_kernel(WINOGRAD_OP, "CPU")
             ):
                 winograd = {4: transform_weight(self.weight, 4)}

@@ -61,7 +61,7 @@ _AT = {
 }
 
 
-def supports(weight: torch.Tensor, stride: list[int], padding: list[int]) -> str | None:
+def why_not_winograd(weight: torch.Tensor, stride: list[int], padding: list[int]) -> str | None:
     """Why the Winograd kernel cannot run this conv, or None when it can."""
     if tuple(weight.shape[2:]) != (3, 3) or list(stride) != [1, 1] or list(padding) != [1, 1]:
         return f"needs a 3x3 kernel with stride 1 and padding 1, got {tuple(weight.shape[2:])}, stride={list(stride)}, padding={list(padding)}"
@@ -76,7 +76,7 @@ def transform_weight(weight: torch.Tensor, m: int = 4) -> torch.Tensor:
     check_4d("weight", weight)
     if m not in TILES:
         raise ValueError(f"m (the output tile size) must be one of {TILES}, got {m}")
-    why = supports(weight, [1, 1], [1, 1])
+    why = why_not_winograd(weight, [1, 1], [1, 1])
     if why is not None:
         raise ValueError(f"conv3x3_winograd {why}")
     g = torch.tensor(_G[m], dtype=torch.float64)
