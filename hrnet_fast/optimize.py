@@ -97,7 +97,7 @@ class _ForwardScope:
     - channels_last: the compiled backends run NHWC end to end, so 4-D inputs are converted once on
       entry; 4-D outputs go back to NCHW when the caller passed NCHW, the layout eager returns.
     - inference mode: under no_grad every custom-op call still passes through its Python autograd
-      wrapper (~10 us, ~300 calls a forward); inference mode skips it. Not while compiling (Dynamo
+      wrapper, hundreds of calls a forward; inference mode skips it. Not while compiling (Dynamo
       traces no grad mode split across hooks) nor when grad is enabled (a training caller keeps autograd).
     Per-call state lives on a per-thread stack, so threads may share one model.
     """
@@ -159,8 +159,9 @@ def optimize(
     "cpu", "cuda", "triton" or "torch". dtype: cast the copy (float16/bfloat16 for cuda/triton); inputs are cast to it on entry.
     What cannot be fused exactly is left as it was, listed in `.hrnet_fast_skipped` and warned about;
     strict=True raises ConversionError instead.
-    winograd: on the cpu backend, run 3x3 stride-1 convs by Winograd F(4x4, 3x3) (about 2x faster than
-    oneDNN's direct convolution here; outputs differ by rounding, ~1e-6 relative); False keeps oneDNN.
+    winograd: on the cpu backend, run 3x3 stride-1 convs by Winograd F(4x4, 3x3) (a quarter of direct
+    convolution's multiplies; outputs differ by rounding; the README has the measured speed and
+    error); False keeps oneDNN's direct convolution.
     cuda_graph: (CUDA models) capture one CUDA graph per input shape on first use and replay it
     after: the whole forward becomes one launch (see hrnet_fast.graphs.CUDAGraphForward).
     streams: (CUDA models) run each HR module's branches, and then its fused outputs, on parallel

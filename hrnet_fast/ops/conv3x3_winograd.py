@@ -7,7 +7,8 @@ machines this kernel is ours (torch.ops.hrnet_fast.conv3x3_winograd, CPU, float3
 
 `transform_weight(w, m)` applies the filter transform G w G^T once (in float64) and packs the result
 for the kernel; pass that to `conv3x3_winograd`. The arithmetic differs from direct convolution only
-by rounding: about 1e-7 relative for m = 2, and about 1e-6 for m = 4 (measured in tests/).
+by rounding, which grows with the transforms' constants (more for m = 4 than for m = 2): the README
+gives its measured size, tests/test_conv3x3_winograd.py the bounds it is held to.
 
 Fake and autograd are registered here. The backward is the adjoint of the Winograd algorithm itself
 (in PyTorch ops), so it gives the gradient with respect to the transformed weight the op was called
@@ -25,9 +26,9 @@ from hrnet_fast.ops._checks import check_4d, check_bias, check_same, same_device
 OP = "conv3x3_winograd"
 TILES = (2, 4)
 # F(4x4) does 44% fewer multiplies than F(2x2) but its transformed weight is 2.25x larger; where an
-# input has few tiles the weight's trip from memory costs more than the multiplies save.
-# benchmarks/bench_conv3x3_winograd.py measured the crossover near 1 MiB of F(4x4) weight per tile
-# (HRNet-W32 batch 1: F(2x2) wins at 256 channels on 8x6, F(4x4) at 128 channels on 16x12).
+# input has few tiles the weight's trip from memory costs more than the multiplies save. The
+# crossover, in bytes of F(4x4) weight per tile, was chosen with benchmarks/bench_conv3x3_winograd.py
+# (README, "Winograd on the CPU"); tests/test_conv3x3_winograd.py::test_choose_tile pins W32's cases.
 WEIGHT_BYTES_PER_TILE = 1 << 20
 PANEL = 16  # output channels per packed panel (the kernel's micro-kernel width)
 
