@@ -375,3 +375,20 @@ def test_conv_launches_a_remembered_tuned_tile_directly(monkeypatch):
     tc._BEST[(x.dtype, x.device, args, tuple(flags.items()))] = tile
     out = conv_bias_act(x, w, b, 1, 1, r, True, backend="triton")
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_tracing_is_told_apart_from_running():
+    """The autotuner runs only for real launches: not under fake tensors, make_fx (opcheck, AOT) or Dynamo."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    common = importlib.import_module("hrnet_fast.triton._common")
+    x = torch.randn(2, 3)
+    assert not common.tracing(x)
+    with FakeTensorMode() as mode:
+        assert common.tracing(mode.from_tensor(x))
+    seen = []
+    make_fx(lambda t: seen.append(common.tracing(t)) or t + 1)(x)
+    assert seen == [True]
+    torch.compile(lambda t: seen.append(common.tracing(t)) or t + 1, backend="eager", fullgraph=False)(x)
+    assert seen[-1] is True

@@ -37,6 +37,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
 
 
+def tracing(t: torch.Tensor) -> bool:
+    """True while the op is being traced rather than run: Dynamo, make_fx (opcheck, AOT autograd)
+    or fake tensors. Launch choices made by timing real runs (the autotuner) must not happen then."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return torch.compiler.is_compiling() or is_fake(t) or get_proxy_mode() is not None
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make t's GPU current for the launch (Triton launches on the current device); a no-op on CPU."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

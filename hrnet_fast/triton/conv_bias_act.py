@@ -20,7 +20,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 from torch.library import wrap_triton
 
-from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting
+from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting, tracing
 
 # the module, not the function that hrnet_fast.ops re-exports under the same name
 _ops = importlib.import_module("hrnet_fast.ops.conv_bias_act")
@@ -205,21 +205,22 @@ def conv_bias_act_triton(
     flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
                  DOT_PRECISION=dot_precision(x.dtype), INDEX_64=index_64)
     with device_guard(x):  # Triton launches on the current device, which need not be x's
-        if autotuning():
+        # Traced (torch.compile, opcheck): the fixed tile, as the sizes may be symbolic and nothing
+        # can be timed. Run for real: the autotuner's choice, timed once per shape and remembered.
+        if autotuning() and not tracing(x):
             def grid(meta: dict[str, Any]) -> tuple[int, int]:
                 return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
 
             key = (x.dtype, x.device, tuple(args[-11:]), tuple(flags.items()))
             best = _BEST.get(key)
-            if best is None or torch.compiler.is_compiling():
+            if best is None:
                 tuner = _tuner(channel_block(c_out, 128), channel_block(c_in, 64))
-                wrap_triton(tuner)[grid](*args, **flags)
-                if not torch.compiler.is_compiling():
-                    _BEST[key] = tuner.best_config.all_kwargs()
+                tuner[grid](*args, **flags)
+                _BEST[key] = tuner.best_config.all_kwargs()
             else:
                 # the tuned tile, launched directly: triton's Autotuner.run rebuilds its key from
                 # every argument on each call, a cost comparable to the launch itself
-                wrap_triton(_conv_bias_act_kernel)[grid](*args, **flags, **best)
+                _conv_bias_act_kernel[grid](*args, **flags, **best)
         else:
             block_m, block_n, block_k, num_warps, num_stages = _blocks(m, c_in, c_out)
             grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
