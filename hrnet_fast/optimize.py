@@ -151,7 +151,7 @@ def optimize(
     strict: bool = False,
     winograd: bool = True,
     cuda_graph: bool = False,
-    streams: bool = False,
+    streams: bool | None = None,
 ) -> nn.Module:
     """A fused inference copy of `model` (which is left untouched) with the same outputs.
 
@@ -166,7 +166,8 @@ def optimize(
     after: the whole forward becomes one launch (see hrnet_fast.graphs.CUDAGraphForward).
     streams: (CUDA models) run each HR module's branches, and then its fused outputs, on parallel
     CUDA streams (hrnet_fast.fused.streams): at small batches one branch leaves most of the GPU idle.
-    Combines with cuda_graph (the graph keeps the fork and join).
+    None (default): on with cuda_graph, whose graph keeps the fork and join and so drops their host
+    cost; off without it, where that host cost outweighs the overlap (README, GPU table).
     The compiled backends run channels_last inside; outputs come back in the layout eager would
     give (NCHW for an NCHW input).
     """
@@ -195,6 +196,8 @@ def optimize(
         from hrnet_fast.triton import conv_bias_act as _t1, fuse_multi_res as _t2  # noqa: F401
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True replays CUDA graphs, so it needs a model on a CUDA device, got {device}")
+    if streams is None:
+        streams = cuda_graph
     if streams and device.type != "cuda":
         raise ValueError(f"streams=True runs branches on parallel CUDA streams, so it needs a model on a CUDA device, got {device}")
 
