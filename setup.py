@@ -65,19 +65,13 @@ def _nvidia_include_flags() -> list[str]:
 
 
 def _cpu_flags() -> list[str]:
-    """AVX2/FMA when the build machine has them (it is the machine that runs an editable install)."""
-    flags = ["-O3", "-fopenmp"]
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    if os.environ.get("HRNET_FAST_NATIVE", "1") == "1" and " avx2 " in cpuinfo and " fma " in cpuinfo:
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
+    """Baseline x86-64 code for everything: the SIMD kernels are built once per instruction set
+    (csrc/cpu/isa/) and chosen at run time, so one build runs on any CPU of the architecture."""
+    return ["-O3", "-fopenmp"]
 
 
 def extensions():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/cpu/isa/*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
     extra = {"cxx": _cpu_flags()}
     if _want_cuda():

@@ -13,6 +13,10 @@
 // micro-kernel streams one contiguous 16-wide panel, C_out padded to whole panels with zeros; V's
 // rows are padded to whole vectors of 8 channels. The transforms read and write only real channels,
 // so any channel count works (timm's HRNet-W18 has 18, 36, 72 and 144).
+//
+// This file is the driver, built for the baseline ISA: checks, the split into tasks, threads. The
+// tasks themselves run in the variant for the CPU's instruction set (csrc/cpu/isa/, chosen at run time
+// by csrc/cpu/cpu_isa.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,36 +24,15 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <vector>
 
-#include "kernels/winograd.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
 namespace {
 
-// 8 floats: GCC/Clang vector extensions compile to AVX2 (and FMA under -mfma) where available and
-// to correct scalar or SSE code elsewhere. vf8u is the unaligned-access alias for load8/store8; the
-// transforms take vf8 pointers (a template drops the alias's alignment), so the V and Mt buffers, and
-// x where it is read as vectors in place (C_in a multiple of 8), are kept 32-byte aligned.
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf8u __attribute__((vector_size(32), aligned(4)));
-
-inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
-inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8u*>(p) = v; }
-// The first n < 8 lanes, for a channel count that is not a multiple of 8 (the rest read as 0).
-inline vf8 load_n(const float* p, int n) {
-  vf8 v = {};
-  for (int i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-}
-inline void store_n(float* p, vf8 v, int n) {
-  for (int i = 0; i < n; ++i) p[i] = v[i];
-}
-
-constexpr int kMr = 6;   // micro-kernel rows (tiles)
-constexpr int kNr = 16;  // micro-kernel columns (output channels): two vectors
 // Budget for one thread's V and Mt buffers: half of a 1 MiB L2, leaving room for U's panels.
 constexpr int64_t kBlockBytes = 512 * 1024;
 // Past this size U no longer stays close by between blocks, and every block streams all of it
@@ -59,109 +42,12 @@ constexpr int64_t kBlockBytes = 512 * 1024;
 constexpr int64_t kCachedWeightBytes = 2 * 1024 * 1024;
 constexpr int64_t kSpillBlockBytes = 2 * 1024 * 1024;
 
-// C[6][16] = A[6][k] * B[k][16]: A rows at stride lda, B a packed [k][16] panel, C rows at ldc.
-inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
-                       float* __restrict__ c, int64_t ldc, int64_t k) {
-  vf8 acc[kMr][2] = {};
-  for (int64_t p = 0; p < k; ++p) {
-    const vf8 b0 = load8(b + p * kNr), b1 = load8(b + p * kNr + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < kMr; ++r) {
-      const float ar = a[r * lda + p];
-      acc[r][0] += ar * b0;
-      acc[r][1] += ar * b1;
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < kMr; ++r) {
-    store8(c + r * ldc, acc[r][0]);
-    store8(c + r * ldc + 8, acc[r][1]);
-  }
-}
-
-// cin/cout: the conv's channels; cinp: V's row length (vectors of 8; the GEMM reads the first cin);
-// coutp: the GEMM's N, padded to whole 16-wide panels with the transformed weight's zero columns.
-struct Geometry {
-  int64_t n, h, w, cin, cout, cinp, coutp, tiles_h, tiles_w, tiles;
-};
-
-// Step 1 for tiles [t0, t0 + nt): V[p][i][c] (i < nt_padded, rows past nt and channels past cin zeroed).
-template <int M>
-void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t nt, int64_t ntp, float* v) {
-  constexpr int K = Winograd<M>::kTile;
-  const int64_t plane = ntp * g.cinp / 8, col = g.cinp / 8;  // V's strides, in vectors
-  const bool vector_rows = g.cin % 8 == 0;  // x's pixels start on vector boundaries (x is 32-byte aligned)
-  vf8* vv = reinterpret_cast<vf8*>(v);
-  vf8 t[K * K], patch[K * K];
-  for (int64_t i = 0; i < nt; ++i) {
-    const int64_t tile = t0 + i;
-    const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
-    const int64_t y0 = (rem / g.tiles_w) * M - 1, x0 = (rem % g.tiles_w) * M - 1;  // padding 1
-    const bool interior = y0 >= 0 && x0 >= 0 && y0 + K <= g.h && x0 + K <= g.w;
-    const float* base = x + img * g.h * g.w * g.cin;
-    for (int64_t c = 0; c < col; ++c) {
-      vf8* out = vv + i * col + c;
-      if (interior && vector_rows) {  // the common case: transform straight from x
-        const vf8* xv = reinterpret_cast<const vf8*>(base) + (y0 * g.w + x0) * col + c;
-        winograd_input_tile<M>(xv, g.w * col, col, out, plane, t);
-        continue;
-      }
-      // otherwise copy the patch: zeros outside the image (the conv's padding) and past cin
-      const int lanes = static_cast<int>(std::min<int64_t>(8, g.cin - c * 8));
-      for (int r = 0; r < K; ++r) {
-        for (int q = 0; q < K; ++q) {
-          const int64_t yy = y0 + r, xx = x0 + q;
-          const float* px = base + (yy * g.w + xx) * g.cin + c * 8;
-          patch[r * K + q] = !(yy >= 0 && yy < g.h && xx >= 0 && xx < g.w) ? vf8{} : lanes == 8 ? load8(px) : load_n(px, lanes);
-        }
-      }
-      winograd_input_tile<M>(patch, K, 1, out, plane, t);
-    }
-  }
-  for (int64_t i = nt; i < ntp; ++i)
-    for (int p = 0; p < K * K; ++p) std::memset(v + (p * plane + i * col) * 8, 0, g.cinp * sizeof(float));
-}
-
-// Step 3: y for tiles [t0, t0 + nt) and channel vectors [c0, c1) from Mt[p][i][o], with bias,
-// residual and ReLU.
-template <int M>
-void output_transform(const float* mt, const Geometry& g, int64_t t0, int64_t nt, int64_t ntp, int64_t c0,
-                      int64_t c1, const float* bias, const float* residual, bool relu, float* y) {
-  constexpr int K = Winograd<M>::kTile;
-  const int64_t plane = ntp * g.coutp / 8, col = g.coutp / 8;
-  const vf8* mv = reinterpret_cast<const vf8*>(mt);
-  vf8 t[M * K], out[M * M];
-  for (int64_t i = 0; i < nt; ++i) {
-    const int64_t tile = t0 + i;
-    const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
-    const int64_t y0 = (rem / g.tiles_w) * M, x0 = (rem % g.tiles_w) * M;
-    const int rows = static_cast<int>(std::min<int64_t>(M, g.h - y0)), cols = static_cast<int>(std::min<int64_t>(M, g.w - x0));
-    const int64_t offset = ((img * g.h + y0) * g.w + x0) * g.cout;
-    for (int64_t c = c0; c < std::min(c1, (g.cout + 7) / 8); ++c) {  // vectors past cout: padding only
-      const int lanes = static_cast<int>(std::min<int64_t>(8, g.cout - c * 8));
-      winograd_output_tile<M>(mv + i * col + c, plane, out, rows, t);
-      const vf8 b = !bias ? vf8{} : lanes == 8 ? load8(bias + c * 8) : load_n(bias + c * 8, lanes);
-      for (int r = 0; r < rows; ++r) {
-        for (int q = 0; q < cols; ++q) {
-          const int64_t at = offset + (r * g.w + q) * g.cout + c * 8;
-          vf8 val = out[r * M + q] + b;
-          if (residual) val += lanes == 8 ? load8(residual + at) : load_n(residual + at, lanes);
-          // torch.relu keeps NaN: select on v < 0, which is false for NaN
-          if (relu) val = val < 0.f ? vf8{} : val;
-          if (lanes == 8)
-            store8(y + at, val);
-          else
-            store_n(y + at, val, lanes);
-        }
-      }
-    }
-  }
-}
-
 template <int M>
 void winograd_forward(const float* x, const float* u, const float* bias, const float* residual, bool relu,
-                      const Geometry& g, float* y) {
-  constexpr int K = Winograd<M>::kTile;
+                      const WinogradGeometry& g, float* y) {
+  const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
+  const WinogradTaskFn run_task = M == 2 ? kernels.m2 : kernels.m4;
+  constexpr int K = M + 2;  // input tile size
   const int64_t threads = at::get_num_threads(), panels = g.coutp / kNr;
   // Tiles per block: what the cache budget allows.
   const int64_t per_tile = K * K * (g.cinp + g.coutp) * int64_t(sizeof(float));
@@ -200,17 +86,7 @@ void winograd_forward(const float* x, const float* u, const float* bias, const f
       const int64_t part = task / blocks, blk = task % blocks;
       const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
       const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
-      input_transform<M>(x, g, t0, nt, ntp, vbuf);
-      for (int p = 0; p < K * K; ++p) {
-        const float* vp = vbuf + p * ntp * g.cinp;
-        float* mp = mbuf + p * ntp * g.coutp;
-        for (int64_t j = j0; j < j1; ++j) {
-          const float* panel = u + (p * panels + j) * g.cin * kNr;
-          for (int64_t i = 0; i < ntp; i += kMr)
-            micro_6x16(vp + i * g.cinp, g.cinp, panel, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
-        }
-      }
-      output_transform<M>(mbuf, g, t0, nt, ntp, j0 * kNr / 8, j1 * kNr / 8, bias, residual, relu, y);
+      run_task(WinogradTask{x, u, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
     }
   });
 }
@@ -255,7 +131,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   if (y.numel() == 0) return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 
   const int m = weight.size(0) == 16 ? 2 : 4;
-  Geometry g{x.size(0), x.size(2), x.size(3), cin, cout, (cin + 7) / 8 * 8, weight.size(1) * kNr, 0, 0, 0};
+  WinogradGeometry g{x.size(0), x.size(2), x.size(3), cin, cout, (cin + 7) / 8 * 8, weight.size(1) * kNr, 0, 0, 0};
   g.tiles_h = (g.h + m - 1) / m;
   g.tiles_w = (g.w + m - 1) / m;
   g.tiles = g.n * g.tiles_h * g.tiles_w;

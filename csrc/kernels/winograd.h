@@ -10,13 +10,21 @@
 // is left for the compiler to prove away (it may not, for floats, without -ffast-math). They are
 // templated on the element type: a float, a GCC vector of 8 floats (csrc/cpu), or a CUDA float.
 // The filter transform G is applied once, in float64, by hrnet_fast.ops.conv3x3_winograd.
+//
+// Instantiated per instruction set (csrc/cpu/winograd_core.h): the includer names the namespace the
+// templates live in, HF_ISA_NS, so code built for AVX2 never shares a symbol with the baseline's.
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/hd.h"
 
+#ifndef HF_ISA_NS
+#error "define HF_ISA_NS (the instruction set's namespace) before including winograd.h"
+#endif
+
 namespace hrnet_fast {
+namespace HF_ISA_NS {
 
 template <int M>
 struct Winograd;
@@ -95,4 +103,5 @@ HF_HD void winograd_output_tile(const In* v, int64_t vs, T* y, int rows, T* t) {
   for (int r = 0; r < rows; ++r) Winograd<M>::output(t + r * K, 1, y + r * M, 1);  // Y = t A
 }
 
+}  // namespace HF_ISA_NS
 }  // namespace hrnet_fast

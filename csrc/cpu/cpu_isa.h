@@ -1,0 +1,19 @@
+// Which instruction set the CPU kernels run: chosen once from what the CPU reports (as oneDNN and
+// ONNX Runtime do), so one build runs on any x86-64 CPU and uses AVX2/AVX-512 where they exist.
+// HRNET_FAST_CPU_ISA=base|avx2|avx512 (read once, on first use) or torch.ops.hrnet_fast.cpu_isa(use)
+// forces one; a variant this CPU or this build cannot run is refused with the reason.
+#pragma once
+
+#include "cpu/winograd_isa.h"
+
+namespace hrnet_fast {
+
+enum class CpuIsa { base = 0, avx2 = 1, avx512 = 2 };
+
+// The variant in use (the best one this CPU and build support, unless forced).
+CpuIsa active_cpu_isa();
+
+// The Winograd task functions of `isa` (never null for a variant active_cpu_isa() can return).
+WinogradKernels winograd_kernels(CpuIsa isa);
+
+}  // namespace hrnet_fast

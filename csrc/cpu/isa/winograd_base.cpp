@@ -1,0 +1,12 @@
+// The Winograd kernel for the baseline ISA (x86-64: SSE2; elsewhere, whatever the compiler targets).
+// vf8 (32 bytes) passed by value without AVX has another calling convention than with it: GCC warns,
+// but every such function is internal to this file's namespace, so no call crosses the two ABIs.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#define HF_ISA_NS isa_base
+#include "cpu/winograd_core.h"
+
+namespace hrnet_fast {
+WinogradKernels winograd_kernels_base() { return {&isa_base::winograd_task<2>, &isa_base::winograd_task<4>}; }
+}  // namespace hrnet_fast

@@ -1,0 +1,48 @@
+// What the Winograd driver (csrc/cpu/conv3x3_winograd.cpp, built for the baseline x86-64 ISA) and its
+// per-ISA kernels (csrc/cpu/isa/winograd_<isa>.cpp) share: the problem's geometry, one task's
+// arguments, and the per-ISA entry points. Plain data only: no ISA-specific code is in this header.
+#pragma once
+
+#include <cstdint>
+
+namespace hrnet_fast {
+
+constexpr int kMr = 6;   // micro-kernel rows (tiles)
+constexpr int kNr = 16;  // micro-kernel columns (output channels): two vectors
+
+// cin/cout: the conv's channels; cinp: V's row length (vectors of 8; the GEMM reads the first cin);
+// coutp: the GEMM's N, padded to whole 16-wide panels with the transformed weight's zero columns.
+struct WinogradGeometry {
+  int64_t n, h, w, cin, cout, cinp, coutp, tiles_h, tiles_w, tiles;
+};
+
+
+// One task of the driver's split: tiles [t0, t0 + nt) (ntp: nt rounded up to kMr), output panels
+// [j0, j1) of 16 channels, with the calling thread's V and Mt scratch.
+struct WinogradTask {
+  const float* x;
+  const float* u;
+  const float* bias;
+  const float* residual;
+  bool relu;
+  const WinogradGeometry* g;
+  float* y;
+  float* vbuf;
+  float* mbuf;
+  int64_t t0, nt, ntp, j0, j1;
+};
+
+using WinogradTaskFn = void (*)(const WinogradTask&);
+
+// The task functions of one instruction set, for F(2x2) and F(4x4).
+struct WinogradKernels {
+  WinogradTaskFn m2, m4;
+};
+
+// One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant
+// (the AVX2 and AVX-512 ones exist on x86-64 only).
+WinogradKernels winograd_kernels_base();
+WinogradKernels winograd_kernels_avx2();
+WinogradKernels winograd_kernels_avx512();
+
+}  // namespace hrnet_fast
