@@ -4,6 +4,7 @@ from hrnet_fast.checkpoint import CheckpointMismatchError, load_checkpoint
 from hrnet_fast.ops import conv_bias_act, fuse_multi_res
 from hrnet_fast.optimize import ConversionError, optimize
 from hrnet_fast.reference import get_pose_net, pose_hrnet_w32, pose_hrnet_w48
+from hrnet_fast.reference import get_seg_model, seg_hrnet_w48
 
 __all__ = [
     "CheckpointMismatchError",
@@ -11,9 +12,11 @@ __all__ = [
     "conv_bias_act",
     "fuse_multi_res",
     "get_pose_net",
+    "get_seg_model",
     "load_checkpoint",
     "optimize",
     "pose_hrnet_w32",
     "pose_hrnet_w48",
+    "seg_hrnet_w48",
 ]
 __version__ = "0.1.0"

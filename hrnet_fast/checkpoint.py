@@ -1,5 +1,11 @@
 """load_checkpoint: the checkpoint formats people have, strict by default, every mismatch named.
 
+Formats: a plain state dict; one under "state_dict" or "model"; "module."-prefixed (DataParallel /
+DDP); and the official segmentation trainer's (HRNet-Semantic-Segmentation tools/train.py saves
+`FullModel(model, loss).state_dict()` as best.pth / final_state.pth, and under "state_dict" in
+checkpoint.pth.tar): keys "model.<key>", plus the loss's buffers "loss.<key>" (the class weights
+`loss.criterion.weight` where the loss has them), which are set aside as not part of the model.
+
 The official loader's `load_state_dict(..., strict=False)` silently drops what does not match; here a
 mismatch raises one error that lists the missing, unexpected and wrongly shaped keys.
 """
@@ -30,6 +36,8 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (key, why its tensor cannot be copied)
+    # the official seg trainer's FullModel loss buffers ("loss.*"): in the file, not part of the model
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -75,6 +83,20 @@ def _extract_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _unwrap_full_model(state: dict[str, torch.Tensor], own: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The official segmentation trainer's FullModel(model, loss) state dict: "model.<key>" for the
+    model, "loss.<key>" for the loss's buffers. Returns the model's keys without the prefix and the
+    loss keys set aside; anything else (or a model whose own keys start so) is returned as it is."""
+    if any(k.startswith(("model.", "loss.")) for k in own):
+        return state, []
+    if not any(k.startswith("model.") for k in state) or not all(k.startswith(("model.", "loss.")) for k in state):
+        return state, []
+    return (
+        {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
+        [k for k in state if k.startswith("loss.")],
+    )
+
+
 def _unusable(v: torch.Tensor, target: torch.Tensor) -> str | None:
     """Why tensor `v` cannot be copied into `target`, or None when it can."""
     if v.layout != torch.strided:
@@ -93,7 +115,8 @@ def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping[str, Any]
 
     strict=True (default): any missing, unexpected or wrongly shaped key raises CheckpointMismatchError
     listing them, and nothing is loaded. strict=False loads what matches, warns about the rest, and the
-    report lists it.
+    report lists it. The loss buffers of an official segmentation training checkpoint ("loss.*" beside
+    "model.*") are not model weights: they are skipped in either mode and listed in `report.ignored`.
     """
     if isinstance(source, (str, PathLike)):
         where = f"checkpoint {str(source)!r}"
@@ -110,10 +133,12 @@ def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping[str, Any]
     state = _extract_state_dict(obj, where)
 
     own = model.state_dict()
+    state, ignored = _unwrap_full_model(state, own)
     report = LoadReport(
         # older checkpoints have no BatchNorm num_batches_tracked, which torch's strict load accepts too
         missing=[k for k in own if k not in state and not k.endswith(".num_batches_tracked")],
         unexpected=[k for k in state if k not in own],
+        ignored=ignored,
     )
     # everything is checked before anything is copied: an error leaves the model as it was
     for k, v in state.items():

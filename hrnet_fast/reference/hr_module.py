@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hrnet_fast.reference.blocks import BN_MOMENTUM
 
 
 class HighResolutionModule(nn.Module):
-    """Output i = ReLU(sum_j F_ij(x_j)): identity for j == i, 1x1 conv+BN+nearest upsample for j > i,
-    a chain of i-j stride-2 3x3 conv+BN (ReLU between) for j < i. Keys match the official module."""
+    """Output i = ReLU(sum_j F_ij(x_j)): identity for j == i, 1x1 conv+BN+upsample for j > i,
+    a chain of i-j stride-2 3x3 conv+BN (ReLU between) for j < i. Keys match the official module.
+
+    upsample="nearest" (the pose HRNet): fuse_layers[i][j] for j > i is Sequential(conv, BN,
+    Upsample(scale_factor=2**(j-i), mode="nearest")). upsample="bilinear" (the segmentation HRNet,
+    HRNet-Semantic-Segmentation's seg_hrnet.py): it is Sequential(conv, BN) only, and forward resizes
+    its output to x_i's exact size with F.interpolate(mode="bilinear", align_corners=align_corners).
+    The Upsample module holds no tensors, so both have the same state-dict keys."""
 
     def __init__(
         self,
@@ -20,8 +27,14 @@ class HighResolutionModule(nn.Module):
         num_channels: list[int],
         fuse_method: str = "SUM",
         multi_scale_output: bool = True,
+        upsample: str = "nearest",
+        align_corners: bool = False,
     ):
         super().__init__()
+        if upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be 'nearest' or 'bilinear', got {upsample!r}")
+        self.upsample_mode = upsample
+        self.align_corners = bool(align_corners)  # read only for upsample="bilinear"
         if not (len(num_blocks) == len(num_inchannels) == len(num_channels) == num_branches):
             raise ValueError(
                 f"NUM_BRANCHES={num_branches} but NUM_BLOCKS has {len(num_blocks)}, NUM_CHANNELS "
@@ -59,13 +72,10 @@ class HighResolutionModule(nn.Module):
             row: list[nn.Module | None] = []
             for j in range(self.num_branches):
                 if j > i:
-                    row.append(
-                        nn.Sequential(
-                            nn.Conv2d(ch[j], ch[i], 1, 1, 0, bias=False),
-                            nn.BatchNorm2d(ch[i]),
-                            nn.Upsample(scale_factor=2 ** (j - i), mode="nearest"),
-                        )
-                    )
+                    layers = [nn.Conv2d(ch[j], ch[i], 1, 1, 0, bias=False), nn.BatchNorm2d(ch[i])]
+                    if self.upsample_mode == "nearest":
+                        layers.append(nn.Upsample(scale_factor=2 ** (j - i), mode="nearest"))
+                    row.append(nn.Sequential(*layers))
                 elif j == i:
                     row.append(None)
                 else:
@@ -90,6 +100,12 @@ class HighResolutionModule(nn.Module):
         for i, row in enumerate(self.fuse_layers):
             y = x[0] if i == 0 else row[0](x[0])
             for j in range(1, self.num_branches):
-                y = y + (x[j] if i == j else row[j](x[j]))
+                if i == j:
+                    y = y + x[j]
+                elif j > i and self.upsample_mode == "bilinear":
+                    size = x[i].shape[-2:]
+                    y = y + F.interpolate(row[j](x[j]), size=size, mode="bilinear", align_corners=self.align_corners)
+                else:
+                    y = y + row[j](x[j])
             out.append(self.relu(y))
         return out

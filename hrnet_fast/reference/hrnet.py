@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hrnet_fast.reference.blocks import BLOCKS, BN_MOMENTUM, Bottleneck
-from hrnet_fast.reference.config import HRNetConfig, StageConfig, parse_config, preset
+from hrnet_fast.reference.blocks import BLOCKS, BN_MOMENTUM
+from hrnet_fast.reference.config import LAYER1, HRNetConfig, StageConfig, parse_config, preset
 from hrnet_fast.reference.hr_module import HighResolutionModule
 
 
@@ -19,32 +19,40 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
     )
 
 
-class PoseHighResolutionNet(nn.Module):
-    """Heatmaps at 1/4 of the input: stem (2 stride-2 convs), layer1, stages 2-4, final_layer."""
+class HRNetBackbone(nn.Module):
+    """What the pose and segmentation HRNets share: the stem (two stride-2 3x3 conv+BN+ReLU), layer1,
+    and the transitions and HR modules of stages 2-4, registered in the official order (so the state
+    dicts list their keys as the official ones do). Subclasses add their head after it."""
 
-    def __init__(self, cfg: Any, **kwargs: Any):
-        super().__init__()
-        self.config: HRNetConfig = parse_config(cfg)
-        c = self.config
+    def _build_backbone(
+        self,
+        stage1: StageConfig,
+        stages: tuple[StageConfig, StageConfig, StageConfig],
+        last_multi_scale: bool,
+        upsample: str = "nearest",
+        align_corners: bool = False,
+    ) -> list[int]:
+        """Registers conv1 .. stage4; returns stage 4's output channels per branch."""
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
         self.conv2 = nn.Conv2d(64, 64, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(Bottleneck, 64, 4)
+        block1 = BLOCKS[stage1.block]
+        self.layer1 = self._make_layer(block1, stage1.num_channels[0], stage1.num_blocks[0])
 
-        pre = [256]
-        for k, stage_cfg in ((1, c.stage2), (2, c.stage3), (3, c.stage4)):
+        pre = [stage1.num_channels[0] * block1.expansion]
+        for k, stage_cfg in enumerate(stages, start=1):
             expansion = BLOCKS[stage_cfg.block].expansion
             channels = [n * expansion for n in stage_cfg.num_channels]
             setattr(self, f"transition{k}", self._make_transition_layer(pre, channels))
-            stage, pre = self._make_stage(stage_cfg, channels, multi_scale_output=k != 3)
+            stage, pre = self._make_stage(
+                stage_cfg, channels, last_multi_scale or k != 3, upsample=upsample, align_corners=align_corners
+            )
             setattr(self, f"stage{k + 1}", stage)
-        self.stage2_cfg, self.stage3_cfg, self.stage4_cfg = c.stage2, c.stage3, c.stage4
-
-        kernel = c.final_conv_kernel
-        self.final_layer = nn.Conv2d(pre[0], c.num_joints, kernel, 1, 1 if kernel == 3 else 0)
+        self.stage2_cfg, self.stage3_cfg, self.stage4_cfg = stages
+        return pre
 
     @staticmethod
     def _make_transition_layer(pre: list[int], cur: list[int]) -> nn.ModuleList:
@@ -72,7 +80,13 @@ class PoseHighResolutionNet(nn.Module):
         return nn.Sequential(*layers)
 
     @staticmethod
-    def _make_stage(cfg: StageConfig, inchannels: list[int], multi_scale_output: bool = True):
+    def _make_stage(
+        cfg: StageConfig,
+        inchannels: list[int],
+        multi_scale_output: bool = True,
+        upsample: str = "nearest",
+        align_corners: bool = False,
+    ):
         modules = []
         for m in range(cfg.num_modules):
             last = m == cfg.num_modules - 1
@@ -84,12 +98,15 @@ class PoseHighResolutionNet(nn.Module):
                 list(cfg.num_channels),
                 cfg.fuse_method,
                 multi_scale_output or not last,
+                upsample=upsample,
+                align_corners=align_corners,
             )
             modules.append(module)
             inchannels = module.get_num_inchannels()
         return nn.Sequential(*modules), inchannels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _backbone(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Stem, layer1 and stages 2-4: stage 4's outputs."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.layer1(x)
@@ -100,14 +117,30 @@ class PoseHighResolutionNet(nn.Module):
             (self.transition3, self.stage4, self.stage4_cfg),
         ):
             # a new branch grows from the lowest resolution; an existing one that changes width is re-projected
-            # from itself (the official code reads y_list[-1] there too, which crashes on such configs; the
-            # official configs never re-project, so their outputs are unchanged)
+            # from itself (the official pose code reads y_list[-1] there too, which crashes on such configs; the
+            # official configs never re-project, so their outputs are unchanged; the current official
+            # segmentation code reads y_list[i], as here)
             x_list = [
                 y_list[i] if transition[i] is None else transition[i](y_list[min(i, len(y_list) - 1)])
                 for i in range(cfg.num_branches)
             ]
             y_list = stage(x_list)
-        return self.final_layer(y_list[0])
+        return y_list
+
+
+class PoseHighResolutionNet(HRNetBackbone):
+    """Heatmaps at 1/4 of the input: stem (2 stride-2 convs), layer1, stages 2-4, final_layer."""
+
+    def __init__(self, cfg: Any, **kwargs: Any):
+        super().__init__()
+        self.config: HRNetConfig = parse_config(cfg)
+        c = self.config
+        pre = self._build_backbone(LAYER1, (c.stage2, c.stage3, c.stage4), last_multi_scale=False)
+        kernel = c.final_conv_kernel
+        self.final_layer = nn.Conv2d(pre[0], c.num_joints, kernel, 1, 1 if kernel == 3 else 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_layer(self._backbone(x)[0])
 
     def init_weights(self) -> None:
         """The official initialisation: conv weights N(0, 0.001), BN weight 1 and bias 0, conv biases 0."""
