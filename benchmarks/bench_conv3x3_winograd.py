@@ -13,7 +13,6 @@ cache (`--warm`: one weight, cache-resident). time_ms is the best round's median
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 from dataclasses import dataclass
 
@@ -22,9 +21,8 @@ import torch.nn.functional as F
 
 from hrnet_fast.bench.op_args import op_bench_parser
 from hrnet_fast.bench.timing import take_turns
-
-cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")
-wino = importlib.import_module("hrnet_fast.ops.conv3x3_winograd")
+from hrnet_fast.ops.conv import prepack
+from hrnet_fast.ops.winograd import choose_tile, transform_weight
 
 POOL_BYTES = 64 << 20  # twice this machine's 32 MiB L3
 MAX_POOL = 256
@@ -59,12 +57,12 @@ def contenders(s: Shape, batch: int, warm: bool) -> dict[str, tuple[str, dict]]:
     r = torch.randn(batch, c, *s.hw, generator=g).contiguous(memory_format=cl) if s.residual else None
     pool = 1 if warm else min(MAX_POOL, max(2, -(-POOL_BYTES // (36 * 4 * c * c))))
     dense = [torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5) for _ in range(pool)]
-    auto = wino.choose_tile(x.shape, c)
+    auto = choose_tile(x.shape, c)
     weights = {
         "eager CL": [w.contiguous(memory_format=cl) for w in dense],
-        "oneDNN packed": [cba.prepack(w, x.shape, 1, 1) for w in dense],
-        "winograd F(2x2)": [wino.transform_weight(w, 2) for w in dense],
-        "winograd F(4x4)": [wino.transform_weight(w, 4) for w in dense],
+        "oneDNN packed": [prepack(w, x.shape, 1, 1) for w in dense],
+        "winograd F(2x2)": [transform_weight(w, 2) for w in dense],
+        "winograd F(4x4)": [transform_weight(w, 4) for w in dense],
     }
     weights[f"winograd auto=F({auto}x{auto})"] = weights[f"winograd F({auto}x{auto})"]
     ops = torch.ops.hrnet_fast

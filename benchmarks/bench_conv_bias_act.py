@@ -8,7 +8,6 @@ The contenders take turns for several rounds; time_ms is the best round's median
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,7 @@ from hrnet_fast.bench.op_args import op_bench_parser
 from hrnet_fast.bench.record import format_table, write_results
 from hrnet_fast.bench.timing import take_turns
 from hrnet_fast.fused.folding import fold_conv_bn
-
-cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")
+from hrnet_fast.ops.conv import prepack
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ def contenders(s: Shape, batch: int) -> dict[str, tuple[str, dict]]:
     eager_stmt = "y = m(x)\nif r is not None: y = y + r\ny = torch.relu(y) if relu else y"
     op_stmt = "op(x, w, b, st, pd, r, relu)"
     common = dict(torch=torch, relu=s.relu, st=[s.stride] * 2, pd=[s.padding] * 2, op=torch.ops.hrnet_fast.conv_bias_act)
-    packed = cba.prepack(wf, xc.shape, s.stride, s.padding)
+    packed = prepack(wf, xc.shape, s.stride, s.padding)
     # every contender must compute the same thing before it is timed
     want = F.conv2d(x, wf, bf, s.stride, s.padding)
     want = want + r if r is not None else want

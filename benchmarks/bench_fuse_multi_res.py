@@ -20,7 +20,7 @@ from hrnet_fast.bench.op_args import op_bench_parser
 from hrnet_fast.bench.record import format_table, write_results
 from hrnet_fast.bench.timing import take_turns
 from hrnet_fast.fused.folding import fold_conv_bn
-from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
+from hrnet_fast.ops import fuse_multi_res, fuse_multi_res_reference
 from hrnet_fast.profile import peak_bytes
 
 BRANCHES = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]  # W32 at 256x192: (C, H, W)

@@ -192,8 +192,6 @@ def optimize(
         if backend == "cpu":
             raise ValueError(f"the cpu backend runs float32 only, got a {run_dtype} model: use backend='torch' for it")
         chosen = "torch"  # auto: the reference runs any dtype (BN still folded)
-    if chosen == "triton":
-        from hrnet_fast.triton import conv_bias_act as _t1, fuse_multi_res as _t2  # noqa: F401
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True replays CUDA graphs, so it needs a model on a CUDA device, got {device}")
     if streams is None:

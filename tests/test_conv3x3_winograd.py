@@ -3,16 +3,12 @@ every thread split, the epilogue, memory formats, gradients, opcheck, torch.comp
 and input validation."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import references
 import torch
 
 from hrnet_fast import _extension
-
-wino = importlib.import_module("hrnet_fast.ops.conv3x3_winograd")
-cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")
+from hrnet_fast.ops import conv_bias_act_reference, winograd
 CL = torch.channels_last
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("conv3x3_winograd", "CPU"), reason="C++ extension not built")
@@ -47,7 +43,7 @@ def make(shape, seed=0, res=True, bias=True):
 def reference(x, weight, b, r, relu):
     """Direct convolution in float64: the exact answer the float32 kernels round towards."""
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    return cba.conv_bias_act_reference(d(x), d(weight), d(b), [1, 1], [1, 1], d(r), relu)
+    return conv_bias_act_reference(d(x), d(weight), d(b), [1, 1], [1, 1], d(r), relu)
 
 
 def assert_close_to(out: torch.Tensor, expected: torch.Tensor, m: int) -> None:
@@ -57,12 +53,12 @@ def assert_close_to(out: torch.Tensor, expected: torch.Tensor, m: int) -> None:
     assert err <= tol, f"F({m}x{m},3x3): max error {err:.3g} > {tol:.3g}"
 
 
-@pytest.mark.parametrize("m", wino.TILES)
+@pytest.mark.parametrize("m", winograd.TILES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("relu,res,bias", [(True, True, True), (False, False, True), (True, False, False)])
 def test_matches_direct_convolution(m, shape, relu, res, bias):
     x, weight, b, r = make(shape, res=res, bias=bias)
-    out = wino.conv3x3_winograd(x.contiguous(memory_format=CL), wino.transform_weight(weight, m), shape[2], b, r, relu)
+    out = winograd.conv3x3_winograd(x.contiguous(memory_format=CL), winograd.transform_weight(weight, m), shape[2], b, r, relu)
     assert out.is_contiguous(memory_format=CL)
     assert_close_to(out, reference(x, weight, b, r, relu), m)
 
@@ -75,11 +71,11 @@ def test_thread_counts_agree(threads, shape):
     """Threads share output channels where the weights outweigh the tiles (one tile; 7 tiles in 2
     blocks against 32 panels of weight), and whole blocks otherwise (120 tiles)."""
     x, weight, b, r = make(shape)
-    u = wino.transform_weight(weight, 4)
+    u = winograd.transform_weight(weight, 4)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        out = wino.conv3x3_winograd(x, u, shape[2], b, r, True)
+        out = winograd.conv3x3_winograd(x, u, shape[2], b, r, True)
     finally:
         torch.set_num_threads(before)
     assert_close_to(out, reference(x, weight, b, r, True), 4)
@@ -87,7 +83,7 @@ def test_thread_counts_agree(threads, shape):
 
 def test_nchw_input_gives_nchw_output():
     x, weight, b, r = make((2, 8, 16, 6, 5))
-    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 2), 16, b, r, True)
+    out = winograd.conv3x3_winograd(x, winograd.transform_weight(weight, 2), 16, b, r, True)
     assert out.is_contiguous()
     assert_close_to(out, reference(x, weight, b, r, True), 2)
 
@@ -98,7 +94,7 @@ def test_unaligned_input_view():
     flat = torch.randn(1 + x.numel())
     view = flat[1:].view(1, 4, 4, 8).permute(0, 3, 1, 2)  # channels_last strides, offset by 4 bytes
     assert view.is_contiguous(memory_format=CL) and view.data_ptr() % 32
-    out = wino.conv3x3_winograd(view, wino.transform_weight(weight, 4), 16, b, None, False)
+    out = winograd.conv3x3_winograd(view, winograd.transform_weight(weight, 4), 16, b, None, False)
     assert_close_to(out, reference(view, weight, b, None, False), 4)
 
 
@@ -107,7 +103,7 @@ def test_nan_propagates_through_its_tile_and_relu():
     every output of its m x m tile (direct convolution: only its 3x3 neighbourhood)."""
     x, weight, b, _ = make((1, 8, 16, 8, 8))
     x[0, 0, 1, 1] = float("nan")
-    out = wino.conv3x3_winograd(x, wino.transform_weight(weight, 4), 16, b, None, True)
+    out = winograd.conv3x3_winograd(x, winograd.transform_weight(weight, 4), 16, b, None, True)
     direct = torch.relu(torch.nn.functional.conv2d(x, weight, b, padding=1))
     assert direct.isnan().any() and not (direct.isnan() & ~out.isnan()).any()
     tile = torch.zeros(8, 8, dtype=torch.bool)
@@ -119,7 +115,7 @@ def test_transform_weight_layout():
     """U[p, j, c, o'] = (G w[16 j + o', c] G^T)[p] for F(2x2,3x3), with G written out by hand."""
     w = torch.randn(32, 8, 3, 3, dtype=torch.float64)
     g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-    u = wino.transform_weight(w.float(), 2)
+    u = winograd.transform_weight(w.float(), 2)
     assert u.shape == (16, 2, 8, 16)
     o, c = 21, 5
     expected = (g @ w[o, c] @ g.T).reshape(16)
@@ -136,29 +132,29 @@ def test_transform_weight_layout():
     ],
 )
 def test_choose_tile(x_shape, c_out, m):
-    assert wino.choose_tile(x_shape, c_out) == m
+    assert winograd.choose_tile(x_shape, c_out) == m
 
 
-@pytest.mark.parametrize("m", wino.TILES)
+@pytest.mark.parametrize("m", winograd.TILES)
 @pytest.mark.parametrize("shape", [(2, 5, 18, 7, 9), (1, 8, 16, 1, 1), (1, 3, 20, 8, 8)], ids=str)
 @pytest.mark.parametrize("relu", [True, False])
 def test_gradients_match_direct_convolution(m, shape, relu):
     """x, bias and residual get direct convolution's gradients; the transformed weight's, taken back
     through the filter transform (weight_grad_to_dense), is direct convolution's weight gradient."""
     x, weight, b, r = make(shape, seed=8)
-    leaves = [t.clone().requires_grad_() for t in (x, wino.transform_weight(weight, m), b, r)]
-    y = wino.conv3x3_winograd(leaves[0], leaves[1], shape[2], leaves[2], leaves[3], relu)
+    leaves = [t.clone().requires_grad_() for t in (x, winograd.transform_weight(weight, m), b, r)]
+    y = winograd.conv3x3_winograd(leaves[0], leaves[1], shape[2], leaves[2], leaves[3], relu)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
     y.backward(dy)
     exact = [t.double().requires_grad_() for t in (x, weight, b, r)]
     references.conv_bias_act(exact[0], exact[1], exact[2], 1, 1, exact[3], relu).backward(dy.double())
-    got = [leaves[0].grad, wino.weight_grad_to_dense(leaves[1].grad, shape[2]), leaves[2].grad, leaves[3].grad]
+    got = [leaves[0].grad, winograd.weight_grad_to_dense(leaves[1].grad, shape[2]), leaves[2].grad, leaves[3].grad]
     for g, e in zip(got, exact):
         assert g.shape == e.shape
         assert_close_to(g, e.grad, m)
 
 
-@pytest.mark.parametrize("m", wino.TILES)
+@pytest.mark.parametrize("m", winograd.TILES)
 def test_backward_is_the_kernels_adjoint(m):
     """Without bias, residual and ReLU the op is linear in x and in the transformed weight U apart, so
     <dy, op(p, U)> = <dx, p> and <dy, op(x, q)> = <dU, q> for any p and q: q need not be a
@@ -166,52 +162,52 @@ def test_backward_is_the_kernels_adjoint(m):
     n, cin, cout, h, w = 2, 6, 20, 9, 7
     g = torch.Generator().manual_seed(10)
     x, p = torch.randn(n, cin, h, w, generator=g), torch.randn(n, cin, h, w, generator=g)
-    u = wino.transform_weight(torch.randn(cout, cin, 3, 3, generator=g), m)
+    u = winograd.transform_weight(torch.randn(cout, cin, 3, 3, generator=g), m)
     q = torch.randn(u.shape, generator=g)
     dy = torch.randn(n, cout, h, w, generator=g)
     xl, ul = x.clone().requires_grad_(), u.clone().requires_grad_()
-    wino.conv3x3_winograd(xl, ul, cout, None, None, False).backward(dy)
+    winograd.conv3x3_winograd(xl, ul, cout, None, None, False).backward(dy)
     dot = lambda a, b: (a.double() * b.double()).sum().item()  # noqa: E731
-    for lhs, rhs in [(dot(dy, wino.conv3x3_winograd(p, u, cout, None, None, False)), dot(xl.grad, p)),
-                     (dot(dy, wino.conv3x3_winograd(x, q, cout, None, None, False)), dot(ul.grad, q))]:
+    for lhs, rhs in [(dot(dy, winograd.conv3x3_winograd(p, u, cout, None, None, False)), dot(xl.grad, p)),
+                     (dot(dy, winograd.conv3x3_winograd(x, q, cout, None, None, False)), dot(ul.grad, q))]:
         assert abs(lhs - rhs) <= 1e-5 * abs(rhs), (lhs, rhs)
-    assert not ul.grad[:, -1, :, cout % wino.PANEL :].any()
+    assert not ul.grad[:, -1, :, cout % winograd.PANEL :].any()
 
 
 def test_opcheck():
     x, weight, b, r = make((2, 8, 16, 5, 4))
-    u = wino.transform_weight(weight, 4)
+    u = winograd.transform_weight(weight, 4)
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x.contiguous(memory_format=CL), u, 16, b, r, True))
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, u, 16, None, None, False))
     x, weight, b, r = make((1, 18, 36, 5, 4))
-    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, wino.transform_weight(weight, 4), 36, b, r, True))
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, winograd.transform_weight(weight, 4), 36, b, r, True))
     x, weight, b, r = make((2, 5, 18, 6, 7))  # with gradients: autograd registration and AOT autograd
-    args = [t.requires_grad_() for t in (x, wino.transform_weight(weight, 2), b, r)]
+    args = [t.requires_grad_() for t in (x, winograd.transform_weight(weight, 2), b, r)]
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (args[0], args[1], 18, args[2], args[3], True))
 
 
 def test_torch_compile_fullgraph():
     x, weight, b, r = make((1, 8, 16, 6, 6))
-    u = wino.transform_weight(weight, 4)
+    u = winograd.transform_weight(weight, 4)
     fn = torch.compile(lambda x, r: torch.ops.hrnet_fast.conv3x3_winograd(x, u, 16, b, r, True), fullgraph=True)
     assert_close_to(fn(x, r), reference(x, weight, b, r, True), 4)
 
 
 def _bad_calls():
     x, weight, b, r = make((1, 8, 16, 4, 4))
-    u = wino.transform_weight(weight, 4)
+    u = winograd.transform_weight(weight, 4)
     ops = torch.ops.hrnet_fast
     return [
-        (lambda: wino.conv3x3_winograd(x, weight, 16, b, r), ValueError, "transformed weight"),
-        (lambda: wino.conv3x3_winograd(x[:, :7], u, 16, b, r), ValueError, "transformed for 8 input channels, x has 7"),
-        (lambda: wino.conv3x3_winograd(x, u, 17, b, r), ValueError, "out_channels=17 does not fit"),
-        (lambda: wino.conv3x3_winograd(x, u, 16, b[:3], r), ValueError, r"bias must have shape \(16,\)"),
-        (lambda: wino.conv3x3_winograd(x, u, 16, b, r[:, :3]), ValueError, "residual must have the output's shape"),
-        (lambda: wino.conv3x3_winograd(x.double(), u.double(), 16, b.double(), r.double()), ValueError, "float32 CPU only"),
-        (lambda: wino.conv3x3_winograd(x, u, 16, b.double(), r), RuntimeError, "bias has dtype torch.float64"),
-        (lambda: wino.transform_weight(weight, 3), ValueError, "m .* must be one of"),
-        (lambda: wino.transform_weight(torch.randn(16, 8, 5, 5)), ValueError, "needs a 3x3 kernel"),
-        (lambda: wino.transform_weight(weight.double()), ValueError, "float32 CPU only"),
+        (lambda: winograd.conv3x3_winograd(x, weight, 16, b, r), ValueError, "transformed weight"),
+        (lambda: winograd.conv3x3_winograd(x[:, :7], u, 16, b, r), ValueError, "transformed for 8 input channels, x has 7"),
+        (lambda: winograd.conv3x3_winograd(x, u, 17, b, r), ValueError, "out_channels=17 does not fit"),
+        (lambda: winograd.conv3x3_winograd(x, u, 16, b[:3], r), ValueError, r"bias must have shape \(16,\)"),
+        (lambda: winograd.conv3x3_winograd(x, u, 16, b, r[:, :3]), ValueError, "residual must have the output's shape"),
+        (lambda: winograd.conv3x3_winograd(x.double(), u.double(), 16, b.double(), r.double()), ValueError, "float32 CPU only"),
+        (lambda: winograd.conv3x3_winograd(x, u, 16, b.double(), r), RuntimeError, "bias has dtype torch.float64"),
+        (lambda: winograd.transform_weight(weight, 3), ValueError, "m .* must be one of"),
+        (lambda: winograd.transform_weight(torch.randn(16, 8, 5, 5)), ValueError, "needs a 3x3 kernel"),
+        (lambda: winograd.transform_weight(weight.double()), ValueError, "float32 CPU only"),
         # the op itself checks as well, for callers that skip the Python wrapper
         (lambda: ops.conv3x3_winograd(x, weight, 16, b, r, True), RuntimeError, "transformed weight"),
         (lambda: ops.conv3x3_winograd(x[:, :7], u, 16, b, r, True), RuntimeError, "for 8 input channels, x has 7"),
@@ -234,7 +230,7 @@ def _tiles_reading(p: int, m: int, size: int) -> range:
     return range(first * m, min(size, (last + 1) * m))
 
 
-@pytest.mark.parametrize("m", wino.TILES)
+@pytest.mark.parametrize("m", winograd.TILES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("pos", [(0, 0), (3, 4), (4, 3), (5, 8), (9, 9)], ids=str)
 def test_non_finite_inputs_reach_a_superset_of_eagers_outputs(m, value, pos):
@@ -242,9 +238,9 @@ def test_non_finite_inputs_reach_a_superset_of_eagers_outputs(m, value, pos):
     but only within the output tiles whose input window holds the bad pixel (documented in the README)."""
     x, weight, b, r = make((1, 8, 16, 10, 10), seed=7)
     x[0, 2, pos[0], pos[1]] = value
-    u = wino.transform_weight(weight, m)
-    out = wino.conv3x3_winograd(x.contiguous(memory_format=CL), u, 16, b, r.contiguous(memory_format=CL), True)
-    eager = cba.conv_bias_act_reference(x, weight, b, [1, 1], [1, 1], r, True)
+    u = winograd.transform_weight(weight, m)
+    out = winograd.conv3x3_winograd(x.contiguous(memory_format=CL), u, 16, b, r.contiguous(memory_format=CL), True)
+    eager = conv_bias_act_reference(x, weight, b, [1, 1], [1, 1], r, True)
     bad_eager, bad_ours = ~torch.isfinite(eager), ~torch.isfinite(out)
     assert bad_eager.any()
     assert not (bad_eager & ~bad_ours).any(), "a non-finite eager output came out finite"

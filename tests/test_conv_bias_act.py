@@ -4,7 +4,6 @@ pre-packed weights, gradients, opcheck, torch.compile and input validation."""
 from __future__ import annotations
 
 import ctypes
-import importlib
 import subprocess
 from pathlib import Path
 
@@ -14,9 +13,11 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from hrnet_fast import _extension
+from hrnet_fast.ops import conv_bias_act, conv_bias_act_reference
+from hrnet_fast.ops._meta import conv_output_shape
+from hrnet_fast.ops.conv import prepack
 
 ROOT = Path(__file__).resolve().parents[1]
-cba = importlib.import_module("hrnet_fast.ops.conv_bias_act")  # the module (the package re-exports the function)
 CL = torch.channels_last
 
 BACKENDS = [pytest.param("torch"), pytest.param("cpu"), pytest.param("triton", marks=pytest.mark.triton)]
@@ -45,13 +46,13 @@ def make(case: str, x_cl: bool = False, res: str | None = None, bias: bool = Tru
         x = x.contiguous(memory_format=CL)
     r = None
     if res is not None:
-        r = torch.randn(cba.output_shape(x, w, [stride] * 2, [padding] * 2), generator=g, dtype=dtype)
+        r = torch.randn(conv_output_shape(x, w, [stride] * 2, [padding] * 2), generator=g, dtype=dtype)
         r = r.contiguous(memory_format=CL) if res == "cl" else r
     return x, w, b, stride, padding, r
 
 
 def ref(x, w, b, stride, padding, r, relu):
-    return cba.conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, r, relu)
+    return conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, r, relu)
 
 
 def exact(x, w, b, stride, padding, r, relu):
@@ -93,7 +94,7 @@ def test_reference_matches_float64(case, x_cl, res, relu, bias):
     """backend="torch" (conv_bias_act_reference, what the other backends are held to) against the sum
     over sliding windows in float64."""
     x, w, b, stride, padding, r = make(case, x_cl, res, bias)
-    y = cba.conv_bias_act(x, w, b, stride, padding, r, relu, backend="torch")
+    y = conv_bias_act(x, w, b, stride, padding, r, relu, backend="torch")
     torch.testing.assert_close(y, exact(x, w, b, stride, padding, r, relu), rtol=1e-5, atol=1e-5)
     assert_format_follows_x(y, x)
     if relu:
@@ -103,7 +104,7 @@ def test_reference_matches_float64(case, x_cl, res, relu, bias):
 @pytest.mark.parametrize("backend,case,x_cl,res,relu,bias", value_params())
 def test_matches_reference(backend, case, x_cl, res, relu, bias):
     x, w, b, stride, padding, r = make(case, x_cl, res, bias)
-    y = cba.conv_bias_act(x, w, b, stride, padding, r, relu, backend=backend)
+    y = conv_bias_act(x, w, b, stride, padding, r, relu, backend=backend)
     torch.testing.assert_close(y, ref(x, w, b, stride, padding, r, relu), rtol=1e-4, atol=1e-4)
     assert_format_follows_x(y, x)
     if relu:
@@ -128,7 +129,7 @@ def test_output_memory_format(backend, layout):
         x = torch.randn(2, 4, 6, 5, generator=g)
         x = x.contiguous(memory_format=CL) if layout == "cl" else x
     w = torch.randn(3, x.shape[1], 3, 3, generator=g)
-    y = cba.conv_bias_act(x, w, None, 1, 1, None, True, backend=backend)
+    y = conv_bias_act(x, w, None, 1, 1, None, True, backend=backend)
     torch.testing.assert_close(y, exact(x, w, None, 1, 1, None, True), rtol=1e-4, atol=1e-4)
     assert_format_follows_x(y, x)
     wants_cl = suggest_memory_format(x) == CL
@@ -143,11 +144,11 @@ def test_output_memory_format(backend, layout):
 @pytest.mark.parametrize("x_cl,res", [(True, None), (True, "cl"), (True, "nchw"), (False, None), (False, "nchw")])
 def test_packed_matches_dense(case, x_cl, res):
     x, w, b, stride, padding, r = make(case, x_cl, res, seed=2)
-    wp = cba.prepack(w, x.shape, stride, padding)
+    wp = prepack(w, x.shape, stride, padding)
     assert wp.is_mkldnn and wp.shape == w.shape
     torch.testing.assert_close(wp.to_dense(), w, rtol=0, atol=0)
-    dense = cba.conv_bias_act(x, w, b, stride, padding, r, backend="cpu")
-    packed = cba.conv_bias_act(x, wp, b, stride, padding, r, backend="cpu")
+    dense = conv_bias_act(x, w, b, stride, padding, r, backend="cpu")
+    packed = conv_bias_act(x, wp, b, stride, padding, r, backend="cpu")
     direct = torch.ops.hrnet_fast.conv_bias_act(x, wp, b, [stride] * 2, [padding] * 2, r, True)
     torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(direct, packed, rtol=0, atol=0)
@@ -159,9 +160,9 @@ def test_packed_matches_dense(case, x_cl, res):
 def test_packed_weight_works_for_other_input_shapes():
     """x_shape only picks oneDNN's layout: another batch and size still give the right answer."""
     x, w, b, stride, padding, _ = make("3x3s1", x_cl=True)
-    wp = cba.prepack(w, (4, 8, 32, 24), stride, padding)
+    wp = prepack(w, (4, 8, 32, 24), stride, padding)
     torch.testing.assert_close(
-        cba.conv_bias_act(x, wp, b, stride, padding, backend="auto"), ref(x, w, b, stride, padding, None, True),
+        conv_bias_act(x, wp, b, stride, padding, backend="auto"), ref(x, w, b, stride, padding, None, True),
         rtol=1e-4, atol=1e-4,
     )
 
@@ -170,18 +171,18 @@ def test_packed_weight_works_for_other_input_shapes():
 def test_prepack_rejects_bad_input():
     w = torch.randn(4, 3, 3, 3)
     with pytest.raises(ValueError, match=r"x_shape must be \[N, 3, H, W\]"):
-        cba.prepack(w, (1, 4, 8, 8))
+        prepack(w, (1, 4, 8, 8))
     with pytest.raises(ValueError, match="float32 CPU weight"):
-        cba.prepack(w.double(), (1, 3, 8, 8))
+        prepack(w.double(), (1, 3, 8, 8))
     with pytest.raises(ValueError, match="weight must be 4-D"):
-        cba.prepack(w[0], (1, 3, 8, 8))
-    wp = cba.prepack(w, (1, 3, 8, 8))
-    assert cba.prepack(wp, (1, 3, 8, 8)) is wp
+        prepack(w[0], (1, 3, 8, 8))
+    wp = prepack(w, (1, 3, 8, 8))
+    assert prepack(wp, (1, 3, 8, 8)) is wp
     with pytest.raises(ValueError, match="only the cpu backend accepts"):
-        cba.conv_bias_act(torch.randn(1, 3, 8, 8), wp, backend="torch")
+        conv_bias_act(torch.randn(1, 3, 8, 8), wp, backend="torch")
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference only"):
-        cba.conv_bias_act(x, wp, backend="cpu")
+        conv_bias_act(x, wp, backend="cpu")
 
 
 # ---- autograd, opcheck, torch.compile --------------------------------------------------
@@ -199,8 +200,8 @@ def test_gradients_match_float64(backend, case, x_cl, res, relu):
         r.detach().clone().requires_grad_() if r is not None else None
     ]
     exact_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
-    g = torch.randn(cba.output_shape(x, w, [stride] * 2, [padding] * 2), generator=torch.Generator().manual_seed(4))
-    y = cba.conv_bias_act(leaves[0], leaves[1], leaves[2], stride, padding, leaves[3], relu, backend=backend)
+    g = torch.randn(conv_output_shape(x, w, [stride] * 2, [padding] * 2), generator=torch.Generator().manual_seed(4))
+    y = conv_bias_act(leaves[0], leaves[1], leaves[2], stride, padding, leaves[3], relu, backend=backend)
     y.backward(g)
     references.conv_bias_act(exact_leaves[0], exact_leaves[1], exact_leaves[2], stride, padding, exact_leaves[3],
                              relu).backward(g.double())
@@ -231,7 +232,7 @@ class _Block(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.hrnet_fast.conv_bias_act(x, self.w1, self.b, [1, 1], [1, 1], None, True)
-        return cba.conv_bias_act(y, self.w2, None, 1, 1, residual=x, relu=True, backend="cpu")
+        return conv_bias_act(y, self.w2, None, 1, 1, residual=x, relu=True, backend="cpu")
 
 
 @needs_ext
@@ -277,7 +278,7 @@ def _bad_inputs():
 def test_bad_input_raises(backend, kwargs, exc, msg):
     kwargs = {"padding": 1, **kwargs}
     with pytest.raises(exc, match=msg):
-        cba.conv_bias_act(backend=backend, **kwargs)
+        conv_bias_act(backend=backend, **kwargs)
 
 
 @needs_ext
@@ -307,8 +308,8 @@ def test_direct_op_checks(args, msg):
 def test_cpu_backend_rejects_float64_clearly():
     x, w = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="supports float32 only"):
-        cba.conv_bias_act(x, w, backend="cpu")
-    torch.testing.assert_close(cba.conv_bias_act(x, w, backend="torch"), exact(x, w, None, 1, 0, None, True))
+        conv_bias_act(x, w, backend="cpu")
+    torch.testing.assert_close(conv_bias_act(x, w, backend="torch"), exact(x, w, None, 1, 0, None, True))
 
 
 # ---- the CUDA epilogue kernel itself, compiled by g++ against tests/emu/cuda_emu.h --------------
@@ -370,12 +371,12 @@ def test_cpu_relu_keeps_nan_and_inf(layout, res, k, stride, padding):
     x[1, 5, 2, 2] = float("inf")
     w = torch.randn(6, 8, k, k, generator=g) / 8
     b = torch.randn(6, generator=g)
-    ref = cba.conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, None, True)
+    ref = conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, None, True)
     r = torch.randn(ref.shape, generator=g) if res else None
-    ref = cba.conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, r, True)
+    ref = conv_bias_act_reference(x, w, b, [stride] * 2, [padding] * 2, r, True)
     fmt = torch.contiguous_format if layout == "nchw" else CL
-    wk = cba.prepack(w, x.shape, stride, padding) if layout == "packed" else w
-    out = cba.conv_bias_act(x.contiguous(memory_format=fmt), wk, b, stride, padding,
+    wk = prepack(w, x.shape, stride, padding) if layout == "packed" else w
+    out = conv_bias_act(x.contiguous(memory_format=fmt), wk, b, stride, padding,
                             None if r is None else r.contiguous(memory_format=fmt), True, backend="cpu")
     assert torch.isnan(ref).any() and torch.isinf(ref).any()
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))

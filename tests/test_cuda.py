@@ -26,8 +26,7 @@ from torch import nn
 import hrnet_fast
 from hrnet_fast import _extension
 from hrnet_fast.bench.model import randomize
-from hrnet_fast.ops.conv_bias_act import conv_bias_act, conv_bias_act_reference
-from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
+from hrnet_fast.ops import conv_bias_act, conv_bias_act_reference, fuse_multi_res, fuse_multi_res_reference
 
 # HRNET_FAST_TEST_DEVICE=cpu dry-runs the device-independent tests on the cpu backend in float32
 # (a check of the tests themselves on a machine without a GPU; the GPU-only ones skip).
@@ -184,7 +183,7 @@ def test_cudnn_fused_path_and_its_fallback_agree():
     script = textwrap.dedent(
         """
         import math, torch, hrnet_fast
-        from hrnet_fast.ops.conv_bias_act import conv_bias_act, conv_bias_act_reference
+        from hrnet_fast.ops import conv_bias_act, conv_bias_act_reference
         g = torch.Generator().manual_seed(0)
         worst = 0.0
         for xs, ws, s, p in [((1, 3, 33, 25), (32, 3, 3, 3), 2, 1), ((2, 32, 16, 12), (32, 32, 3, 3), 1, 1)]:
@@ -380,7 +379,9 @@ def test_ops_on_a_second_gpu(backend):
 
 
 def _triton_ops():
-    from hrnet_fast.triton import conv_bias_act as tc, fuse_multi_res as tf  # noqa: F401
+    from hrnet_fast.ops._backend import define_triton_ops
+
+    define_triton_ops()
 
     return torch.ops.hrnet_fast.conv_bias_act_triton.default, torch.ops.hrnet_fast.fuse_multi_res_triton.default
 

@@ -13,7 +13,7 @@ import references
 import torch
 import torch.nn.functional as F
 
-from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
+from hrnet_fast.ops import fuse_multi_res, fuse_multi_res_reference
 from hrnet_fast.profile import peak_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

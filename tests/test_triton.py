@@ -7,7 +7,6 @@ Run in its own process with TRITON_INTERPRET=1 set before triton is imported (CP
 """
 from __future__ import annotations
 
-import importlib
 import math
 import re
 
@@ -17,10 +16,9 @@ from conftest import randomize_bn
 
 import hrnet_fast
 from hrnet_fast import _extension
-from hrnet_fast.ops.conv_bias_act import conv_bias_act, conv_bias_act_reference
-from hrnet_fast.ops.fuse_multi_res import fuse_multi_res, fuse_multi_res_reference
-from hrnet_fast.reference import tiny_pose_hrnet
+from hrnet_fast.ops import _backend, conv_bias_act, conv_bias_act_reference, fuse_multi_res, fuse_multi_res_reference
 from hrnet_fast.ops._backend import triton_available
+from hrnet_fast.reference import tiny_pose_hrnet
 
 pytestmark = [
     pytest.mark.triton,
@@ -115,8 +113,9 @@ def _count_launches(monkeypatch, kernel) -> list[object]:
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3])
 def test_fuse_multi_res_is_one_launch(monkeypatch, count):
-    module = importlib.import_module("hrnet_fast.triton.fuse_multi_res")
-    calls = _count_launches(monkeypatch, module._fuse_multi_res_kernel)
+    from hrnet_fast.triton import fusion
+
+    calls = _count_launches(monkeypatch, fusion._fuse_multi_res_kernel)
     lows = [(4, 6, 5), (8, 3, 3), (16, 2, 2)][:count]
     args = fuse_inputs((1, 5, 12, 10), lows)
     out = fuse_multi_res(*args, backend="triton")
@@ -127,8 +126,9 @@ def test_fuse_multi_res_is_one_launch(monkeypatch, count):
 def test_fuse_multi_res_more_than_three_lowres_chains_launches(monkeypatch):
     """HRNet never fuses more than 3, but the op takes any number (the shared odd-shape tests use 6):
     each launch takes up to 3 inputs and accumulates through fp32, with ReLU once at the end."""
-    module = importlib.import_module("hrnet_fast.triton.fuse_multi_res")
-    calls = _count_launches(monkeypatch, module._fuse_multi_res_kernel)
+    from hrnet_fast.triton import fusion
+
+    calls = _count_launches(monkeypatch, fusion._fuse_multi_res_kernel)
     args = fuse_inputs((1, 4, 6, 6), [(2, 3, 3), (3, 2, 2), (2, 1, 1), (3, 6, 6)])
     out = fuse_multi_res(*args, relu=True, backend="triton")
     assert len(calls) == 2
@@ -137,8 +137,9 @@ def test_fuse_multi_res_more_than_three_lowres_chains_launches(monkeypatch):
 
 
 def test_conv_bias_act_is_one_launch(monkeypatch):
-    module = importlib.import_module("hrnet_fast.triton.conv_bias_act")
-    calls = _count_launches(monkeypatch, module._conv_bias_act_kernel)
+    from hrnet_fast.triton import conv
+
+    calls = _count_launches(monkeypatch, conv._conv_bias_act_kernel)
     x, w, b, r = conv_inputs((1, 4, 7, 6), (5, 4, 3, 3), residual_shape=(1, 5, 7, 6))
     out = conv_bias_act(x, w, b, 1, 1, r, True, backend="triton")
     assert len(calls) == 1
@@ -209,8 +210,7 @@ def test_torch_compile_fullgraph_both_ops():
 
 def test_ops_coexist_with_the_cpp_library():
     """The Python-defined Triton ops live in the hrnet_fast namespace that the C++ extension defines."""
-    importlib.import_module("hrnet_fast.triton.fuse_multi_res")
-    importlib.import_module("hrnet_fast.triton.conv_bias_act")
+    _backend.define_triton_ops()
     names = {"fuse_multi_res_triton", "conv_bias_act_triton"}
     if _extension.is_built():
         names |= {"fuse_multi_res", "conv_bias_act"}
@@ -242,7 +242,7 @@ def test_fuse_multi_res_bad_inputs(case):
 
 def test_fuse_multi_res_op_checks_pairing_itself():
     """The op called directly (no Python checks in front) still refuses unpaired lowres/weights."""
-    importlib.import_module("hrnet_fast.triton.fuse_multi_res")
+    _backend.define_triton_ops()
     base, lowres, weights, bias = fuse_inputs((1, 4, 6, 6), [(3, 3, 3), (2, 2, 2)])
     with pytest.raises(ValueError, match=re.escape("got 2 lowres inputs but 1 weights")):
         torch.ops.hrnet_fast.fuse_multi_res_triton(base, lowres, weights[:1], bias, True)
@@ -275,8 +275,10 @@ def test_optimize_tiny_pose_hrnet_end_to_end(monkeypatch):
     with torch.no_grad():
         ref = model(x)
         fused = hrnet_fast.optimize(model, backend="triton")
-        conv_calls = _count_launches(monkeypatch, importlib.import_module("hrnet_fast.triton.conv_bias_act")._conv_bias_act_kernel)
-        fuse_calls = _count_launches(monkeypatch, importlib.import_module("hrnet_fast.triton.fuse_multi_res")._fuse_multi_res_kernel)
+        from hrnet_fast.triton import conv, fusion
+
+        conv_calls = _count_launches(monkeypatch, conv._conv_bias_act_kernel)
+        fuse_calls = _count_launches(monkeypatch, fusion._fuse_multi_res_kernel)
         out = fused(x)
     assert fused.hrnet_fast_backend == "triton"
     assert conv_calls and fuse_calls, "the fused model must run both Triton kernels"
@@ -362,17 +364,18 @@ def test_torch_compile_aot_eager() -> None:
 def test_conv_launches_a_remembered_tuned_tile_directly(monkeypatch):
     """On a GPU the tile the autotuner chose is remembered per shape and launched without the
     Autotuner; here the remembered-tile path runs under the interpreter with a tile put in by hand."""
-    tc = importlib.import_module("hrnet_fast.triton.conv_bias_act")
+    from hrnet_fast.triton import conv as triton_conv
+
     x, w, b, r = conv_inputs((2, 8, 9, 7), (16, 8, 3, 3), residual_shape=(2, 16, 9, 7), seed=3)
-    monkeypatch.setattr(tc, "autotuning", lambda: True)
-    monkeypatch.setattr(tc, "_BEST", {})
-    monkeypatch.setattr(tc, "_tuner", lambda *a: pytest.fail("the Autotuner ran although a tuned tile was remembered"))
+    monkeypatch.setattr(triton_conv, "autotuning", lambda: True)
+    monkeypatch.setattr(triton_conv, "_BEST", {})
+    monkeypatch.setattr(triton_conv, "_tuner", lambda *a: pytest.fail("the Autotuner ran although a tuned tile was remembered"))
     expect = conv_bias_act_reference(x, w, b, [1, 1], [1, 1], r, True)
     args = (2 * 9 * 7, 16, 8, 9, 7, 9, 7, 1, 1, 1, 1)
-    flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, DOT_PRECISION=tc.dot_precision(x.dtype),
+    flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, DOT_PRECISION=triton_conv.dot_precision(x.dtype),
                  INDEX_64=False)
     tile = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "NUM_STAGES": 1, "num_warps": 1, "num_stages": 1}
-    tc._BEST[(x.dtype, x.device, args, tuple(flags.items()))] = tile
+    triton_conv._BEST[(x.dtype, x.device, args, tuple(flags.items()))] = tile
     out = conv_bias_act(x, w, b, 1, 1, r, True, backend="triton")
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
@@ -382,7 +385,8 @@ def test_tracing_is_told_apart_from_running():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    common = importlib.import_module("hrnet_fast.triton._common")
+    from hrnet_fast.triton import _common as common
+
     x = torch.randn(2, 3)
     assert not common.tracing(x)
     with FakeTensorMode() as mode:
@@ -392,3 +396,4 @@ def test_tracing_is_told_apart_from_running():
     assert seen == [True]
     torch.compile(lambda t: seen.append(common.tracing(t)) or t + 1, backend="eager", fullgraph=False)(x)
     assert seen[-1] is True
+

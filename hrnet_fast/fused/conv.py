@@ -2,38 +2,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from hrnet_fast import _extension
-from hrnet_fast.ops.conv3x3_winograd import OP as WINOGRAD_OP
-from hrnet_fast.ops.conv3x3_winograd import choose_tile, transform_weight, why_not_winograd
-from hrnet_fast.ops.conv_bias_act import conv_bias_act_reference, prepack
-
-# The op each backend runs, resolved once at optimize() time: the hot path does no checks or lookups.
-
-
-def _torch_op(x, w, b, stride, padding, residual, relu):
-    return conv_bias_act_reference(x, w, b, stride, padding, residual, relu)
-
-
-def _compiled_op(x, w, b, stride, padding, residual, relu):
-    return torch.ops.hrnet_fast.conv_bias_act(x, w, b, stride, padding, residual, relu)
-
-
-def _triton_op(x, w, b, stride, padding, residual, relu):
-    return torch.ops.hrnet_fast.conv_bias_act_triton(x, w, b, stride, padding, residual, relu)
-
-
-CONV_OPS: dict[str, Callable[..., torch.Tensor]] = {
-    "torch": _torch_op,
-    "cpu": _compiled_op,
-    "cuda": _compiled_op,
-    "triton": _triton_op,
-}
-
+from hrnet_fast.ops import _backend
+from hrnet_fast.ops.conv import prepack
+from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
+from hrnet_fast.ops.winograd import choose_tile, transform_weight, why_not_winograd
 
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
@@ -58,14 +35,15 @@ class FusedConv(nn.Module):
         self.register_buffer("bias", bias.detach().clone())
         self.stride, self.padding, self.relu = list(stride), list(padding), relu
         self.backend = backend
-        self._op = CONV_OPS[backend]
+        # the op for the backend, looked up once: the hot path does no checks or lookups
+        self._op = _backend.kernel("conv_bias_act", backend)
         # oneDNN-layout weights for the cpu backend by input shape (None: dense weight). Not buffers:
         # they cannot be copied or saved. Keyed by shape because oneDNN's preferred weight layout
         # depends on it (and on the CPU): a weight packed for another shape is reordered on every call.
         self._packed: dict[tuple[int, ...], torch.Tensor] | None = None
         # Winograd-transformed weights by tile size m (cpu backend, 3x3 stride 1; None: not used).
         # Derived from weight, so kept out of state_dict. F(4x4) is made at pack time, F(2x2) on
-        # first use (few convs at few input sizes want it: see conv3x3_winograd.choose_tile).
+        # first use (few convs at few input sizes want it: see ops/winograd.py, choose_tile).
         self._winograd: dict[int, torch.Tensor] | None = None
         self.use_winograd = False
         # (version, address, dtype) of the weight the caches were derived from: load_state_dict and
@@ -143,6 +121,8 @@ class FusedConv(nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("use_winograd", False)  # pickled before the Winograd kernel existed
         self.__dict__.update(state)
+        # looked up again: in a fresh process this is what defines the Triton op for a triton model
+        self._op = _backend.kernel("conv_bias_act", self.backend)
         self.pack()
 
     def _winograd_for(self, x: torch.Tensor) -> torch.Tensor:

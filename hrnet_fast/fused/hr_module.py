@@ -6,35 +6,13 @@ whose last conv adds into the running sum through `residual` (starting from x_i)
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from hrnet_fast.fused.blocks import conv_bn_pair, fused_conv
 from hrnet_fast.fused.folding import fold_conv_bn
 from hrnet_fast.fused.streams import run_concurrently
-from hrnet_fast.ops.fuse_multi_res import fuse_multi_res_reference
-
-
-def _torch_fuse(base, lowres, weights, bias, relu):
-    return fuse_multi_res_reference(base, lowres, weights, bias, relu)
-
-
-def _compiled_fuse(base, lowres, weights, bias, relu):
-    return torch.ops.hrnet_fast.fuse_multi_res(base, lowres, weights, bias, relu)
-
-
-def _triton_fuse(base, lowres, weights, bias, relu):
-    return torch.ops.hrnet_fast.fuse_multi_res_triton(base, lowres, weights, bias, relu)
-
-
-FUSE_OPS: dict[str, Callable[..., torch.Tensor]] = {
-    "torch": _torch_fuse,
-    "cpu": _compiled_fuse,
-    "cuda": _compiled_fuse,
-    "triton": _triton_fuse,
-}
+from hrnet_fast.ops import _backend
 
 
 def is_hr_module(m: nn.Module) -> bool:
@@ -83,7 +61,8 @@ class FusedHRModule(nn.Module):
         super().__init__()
         self.num_branches = int(m.num_branches)
         self.branches = branches
-        self._fuse = FUSE_OPS[backend]
+        self.backend = backend
+        self._fuse = _backend.kernel("fuse_multi_res", backend)  # looked up once, not per call
         self.chains = nn.ModuleList()  # chains[i][j] for j < i: ModuleList of FusedConv
         self.lowres_index: list[list[int]] = []
         rows = [] if m.fuse_layers is None else list(m.fuse_layers)
@@ -108,6 +87,11 @@ class FusedHRModule(nn.Module):
         self.n_out = len(rows)
         # set by optimize(streams=True): branches, then outputs, on parallel CUDA streams
         self.streams = False
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # looked up again: in a fresh process this is what defines the Triton op for a triton model
+        self._fuse = _backend.kernel("fuse_multi_res", self.backend)
 
     def _output(self, i: int, x: list[torch.Tensor]) -> torch.Tensor:
         s = x[i]

@@ -1,12 +1,17 @@
-"""Backend choice shared by every op: explicit name, or automatic by device."""
+"""Backends, in one place for the functional API (hrnet_fast.ops) and the fused modules (hrnet_fast.fused):
+which backend runs (`resolve`: an explicit name, or automatic by device) and the function that
+runs an op on it (`kernel`).
+"""
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
 from hrnet_fast import _extension
+from hrnet_fast.ops.reference import conv_bias_act_reference, fuse_multi_res_reference
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 # Looked up once: Dynamo cannot trace importlib (a fullgraph compile through the ops would break).
@@ -47,3 +52,63 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
             "or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
         )
     return backend
+
+
+# ---- the function that runs each op on each backend ----------------------------------------------
+# Module-level functions, so the fused modules that hold them can be pickled and deep-copied; each
+# takes the op schema's arguments in order, without checks (the functional API checks before).
+
+
+def _conv_bias_act_compiled(x, weight, bias, stride, padding, residual, relu):
+    return torch.ops.hrnet_fast.conv_bias_act(x, weight, bias, stride, padding, residual, relu)
+
+
+def _conv_bias_act_triton(x, weight, bias, stride, padding, residual, relu):
+    return torch.ops.hrnet_fast.conv_bias_act_triton(x, weight, bias, stride, padding, residual, relu)
+
+
+def _fuse_multi_res_compiled(base, lowres, weights, bias, relu):
+    return torch.ops.hrnet_fast.fuse_multi_res(base, lowres, weights, bias, relu)
+
+
+def _fuse_multi_res_triton(base, lowres, weights, bias, relu):
+    return torch.ops.hrnet_fast.fuse_multi_res_triton(base, lowres, weights, bias, relu)
+
+
+# torch: the plain-PyTorch reference; cpu and cuda: the C++ library (csrc/), one op for both devices;
+# triton: the ops that hrnet_fast/triton/ defines.
+_KERNELS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+    "conv_bias_act": {
+        "torch": conv_bias_act_reference,
+        "cpu": _conv_bias_act_compiled,
+        "cuda": _conv_bias_act_compiled,
+        "triton": _conv_bias_act_triton,
+    },
+    "fuse_multi_res": {
+        "torch": fuse_multi_res_reference,
+        "cpu": _fuse_multi_res_compiled,
+        "cuda": _fuse_multi_res_compiled,
+        "triton": _fuse_multi_res_triton,
+    },
+}
+
+_triton_defined = False
+
+
+def define_triton_ops() -> None:
+    """Define torch.ops.hrnet_fast.*_triton, once. Importing hrnet_fast/triton/ imports triton itself,
+    so it happens here, on first use of the triton backend, and nowhere else."""
+    global _triton_defined
+    if not _triton_defined:
+        import hrnet_fast.triton.conv  # noqa: F401
+        import hrnet_fast.triton.fusion  # noqa: F401
+
+        _triton_defined = True
+
+
+def kernel(op: str, backend: str) -> Callable[..., torch.Tensor]:
+    """The function that runs `op` ("conv_bias_act", "fuse_multi_res") on `backend`, a resolved one
+    ("torch", "cpu", "cuda" or "triton": see `resolve`). For "triton" the Triton ops are defined first."""
+    if backend == "triton":
+        define_triton_ops()
+    return _KERNELS[op][backend]

@@ -9,7 +9,6 @@ and accumulates with tl.dot in fp32. Every tensor is addressed through its own s
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +19,8 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 from torch.library import wrap_triton
 
+from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting, tracing
-
-# the module, not the function that hrnet_fast.ops re-exports under the same name
-_ops = importlib.import_module("hrnet_fast.ops.conv_bias_act")
 
 QUALNAME = "hrnet_fast::conv_bias_act_triton"
 
@@ -167,7 +164,7 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("HRNET_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 
-@define_op(QUALNAME, _ops.fake)
+@define_op(QUALNAME, _meta.conv_bias_act_fake)
 def conv_bias_act_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -182,7 +179,7 @@ def conv_bias_act_triton(
     Any strides work; the fast layout is channels_last x with the weight stored [kH, kW, C_in, C_out]
     (FusedConv packs it so): then every tile load is contiguous along channels.
     """
-    shape = _ops.output_shape(x, weight, stride, padding)
+    shape = _meta.conv_output_shape(x, weight, stride, padding)
     # the same layout as the shared fake (and aten's conv): follows suggest_memory_format(x)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
     if out.numel() == 0:
@@ -231,4 +228,4 @@ def conv_bias_act_triton(
     return out
 
 
-torch.library.register_autograd(QUALNAME, _ops.backward, setup_context=_ops.setup_context)
+_meta.register_autograd(QUALNAME, "conv_bias_act")

@@ -11,7 +11,6 @@ tests/test_fuse_multi_res.py) allows any number; every HRNet fusion is one launc
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
@@ -19,10 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting, nearest_scale
-
-# the module, not the function that hrnet_fast.ops re-exports under the same name
-_ops = importlib.import_module("hrnet_fast.ops.fuse_multi_res")
 
 QUALNAME = "hrnet_fast::fuse_multi_res_triton"
 MAX_LOWRES_PER_LAUNCH = 3
@@ -145,7 +142,7 @@ def _launch(
         )
 
 
-@define_op(QUALNAME, _ops.fake)
+@define_op(QUALNAME, _meta.fuse_multi_res_fake)
 def fuse_multi_res_triton(
     base: torch.Tensor,
     lowres: list[torch.Tensor],
@@ -154,8 +151,7 @@ def fuse_multi_res_triton(
     relu: bool,
 ) -> torch.Tensor:
     """act(base + bias + sum_k nearest_up(conv1x1(lowres[k], weights[k]))); out has empty_like(base)'s strides."""
-    if len(lowres) != len(weights):
-        raise ValueError(f"got {len(lowres)} lowres inputs but {len(weights)} weights: need one weight per input")
+    _meta.check_paired(lowres, weights)
     out = torch.empty_like(base)
     if out.numel() == 0:
         return out
@@ -171,4 +167,4 @@ def fuse_multi_res_triton(
     return out
 
 
-torch.library.register_autograd(QUALNAME, _ops.backward, setup_context=_ops.setup_context)
+_meta.register_autograd(QUALNAME, "fuse_multi_res")
