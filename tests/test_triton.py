@@ -8,7 +8,12 @@ Run in its own process with TRITON_INTERPRET=1 set before triton is imported (CP
 from __future__ import annotations
 
 import math
+import os
+import pickle
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -397,3 +402,73 @@ def test_tracing_is_told_apart_from_running():
     torch.compile(lambda t: seen.append(common.tracing(t)) or t + 1, backend="eager", fullgraph=False)(x)
     assert seen[-1] is True
 
+
+# ---- nothing to import first: the backend table defines the Triton ops on first use -------------
+
+
+def _run_fresh(script: str, *args: str) -> None:
+    """`script` in a new interpreter (TRITON_INTERPRET=1, so on CPU tensors) that has imported nothing yet."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_fused_conv_built_directly_in_a_fresh_interpreter():
+    _run_fresh(
+        """
+        import sys
+        import torch
+        from hrnet_fast.fused.conv import FusedConv
+        from hrnet_fast.ops import conv_bias_act_reference
+
+        assert not any(m.startswith("hrnet_fast.triton.") for m in sys.modules)
+        g = torch.Generator().manual_seed(0)
+        w, b, x = torch.randn(6, 4, 3, 3, generator=g) / 6, torch.randn(6, generator=g), torch.randn(2, 4, 7, 5, generator=g)
+        conv = FusedConv(w, b, stride=(2, 2), padding=(1, 1), relu=True, backend="triton")
+        conv.pack()
+        with torch.no_grad():
+            out = conv(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, conv_bias_act_reference(x, w, b, [2, 2], [1, 1]), rtol=1e-5, atol=1e-5)
+        """
+    )
+
+
+def test_compiled_first_call_defines_the_triton_ops():
+    """torch.compile(fullgraph=True) of the functional API as the first Triton use: the ops are
+    defined while Dynamo traces, without a graph break."""
+    _run_fresh(
+        """
+        import torch
+        from hrnet_fast.ops import conv_bias_act, conv_bias_act_reference
+
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(1, 3, 6, 6, generator=g), torch.randn(4, 3, 3, 3, generator=g) / 5, torch.randn(4, generator=g)
+        fn = torch.compile(lambda x: conv_bias_act(x, w, b, 1, 1, backend="triton") * 2, fullgraph=True, backend="eager")
+        torch.testing.assert_close(fn(x), conv_bias_act_reference(x, w, b, [1, 1], [1, 1]) * 2, rtol=1e-5, atol=1e-5)
+        """
+    )
+
+
+def test_triton_model_unpickled_in_a_fresh_interpreter(tmp_path):
+    """An optimize()d triton model pickled here runs in a process that never asked for the triton
+    backend: unpickling its fused modules defines the ops."""
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fused = hrnet_fast.optimize(model, backend="triton")
+        expected = fused(x)
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps((fused, x, expected)))
+    _run_fresh(
+        """
+        import pickle, sys
+        import torch
+
+        fused, x, expected = pickle.loads(open(sys.argv[1], "rb").read())
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), expected, rtol=0, atol=1e-6)
+        """,
+        str(path),
+    )
