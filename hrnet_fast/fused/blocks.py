@@ -55,8 +55,9 @@ def conv_bn_pair(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, bool] 
 
 
 def fused_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, backend: str) -> FusedConv:
+    """`conv` with `bn` folded in (and ReLU when `relu`) as one FusedConv on `backend`."""
     w, b = fold_conv_bn(conv, bn)
-    return FusedConv.from_conv(conv, w, b, relu, backend)
+    return FusedConv(w, b, conv.stride, conv.padding, relu, backend)
 
 
 class FusedBlock(nn.Module):

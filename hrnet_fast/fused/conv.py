@@ -50,10 +50,6 @@ class FusedConv(nn.Module):
         # in-place edits bump the version, a replaced or cast weight has another address.
         self._derived_from: tuple | None = None
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, relu: bool, backend: str) -> "FusedConv":
-        return cls(weight, bias, conv.stride, conv.padding, relu, backend)
-
     def pack(self, use_winograd: bool | None = None) -> None:
         """Prepare the weight for the backend, once. cuda: channels_last (cuDNN would otherwise
         transform an NCHW weight for a channels_last input on every call). triton: stored
