@@ -22,6 +22,12 @@ from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting, nearest_scale
 
 QUALNAME = "hrnet_fast::fuse_multi_res_triton"
+# Low-res inputs one launch takes: the kernel's argument slots (x0.., x1.., x2..). A Triton kernel
+# takes no array of pointers, so each slot is spelled out in its signature and its body, and 3 is
+# the most HRNet adds into one output (the top branch of a 4-branch stage takes the 3 below it).
+# The C++ kernels' limit, kFmrMaxLowres = 4 in csrc/kernels/fuse_multi_res.h, is a separate choice
+# (a fixed-size array in their parameter block, which Python cannot read); the two need not agree,
+# as either only decides where a longer list is split into chained launches.
 MAX_LOWRES_PER_LAUNCH = 3
 
 
@@ -117,7 +123,7 @@ def _launch(
     bias: torch.Tensor | None,
     relu: bool,
 ) -> None:
-    """One kernel launch: out = act(base + bias + sum over these <= 3 low-res inputs)."""
+    """One kernel launch: out = act(base + bias + sum over these <= MAX_LOWRES_PER_LAUNCH low-res inputs)."""
     n, c, h, w = base.shape
     args: list[object] = []
     for k in range(MAX_LOWRES_PER_LAUNCH):
@@ -160,7 +166,7 @@ def fuse_multi_res_triton(
     src, b = base, bias
     for i, (xs, ws) in enumerate(chunks):
         last = i == len(chunks) - 1
-        # more than 3 inputs (never in HRNet): chain launches through fp32, ReLU only at the end
+        # more inputs than one launch takes (never in HRNet): chain launches through fp32, ReLU only at the end
         dst = out if last else torch.empty_like(base, dtype=torch.float32)
         _launch(src, dst, xs, ws, b, relu and last)
         src, b = dst, None
