@@ -317,7 +317,7 @@ def test_cpu_backend_rejects_float64_clearly():
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory) -> ctypes.CDLL:
-    so = tmp_path_factory.mktemp("emu") / "cba_emu.so"
+    so = tmp_path_factory.mktemp("emu") / "conv_bias_act_emu.so"
     cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}",
            f"-I{ROOT / 'tests/emu'}", str(ROOT / "tests/emu/conv_bias_act_emu.cpp"), "-o", str(so)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)

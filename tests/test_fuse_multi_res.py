@@ -322,7 +322,7 @@ def test_cpu_kernel_rejects_float64():
 
 @pytest.fixture(scope="session")
 def emu_lib(tmp_path_factory) -> ctypes.CDLL:
-    so = tmp_path_factory.mktemp("emu") / "fmr_emu.so"
+    so = tmp_path_factory.mktemp("emu") / "fuse_multi_res_emu.so"
     cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}",
            f"-I{ROOT / 'tests/emu'}", str(ROOT / "tests/emu/fuse_multi_res_emu.cpp"), "-o", str(so)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)

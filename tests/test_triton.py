@@ -292,7 +292,6 @@ def test_optimize_tiny_pose_hrnet_end_to_end(monkeypatch):
 
 
 # ---- fp32 extras: several K/N tiles, residual in the other layout, strided views ----------------
-# (merged from 813f293's version of this file, which a concurrent commit replaced)
 
 # (N, C_in, H, W, C_out, k, stride, padding): odd sizes, padding 0/1, one pixel, and channel counts
 # past the interpreter's 32-wide tiles so the K loop and the C_out grid take several steps

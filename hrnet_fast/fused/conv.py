@@ -115,7 +115,7 @@ class FusedConv(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("use_winograd", False)  # pickled before the Winograd kernel existed
+        state.setdefault("use_winograd", False)  # absent from states saved by versions without Winograd
         self.__dict__.update(state)
         # looked up again: in a fresh process this is what defines the Triton op for a triton model
         self._op = _backend.kernel("conv_bias_act", self.backend)

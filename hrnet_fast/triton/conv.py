@@ -108,8 +108,8 @@ def _blocks(m: int, c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) without tuning: one fixed tile under the
     interpreter, GPU-sized otherwise."""
     if interpreting():
-        # the interpreter pays per program, so one mid-sized tile: ~10x faster than 16s on the
-        # tiny model, still small enough that the tests cover edge masks and several tiles
+        # the interpreter pays per program, so one mid-sized tile (far fewer programs than 16-wide
+        # tiles), still small enough that the tests cover edge masks and several tiles
         return 64, 32, 32, 1, 1
     # Few output pixels (the small branches at batch 1): narrow tiles, so that there are programs
     # for more of the multiprocessors. HRNet's C_in/C_out are 18..384 (3 for the stem): a K-tile no
