@@ -17,10 +17,11 @@ TORCH_LIBRARY(hrnet_fast, m) {
   m.def(
       "conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "Tensor? residual=None, bool relu=True) -> Tensor");
-  // act(base + bias + sum_k interpolate_nearest(conv1x1(lowres[k], weights[k]), size=base.shape[-2:]))
+  // act(base + bias + sum_k interpolate(conv1x1(lowres[k], weights[k]), size=base.shape[-2:], mode,
+  // align_corners)), mode "nearest" or "bilinear"
   m.def(
       "fuse_multi_res(Tensor base, Tensor[] lowres, Tensor[] weights, Tensor? bias, "
-      "bool relu=True) -> Tensor");
+      "bool relu=True, str mode=\"nearest\", bool align_corners=False) -> Tensor");
   // act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w given Winograd-transformed
   // (hrnet_fast.ops.conv3x3_winograd.transform_weight): CPU only; cuDNN picks Winograd itself on CUDA.
   m.def(

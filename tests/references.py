@@ -67,20 +67,51 @@ def upsample_nearest(y: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return y.index_select(2, rows.to(y.device)).index_select(3, cols.to(y.device))
 
 
+def linear_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear along one axis, written from F.interpolate's documented sampling: output index d
+    samples the source coordinate d * (in - 1) / (out - 1) with align_corners (0 for out = 1), else
+    (d + 0.5) * in / out - 0.5 clamped at 0; it blends the two source pixels around it, the last pixel
+    repeated at the far edge. Returns (lower index, upper index, upper weight), float64 weights."""
+    d = torch.arange(out_size, dtype=torch.float64)
+    if align_corners:
+        src = d * ((in_size - 1) / (out_size - 1)) if out_size > 1 else torch.zeros(out_size, dtype=torch.float64)
+    else:
+        src = ((d + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    return lo, hi, (src - lo).clamp(max=1)
+
+
+def upsample_bilinear(y: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """y [N, C, h, w] to [N, C, *size]: the 1-D blend along H, then along W (bilinear is separable)."""
+    for axis, out_size in ((2, size[0]), (3, size[1])):
+        lo, hi, t = linear_taps(y.shape[axis], out_size, align_corners)
+        shape = [1, 1, 1, 1]
+        shape[axis] = out_size
+        t = t.to(y.device).view(shape)
+        y = y.index_select(axis, lo.to(y.device)) * (1 - t) + y.index_select(axis, hi.to(y.device)) * t
+    return y
+
+
 def fuse_multi_res(
     base: torch.Tensor,
     lowres: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
     bias: torch.Tensor | None = None,
     relu: bool = True,
+    mode: str = "nearest",
+    align_corners: bool = False,
 ) -> torch.Tensor:
-    """act(base + bias + sum_k upsample_nearest(weights[k] @ lowres[k])) in float64, each 1x1 conv as
-    a channel contraction (einsum) and the upsampling as an index gather."""
+    """act(base + bias + sum_k upsample(weights[k] @ lowres[k])) in float64, each 1x1 conv as a channel
+    contraction (einsum) and the upsampling as an index gather (nearest) or gathers and blends (bilinear)."""
     out = _f64(base)
     if bias is not None:
         out = out + _f64(bias)[None, :, None, None]
     for x, w in zip(lowres, weights):
         w64 = _f64(w).reshape(w.shape[0], w.shape[1])
         y = torch.einsum("ck,nkhw->nchw", w64, _f64(x))
-        out = out + upsample_nearest(y, base.shape[-2:])
+        if mode == "bilinear":
+            out = out + upsample_bilinear(y, base.shape[-2:], align_corners)
+        else:
+            out = out + upsample_nearest(y, base.shape[-2:])
     return _act(out, relu)

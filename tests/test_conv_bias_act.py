@@ -323,9 +323,9 @@ def emu_lib(tmp_path_factory) -> ctypes.CDLL:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(so))
     i64, vp = ctypes.c_longlong, ctypes.c_void_p
-    lib.cba_emu_run.argtypes = [vp, vp, vp, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int]
-    lib.cba_emu_run.restype = ctypes.c_int
-    lib.cba_emu_last_plan.restype = ctypes.c_int
+    lib.conv_bias_act_emu_run.argtypes = [vp, vp, vp, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int]
+    lib.conv_bias_act_emu_run.restype = ctypes.c_int
+    lib.conv_bias_act_emu_last_plan.restype = ctypes.c_int
     return lib
 
 
@@ -347,11 +347,11 @@ def test_emulated_cuda_epilogue(emu_lib, nhwc, relu, bias, res, launch, force):
     flat = torch.cat([conv.permute(0, 2, 3, 1).reshape(-1) if nhwc else conv.reshape(-1), torch.full((37,), 7.0)])
     n, c, h, wd = conv.shape
     rflat = None if r is None else (r.permute(0, 2, 3, 1).reshape(-1) if nhwc else r.reshape(-1)).contiguous()
-    rc = emu_lib.cba_emu_run(flat.data_ptr(), None if b is None else b.data_ptr(),
+    rc = emu_lib.conv_bias_act_emu_run(flat.data_ptr(), None if b is None else b.data_ptr(),
                              None if rflat is None else rflat.data_ptr(), conv.numel(), c, h * wd, int(nhwc),
                              int(relu), *launch, force)
     assert rc == 0
-    plan = emu_lib.cba_emu_last_plan()
+    plan = emu_lib.conv_bias_act_emu_last_plan()
     assert plan & 1 == (nhwc and force != 1) and bool(plan & 2) == (force == 2)
     assert (flat[conv.numel():] == 7.0).all(), "kernel wrote past the output"
     body = flat[: conv.numel()]

@@ -317,6 +317,98 @@ def test_cpu_kernel_rejects_float64():
         fuse_multi_res(*args, backend="cpu")
 
 
+# ---- mode="bilinear": HRNetV2's fusion (segmentation, face and hand landmarks) ----------------------
+
+ALIGN = pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
+# HRNetV2-W18-like branches at a 64x128 input (1/4: 16x32) and sizes that don't divide (the official
+# seg model resizes every branch to the exact size of the one it joins)
+BILINEAR_CASES = {
+    **ODD,
+    "v2_w18_o0": ((1, 18, 16, 32), [(36, 8, 16), (72, 4, 8), (144, 2, 4)]),
+    "v2_w18_o1_batch2": ((2, 36, 8, 16), [(72, 4, 8), (144, 2, 4)]),
+    "odd_ratio_3x": ((1, 6, 15, 9), [(4, 5, 3), (3, 2, 2)]),
+}
+
+
+@ALIGN
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", sorted(BILINEAR_CASES))
+def test_reference_bilinear_matches_float64(case, channels_last, align_corners):
+    base_shape, lows = BILINEAR_CASES[case]
+    base, lowres, weights, b = make_inputs(base_shape, lows, channels_last=channels_last)
+    out = fuse_multi_res(base, lowres, weights, b, True, "bilinear", align_corners, backend="torch")
+    want = references.fuse_multi_res(base, lowres, weights, b, True, "bilinear", align_corners).float()
+    assert_close(out, want)
+    assert out.stride() == torch.empty_like(base).stride()
+
+
+def test_independent_linear_taps_by_hand():
+    """tests/references.linear_taps against values worked out by hand."""
+    # src = (d + .5) / 2 - .5 = -.25 (clamped to 0), .25, .75, 1.25 (past the last pixel: both taps on it)
+    lo, hi, t = references.linear_taps(2, 4, False)
+    assert lo.tolist() == [0, 0, 0, 1] and hi.tolist() == [1, 1, 1, 1] and t.tolist() == [0.0, 0.25, 0.75, 0.25]
+    lo, hi, t = references.linear_taps(3, 5, True)  # src = d * 2 / 4 = 0, .5, 1, 1.5, 2
+    assert lo.tolist() == [0, 0, 1, 1, 2] and hi.tolist() == [1, 1, 2, 2, 2] and t.tolist() == [0, 0.5, 0, 0.5, 0]
+    lo, hi, t = references.linear_taps(4, 1, True)  # one output pixel with align_corners: the first source
+    assert lo.tolist() == [0] and t.tolist() == [0.0]
+
+
+@ALIGN
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", sorted(BILINEAR_CASES))
+def test_bilinear_cpu(case, channels_last, align_corners):
+    base_shape, lows = BILINEAR_CASES[case]
+    for bias, relu in [(True, True), (False, False)]:
+        base, lowres, weights, b = make_inputs(base_shape, lows, bias=bias, channels_last=channels_last)
+        out = fuse_multi_res(base, lowres, weights, b, relu, "bilinear", align_corners, backend="cpu")
+        assert_close(out, fuse_multi_res_reference(base, lowres, weights, b, relu, "bilinear", align_corners))
+        assert out.stride() == torch.empty_like(base).stride()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case,channels_last,align_corners", [
+    ("v2_w18_o0", True, False), ("odd_ratio_3x", False, True), ("six_lowres", True, True), ("downsample", False, False),
+    ("one_pixel", True, True),
+])
+def test_bilinear_triton(case, channels_last, align_corners):
+    base_shape, lows = BILINEAR_CASES[case]
+    base, lowres, weights, b = make_inputs(base_shape, lows, channels_last=channels_last)
+    out = fuse_multi_res(base, lowres, weights, b, True, "bilinear", align_corners, backend="triton")
+    assert_close(out, fuse_multi_res_reference(base, lowres, weights, b, True, "bilinear", align_corners))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@ALIGN
+def test_bilinear_gradients(backend, align_corners):
+    shape, lows = (2, 4, 7, 6), [(3, 4, 3), (5, 2, 2)]
+    got = make_inputs(shape, lows, channels_last=True, grad=True)
+    want = make_inputs(shape, lows, channels_last=True, grad=True)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    fuse_multi_res(*got, True, "bilinear", align_corners, backend=backend).backward(grad_out)
+    fuse_multi_res_reference(*want, True, "bilinear", align_corners).backward(grad_out)
+    for g, w in zip([got[0], *got[1], *got[2], got[3]], [want[0], *want[1], *want[2], want[3]]):
+        assert_close(g.grad, w.grad)
+
+
+@ALIGN
+def test_bilinear_opcheck_cpu(align_corners):
+    base, lowres, weights, b = make_inputs((2, 4, 9, 7), [(3, 4, 3), (2, 2, 2)], grad=True)
+    torch.library.opcheck(torch.ops.hrnet_fast.fuse_multi_res.default,
+                          (base, lowres, weights, b, True, "bilinear", align_corners))
+
+
+@pytest.mark.parametrize("mode,align_corners,message", [
+    ("bicubic", False, "mode must be"), ("nearest", True, "align_corners=True goes with mode='bilinear' only"),
+])
+def test_bad_mode(mode, align_corners, message):
+    base, lowres, weights, b = make_inputs((1, 4, 6, 6), [(3, 3, 3)])
+    for backend in ("torch", "cpu"):
+        with pytest.raises(ValueError, match=message):
+            fuse_multi_res(base, lowres, weights, b, True, mode, align_corners, backend=backend)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.hrnet_fast.fuse_multi_res(base, lowres, weights, b, True, mode, align_corners)
+
+
 # ---- the CUDA kernel itself, compiled by g++ against tests/emu/cuda_emu.h ----------------------
 
 
@@ -328,21 +420,23 @@ def emu_lib(tmp_path_factory) -> ctypes.CDLL:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(so))
     i64, vp = ctypes.c_longlong, ctypes.c_void_p
-    lib.fmr_emu_run.argtypes = [ctypes.c_int, vp, vp, vp, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                ctypes.POINTER(vp), ctypes.POINTER(i64), ctypes.POINTER(i64), i64, ctypes.c_int, ctypes.c_int]
-    lib.fmr_emu_run.restype = ctypes.c_int
-    lib.fmr_emu_last_plan.restype = ctypes.c_int
+    lib.fuse_emu_run.argtypes = [ctypes.c_int, vp, vp, vp, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                ctypes.POINTER(vp), ctypes.POINTER(i64), ctypes.POINTER(i64), i64, ctypes.c_int, ctypes.c_int,
+                                ctypes.c_int, ctypes.c_int]
+    lib.fuse_emu_run.restype = ctypes.c_int
+    lib.fuse_emu_last_plan.restype = ctypes.c_int
     return lib
 
 
 EMU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-SCALAR, WIDE = 1, 2  # bits of fmr_emu_run's `force` and of fmr_emu_last_plan (VECTOR for the latter)
+SCALAR, WIDE = 1, 2  # bits of fuse_emu_run's `force` and of fuse_emu_last_plan (VECTOR for the latter)
 VECTOR = 1
 
 
-def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37, force=0):
+def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37, force=0, mode="nearest",
+                 align_corners=False):
     """The kernel on dense NCHW/NHWC storage of base's dtype; `guard` NaNs after the output catch stray writes.
 
     ys and bias are float32, as the CUDA entry point hands them to the kernel. Returns the output and
@@ -357,12 +451,13 @@ def run_emulated(lib, base, ys, bias, relu, nhwc, blocks=0, threads=0, guard=37,
     ptrs = (ctypes.c_void_p * max(1, len(low)))(*[t.data_ptr() for t in low])
     hs = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[2] for y in ys])
     ws = (ctypes.c_longlong * max(1, len(low)))(*[y.shape[3] for y in ys])
-    rc = lib.fmr_emu_run(EMU_DTYPES[base.dtype], b.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), n, c, h, w,
-                         int(nhwc), int(relu), len(low), ptrs, hs, ws, blocks, threads, force)
+    rc = lib.fuse_emu_run(EMU_DTYPES[base.dtype], b.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), n, c, h, w,
+                         int(nhwc), int(relu), len(low), ptrs, hs, ws, blocks, threads, force, int(mode == "bilinear"),
+                         int(align_corners))
     assert rc == 0
     assert out[base.numel():].isnan().all(), "the kernel wrote past the end of the output"
     flat = out[: base.numel()]
-    return (flat.view(n, h, w, c).permute(0, 3, 1, 2) if nhwc else flat.view(n, c, h, w)), lib.fmr_emu_last_plan()
+    return (flat.view(n, h, w, c).permute(0, 3, 1, 2) if nhwc else flat.view(n, c, h, w)), lib.fuse_emu_last_plan()
 
 
 @pytest.mark.parametrize("force", [0, SCALAR, WIDE, SCALAR | WIDE], ids=["planned", "scalar", "wide", "scalar_wide"])
@@ -380,7 +475,7 @@ def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc, force):
         "no_lowres": ((2, 6, 5, 7), []),
         "four": ((1, 3, 9, 8), [(3, 3, 4), (3, 9, 8), (3, 2, 3), (3, 1, 1)]),
         "vector_four": ((2, 8, 9, 8), [(8, 3, 4), (8, 9, 8), (8, 2, 3), (8, 1, 1)]),
-        # more than kFmrMaxBlocks * kFmrThreads elements: the default launch relies on the grid-stride loop
+        # more than kFuseMaxBlocks * kFuseThreads elements: the default launch relies on the grid-stride loop
         "past_max_grid": ((1, 2, 1030, 1024), [(2, 515, 512)]),
     }
     base_shape, lows = shapes[case]
@@ -420,9 +515,41 @@ def test_emulated_cuda_kernel_misaligned_falls_back(emu_lib):
     n, c, h, w = base.shape
     out = torch.full((base.numel() + 1,), float("nan"))[1:]
     low = ys2[0].permute(0, 2, 3, 1).contiguous()
-    rc = emu_lib.fmr_emu_run(0, base.data_ptr(), out.data_ptr(), bias2.data_ptr(), n, c, h, w, 1, 1, 1,
+    rc = emu_lib.fuse_emu_run(0, base.data_ptr(), out.data_ptr(), bias2.data_ptr(), n, c, h, w, 1, 1, 1,
                              (ctypes.c_void_p * 1)(low.data_ptr()), (ctypes.c_longlong * 1)(3),
-                             (ctypes.c_longlong * 1)(3), 0, 0, 0)
-    assert rc == 0 and emu_lib.fmr_emu_last_plan() & VECTOR == 0
+                             (ctypes.c_longlong * 1)(3), 0, 0, 0, 0, 0)
+    assert rc == 0 and emu_lib.fuse_emu_last_plan() & VECTOR == 0
     expect = fuse_multi_res_reference(base.contiguous(), ys2, [torch.eye(8)], bias2, True)
     assert torch.equal(out.view(1, 6, 5, 8).permute(0, 3, 1, 2), expect)
+
+
+def _bilinear_expect(base, ys, bias, relu, align_corners):
+    """float64: base + bias + sum_k F.interpolate(y_k, bilinear), then ReLU (ys are already projected)."""
+    acc = base.double() + (0 if bias is None else bias.double().view(1, -1, 1, 1))
+    for y in ys:
+        acc = acc + torch.nn.functional.interpolate(y.double(), size=base.shape[-2:], mode="bilinear",
+                                                    align_corners=align_corners)
+    return acc.clamp_min(0) if relu else acc
+
+
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
+@pytest.mark.parametrize("force", [0, SCALAR, WIDE], ids=["planned", "scalar", "wide"])
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("case", ["x2_x4_x8", "odd_ratios", "same_size", "one_pixel_source", "to_one_pixel"])
+def test_emulated_cuda_kernel_bilinear(emu_lib, case, nhwc, force, align_corners):
+    """mode="bilinear": ATen's source coordinates and weights for both align_corners values, any ratio."""
+    shapes = {
+        "x2_x4_x8": ((2, 8, 16, 12), [(8, 8, 6), (8, 4, 3), (8, 2, 2)]),
+        "odd_ratios": ((1, 4, 17, 11), [(4, 5, 4), (4, 9, 10)]),
+        "same_size": ((1, 8, 5, 7), [(8, 5, 7)]),
+        "one_pixel_source": ((1, 4, 6, 5), [(4, 1, 1)]),
+        "to_one_pixel": ((1, 4, 1, 1), [(4, 3, 2)]),
+    }
+    base_shape, lows = shapes[case]
+    for bias_on, relu in [(True, True), (False, False)]:
+        base, ys, _, bias = make_inputs(base_shape, lows, bias=bias_on)
+        out, plan = run_emulated(emu_lib, base, ys, bias, relu, nhwc, 3, 32, force=force, mode="bilinear",
+                                 align_corners=align_corners)
+        assert plan & VECTOR == (nhwc and base_shape[1] % 4 == 0 and not force & SCALAR)
+        expect = _bilinear_expect(base, ys, bias, relu, align_corners)
+        torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)

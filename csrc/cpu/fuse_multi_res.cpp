@@ -1,6 +1,7 @@
 // fuse_multi_res on CPU (float32, NCHW or NHWC): each low-res 1x1 conv is one GEMM at low
 // resolution, then one parallel pass over the output reads base, the bias and the low-res
-// results and writes the output. No full-resolution intermediate is ever written.
+// results and writes the output. No full-resolution intermediate is ever written: bilinear
+// upsampling interpolates one output row of each input at a time, into a per-thread row buffer.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -18,8 +19,8 @@ namespace {
 struct Row {
   float* out;
   const float* base;
-  const float* y[kFmrMaxLowres];      // the low-res row each input reads (NCHW: expanded to W)
-  const int64_t* col[kFmrMaxLowres];  // NHWC: per output x, the offset of its source pixel in y
+  const float* y[kFuseMaxLowres];      // the low-res row each input reads (NCHW: expanded to W)
+  const int64_t* col[kFuseMaxLowres];  // NHWC: per output x, the offset of its source pixel in y
 };
 
 // NHWC: for each x the sources are contiguous channel vectors, so the inner loop is unit-stride.
@@ -33,9 +34,9 @@ void nhwc_row(const Row& r, const float* bias, int64_t w, int64_t c, int64_t /*c
     // out may alias base (later chunks): each element is read before it is written, same index.
 #pragma omp simd
     for (int64_t i = 0; i < c; ++i) {
-      float acc = fmr_start(b[i], Bias ? bias : nullptr, i);
-      for (int k = 0; k < K; ++k) acc = fmr_add(acc, src[k][i]);
-      o[i] = fmr_act(acc, Relu);
+      float acc = fuse_start(b[i], Bias ? bias : nullptr, i);
+      for (int k = 0; k < K; ++k) acc = fuse_add(acc, src[k][i]);
+      o[i] = fuse_act(acc, Relu);
     }
   }
 }
@@ -47,9 +48,9 @@ void nchw_row(const Row& r, const float* bias, int64_t w, int64_t /*c*/, int64_t
   const float b0 = Bias ? bias[ch] : 0.f;
 #pragma omp simd
   for (int64_t x = 0; x < w; ++x) {
-    float acc = fmr_start(r.base[x], Bias ? &b0 : nullptr, 0);
-    for (int k = 0; k < K; ++k) acc = fmr_add(acc, r.y[k][x]);
-    r.out[x] = fmr_act(acc, Relu);
+    float acc = fuse_start(r.base[x], Bias ? &b0 : nullptr, 0);
+    for (int k = 0; k < K; ++k) acc = fuse_add(acc, r.y[k][x]);
+    r.out[x] = fuse_act(acc, Relu);
   }
 }
 
@@ -57,6 +58,20 @@ void nchw_row(const Row& r, const float* bias, int64_t w, int64_t /*c*/, int64_t
 // with an upsampling factor s the expanded row serves s consecutive output rows.
 void expand(float* dst, const float* src, const int64_t* col, int64_t w) {
   for (int64_t x = 0; x < w; ++x) dst[x] = src[col[x]];
+}
+
+// Bilinear: one output row of a low-res input, from its two source rows r0 and r1 (weights ly0, ly1)
+// and each output column's two source columns (taps, offsets within a row). `stride` is C (NHWC:
+// each column a vector of channels) or 1 (NCHW).
+void interpolate_row(float* dst, const float* r0, const float* r1, float ly0, float ly1,
+                     const FuseTaps<int64_t>* taps, int64_t w, int64_t stride) {
+  for (int64_t x = 0; x < w; ++x) {
+    const FuseTaps<int64_t>& t = taps[x];
+    const float *a = r0 + t.i0, *b = r0 + t.i1, *d = r1 + t.i0, *e = r1 + t.i1;
+    float* o = dst + x * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < stride; ++i) o[i] = fuse_blend(a[i], b[i], d[i], e[i], ly0, ly1, t.l0, t.l1);
+  }
 }
 
 using RowFn = void (*)(const Row&, const float*, int64_t, int64_t, int64_t);
@@ -72,7 +87,7 @@ RowFn pick_k(bool nhwc, bool bias, bool relu) {
 }
 
 RowFn pick(int k, bool nhwc, bool bias, bool relu) {
-  static_assert(kFmrMaxLowres == 4, "pick() instantiates K = 0..4");
+  static_assert(kFuseMaxLowres == 4, "pick() instantiates K = 0..4");
   switch (k) {
     case 0: return pick_k<0>(nhwc, bias, relu);
     case 1: return pick_k<1>(nhwc, bias, relu);
@@ -83,12 +98,14 @@ RowFn pick(int k, bool nhwc, bool bias, bool relu) {
 }
 
 at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, at::TensorList weights,
-                              const std::optional<at::Tensor>& bias_in, bool relu) {
-  fmr_check(base_in, lowres, weights, bias_in);
+                              const std::optional<at::Tensor>& bias_in, bool relu, c10::string_view mode,
+                              bool align_corners) {
+  fuse_check(base_in, lowres, weights, bias_in);
+  const bool bilinear = fuse_bilinear(mode, align_corners);
   TORCH_CHECK(base_in.scalar_type() == at::kFloat,
               "hrnet_fast::fuse_multi_res: the CPU kernel takes float32 inputs, got base of dtype ",
-              fmr_dtype(base_in.scalar_type()));
-  FmrOutput dst = fmr_output(base_in);
+              fuse_dtype(base_in.scalar_type()));
+  FuseOutput dst = fuse_output(base_in);
   const bool nhwc = dst.nhwc;
   const at::Tensor& base = dst.base;
   at::Tensor& out = dst.out;
@@ -98,7 +115,7 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
   const int64_t nk = static_cast<int64_t>(lowres.size());
   std::vector<at::Tensor> ys;
   ys.reserve(nk);
-  for (int64_t k = 0; k < nk; ++k) ys.push_back(fmr_project(lowres[k], weights[k], nhwc).contiguous());
+  for (int64_t k = 0; k < nk; ++k) ys.push_back(fuse_project(lowres[k], weights[k], nhwc).contiguous());
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const float* bias_p = bias.defined() ? bias.data_ptr<float>() : nullptr;
 
@@ -107,19 +124,36 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
   std::vector<float> scale_h(nk);
   std::vector<int64_t> lh(nk), lw(nk);
   std::vector<const float*> yp(nk);
+  // Bilinear: each output column's two source columns (as offsets into a row) and weights, and the
+  // identity column table for rows already interpolated to the output's width.
+  const int64_t stride = nhwc ? c : 1;
+  std::vector<FuseTaps<int64_t>> taps(bilinear ? static_cast<size_t>(nk * w) : 0);
+  std::vector<int64_t> identity(bilinear && nhwc ? static_cast<size_t>(w) : 0);
+  for (int64_t x = 0; x < static_cast<int64_t>(identity.size()); ++x) identity[x] = x * c;
   for (int64_t k = 0; k < nk; ++k) {
     const int64_t wk = lw[k] = lowres[k].size(3), hk = lh[k] = lowres[k].size(2);
-    const float sw = fmr_scale(wk, w);
-    scale_h[k] = fmr_scale(hk, h);
     yp[k] = ys[k].data_ptr<float>();
-    for (int64_t x = 0; x < w; ++x) cols[k * w + x] = fmr_nearest<int64_t>(x, wk, w, sw) * (nhwc ? c : 1);
+    if (bilinear) {
+      const float sw = fuse_linear_scale(wk, w, align_corners);
+      scale_h[k] = fuse_linear_scale(hk, h, align_corners);
+      for (int64_t x = 0; x < w; ++x) {
+        FuseTaps<int64_t> t = fuse_linear<int64_t>(x, wk, sw, align_corners);
+        t.i0 *= stride;
+        t.i1 *= stride;
+        taps[k * w + x] = t;
+      }
+      continue;
+    }
+    const float sw = fuse_scale(wk, w);
+    scale_h[k] = fuse_scale(hk, h);
+    for (int64_t x = 0; x < w; ++x) cols[k * w + x] = fuse_nearest<int64_t>(x, wk, w, sw) * stride;
   }
 
-  // Inputs beyond kFmrMaxLowres go in later chunks over the same row, still in cache.
-  const int64_t chunks = std::max<int64_t>(1, (nk + kFmrMaxLowres - 1) / kFmrMaxLowres);
+  // Inputs beyond kFuseMaxLowres go in later chunks over the same row, still in cache.
+  const int64_t chunks = std::max<int64_t>(1, (nk + kFuseMaxLowres - 1) / kFuseMaxLowres);
   std::vector<RowFn> fns;
   for (int64_t j = 0; j < chunks; ++j) {
-    const int kk = static_cast<int>(std::min<int64_t>(kFmrMaxLowres, nk - j * kFmrMaxLowres));
+    const int kk = static_cast<int>(std::min<int64_t>(kFuseMaxLowres, nk - j * kFuseMaxLowres));
     fns.push_back(pick(kk, nhwc, bias_p != nullptr && j == 0, relu && j == chunks - 1));
   }
 
@@ -129,17 +163,28 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
   const int64_t row_len = nhwc ? w * c : w;
   const int64_t grain = std::max<int64_t>(1, 16384 / row_len);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    // NCHW: per input, its expanded row and the source row it holds (-1: none yet).
-    std::vector<float> rowbuf(nhwc ? 0 : static_cast<size_t>(nk * w));
+    // NCHW nearest: per input, its expanded row and the source row it holds (null: none yet).
+    // Bilinear: per input, its row interpolated to the output's width.
+    std::vector<float> rowbuf(bilinear ? static_cast<size_t>(nk * row_len) : nhwc ? 0 : static_cast<size_t>(nk * w));
     std::vector<const float*> held(nhwc ? 0 : nk, nullptr);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = r % h, nc = r / h;  // nc is n (NHWC) or n*C + ch (NCHW)
       const int64_t ch = nhwc ? 0 : nc % c;
       Row row{out_p + r * row_len, base_p + r * row_len, {}, {}};
       for (int64_t j = 0; j < chunks; ++j) {
-        const int64_t k0 = j * kFmrMaxLowres, k1 = std::min<int64_t>(nk, k0 + kFmrMaxLowres);
+        const int64_t k0 = j * kFuseMaxLowres, k1 = std::min<int64_t>(nk, k0 + kFuseMaxLowres);
         for (int64_t k = k0; k < k1; ++k) {
-          const int64_t sy = fmr_nearest<int64_t>(y, lh[k], h, scale_h[k]);
+          if (bilinear) {
+            const FuseTaps<int64_t> ty = fuse_linear<int64_t>(y, lh[k], scale_h[k], align_corners);
+            const float* r0 = yp[k] + (nc * lh[k] + ty.i0) * lw[k] * stride;
+            const float* r1 = yp[k] + (nc * lh[k] + ty.i1) * lw[k] * stride;
+            float* buf = rowbuf.data() + k * row_len;
+            interpolate_row(buf, r0, r1, ty.l0, ty.l1, taps.data() + k * w, w, stride);
+            row.y[k - k0] = buf;
+            if (nhwc) row.col[k - k0] = identity.data();
+            continue;
+          }
+          const int64_t sy = fuse_nearest<int64_t>(y, lh[k], h, scale_h[k]);
           const int64_t* col = cols.data() + k * w;
           if (nhwc) {
             row.y[k - k0] = yp[k] + (nc * lh[k] + sy) * lw[k] * c;

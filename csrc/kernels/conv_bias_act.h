@@ -22,12 +22,12 @@ HF_HD index_t conv_bias_act_channel(index_t i, index_t channels, index_t hw, boo
   return channels_last ? i % channels : (i / hw) % channels;
 }
 
-// Launch shape of the epilogue kernel: grid-stride beyond kCbaMaxBlocks, enough to fill any current GPU.
-constexpr int kCbaThreads = 256;
-constexpr int64_t kCbaMaxBlocks = 8192;
+// Launch shape of the epilogue kernel: grid-stride beyond kEpilogueMaxBlocks, enough to fill any current GPU.
+constexpr int kEpilogueThreads = 256;
+constexpr int64_t kEpilogueMaxBlocks = 8192;
 inline int64_t conv_bias_act_blocks(int64_t units) {
-  const int64_t blocks = (units + kCbaThreads - 1) / kCbaThreads;
-  return blocks < 1 ? 1 : (blocks > kCbaMaxBlocks ? kCbaMaxBlocks : blocks);
+  const int64_t blocks = (units + kEpilogueThreads - 1) / kEpilogueThreads;
+  return blocks < 1 ? 1 : (blocks > kEpilogueMaxBlocks ? kEpilogueMaxBlocks : blocks);
 }
 
 // Which epilogue kernel runs: vector (NHWC, C a multiple of the 16-byte vector's length, out and
@@ -44,7 +44,7 @@ inline EpiloguePlan conv_bias_act_epilogue_plan(const scalar_t* out, const scala
   constexpr int V = Vec16<scalar_t>::kLen;
   auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   const bool vector = channels_last && channels % V == 0 && aligned(out) && aligned(residual);
-  const bool wide = numel + kCbaMaxBlocks * kCbaThreads >= (int64_t{1} << 31);
+  const bool wide = numel + kEpilogueMaxBlocks * kEpilogueThreads >= (int64_t{1} << 31);
   return {vector, wide, vector ? numel / V : numel};
 }
 

@@ -67,12 +67,12 @@ def _conv_bias_act_triton(x, weight, bias, stride, padding, residual, relu):
     return torch.ops.hrnet_fast.conv_bias_act_triton(x, weight, bias, stride, padding, residual, relu)
 
 
-def _fuse_multi_res_compiled(base, lowres, weights, bias, relu):
-    return torch.ops.hrnet_fast.fuse_multi_res(base, lowres, weights, bias, relu)
+def _fuse_multi_res_compiled(base, lowres, weights, bias, relu, mode="nearest", align_corners=False):
+    return torch.ops.hrnet_fast.fuse_multi_res(base, lowres, weights, bias, relu, mode, align_corners)
 
 
-def _fuse_multi_res_triton(base, lowres, weights, bias, relu):
-    return torch.ops.hrnet_fast.fuse_multi_res_triton(base, lowres, weights, bias, relu)
+def _fuse_multi_res_triton(base, lowres, weights, bias, relu, mode="nearest", align_corners=False):
+    return torch.ops.hrnet_fast.fuse_multi_res_triton(base, lowres, weights, bias, relu, mode, align_corners)
 
 
 # torch: the plain-PyTorch reference; cpu and cuda: the C++ library (csrc/), one op for both devices;

@@ -85,7 +85,18 @@ def _conv_bias_act_backward(ctx, grad):
     return (grad_x, grad_w, grad_bias, None, None, grad_residual, None)[: len(ctx.needs_input_grad)]
 
 
-# ---- fuse_multi_res: act(base + bias + sum_k nearest_up(conv1x1(lowres[k], weights[k]))) --------
+# ---- fuse_multi_res: act(base + bias + sum_k up(conv1x1(lowres[k], weights[k]))), up nearest or bilinear --
+
+
+FUSE_MODES = ("nearest", "bilinear")
+
+
+def check_fuse_mode(mode: str, align_corners: bool) -> None:
+    """mode is "nearest" or "bilinear"; align_corners goes with bilinear only (as in F.interpolate)."""
+    if mode not in FUSE_MODES:
+        raise ValueError(f"mode must be one of {FUSE_MODES}, got {mode!r}")
+    if align_corners and mode != "bilinear":
+        raise ValueError(f"align_corners=True goes with mode='bilinear' only (as in F.interpolate), got mode={mode!r}")
 
 
 def check_fuse_multi_res(
@@ -93,8 +104,11 @@ def check_fuse_multi_res(
     lowres: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
     bias: torch.Tensor | None,
+    mode: str = "nearest",
+    align_corners: bool = False,
 ) -> None:
     """Raise ValueError/RuntimeError naming the argument when the inputs don't fit together."""
+    check_fuse_mode(mode, align_corners)
     check_4d("base", base)
     n, c = base.shape[:2]
     check_paired(lowres, weights)
@@ -102,7 +116,7 @@ def check_fuse_multi_res(
         check_4d(f"lowres[{k}]", x)
         if x.shape[0] != n:
             raise ValueError(f"lowres[{k}] has batch {x.shape[0]} but base has batch {n}")
-        if x.shape[2] == 0 or x.shape[3] == 0:  # no nearest source pixel exists
+        if x.shape[2] == 0 or x.shape[3] == 0:  # no source pixel to interpolate from
             raise ValueError(f"lowres[{k}] must have a non-empty spatial size, got shape {tuple(x.shape)}")
         ck = x.shape[1]
         if not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))) or tuple(w.shape[:2]) != (c, ck):
@@ -126,19 +140,40 @@ def check_paired(lowres: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
         raise ValueError(f"got {len(lowres)} lowres inputs but {len(weights)} weights: need one weight per input")
 
 
-def fuse_multi_res_fake(base, lowres, weights, bias=None, relu=True):
+def fuse_multi_res_fake(base, lowres, weights, bias=None, relu=True, mode="nearest", align_corners=False):
+    check_fuse_mode(mode, align_corners)
     same_device("hrnet_fast::fuse_multi_res", [("base", base)] + [(f"lowres[{k}]", t) for k, t in enumerate(lowres)]
                 + [(f"weights[{k}]", t) for k, t in enumerate(weights)] + [("bias", bias)])
     return torch.empty_like(base)
 
 
 def _fuse_multi_res_setup_context(ctx, inputs, output):
-    base, lowres, weights, bias, relu = inputs
+    # AOT autograd may leave trailing defaults (relu, mode, align_corners) out of `inputs`
+    base, lowres, weights, bias = inputs[:4]
+    relu, mode, align_corners = (tuple(inputs[4:]) + (True, "nearest", False)[len(inputs) - 4 :])[:3]
     ctx.n = len(lowres)
     ctx.relu = relu
+    ctx.mode, ctx.align_corners = mode, align_corners
     ctx.has_bias = bias is not None
     ctx.weight_dims = [w.dim() for w in weights]
     ctx.save_for_backward(output, *lowres, *weights)
+
+
+def _linear_matrix(in_size, out_size, align_corners: bool, like: torch.Tensor) -> torch.Tensor:
+    """[out_size, in_size]: bilinear upsampling along one axis as a matrix, with aten's source
+    coordinates ((d + 0.5) * in / out - 0.5 clamped at 0, or d * (in - 1) / (out - 1) with align_corners)."""
+    d = torch.arange(out_size, dtype=torch.float32, device=like.device)
+    if align_corners:
+        src = d * ((in_size - 1) / (out_size - 1)) if out_size > 1 else d * 0.0
+    else:
+        src = ((d + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    lo = src.long().clamp(max=in_size - 1)  # src >= 0: truncation is floor
+    hi = (lo + 1).clamp(max=in_size - 1)
+    t = (src - lo).clamp(max=1).to(like.dtype)
+    rows = torch.arange(out_size, device=like.device)
+    a = torch.zeros(out_size, in_size, dtype=like.dtype, device=like.device)
+    a.index_put_((rows, lo), 1 - t, accumulate=True)
+    return a.index_put_((rows, hi), t, accumulate=True)
 
 
 def _fuse_multi_res_backward(ctx, grad):
@@ -149,16 +184,25 @@ def _fuse_multi_res_backward(ctx, grad):
     size = list(grad.shape[-2:])
     grad_lowres, grad_weights = [], []
     for x, w, wdim in zip(lowres, weights, ctx.weight_dims):
-        # adjoint of nearest-by-size upsampling: sum the output gradient into each source pixel
-        g = torch.ops.aten.upsample_nearest2d_backward(grad, size, list(grad.shape[:2]) + list(x.shape[-2:]), None, None)
+        # adjoint of the upsampling to base's size: each source pixel collects the output gradient
+        # of the pixels it contributed to (with their bilinear weights)
+        in_size = list(grad.shape[:2]) + list(x.shape[-2:])
+        if ctx.mode == "bilinear":
+            # bilinear is separable: up(y) = A_h y A_w^T, so its adjoint is A_h^T g A_w (aten's
+            # upsample_bilinear2d_backward would do, but does not take symbolic sizes under AOT tracing)
+            a_h = _linear_matrix(x.shape[2], size[0], ctx.align_corners, grad)
+            a_w = _linear_matrix(x.shape[3], size[1], ctx.align_corners, grad)
+            g = torch.einsum("nchw,hi,wj->ncij", grad, a_h, a_w)
+        else:
+            g = torch.ops.aten.upsample_nearest2d_backward(grad, size, in_size, None, None)
         w2 = w.reshape(w.shape[0], w.shape[1])
         grad_lowres.append(torch.einsum("nchw,ck->nkhw", g, w2))
         gw = torch.einsum("nchw,nkhw->ck", g, x)
         grad_weights.append(gw if wdim == 2 else gw[:, :, None, None])
     grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
-    # One gradient per input the caller passed: torch 2.11's AOT autograd leaves the trailing default
-    # (relu=True) out of the call, fills it in for setup_context, but then wants it out of the result.
-    return (grad, grad_lowres, grad_weights, grad_bias, None)[: len(ctx.needs_input_grad)]
+    # One gradient per input the caller passed: torch 2.11's AOT autograd leaves trailing defaults
+    # (relu=True, ...) out of the call, fills them in for setup_context, but then wants them out of the result.
+    return (grad, grad_lowres, grad_weights, grad_bias, None, None, None)[: len(ctx.needs_input_grad)]
 
 
 # ---- registration -----------------------------------------------------------------------------

@@ -39,10 +39,16 @@ def fuse_multi_res_reference(
     weights: Sequence[torch.Tensor],
     bias: torch.Tensor | None = None,
     relu: bool = True,
+    mode: str = "nearest",
+    align_corners: bool = False,
 ) -> torch.Tensor:
-    """act(base + bias + sum_k interpolate_nearest(conv1x1(lowres[k], weights[k]), size=base.shape[-2:]))."""
+    """act(base + bias + sum_k interpolate(conv1x1(lowres[k], weights[k]), size=base.shape[-2:], mode))."""
     out = base if bias is None else base + bias.view(1, -1, 1, 1)
     for x, w in zip(lowres, weights):
         y = F.conv2d(x, _as_conv1x1(w))
-        out = out + F.interpolate(y, size=base.shape[-2:], mode="nearest")
+        if mode == "bilinear":
+            y = F.interpolate(y, size=base.shape[-2:], mode="bilinear", align_corners=align_corners)
+        else:
+            y = F.interpolate(y, size=base.shape[-2:], mode="nearest")
+        out = out + y
     return torch.relu(out) if relu else out

@@ -60,6 +60,16 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
 
 
+def linear_scale(in_size: int, out_size: int, align_corners: bool) -> float:
+    """aten's scale for F.interpolate(size=..., mode="bilinear") (area_pixel_compute_scale), float32:
+    (in - 1) / (out - 1) with align_corners (0 for a 1-pixel output), else in / out."""
+    if align_corners:
+        ratio = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    else:
+        ratio = in_size / out_size
+    return struct.unpack("f", struct.pack("f", ratio))[0]
+
+
 def define_op(qualname: str, fake: Callable[..., torch.Tensor]) -> Callable[[Callable[..., torch.Tensor]], Any]:
     """Decorator: `fn` as a torch.library.triton_op, or an opaque custom_op under TRITON_INTERPRET=1.
 

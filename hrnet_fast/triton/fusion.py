@@ -19,7 +19,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from hrnet_fast.ops import _meta
-from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting, nearest_scale
+from hrnet_fast.triton._common import (
+    channel_block, define_op, device_guard, dot_precision, interpreting, linear_scale, nearest_scale,
+)
 
 QUALNAME = "hrnet_fast::fuse_multi_res_triton"
 # Low-res inputs one launch takes: the kernel's argument slots (x0.., x1.., x2..). A Triton kernel
@@ -32,24 +34,59 @@ MAX_LOWRES_PER_LAUNCH = 3
 
 
 @triton.jit
+def _source_taps(dst, size_in, scale, ALIGN_CORNERS: tl.constexpr):
+    """Bilinear along one axis, as aten's upsample_bilinear2d: the two source indices and their weights."""
+    if ALIGN_CORNERS:
+        real = dst.to(tl.float32) * scale
+    else:
+        real = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = real.to(tl.int64)  # real >= 0: truncation is floor
+    i1 = tl.where(i0 < size_in - 1, i0 + 1, i0)
+    l1 = tl.minimum(real - i0.to(tl.float32), 1.0)
+    return i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
 def _add_lowres(
     acc, n, h, w, offs_c, mask_p, mask_c,
     x_ptr, sxn, sxc, sxh, sxw, hi, wi, ck, scale_h, scale_w,
     w_ptr, swc, swk,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BILINEAR: tl.constexpr, ALIGN_CORNERS: tl.constexpr,
 ):
-    """acc += nearest_up(x) @ w^T for this tile: gather the source rows, then a K-loop of tl.dot."""
-    # aten: src = min(floor(float32(dst) * float32(in / out)), in - 1)
-    hs = tl.minimum(tl.floor(h.to(tl.float32) * scale_h).to(tl.int64), hi - 1)
-    ws = tl.minimum(tl.floor(w.to(tl.float32) * scale_w).to(tl.int64), wi - 1)
-    row = n * sxn + hs * sxh + ws * sxw
+    """acc += up(x) @ w^T for this tile: gather the source rows (nearest: one per pixel; bilinear: the
+    four corners, blended in fp32), then a K-loop of tl.dot. Interpolating x before the 1x1 conv equals
+    interpolating after it: both are linear, on different axes."""
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, ck, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < ck
-        a = tl.load(x_ptr + row[:, None] + kk[None, :] * sxc, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptr + offs_c[None, :] * swc + kk[:, None] * swk, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if BILINEAR:
+        y0, y1, ly0, ly1 = _source_taps(h, hi, scale_h, ALIGN_CORNERS)
+        x0, x1, lx0, lx1 = _source_taps(w, wi, scale_w, ALIGN_CORNERS)
+        r00 = n * sxn + y0 * sxh + x0 * sxw
+        r01 = n * sxn + y0 * sxh + x1 * sxw
+        r10 = n * sxn + y1 * sxh + x0 * sxw
+        r11 = n * sxn + y1 * sxh + x1 * sxw
+        for k0 in range(0, ck, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < ck
+            m = mask_p[:, None] & mask_k[None, :]
+            ko = kk[None, :] * sxc
+            a00 = tl.load(x_ptr + r00[:, None] + ko, mask=m, other=0.0).to(tl.float32)
+            a01 = tl.load(x_ptr + r01[:, None] + ko, mask=m, other=0.0).to(tl.float32)
+            a10 = tl.load(x_ptr + r10[:, None] + ko, mask=m, other=0.0).to(tl.float32)
+            a11 = tl.load(x_ptr + r11[:, None] + ko, mask=m, other=0.0).to(tl.float32)
+            a = ly0[:, None] * (lx0[:, None] * a00 + lx1[:, None] * a01) + ly1[:, None] * (lx0[:, None] * a10 + lx1[:, None] * a11)
+            b = tl.load(w_ptr + offs_c[None, :] * swc + kk[:, None] * swk, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    else:
+        # aten: src = min(floor(float32(dst) * float32(in / out)), in - 1)
+        hs = tl.minimum(tl.floor(h.to(tl.float32) * scale_h).to(tl.int64), hi - 1)
+        ws = tl.minimum(tl.floor(w.to(tl.float32) * scale_w).to(tl.int64), wi - 1)
+        row = n * sxn + hs * sxh + ws * sxw
+        for k0 in range(0, ck, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < ck
+            a = tl.load(x_ptr + row[:, None] + kk[None, :] * sxc, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_ptr + offs_c[None, :] * swc + kk[:, None] * swk, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -69,6 +106,7 @@ def _fuse_multi_res_kernel(
     P, C, H, W,
     NUM_LOWRES: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BILINEAR: tl.constexpr, ALIGN_CORNERS: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -91,13 +129,16 @@ def _fuse_multi_res_kernel(
     # base + bias in turn, and a single fp32 GEMM accumulator is closest to that order per input.
     if NUM_LOWRES > 0:
         acc += _add_lowres(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), n, h, w, offs_c, mask_p, mask_c,
-                           x0, x0n, x0c, x0h, x0w, h0, w0, c0, sh0, sw0, w0_ptr, w0c, w0k, BLOCK_K, DOT_PRECISION)
+                           x0, x0n, x0c, x0h, x0w, h0, w0, c0, sh0, sw0, w0_ptr, w0c, w0k, BLOCK_K, DOT_PRECISION,
+                           BILINEAR, ALIGN_CORNERS)
     if NUM_LOWRES > 1:
         acc += _add_lowres(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), n, h, w, offs_c, mask_p, mask_c,
-                           x1, x1n, x1c, x1h, x1w, h1, w1, c1, sh1, sw1, w1_ptr, w1c, w1k, BLOCK_K, DOT_PRECISION)
+                           x1, x1n, x1c, x1h, x1w, h1, w1, c1, sh1, sw1, w1_ptr, w1c, w1k, BLOCK_K, DOT_PRECISION,
+                           BILINEAR, ALIGN_CORNERS)
     if NUM_LOWRES > 2:
         acc += _add_lowres(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), n, h, w, offs_c, mask_p, mask_c,
-                           x2, x2n, x2c, x2h, x2w, h2, w2, c2, sh2, sw2, w2_ptr, w2c, w2k, BLOCK_K, DOT_PRECISION)
+                           x2, x2n, x2c, x2h, x2w, h2, w2, c2, sh2, sw2, w2_ptr, w2c, w2k, BLOCK_K, DOT_PRECISION,
+                           BILINEAR, ALIGN_CORNERS)
     if RELU:
         # acc < 0 is false for NaN: NaN passes through, as torch.relu lets it (tl.maximum would not)
         acc = tl.where(acc < 0.0, 0.0, acc)
@@ -122,6 +163,8 @@ def _launch(
     weights: Sequence[torch.Tensor],
     bias: torch.Tensor | None,
     relu: bool,
+    bilinear: bool,
+    align_corners: bool,
 ) -> None:
     """One kernel launch: out = act(base + bias + sum over these <= MAX_LOWRES_PER_LAUNCH low-res inputs)."""
     n, c, h, w = base.shape
@@ -130,8 +173,9 @@ def _launch(
         if k < len(lowres):
             x, wt = lowres[k], weights[k]
             hi, wi = x.shape[2], x.shape[3]
-            args += [x, *x.stride(), hi, wi, x.shape[1], nearest_scale(hi, h), nearest_scale(wi, w),
-                     wt, wt.stride(0), wt.stride(1)]
+            scale = linear_scale if bilinear else nearest_scale
+            sh, sw = (scale(hi, h, align_corners), scale(wi, w, align_corners)) if bilinear else (scale(hi, h), scale(wi, w))
+            args += [x, *x.stride(), hi, wi, x.shape[1], sh, sw, wt, wt.stride(0), wt.stride(1)]
         else:  # unused slot: any valid tensor, never read (NUM_LOWRES is constexpr)
             args += [base, 0, 0, 0, 0, 1, 1, 0, 1.0, 1.0, base, 0, 0]
     block_p, block_c, block_k, num_warps = _blocks(c, [x.shape[1] for x in lowres])
@@ -144,7 +188,7 @@ def _launch(
             *args, p, c, h, w,
             NUM_LOWRES=len(lowres), HAS_BIAS=bias is not None, RELU=relu,
             BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PRECISION=dot_precision(base.dtype),
-            num_warps=num_warps,
+            BILINEAR=bilinear, ALIGN_CORNERS=align_corners, num_warps=num_warps,
         )
 
 
@@ -154,10 +198,14 @@ def fuse_multi_res_triton(
     lowres: list[torch.Tensor],
     weights: list[torch.Tensor],
     bias: torch.Tensor | None,
-    relu: bool,
+    relu: bool = True,
+    mode: str = "nearest",
+    align_corners: bool = False,
 ) -> torch.Tensor:
-    """act(base + bias + sum_k nearest_up(conv1x1(lowres[k], weights[k]))); out has empty_like(base)'s strides."""
+    """act(base + bias + sum_k up(conv1x1(lowres[k], weights[k]))), up nearest or bilinear to base's size;
+    out has empty_like(base)'s strides."""
     _meta.check_paired(lowres, weights)
+    _meta.check_fuse_mode(mode, align_corners)
     out = torch.empty_like(base)
     if out.numel() == 0:
         return out
@@ -168,7 +216,7 @@ def fuse_multi_res_triton(
         last = i == len(chunks) - 1
         # more inputs than one launch takes (never in HRNet): chain launches through fp32, ReLU only at the end
         dst = out if last else torch.empty_like(base, dtype=torch.float32)
-        _launch(src, dst, xs, ws, b, relu and last)
+        _launch(src, dst, xs, ws, b, relu and last, mode == "bilinear", align_corners)
         src, b = dst, None
     return out
 

@@ -10,7 +10,7 @@ int g_last_plan = 0;  // bit 0: the vector kernel ran; bit 1: 64-bit indices
 }
 
 // force: bit 0 takes the element-per-thread kernel, bit 1 64-bit indices (else the entry point's plan).
-extern "C" int cba_emu_run(float* out, const float* bias, const float* residual, long long numel, long long channels,
+extern "C" int conv_bias_act_emu_run(float* out, const float* bias, const float* residual, long long numel, long long channels,
                            long long hw, int channels_last, int relu, long long blocks, int threads, int force) {
   using namespace hrnet_fast;
   if (numel < 0 || channels < 1 || hw < 1) return 1;
@@ -21,11 +21,11 @@ extern "C" int cba_emu_run(float* out, const float* bias, const float* residual,
   conv_bias_act_epilogue_dispatch<float, float>(plan, [&](auto kernel, auto units) {
     // blocks/threads <= 0: the launch shape the CUDA entry point uses.
     const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : conv_bias_act_blocks(units));
-    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kCbaThreads);
+    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kEpilogueThreads);
     emu_launch(dim3(nb), dim3(nt), kernel, out, bias, residual, units, static_cast<int64_t>(channels),
                static_cast<int64_t>(hw), channels_last != 0, relu != 0);
   });
   return 0;
 }
 
-extern "C" int cba_emu_last_plan() { return g_last_plan; }
+extern "C" int conv_bias_act_emu_last_plan() { return g_last_plan; }

@@ -42,27 +42,30 @@ static_assert(sizeof(EmuHalf) == 2 && sizeof(EmuBFloat16) == 2, "16-bit storage"
 template <typename scalar_t>
 void run(const void* base, void* out, const float* bias, long long n, long long c, long long h, long long w,
          int nhwc, int relu, int k, const float* const* low, const long long* low_h, const long long* low_w,
-         long long blocks, int threads, int force) {
+         long long blocks, int threads, int force, int bilinear, int align_corners) {
   using namespace hrnet_fast;
-  FmrParams<scalar_t> p{};
+  FuseParams<scalar_t> p{};
   p.base = static_cast<const scalar_t*>(base), p.out = static_cast<scalar_t*>(out), p.bias = bias;
   p.n = n, p.c = c, p.h = h, p.w = w;
   p.nhwc = nhwc != 0, p.relu = relu != 0, p.k = k;
+  p.bilinear = bilinear != 0, p.align_corners = align_corners != 0;
   long long largest = n * c * h * w;
   for (int i = 0; i < k; ++i) {
-    p.low[i] = FmrLowres{low[i], low_h[i], low_w[i], fmr_scale(low_h[i], h), fmr_scale(low_w[i], w)};
+    p.low[i] = bilinear ? FuseLowres{low[i], low_h[i], low_w[i], fuse_linear_scale(low_h[i], h, align_corners != 0),
+                                    fuse_linear_scale(low_w[i], w, align_corners != 0)}
+                        : FuseLowres{low[i], low_h[i], low_w[i], fuse_scale(low_h[i], h), fuse_scale(low_w[i], w)};
     largest = std::max(largest, n * c * low_h[i] * low_w[i]);
   }
   // The plan the CUDA entry point makes; `force` bit 0 takes the scalar kernel, bit 1 64-bit indices.
-  FmrPlan plan = fmr_plan(p, largest);
-  if (force & 1) plan = FmrPlan{false, plan.wide, n * c * h * w};
+  FusePlan plan = fuse_plan(p, largest);
+  if (force & 1) plan = FusePlan{false, plan.wide, n * c * h * w};
   if (force & 2) plan.wide = true;
   g_plan_vector = plan.vector;
   g_plan_wide = plan.wide;
-  fmr_dispatch(p, plan, [&](auto kernel, const auto& params, auto units) {
-    // blocks <= 0: the launch shape the CUDA entry point uses (fmr_blocks, kFmrThreads).
-    const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : fmr_blocks(units));
-    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kFmrThreads);
+  fuse_dispatch(p, plan, [&](auto kernel, const auto& params, auto units) {
+    // blocks <= 0: the launch shape the CUDA entry point uses (fuse_blocks, kFuseThreads).
+    const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : fuse_blocks(units));
+    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kFuseThreads);
     emu_launch(dim3(nb), dim3(nt), kernel, params, units);
   });
 }
@@ -70,18 +73,20 @@ void run(const void* base, void* out, const float* bias, long long n, long long 
 }  // namespace
 
 // dtype: 0 float32, 1 float16, 2 bfloat16 (base and out); bias and the low-res inputs are float32.
-extern "C" int fmr_emu_run(int dtype, const void* base, void* out, const float* bias, long long n, long long c,
+// bilinear: 0 nearest, 1 bilinear upsampling (align_corners as F.interpolate's).
+extern "C" int fuse_emu_run(int dtype, const void* base, void* out, const float* bias, long long n, long long c,
                            long long h, long long w, int nhwc, int relu, int k, const float* const* low,
-                           const long long* low_h, const long long* low_w, long long blocks, int threads, int force) {
-  if (k < 0 || k > hrnet_fast::kFmrMaxLowres) return 1;
+                           const long long* low_h, const long long* low_w, long long blocks, int threads, int force,
+                           int bilinear, int align_corners) {
+  if (k < 0 || k > hrnet_fast::kFuseMaxLowres) return 1;
   switch (dtype) {
-    case 0: run<float>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force); break;
-    case 1: run<EmuHalf>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force); break;
-    case 2: run<EmuBFloat16>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force); break;
+    case 0: run<float>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force, bilinear, align_corners); break;
+    case 1: run<EmuHalf>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force, bilinear, align_corners); break;
+    case 2: run<EmuBFloat16>(base, out, bias, n, c, h, w, nhwc, relu, k, low, low_h, low_w, blocks, threads, force, bilinear, align_corners); break;
     default: return 2;
   }
   return 0;
 }
 
 // Which kernel the last run took: bit 0 the vector kernel, bit 1 64-bit indices.
-extern "C" int fmr_emu_last_plan() { return (g_plan_vector ? 1 : 0) | (g_plan_wide ? 2 : 0); }
+extern "C" int fuse_emu_last_plan() { return (g_plan_vector ? 1 : 0) | (g_plan_wide ? 2 : 0); }
