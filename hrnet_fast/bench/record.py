@@ -78,6 +78,18 @@ def _git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def _cpu_isa() -> str | None:
+    """The instruction set hrnet_fast's CPU kernels run (torch.ops.hrnet_fast.cpu_isa), None without the extension."""
+    import torch
+
+    try:
+        from hrnet_fast import _extension  # noqa: F401  (loads the library, registering the op)
+
+        return str(torch.ops.hrnet_fast.cpu_isa())
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """Where and with what a benchmark ran: CPU, cores, threads, library versions, CUDA device, UTC date."""
     import torch  # the caller has torch loaded already; kept local so importing this module stays light
@@ -104,6 +116,7 @@ def machine_info() -> dict[str, Any]:
             "onnx": _version("onnx"),
         },
         "cuda_device": None,
+        "hrnet_fast_cpu_isa": _cpu_isa(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
