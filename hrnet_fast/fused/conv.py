@@ -55,7 +55,9 @@ class FusedConv(nn.Module):
         transform an NCHW weight for a channels_last input on every call). triton: stored
         [kH, kW, C_in, C_out] (seen through OIHW strides), so weight tiles load contiguously along
         C_out. cpu (float32): Winograd-transformed for a 3x3 stride-1 conv when `use_winograd` (and
-        the kernel is built), else reordered into oneDNN's blocked layout (per input shape, on first use).
+        the kernel is built with a vector variant this CPU runs: its portable build is for correctness,
+        and slower than oneDNN there), else reordered into oneDNN's blocked layout (per input shape, on
+        first use).
         The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
@@ -70,6 +72,7 @@ class FusedConv(nn.Module):
                 self.use_winograd
                 and why_not_winograd(self.weight, self.stride, self.padding) is None
                 and _extension.has_kernel(WINOGRAD_OP, "CPU")
+                and torch.ops.hrnet_fast.cpu_isa() != "base"
             ):
                 winograd = {4: transform_weight(self.weight, 4)}
             else:
