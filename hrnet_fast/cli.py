@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark HRNet end to end: each contender is checked against eager, then timed "
         "(warm-up excluded; median and IQR). Table on stdout, JSON + PNG under --out.",
     )
-    b.add_argument("--model", default="w32", help="w32, w48, or an official-format experiment .yaml (default: w32)")
+    b.add_argument("--model", default="w32", help="w32, w48 (pose), seg_w48 (HRNetV2-W48, Cityscapes), or an official-format pose or segmentation experiment .yaml (default: w32)")
     b.add_argument("--input-size", type=_input_size, default=None, metavar="HxW",
                    help="input height x width (default: 256x192, or the YAML's MODEL.IMAGE_SIZE)")
     b.add_argument("--batch", type=_positive_int, nargs="+", default=[1], metavar="N", help="batch sizes (default: 1)")

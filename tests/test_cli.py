@@ -158,6 +158,20 @@ def test_parsers() -> None:
     with pytest.raises(BenchError):
         parse_input_size("256")
     assert resolve_model("w48").default_size == (256, 192)
+
+
+def test_segmentation_models() -> None:
+    """seg_w48 and the official Cityscapes YAML: HRNetV2-W48 at the config's crop (official order [W, H])."""
+    from hrnet_fast.bench.model import build_model
+
+    spec = resolve_model("seg_w48")
+    assert spec.default_size == (512, 1024) and spec.source == "hrnet_fast.seg_hrnet_w48(align_corners=False)"
+    yaml_path = Path(__file__).parent / "fixtures" / "seg_hrnet_w48_cityscapes_512x1024.yaml"
+    spec = resolve_model(str(yaml_path))
+    assert spec.default_size == (512, 1024) and spec.source.startswith("hrnet_fast.get_seg_model(")
+    model = build_model(str(yaml_path))
+    assert type(model).__name__ == "SegHighResolutionNet" and not model.training
+    assert model.last_layer[-1].out_channels == 19
     with pytest.raises(BenchError, match="unknown contender"):
         runner.run(runner.BenchConfig(contenders=["nope"]))
 
@@ -168,7 +182,7 @@ def test_console_script_subprocess(tmp_path: Path) -> None:
     bad = subprocess.run([str(script), "bench", "--model", "w99"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        "hrnet-fast bench: error: unknown --model 'w99': expected one of w32, w48 or a path to an official-format .yaml"
+        "hrnet-fast bench: error: unknown --model 'w99': expected one of w32, w48, seg_w48 or a path to an official-format .yaml"
     ]
     assert "Traceback" not in bad.stderr
 

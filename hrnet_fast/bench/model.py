@@ -1,4 +1,5 @@
-"""The model a benchmark runs: built from a name or an official YAML, with seeded random weights and BN stats."""
+"""The model a benchmark runs: built from a name or an official YAML (pose or segmentation), with seeded
+random weights and BN stats."""
 from __future__ import annotations
 
 import re
@@ -8,7 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PRESETS = ("w32", "w48")
+# name -> (builder call, default input (H, W)): the pose nets at their COCO size, HRNetV2-W48 at the
+# Cityscapes crop its official config trains on (align_corners=False, as that config sets)
+PRESETS: dict[str, tuple[str, dict, tuple[int, int]]] = {
+    "w32": ("pose_hrnet_w32", {}, (256, 192)),
+    "w48": ("pose_hrnet_w48", {}, (256, 192)),
+    "seg_w48": ("seg_hrnet_w48", {"align_corners": False}, (512, 1024)),
+}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
 
 
@@ -33,33 +40,53 @@ def parse_input_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _is_seg_config(cfg: dict) -> bool:
+    """An official segmentation experiment (HRNet-Semantic-Segmentation: MODEL.NAME seg_hrnet)."""
+    return "seg" in str(cfg["MODEL"].get("NAME", "")).lower()
+
+
 def resolve_model(spec: str) -> ModelSpec:
-    """Check --model (w32, w48, or an existing .yaml/.yml path) without building anything."""
+    """Check --model (a preset name, or an existing pose or segmentation .yaml/.yml path) without building anything."""
     if spec in PRESETS:
-        return ModelSpec(spec, f"hrnet_fast.pose_hrnet_{spec}()", (256, 192))
+        name, kwargs, size = PRESETS[spec]
+        return ModelSpec(spec, f"hrnet_fast.{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})", size)
     path = Path(spec)
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise BenchError(f"unknown --model {spec!r}: expected one of {', '.join(PRESETS)} or a path to an official-format .yaml")
     if not path.is_file():
         raise BenchError(f"--model {spec!r}: no such file")
+    cfg = _read_yaml(path, spec)
+    tag = re.sub(r"[^A-Za-z0-9_.+-]", "_", path.stem)
+    if _is_seg_config(cfg):
+        size = (cfg.get("TRAIN") or {}).get("IMAGE_SIZE") or [1024, 512]  # official order is [W, H]
+        return ModelSpec(tag, f"hrnet_fast.get_seg_model({str(path)!r})", (int(size[1]), int(size[0])))
+    size = cfg["MODEL"].get("IMAGE_SIZE") or [192, 256]  # official order is [W, H]
+    return ModelSpec(tag, f"hrnet_fast.get_pose_net({str(path)!r})", (int(size[1]), int(size[0])))
+
+
+def _read_yaml(path: Path, spec: str) -> dict:
     import yaml
 
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise BenchError(f"--model {spec!r}: not readable YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict) or "MODEL" not in cfg:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("MODEL"), dict):
         raise BenchError(f"--model {spec!r}: not an official HRNet config (no MODEL section)")
-    size = cfg["MODEL"].get("IMAGE_SIZE") or [192, 256]  # official order is [W, H]
-    tag = re.sub(r"[^A-Za-z0-9_.+-]", "_", path.stem)
-    return ModelSpec(tag, f"hrnet_fast.get_pose_net({str(path)!r})", (int(size[1]), int(size[0])))
+    return cfg
 
 
 def build_model(spec: str) -> nn.Module:
-    """The reference pose HRNet for --model, in eval mode, from hrnet_fast's public builders."""
+    """The reference HRNet for --model, in eval mode, from hrnet_fast's public builders."""
     import hrnet_fast
 
-    model = getattr(hrnet_fast, f"pose_hrnet_{spec}")() if spec in PRESETS else hrnet_fast.get_pose_net(spec)
+    if spec in PRESETS:
+        name, kwargs, _ = PRESETS[spec]
+        model = getattr(hrnet_fast, name)(**kwargs)
+    elif _is_seg_config(_read_yaml(Path(spec), spec)):
+        model = hrnet_fast.get_seg_model(spec)
+    else:
+        model = hrnet_fast.get_pose_net(spec)
     return model.eval()
 
 
