@@ -27,7 +27,7 @@ QUALNAME = "hrnet_fast::fuse_multi_res_triton"
 # Low-res inputs one launch takes: the kernel's argument slots (x0.., x1.., x2..). A Triton kernel
 # takes no array of pointers, so each slot is spelled out in its signature and its body, and 3 is
 # the most HRNet adds into one output (the top branch of a 4-branch stage takes the 3 below it).
-# The C++ kernels' limit, kFmrMaxLowres = 4 in csrc/kernels/fuse_multi_res.h, is a separate choice
+# The C++ kernels' limit, kFuseMaxLowres = 4 in csrc/kernels/fuse_multi_res.h, is a separate choice
 # (a fixed-size array in their parameter block, which Python cannot read); the two need not agree,
 # as either only decides where a longer list is split into chained launches.
 MAX_LOWRES_PER_LAUNCH = 3
