@@ -252,7 +252,25 @@ def test_fuse_multi_res(backend, case, bias, dtype, layout):
     assert out.stride() == torch.empty_like(based).stride()
 
 
-@gpu_only  # (the cpu backend's oneDNN ReLU drops NaN: a known open bug there)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
+@pytest.mark.parametrize("case", FUSE_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_multi_res_bilinear(backend, case, align_corners, dtype, layout):
+    """mode="bilinear" (HRNetV2): the CUDA kernel's scalar and 16-byte-vector paths, Triton's blend."""
+    base, lowres, weights, b = fuse_case(case, True, seed=2)
+    ref64 = fuse_multi_res_reference(base, lowres, weights, b, True, "bilinear", align_corners)
+    based, lowd = _dev(base, dtype, layout), [_dev(x, dtype, layout) for x in lowres]
+    wd, bd = [_dev(w, dtype) for w in weights], _dev(b, dtype)
+    eager = fuse_multi_res_reference(based, lowd, wd, bd, True, "bilinear", align_corners)
+    poison(eager.numel() * eager.element_size())
+    out = fuse_multi_res(based, lowd, wd, bd, True, "bilinear", align_corners, backend=backend)
+    sync()
+    assert_close(f"bilinear fuse_multi_res[{backend}]", out, ref64, eager, dtype)
+    assert out.stride() == torch.empty_like(based).stride()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_and_inf_reach_the_output(backend):
     """NaN and Inf propagate as in eager (ReLU keeps NaN): both ops, one poisoned input pixel."""
