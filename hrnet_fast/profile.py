@@ -110,3 +110,39 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     events.sort()
     # the total before the first allocation of the call: its running total less its own size
     return max(total for _, _, total in events) - (events[0][2] - events[0][1])
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes a module keeps for inference: its parameters and buffers, and every tensor its modules
+    cache in their attributes (hrnet_fast's oneDNN-packed and Winograd-transformed weights), each
+    distinct tensor once. What a served model costs in memory besides the activations."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        key = id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes() if not t.is_mkldnn else _nbytes(t)
+
+    for m in module.modules():
+        for t in list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False) if b is not None]:
+            add(t)
+        for value in vars(m).values():  # caches held outside parameters and buffers
+            if isinstance(value, dict) and value is not m._modules:
+                for v in value.values():
+                    if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                        add(v)
+    return total
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), None elsewhere."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

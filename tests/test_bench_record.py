@@ -81,3 +81,18 @@ def test_import_is_cheap() -> None:
     code = "import sys, hrnet_fast.bench.record; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
+
+
+def test_held_bytes_counts_weights_buffers_and_caches_once() -> None:
+    """held_bytes, checked by hand: parameters, buffers and tensors cached in attribute dicts, each storage once."""
+    import torch
+
+    from hrnet_fast.profile import held_bytes, rss_bytes
+
+    lin = torch.nn.Linear(4, 3)  # 12 + 3 float32
+    lin.register_buffer("scale", torch.ones(5))  # 5 float32
+    lin._cache = {"a": torch.zeros(10), "b": lin.weight.detach()}  # 10 more; b shares the weight's storage
+    outer = torch.nn.Sequential(lin, lin)  # the same module twice: counted once
+    assert held_bytes(outer) == 4 * (12 + 3 + 5 + 10)
+    rss = rss_bytes()
+    assert rss is None or rss > 10 * 2**20

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from hrnet_fast.bench import contenders as C
 from hrnet_fast.bench import timing
-from hrnet_fast.profile import count_ops, peak_bytes
+from hrnet_fast.profile import count_ops, held_bytes, peak_bytes, rss_bytes
 from hrnet_fast.bench.model import BenchError, build_model, randomize, resolve_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -31,9 +31,14 @@ def rel_tol(dtype: torch.dtype, device: torch.device) -> float:
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return TF32_REL_TOL
     return REL_TOL[dtype]
+
+
+# peak_mib: activations of one forward; held_mib: what the prepared model keeps (weights and caches);
+# rss_mib: the whole process after preparing this contender (all contenders so far add up in it)
 TABLE_COLUMNS = [
     "contender", "batch", "median_ms", "iqr_ms", "runs", "speedup_vs_eager", "imgs_per_s",
-    "max_abs_err", "rel_err", "check", "ops_per_forward", "est_mb", "peak_mib", "setup_s", "skipped",
+    "max_abs_err", "rel_err", "check", "ops_per_forward", "est_mb", "peak_mib", "held_mib", "rss_mib", "setup_s",
+    "skipped",
 ]
 
 
@@ -118,6 +123,11 @@ def _prepare(name: str, ctx: C.Context, ref: torch.Tensor, cfg: BenchConfig) -> 
                 counted = count_ops(prep.call, *prep.args)
             row.update(ops_per_forward=counted["ops"], est_bytes=counted["bytes"], est_mb=counted["bytes"] / 1e6)
             row["peak_mib"] = _peak_mib(prep, ctx.device)
+        if isinstance(prep.call, torch.nn.Module):
+            # after the check's forward, so caches made on first use (packed weights) are counted
+            row["held_mib"] = held_bytes(prep.call) / 2**20
+        rss = rss_bytes()
+        row["rss_mib"] = None if rss is None else rss / 2**20  # the whole process, so far: contenders add up
     except C.Skip as e:
         return [_Entry({"contender": name, "skipped": str(e)})]
     except Exception as e:  # noqa: BLE001  (one broken contender must not hide the others' results)
