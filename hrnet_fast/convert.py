@@ -1,7 +1,9 @@
 """optimize(model): an eval-mode HRNet in, a fused inference copy out (BN folded, fused kernels, same outputs).
 
-Recognises structure, not class names, so the official pose HRNet, timm's hrnet_w* and MMPose's
-backbone all convert: HR modules (branches, fuse_layers, num_branches), residual blocks
+Recognises structure, not class names, so the official pose and segmentation HRNets, timm's hrnet_w*
+and MMPose's backbone all convert: HR modules (branches, fuse_layers, num_branches; nearest or
+bilinear fusion, the mode read off the modules or probed: fused/hr_module.py), the segmentation head
+(fused/seg_head.py), residual blocks
 (conv1/bn1/conv2/bn2[/conv3/bn3][, downsample]), Sequential(Conv2d, BatchNorm2d[, ReLU]), conv{k}/bn{k}
 attribute pairs (stems), and any other plain Conv2d (heads).
 """
@@ -18,7 +20,9 @@ from torch.utils._pytree import tree_map
 
 from hrnet_fast.fused.blocks import FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
 from hrnet_fast.fused.conv import FusedConv
-from hrnet_fast.fused.hr_module import FusedHRModule, is_hr_module, why_not_hr_module
+from hrnet_fast.fused.folding import FOLDABLE_BN
+from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
+from hrnet_fast.fused.seg_head import FusedSegHead, SegForward, has_seg_structure, probe_seg_align_corners, why_not_seg_head
 from hrnet_fast.graphs import CUDAGraphForward
 from hrnet_fast.ops import _backend
 
@@ -43,10 +47,11 @@ class _Converter:
         """The fused replacement of `m` (children converted in place when `m` itself is kept)."""
         if is_hr_module(m):
             why = why_not_hr_module(m)
-            if why is None:
+            mode = fusion_mode(m) if why is None else why  # probed on m before its branches are converted
+            if isinstance(mode, tuple):
                 branches = nn.ModuleList([self.convert(b, f"{name}.branches.{k}") for k, b in enumerate(m.branches)])
-                return FusedHRModule(m, branches, self.backend)
-            self.skipped.append((name, why))
+                return FusedHRModule(m, branches, self.backend, *mode)
+            self.skipped.append((name, mode))
         elif block_depth(m):
             convs = (c for c in m.modules() if isinstance(c, nn.Conv2d))
             why = why_not_block(m) or next((r for r in map(_why_not_fusable_conv, convs) if r is not None), None)
@@ -70,12 +75,34 @@ class _Converter:
                 setattr(m, child_name, new)
         return m
 
+    def convert_seg_head(self, model: nn.Module) -> None:
+        """The segmentation HRNet's head (upsample + concat + last_layer) as one FusedSegHead
+        (hrnet_fast/fused/seg_head.py), on the still unconverted `model`. Our reference's forward hands
+        its branches to such a head; another model with the official structure gets a forward that does
+        (SegForward), only where a probe input shows it reproduces the model's own."""
+        from hrnet_fast.reference.seg_hrnet import SegHighResolutionNet  # the reference imports nothing of ours
+
+        if not has_seg_structure(model) or why_not_seg_head(model.last_layer) is not None:
+            return
+        if isinstance(model, SegHighResolutionNet):
+            channels = list(model.stage4[-1].get_num_inchannels())
+            model.last_layer = FusedSegHead(model.last_layer, channels, model.align_corners, self.backend)
+            return
+        found = probe_seg_align_corners(model)
+        if isinstance(found, str):
+            self.skipped.append(("last_layer", f"head left as upsample + concat + last_layer: {found}"))
+            return
+        align_corners, channels = found
+        model.last_layer = FusedSegHead(model.last_layer, channels, align_corners, self.backend)
+        model._hrnet_fast_forward = SegForward(model)  # CUDAGraphForward replays this one too
+        model.forward = model._hrnet_fast_forward
+
     def _fold_sequential_runs(self, m: nn.Sequential) -> None:
         """Conv2d, BatchNorm2d[, ReLU] runs inside a longer Sequential: the conv absorbs the rest."""
         children = list(m.named_children())
         for k, (name, conv) in enumerate(children[:-1]):
             bn = children[k + 1][1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _why_not_fusable_conv(conv) is None:
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, FOLDABLE_BN) and _why_not_fusable_conv(conv) is None:
                 relu = k + 2 < len(children) and isinstance(children[k + 2][1], nn.ReLU)
                 setattr(m, name, fused_conv(conv, bn, relu, self.backend))
                 for absorbed_name, _ in children[k + 1 : k + 2 + relu]:
@@ -85,7 +112,7 @@ class _Converter:
         """conv{k} followed by bn{k} in the parent's own forward (stems): the conv absorbs the BN."""
         for k in range(1, 10):
             conv, bn = getattr(m, f"conv{k}", None), getattr(m, f"bn{k}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _why_not_fusable_conv(conv) is None:
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, FOLDABLE_BN) and _why_not_fusable_conv(conv) is None:
                 setattr(m, f"conv{k}", fused_conv(conv, bn, False, self.backend))
                 setattr(m, f"bn{k}", nn.Identity())
 
@@ -202,8 +229,9 @@ def optimize(
     fused = copy.deepcopy(model)
     converter = _Converter(chosen)
     with torch.no_grad():
+        converter.convert_seg_head(fused)
         fused = converter.convert(fused, "")
-    leftovers = [(n, "BatchNorm2d left unfolded") for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    leftovers = [(n, f"{type(m).__name__} left unfolded") for n, m in fused.named_modules() if isinstance(m, FOLDABLE_BN)]
     skipped = converter.skipped + [s for s in leftovers if not any(s[0].startswith(p + ".") for p, _ in converter.skipped)]
     if skipped:
         listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped[:8])

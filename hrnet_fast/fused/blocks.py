@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hrnet_fast.fused.conv import FusedConv
-from hrnet_fast.fused.folding import fold_conv_bn
+from hrnet_fast.fused.folding import FOLDABLE_BN, fold_conv_bn
 
 # Attributes a block may carry that must be absent or identities for the plain conv-bn-relu semantics.
 _OPTIONAL_EXTRAS = ("se", "aa", "drop_block", "drop_path", "attn")
@@ -15,7 +15,7 @@ _ACTS = ("relu", "act1", "act2", "act3")
 def block_depth(m: nn.Module) -> int:
     """3 for a Bottleneck-like module, 2 for a BasicBlock-like one, 0 otherwise (by attributes, not class)."""
     def pair(k: int) -> bool:
-        return isinstance(getattr(m, f"conv{k}", None), nn.Conv2d) and isinstance(getattr(m, f"bn{k}", None), nn.BatchNorm2d)
+        return isinstance(getattr(m, f"conv{k}", None), nn.Conv2d) and isinstance(getattr(m, f"bn{k}", None), FOLDABLE_BN)
 
     if not (pair(1) and pair(2)):
         return 0
@@ -47,7 +47,7 @@ def conv_bn_pair(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, bool] 
     if not isinstance(m, nn.Sequential) or not 1 <= len(m) <= 3 or not isinstance(m[0], nn.Conv2d):
         return None
     rest = list(m)[1:]
-    bn = rest.pop(0) if rest and isinstance(rest[0], nn.BatchNorm2d) else None
+    bn = rest.pop(0) if rest and isinstance(rest[0], FOLDABLE_BN) else None
     relu = bool(rest) and isinstance(rest[0], nn.ReLU)
     if rest[relu:]:
         return None

@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# BatchNorm layers folded alike: in eval mode SyncBatchNorm (the official segmentation HRNet's) normalises
+# with its running statistics exactly as BatchNorm2d does, on any device, without communicating.
+FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
 
 def fold_conv_bn_weights(
     conv_w: torch.Tensor,

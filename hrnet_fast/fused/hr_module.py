@@ -2,11 +2,27 @@
 
 Output i = ReLU(sum_j F_ij(x_j)). The j < i terms (chains of stride-2 conv+BN) are conv_bias_act calls
 whose last conv adds into the running sum through `residual` (starting from x_i); the j > i terms
-(1x1 conv+BN+nearest upsample) and the ReLU are one fuse_multi_res over that sum.
+(1x1 conv+BN, upsampled to x_i's size) and the ReLU are one fuse_multi_res over that sum.
+
+How the j > i terms are upsampled (`fusion_mode`):
+- Sequential(conv1x1, BN, Upsample(mode=...)) (the pose HRNet, timm, MMPose with or without
+  extra['upsample']): read off the Upsample, nearest or bilinear with its align_corners. A bilinear
+  Upsample(scale_factor=s) equals the kernel's interpolation to x_i's exact size when x_i's size is
+  x_j's times s (F.interpolate then uses 1/s, which is in/out, as its coordinate scale); at other
+  sizes the term runs as the module would (1x1 conv, the Upsample, then a bilinear resize to x_i's size
+  with align_corners=False, as mmsegmentation's forward does; MMPose's own forward stops there with a
+  size mismatch).
+- Sequential(conv1x1, BN) with the interpolation in the module's forward (the segmentation HRNet):
+  our reference modules say which (`upsample_mode`, `align_corners`); for any other module the mode
+  is found out by running the module and its fused candidates (nearest, bilinear with align_corners
+  False and True) on a probe input, and taken only when exactly one candidate reproduces it.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hrnet_fast.fused.blocks import conv_bn_pair, fused_conv
@@ -24,18 +40,29 @@ def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def _upsample_parts(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None] | None:
-    """(conv1x1, bn) when `m` is Sequential(Conv2d 1x1, BatchNorm2d, Upsample(nearest))."""
-    if not isinstance(m, nn.Sequential) or len(m) != 3 or not isinstance(m[2], nn.Upsample) or m[2].mode != "nearest":
+def _upsample_parts(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, nn.Upsample | None] | None:
+    """(conv1x1, bn, upsample) when `m` is Sequential(Conv2d 1x1, BatchNorm2d[, Upsample nearest/bilinear]);
+    upsample is None where the module's forward interpolates (the segmentation HRNet)."""
+    if not isinstance(m, nn.Sequential) or len(m) not in (2, 3):
+        return None
+    up = m[2] if len(m) == 3 else None
+    if up is not None and (not isinstance(up, nn.Upsample) or up.mode not in ("nearest", "bilinear") or up.size is not None):
         return None
     pair = conv_bn_pair(m[:2])
     if pair is None or pair[2] or pair[0].kernel_size != (1, 1) or pair[0].stride != (1, 1):
         return None
-    return pair[0], pair[1]
+    return pair[0], pair[1], up
+
+
+def _upsamplers(m: nn.Module) -> list[nn.Upsample | None]:
+    """The Upsample modules of every j > i fuse layer (None where the forward interpolates)."""
+    rows = [] if m.fuse_layers is None else list(m.fuse_layers)
+    return [_upsample_parts(row[j])[2] for i, row in enumerate(rows) for j in range(i + 1, len(row))]
 
 
 def why_not_hr_module(m: nn.Module) -> str | None:
-    """Why an HR-shaped module's fusion can't be converted exactly, or None when it can."""
+    """Why an HR-shaped module's fusion can't be converted exactly, or None when it can (the
+    upsampling mode of forward-interpolating modules is decided later: `fusion_mode`)."""
     if getattr(m, "fuse_method", "SUM") != "SUM":
         return f"fuse_method {m.fuse_method!r} is not SUM"
     act = getattr(m, "fuse_act", getattr(m, "relu", None))
@@ -48,23 +75,112 @@ def why_not_hr_module(m: nn.Module) -> str | None:
             if j == i and not _is_identity(f):
                 return f"fuse_layers[{i}][{j}] on the diagonal is {type(f).__name__}, not None/Identity"
             if j > i and _upsample_parts(f) is None:
-                return f"fuse_layers[{i}][{j}] is not Sequential(Conv2d 1x1, BatchNorm2d, Upsample nearest)"
+                return (
+                    f"fuse_layers[{i}][{j}] is not Sequential(Conv2d 1x1, BatchNorm2d[, Upsample nearest/bilinear])"
+                )
             if j < i and (not isinstance(f, nn.Sequential) or any(conv_bn_pair(s) is None for s in f)):
                 return f"fuse_layers[{i}][{j}] is not a chain of Sequential(Conv2d, BatchNorm2d[, ReLU])"
+    ups = _upsamplers(m)
+    if any(u is None for u in ups) and any(u is not None for u in ups):
+        return "some fuse layers upsample with an Upsample module and others without"
+    kinds = {(u.mode, bool(u.align_corners) if u.mode == "bilinear" else False) for u in ups if u is not None}
+    if len(kinds) > 1:
+        return f"its fuse layers upsample in more than one way: {sorted(kinds)}"
     return None
+
+
+# the modes a forward-interpolating module is probed for, and how close a candidate must come
+PROBE_CANDIDATES = (("nearest", False), ("bilinear", False), ("bilinear", True))
+PROBE_RTOL = 1e-5
+
+
+def _branch_in_channels(m: nn.Module, k: int) -> int | None:
+    conv = next((c for c in m.branches[k].modules() if isinstance(c, nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
+
+
+def probe_inputs(m: nn.Module, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Small random inputs the module's branches take: branch k at 1/2**k of branch 0's size, the
+    sizes no multiples of 2 (as stride-2 3x3 convs round: ceil), so exact-size interpolation is tested."""
+    g = torch.Generator().manual_seed(0)
+    h, w = 3 * 2 ** (m.num_branches - 1) + 1, 4 * 2 ** (m.num_branches - 1) + 3
+    xs = []
+    for k in range(m.num_branches):
+        c = _branch_in_channels(m, k)
+        if c is None:
+            raise ValueError(f"branch {k} has no conv to read its input channels from")
+        xs.append(torch.randn(2, c, h, w, generator=g).to(device=device, dtype=dtype))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return xs
+
+
+def fusion_mode(m: nn.Module) -> tuple[str, bool] | str:
+    """(mode, align_corners) of the module's j > i fusion terms, or why it can't be told (a string).
+
+    Read off its Upsample modules or our reference's attributes; otherwise probed (module docstring)."""
+    ups = [u for u in _upsamplers(m) if u is not None]
+    if ups:
+        return ups[0].mode, bool(ups[0].align_corners) if ups[0].mode == "bilinear" else False
+    if not _upsamplers(m):  # nothing is upsampled (one output row of one branch, or no fuse layers)
+        return "nearest", False
+    mode = getattr(m, "upsample_mode", None)
+    if mode in ("nearest", "bilinear"):
+        return mode, bool(getattr(m, "align_corners", False)) if mode == "bilinear" else False
+    return _probe_mode(m)
+
+
+def _probe_mode(m: nn.Module) -> tuple[str, bool] | str:
+    param = next(m.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    probe = m if param is None or param.dtype in (torch.float32, torch.float64) else copy.deepcopy(m).float()
+    dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+    try:
+        xs = probe_inputs(m, dtype, device)
+        with torch.no_grad():
+            ref = probe([x.clone() for x in xs])
+            errors = {}
+            for mode, ac in PROBE_CANDIDATES:
+                cand = FusedHRModule(probe, probe.branches, "torch", mode, ac)
+                out = cand([x.clone() for x in xs])
+                if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
+                    return "its outputs' number or shapes differ from the fused module's on the probe input"
+                errors[(mode, ac)] = max(
+                    ((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for o, r in zip(out, ref)
+                )
+    except Exception as e:  # a module whose forward we cannot run on the probe: leave it as it is
+        return f"probing its upsampling mode failed: {type(e).__name__}: {e}"
+    matches = [k for k, err in errors.items() if err <= PROBE_RTOL]
+    found = ", ".join(f"{mo}{'' if mo == 'nearest' else f' align_corners={ac}'}: {err:.1e}" for (mo, ac), err in errors.items())
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        return f"its forward's upsampling matches none of nearest and bilinear (relative errors on a probe input: {found})"
+    return f"a probe input cannot tell its upsampling modes apart ({found})"
+
+
+def _exact_multiple(up: nn.Upsample, low: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether Upsample(scale_factor) of `low` equals interpolating it to base's size."""
+    sf = up.scale_factor if isinstance(up.scale_factor, tuple) else (up.scale_factor, up.scale_factor)
+    return all(o == i * f for o, i, f in zip(base.shape[-2:], low.shape[-2:], sf))
 
 
 class FusedHRModule(nn.Module):
     """Drop-in for an HR module in eval mode: list of branch inputs in, list of fused outputs out."""
 
-    def __init__(self, m: nn.Module, branches: nn.ModuleList, backend: str):
+    def __init__(
+        self, m: nn.Module, branches: nn.ModuleList, backend: str, mode: str = "nearest", align_corners: bool = False
+    ):
         super().__init__()
         self.num_branches = int(m.num_branches)
+        self.mode, self.align_corners = mode, bool(align_corners)
         self.branches = branches
         self.backend = backend
         self._fuse = _backend.kernel("fuse_multi_res", backend)  # looked up once, not per call
         self.chains = nn.ModuleList()  # chains[i][j] for j < i: ModuleList of FusedConv
         self.lowres_index: list[list[int]] = []
+        # lowres_scale[i][k]: a bilinear Upsample(scale_factor) the term comes from, whose result the
+        # kernel reproduces only at exact multiples (module docstring); None: interpolate to the exact size
+        self.lowres_scale: list[list[nn.Upsample | None]] = []
         rows = [] if m.fuse_layers is None else list(m.fuse_layers)
         for i, row in enumerate(rows):
             ups = [(j, _upsample_parts(row[j])) for j in range(i + 1, self.num_branches)]
@@ -80,7 +196,8 @@ class FusedHRModule(nn.Module):
                 )
             self.chains.append(chains)
             self.lowres_index.append([j for j, _ in ups])
-            folded = [fold_conv_bn(conv, bn) for _, (conv, bn) in ups]
+            self.lowres_scale.append([up if up is not None and up.mode == "bilinear" else None for _, (_, _, up) in ups])
+            folded = [fold_conv_bn(conv, bn) for _, (conv, bn, _) in ups]
             for k, (w, _) in enumerate(folded):
                 self.register_buffer(f"w_{i}_{k}", w.reshape(w.shape[0], w.shape[1]))
             self.register_buffer(f"b_{i}", torch.stack([b for _, b in folded]).sum(0) if folded else None)
@@ -89,6 +206,9 @@ class FusedHRModule(nn.Module):
         self.streams = False
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("mode", "nearest")  # absent from states saved before bilinear fusion
+        state.setdefault("align_corners", False)
+        state.setdefault("lowres_scale", [[None] * len(r) for r in state["lowres_index"]])
         super().__setstate__(state)
         # looked up again: in a fresh process this is what defines the Triton op for a triton model
         self._fuse = _backend.kernel("fuse_multi_res", self.backend)
@@ -103,7 +223,20 @@ class FusedHRModule(nn.Module):
         idx = self.lowres_index[i]
         if idx:
             weights = [getattr(self, f"w_{i}_{k}") for k in range(len(idx))]
-            s = self._fuse(s, [x[j] for j in idx], weights, getattr(self, f"b_{i}"), True)
+            lows = [x[j] for j in idx]
+            scales = self.lowres_scale[i]
+            inexact = [k for k, up in enumerate(scales) if up is not None and not _exact_multiple(up, lows[k], s)]
+            if inexact:  # the module's own two-step resize (module docstring): rare sizes, plain torch
+                for k in inexact:
+                    t = up_t = scales[k](F.conv2d(lows[k], weights[k][:, :, None, None]))
+                    if up_t.shape[-2:] != s.shape[-2:]:
+                        t = F.interpolate(up_t, size=s.shape[-2:], mode="bilinear", align_corners=False)
+                    s = s + t
+                keep = [k for k in range(len(idx)) if k not in inexact]
+                lows, weights = [lows[k] for k in keep], [weights[k] for k in keep]
+                if not lows:
+                    return torch.relu(s + getattr(self, f"b_{i}").reshape(1, -1, 1, 1))
+            s = self._fuse(s, lows, weights, getattr(self, f"b_{i}"), True, self.mode, self.align_corners)
         return s
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -51,6 +51,8 @@ class SegHighResolutionNet(HRNetBackbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._backbone(x)
+        if getattr(self.last_layer, "takes_branches", False):  # optimize()'s FusedSegHead: no concatenation
+            return self.last_layer(y)
         size = y[0].shape[-2:]
         up = [F.interpolate(t, size=size, mode="bilinear", align_corners=self.align_corners) for t in y[1:]]
         return self.last_layer(torch.cat([y[0], *up], 1))
