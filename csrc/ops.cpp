@@ -1,6 +1,7 @@
 // The hrnet_fast op library: one schema per op. Kernels register per backend in
-// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) and autograd live in Python
-// (hrnet_fast/ops/<op>.py), the Triton kernels in hrnet_fast/triton/<op>.py.
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; argument checks, fake (meta) and autograd live in Python
+// (hrnet_fast/ops/_meta.py; conv3x3_winograd's in hrnet_fast/ops/winograd.py), the Triton kernels in
+// hrnet_fast/triton/ (conv.py, fusion.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -23,7 +24,7 @@ TORCH_LIBRARY(hrnet_fast, m) {
       "fuse_multi_res(Tensor base, Tensor[] lowres, Tensor[] weights, Tensor? bias, "
       "bool relu=True, str mode=\"nearest\", bool align_corners=False) -> Tensor");
   // act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w given Winograd-transformed
-  // (hrnet_fast.ops.conv3x3_winograd.transform_weight): CPU only; cuDNN picks Winograd itself on CUDA.
+  // (hrnet_fast.ops.winograd.transform_weight): CPU only; cuDNN picks Winograd itself on CUDA.
   m.def(
       "conv3x3_winograd(Tensor x, Tensor weight, int out_channels, Tensor? bias, Tensor? residual=None, "
       "bool relu=True) -> Tensor");

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--model", default="w32", help="w32, w48 (pose), seg_w48 (HRNetV2-W48, Cityscapes), or an official-format pose or segmentation experiment .yaml (default: w32)")
     b.add_argument("--input-size", type=_input_size, default=None, metavar="HxW",
-                   help="input height x width (default: 256x192, or the YAML's MODEL.IMAGE_SIZE)")
+                   help="input height x width (default: the model's: 256x192 pose, 512x1024 seg_w48, or the YAML's image size)")
     b.add_argument("--batch", type=_positive_int, nargs="+", default=[1], metavar="N", help="batch sizes (default: 1)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when present, else cpu")
     b.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")

@@ -7,7 +7,7 @@
 //   2. runs K*K small GEMMs:       Mt[p][t][o] = sum_c V[p][t][c] U[p][c][o]
 //   3. transforms back and applies the epilogue straight into y:
 //                                  y[t] = act(A^T Mt[.][t][o] A + bias[o] + residual[t])
-// so nothing but x, the transformed weights U (pre-packed once, hrnet_fast.ops.conv3x3_winograd)
+// so nothing but x, the transformed weights U (pre-packed once, hrnet_fast.ops.winograd)
 // and y touches memory. The GEMM's micro-kernel is a 6 x 16 register block: 12 accumulators of
 // 8 floats, the AVX2 FMA shape of BLIS/oneDNN. U is packed as [K*K][C_out/16][C_in][16] so each
 // micro-kernel streams one contiguous 16-wide panel, C_out padded to whole panels with zeros; V's
@@ -98,7 +98,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   TORCH_CHECK(weight.dim() == 4 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(3) == kNr,
               op, ": weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
-              "hrnet_fast.ops.conv3x3_winograd.transform_weight, got shape ", weight.sizes());
+              "hrnet_fast.ops.winograd.transform_weight, got shape ", weight.sizes());
   const int64_t cin = x.size(1), cout = out_channels;
   TORCH_CHECK(weight.size(2) == cin, op, ": weight was transformed for ", weight.size(2), " input channels, x has ", cin);
   TORCH_CHECK(cout > (weight.size(1) - 1) * kNr && cout <= weight.size(1) * kNr, op, ": out_channels=", cout,

@@ -2,7 +2,7 @@
 // post-ops, called through the dispatcher (the mkldnn:: ops inductor uses).
 //
 // Weights may be dense, or pre-packed once into oneDNN's blocked layout
-// (hrnet_fast.ops.conv_bias_act.prepack): a packed weight is an MkldnnCPU tensor, so this kernel
+// (hrnet_fast.ops.conv.prepack): a packed weight is an MkldnnCPU tensor, so this kernel
 // is registered for MkldnnCPU as well; the dispatcher picks that key when weight is packed.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -9,7 +9,7 @@
 // The 1-D transforms below are written out by hand (rows of B^T and A^T) so no multiply by 0 or 1
 // is left for the compiler to prove away (it may not, for floats, without -ffast-math). They are
 // templated on the element type: a float, a GCC vector of 8 floats (csrc/cpu), or a CUDA float.
-// The filter transform G is applied once, in float64, by hrnet_fast.ops.conv3x3_winograd.
+// The filter transform G is applied once, in float64, by hrnet_fast.ops.winograd.
 //
 // Instantiated per instruction set (csrc/cpu/winograd_core.h): the includer names the namespace the
 // templates live in, HF_ISA_NS, so code built for AVX2 never shares a symbol with the baseline's.

@@ -29,8 +29,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     """How fp32 products are done. While torch.backends.cudnn.allow_tf32 is set (torch's default)
     eager's cuDNN convolutions run in TF32, and the Triton ops take the tensor cores too, but as
     "tf32x3" (three TF32 products per product, about fp32's accuracy): with plain "tf32" the whole
-    W32 model was 10x further from float64 than eager with cuDNN's TF32 (5.6% of the output's range
-    against 0.5%, H200, benchmarks/GPU-NOTES.md). IEEE fp32 otherwise.
+    W32 model came out an order of magnitude further from float64 than eager with cuDNN's TF32 (the
+    first GPU run in benchmarks/GPU-NOTES.md has the numbers). IEEE fp32 otherwise.
     (16-bit inputs multiply exactly whatever the setting; "tf32" is Triton's default for them.)"""
     if dtype != torch.float32:
         return "tf32"
