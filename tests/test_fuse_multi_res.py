@@ -475,7 +475,7 @@ def test_emulated_cuda_kernel(emu_lib, case, launch, nhwc, force):
         "no_lowres": ((2, 6, 5, 7), []),
         "four": ((1, 3, 9, 8), [(3, 3, 4), (3, 9, 8), (3, 2, 3), (3, 1, 1)]),
         "vector_four": ((2, 8, 9, 8), [(8, 3, 4), (8, 9, 8), (8, 2, 3), (8, 1, 1)]),
-        # more than kFuseMaxBlocks * kFuseThreads elements: the default launch relies on the grid-stride loop
+        # more than kElementwiseMaxBlocks * kElementwiseThreads elements: the default launch relies on the grid-stride loop
         "past_max_grid": ((1, 2, 1030, 1024), [(2, 515, 512)]),
     }
     base_shape, lows = shapes[case]

@@ -19,6 +19,7 @@
 
 namespace hrnet_fast {
 namespace HF_ISA_NS {
+namespace {  // internal to each variant's file: called directly, never through the PLT
 
 // 8 floats: GCC/Clang vector extensions compile to AVX2 (and FMA under -mfma) where available and
 // to correct scalar or SSE code elsewhere. vf8u is the unaligned-access alias for load8/store8; the
@@ -150,5 +151,6 @@ void winograd_task(const WinogradTask& k) {
   output_transform<M>(k.mbuf, g, k.t0, k.nt, k.ntp, k.j0 * kNr / 8, k.j1 * kNr / 8, k.bias, k.residual, k.relu, k.y);
 }
 
+}  // namespace
 }  // namespace HF_ISA_NS
 }  // namespace hrnet_fast

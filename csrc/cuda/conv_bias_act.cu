@@ -44,9 +44,9 @@ void launch_epilogue(at::Tensor& out, const std::optional<at::Tensor>& bias, con
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     const int64_t channels = out.size(1), hw = out.size(2) * out.size(3);
-    const EpiloguePlan plan = conv_bias_act_epilogue_plan(o, rp, numel, channels, channels_last);
+    const ElementwisePlan plan = conv_bias_act_epilogue_plan(o, rp, numel, channels, channels_last);
     conv_bias_act_epilogue_dispatch<scalar_t, acc_t>(plan, [&](auto kernel, auto units) {
-      kernel<<<static_cast<unsigned>(conv_bias_act_blocks(units)), kEpilogueThreads, 0, stream>>>(
+      kernel<<<static_cast<unsigned>(elementwise_blocks(units)), kElementwiseThreads, 0, stream>>>(
           o, bp, rp, units, channels, hw, channels_last, relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -42,7 +42,7 @@ void launch(const at::Tensor& base, at::Tensor& out, const std::vector<at::Tenso
       p.low[k - k0] = fuse_lowres(ys[k].const_data_ptr<float>(), hk, wk, p.h, p.w, bilinear, align_corners);
     }
     fuse_dispatch(p, fuse_plan(p, largest), [&](auto kernel, const auto& params, auto units) {
-      kernel<<<static_cast<unsigned>(fuse_blocks(units)), kFuseThreads, 0, stream>>>(params, units);
+      kernel<<<static_cast<unsigned>(elementwise_blocks(units)), kElementwiseThreads, 0, stream>>>(params, units);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

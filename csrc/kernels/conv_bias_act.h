@@ -22,30 +22,14 @@ HF_HD index_t conv_bias_act_channel(index_t i, index_t channels, index_t hw, boo
   return channels_last ? i % channels : (i / hw) % channels;
 }
 
-// Launch shape of the epilogue kernel: grid-stride beyond kEpilogueMaxBlocks, enough to fill any current GPU.
-constexpr int kEpilogueThreads = 256;
-constexpr int64_t kEpilogueMaxBlocks = 8192;
-inline int64_t conv_bias_act_blocks(int64_t units) {
-  const int64_t blocks = (units + kEpilogueThreads - 1) / kEpilogueThreads;
-  return blocks < 1 ? 1 : (blocks > kEpilogueMaxBlocks ? kEpilogueMaxBlocks : blocks);
-}
-
 // Which epilogue kernel runs: vector (NHWC, C a multiple of the 16-byte vector's length, out and
-// residual 16-byte aligned: one thread per vector) or one element a thread; 32-bit indices unless
-// the tensor is too large for them.
-struct EpiloguePlan {
-  bool vector, wide;
-  int64_t units;
-};
-
+// residual 16-byte aligned) or one element a thread; 32-bit indices unless the tensor is too large.
 template <typename scalar_t>
-inline EpiloguePlan conv_bias_act_epilogue_plan(const scalar_t* out, const scalar_t* residual, int64_t numel,
-                                                int64_t channels, bool channels_last) {
+inline ElementwisePlan conv_bias_act_epilogue_plan(const scalar_t* out, const scalar_t* residual, int64_t numel,
+                                                   int64_t channels, bool channels_last) {
   constexpr int V = Vec16<scalar_t>::kLen;
-  auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  const bool vector = channels_last && channels % V == 0 && aligned(out) && aligned(residual);
-  const bool wide = numel + kEpilogueMaxBlocks * kEpilogueThreads >= (int64_t{1} << 31);
-  return {vector, wide, vector ? numel / V : numel};
+  const bool vector = channels_last && channels % V == 0 && aligned16(out) && aligned16(residual);
+  return {vector, needs_wide_indices(numel), vector ? numel / V : numel};
 }
 
 #if defined(__CUDACC__) || defined(HF_CUDA_EMU)
@@ -83,7 +67,7 @@ __global__ void conv_bias_act_epilogue_kernel(scalar_t* __restrict__ out, const 
 // Runs the planned kernel through `launch(kernel, units)`: <<<>>> in the CUDA entry point, the
 // emulator in the tests, so both take the same path for the same inputs.
 template <typename scalar_t, typename acc_t, typename Launch>
-void conv_bias_act_epilogue_dispatch(const EpiloguePlan& plan, Launch&& launch) {
+void conv_bias_act_epilogue_dispatch(const ElementwisePlan& plan, Launch&& launch) {
   if (plan.wide) {
     if (plan.vector) launch(conv_bias_act_epilogue_kernel<scalar_t, acc_t, int64_t, true>, int64_t{plan.units});
     else launch(conv_bias_act_epilogue_kernel<scalar_t, acc_t, int64_t, false>, int64_t{plan.units});

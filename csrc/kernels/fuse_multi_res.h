@@ -102,6 +102,27 @@ HF_HD index_t fuse_lowres_offset(const FuseLowres& l, index_t n, index_t ch, ind
   return nhwc ? ((n * lh + sy) * lw + sx) * c + ch : ((n * c + ch) * lh + sy) * lw + sx;
 }
 
+// Bilinear: the offsets of the four source values output pixel (n, y, x) blends in low-res input `l`
+// (channel ch; NHWC or NCHW) and their weights along each axis.
+template <typename index_t>
+struct FuseCorners {
+  index_t o00, o01, o10, o11;
+  float ly0, ly1, lx0, lx1;
+};
+
+template <typename index_t>
+HF_HD FuseCorners<index_t> fuse_corners(const FuseLowres& l, index_t n, index_t ch, index_t y, index_t x, index_t c,
+                                        bool nhwc, bool align_corners) {
+  const index_t lh = static_cast<index_t>(l.h), lw = static_cast<index_t>(l.w);
+  const FuseTaps<index_t> ty = fuse_linear<index_t>(y, lh, l.scale_h, align_corners);
+  const FuseTaps<index_t> tx = fuse_linear<index_t>(x, lw, l.scale_w, align_corners);
+  // the offset of source (sy, sx) is row(sy) + col(sx) in either layout
+  const index_t r0 = nhwc ? (n * lh + ty.i0) * lw * c + ch : ((n * c + ch) * lh + ty.i0) * lw;
+  const index_t r1 = nhwc ? (n * lh + ty.i1) * lw * c + ch : ((n * c + ch) * lh + ty.i1) * lw;
+  const index_t c0 = nhwc ? tx.i0 * c : tx.i0, c1 = nhwc ? tx.i1 * c : tx.i1;
+  return {r0 + c0, r0 + c1, r1 + c0, r1 + c1, ty.l0, ty.l1, tx.l0, tx.l1};
+}
+
 // Output element `i` (linear index in the dense layout), any layout: what each thread of the
 // scalar kernel computes.
 template <typename scalar_t, typename index_t>
@@ -121,15 +142,9 @@ HF_HD void fuse_element(const FuseParams<scalar_t>& p, index_t i) {
   for (int k = 0; k < p.k; ++k) {
     const FuseLowres& l = p.low[k];
     if (p.bilinear) {
-      const index_t lh = static_cast<index_t>(l.h), lw = static_cast<index_t>(l.w);
-      const FuseTaps<index_t> ty = fuse_linear<index_t>(y, lh, l.scale_h, p.align_corners);
-      const FuseTaps<index_t> tx = fuse_linear<index_t>(x, lw, l.scale_w, p.align_corners);
-      // offset of (sy, sx) is row(sy) + col(sx), in either layout
-      const index_t r0 = p.nhwc ? (n * lh + ty.i0) * lw * c + ch : ((n * c + ch) * lh + ty.i0) * lw;
-      const index_t r1 = p.nhwc ? (n * lh + ty.i1) * lw * c + ch : ((n * c + ch) * lh + ty.i1) * lw;
-      const index_t c0 = p.nhwc ? tx.i0 * c : tx.i0, c1 = p.nhwc ? tx.i1 * c : tx.i1;
-      acc = fuse_add(acc, fuse_blend(l.data[r0 + c0], l.data[r0 + c1], l.data[r1 + c0], l.data[r1 + c1], ty.l0, ty.l1,
-                                   tx.l0, tx.l1));
+      const FuseCorners<index_t> q = fuse_corners<index_t>(l, n, ch, y, x, c, p.nhwc, p.align_corners);
+      acc = fuse_add(acc, fuse_blend(l.data[q.o00], l.data[q.o01], l.data[q.o10], l.data[q.o11], q.ly0, q.ly1, q.lx0,
+                                     q.lx1));
     } else {
       acc = fuse_add(acc, l.data[fuse_lowres_offset<index_t>(l, n, ch, y, x, c, h, w, p.nhwc)]);
     }
@@ -164,20 +179,14 @@ HF_HD void fuse_vector(const FuseParams<scalar_t>& p, index_t unit) {
   for (int k = 0; k < p.k; ++k) {
     const FuseLowres& l = p.low[k];
     if (p.bilinear) {
-      const index_t lh = static_cast<index_t>(l.h), lw = static_cast<index_t>(l.w);
-      const FuseTaps<index_t> ty = fuse_linear<index_t>(y, lh, l.scale_h, p.align_corners);
-      const FuseTaps<index_t> tx = fuse_linear<index_t>(x, lw, l.scale_w, p.align_corners);
-      const float* s00 = l.data + ((n * lh + ty.i0) * lw + tx.i0) * c + ch;
-      const float* s01 = l.data + ((n * lh + ty.i0) * lw + tx.i1) * c + ch;
-      const float* s10 = l.data + ((n * lh + ty.i1) * lw + tx.i0) * c + ch;
-      const float* s11 = l.data + ((n * lh + ty.i1) * lw + tx.i1) * c + ch;
+      const FuseCorners<index_t> q = fuse_corners<index_t>(l, n, ch, y, x, c, true, p.align_corners);
       for (int j = 0; j < V; j += VF) {
-        const Vec16<float> a = *reinterpret_cast<const Vec16<float>*>(s00 + j);
-        const Vec16<float> b = *reinterpret_cast<const Vec16<float>*>(s01 + j);
-        const Vec16<float> d = *reinterpret_cast<const Vec16<float>*>(s10 + j);
-        const Vec16<float> e = *reinterpret_cast<const Vec16<float>*>(s11 + j);
+        const Vec16<float> a = *reinterpret_cast<const Vec16<float>*>(l.data + q.o00 + j);
+        const Vec16<float> b = *reinterpret_cast<const Vec16<float>*>(l.data + q.o01 + j);
+        const Vec16<float> d = *reinterpret_cast<const Vec16<float>*>(l.data + q.o10 + j);
+        const Vec16<float> e = *reinterpret_cast<const Vec16<float>*>(l.data + q.o11 + j);
         for (int v = 0; v < VF; ++v)
-          acc[j + v] = fuse_add(acc[j + v], fuse_blend(a.v[v], b.v[v], d.v[v], e.v[v], ty.l0, ty.l1, tx.l0, tx.l1));
+          acc[j + v] = fuse_add(acc[j + v], fuse_blend(a.v[v], b.v[v], d.v[v], e.v[v], q.ly0, q.ly1, q.lx0, q.lx1));
       }
     } else {
       const float* src = l.data + fuse_lowres_offset<index_t>(l, n, ch, y, x, c, h, w, true);
@@ -192,32 +201,15 @@ HF_HD void fuse_vector(const FuseParams<scalar_t>& p, index_t unit) {
   *reinterpret_cast<Vec16<scalar_t>*>(p.out + i) = o;
 }
 
-// Launch shape: 256 threads, enough blocks to cover `units` up to `max_blocks`; the kernel's
-// grid-stride loop covers the rest.
-constexpr int kFuseThreads = 256;
-constexpr int64_t kFuseMaxBlocks = 8192;
-inline int64_t fuse_blocks(int64_t units, int64_t max_blocks = kFuseMaxBlocks) {
-  const int64_t b = (units + kFuseThreads - 1) / kFuseThreads;
-  return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
-}
-
 // Which kernel runs: vector (NHWC, C a multiple of V, every pointer 16-byte aligned) or scalar, and
 // 32- or 64-bit indices. `units` is what the grid covers (elements, or V-channel groups).
-struct FusePlan {
-  bool vector, wide;
-  int64_t units;
-};
-
 template <typename scalar_t>
-inline FusePlan fuse_plan(const FuseParams<scalar_t>& p, int64_t largest_numel) {
+inline ElementwisePlan fuse_plan(const FuseParams<scalar_t>& p, int64_t largest_numel) {
   constexpr int V = fuse_vec_width<scalar_t>();
-  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  bool vector = p.nhwc && p.c % V == 0 && aligned(p.base) && aligned(p.out);
-  for (int k = 0; k < p.k; ++k) vector = vector && aligned(p.low[k].data);
+  bool vector = p.nhwc && p.c % V == 0 && aligned16(p.base) && aligned16(p.out);
+  for (int k = 0; k < p.k; ++k) vector = vector && aligned16(p.low[k].data);
   const int64_t numel = p.n * p.c * p.h * p.w;
-  // the index math forms offsets up to the largest tensor's size, plus one grid stride
-  const bool wide = largest_numel + kFuseMaxBlocks * kFuseThreads >= (int64_t{1} << 31);
-  return {vector, wide, vector ? numel / V : numel};
+  return {vector, needs_wide_indices(largest_numel), vector ? numel / V : numel};
 }
 
 #if defined(__CUDACC__) || defined(HF_CUDA_EMU)
@@ -236,7 +228,7 @@ __global__ void fuse_multi_res_kernel(FuseParams<scalar_t> p, index_t units) {
 // Runs the planned kernel through `launch(kernel, units)`: the CUDA entry point launches it with
 // <<<>>>, the tests through the emulator, so both take the same path for the same inputs.
 template <typename scalar_t, typename Launch>
-void fuse_dispatch(const FuseParams<scalar_t>& p, const FusePlan& plan, Launch&& launch) {
+void fuse_dispatch(const FuseParams<scalar_t>& p, const ElementwisePlan& plan, Launch&& launch) {
   if (plan.wide) {
     if (plan.vector) launch(fuse_multi_res_kernel<scalar_t, int64_t, true>, p, int64_t{plan.units});
     else launch(fuse_multi_res_kernel<scalar_t, int64_t, false>, p, int64_t{plan.units});

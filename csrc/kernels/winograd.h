@@ -25,6 +25,7 @@
 
 namespace hrnet_fast {
 namespace HF_ISA_NS {
+namespace {  // internal to each variant's file: called directly, never through the PLT
 
 template <int M>
 struct Winograd;
@@ -103,5 +104,6 @@ HF_HD void winograd_output_tile(const In* v, int64_t vs, T* y, int rows, T* t) {
   for (int r = 0; r < rows; ++r) Winograd<M>::output(t + r * K, 1, y + r * M, 1);  // Y = t A
 }
 
+}  // namespace
 }  // namespace HF_ISA_NS
 }  // namespace hrnet_fast

@@ -14,14 +14,14 @@ extern "C" int conv_bias_act_emu_run(float* out, const float* bias, const float*
                            long long hw, int channels_last, int relu, long long blocks, int threads, int force) {
   using namespace hrnet_fast;
   if (numel < 0 || channels < 1 || hw < 1) return 1;
-  EpiloguePlan plan = conv_bias_act_epilogue_plan(out, residual, numel, channels, channels_last != 0);
-  if (force & 1) plan = EpiloguePlan{false, plan.wide, numel};
+  ElementwisePlan plan = conv_bias_act_epilogue_plan(out, residual, numel, channels, channels_last != 0);
+  if (force & 1) plan = ElementwisePlan{false, plan.wide, numel};
   if (force & 2) plan.wide = true;
   g_last_plan = (plan.vector ? 1 : 0) | (plan.wide ? 2 : 0);
   conv_bias_act_epilogue_dispatch<float, float>(plan, [&](auto kernel, auto units) {
     // blocks/threads <= 0: the launch shape the CUDA entry point uses.
-    const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : conv_bias_act_blocks(units));
-    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kEpilogueThreads);
+    const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : elementwise_blocks(units));
+    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kElementwiseThreads);
     emu_launch(dim3(nb), dim3(nt), kernel, out, bias, residual, units, static_cast<int64_t>(channels),
                static_cast<int64_t>(hw), channels_last != 0, relu != 0);
   });

@@ -57,15 +57,15 @@ void run(const void* base, void* out, const float* bias, long long n, long long 
     largest = std::max(largest, n * c * low_h[i] * low_w[i]);
   }
   // The plan the CUDA entry point makes; `force` bit 0 takes the scalar kernel, bit 1 64-bit indices.
-  FusePlan plan = fuse_plan(p, largest);
-  if (force & 1) plan = FusePlan{false, plan.wide, n * c * h * w};
+  ElementwisePlan plan = fuse_plan(p, largest);
+  if (force & 1) plan = ElementwisePlan{false, plan.wide, n * c * h * w};
   if (force & 2) plan.wide = true;
   g_plan_vector = plan.vector;
   g_plan_wide = plan.wide;
   fuse_dispatch(p, plan, [&](auto kernel, const auto& params, auto units) {
-    // blocks <= 0: the launch shape the CUDA entry point uses (fuse_blocks, kFuseThreads).
-    const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : fuse_blocks(units));
-    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kFuseThreads);
+    // blocks <= 0: the launch shape the CUDA entry point uses (elementwise_blocks, kElementwiseThreads).
+    const unsigned nb = static_cast<unsigned>(blocks > 0 ? blocks : elementwise_blocks(units));
+    const unsigned nt = static_cast<unsigned>(threads > 0 ? threads : kElementwiseThreads);
     emu_launch(dim3(nb), dim3(nt), kernel, params, units);
   });
 }

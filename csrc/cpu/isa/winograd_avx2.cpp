@@ -1,32 +1,5 @@
-// The Winograd kernel built for AVX2 + FMA. Run only where
-// csrc/cpu/cpu_isa.cpp finds the CPU supports it. The standard headers come first, outside the
-// target region, so their inline functions keep the baseline ISA wherever the linker merges them.
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-
-#include "cpu/winograd_isa.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The Winograd kernel built for AVX2 + FMA (csrc/cpu/isa/winograd_variant.h).
 #define HF_ISA_NS isa_avx2
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include "cpu/winograd_core.h"
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-namespace hrnet_fast {
-WinogradKernels winograd_kernels_avx2() { return {&isa_avx2::winograd_task<2>, &isa_avx2::winograd_task<4>}; }
-}  // namespace hrnet_fast
-#else
-namespace hrnet_fast {
-WinogradKernels winograd_kernels_avx2() { return {nullptr, nullptr}; }
-}  // namespace hrnet_fast
-#endif
+#define HF_ISA_TARGET "avx2,fma,f16c"
+#define HF_ISA_ENTRY winograd_kernels_avx2
+#include "cpu/isa/winograd_variant.h"
