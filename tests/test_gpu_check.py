@@ -73,3 +73,5 @@ def test_the_commands_run_the_cuda_tests_and_both_benchmarks(tmp_path):
         assert argv[argv.index("--dtype") + 1] == dtype and "--cuda-graph" in argv
         assert argv[argv.index("--batch") + 1 : argv.index("--batch") + 3] == ["1", "64"]
     assert "--tool" in cmds["memcheck"][0] and cmds["memcheck"][1]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    seg, _ = cmds["bench_seg"]
+    assert seg[seg.index("--model") + 1] == "seg_w48" and seg[seg.index("--batch") + 1 : seg.index("--batch") + 3] == ["1", "--cuda-graph"]

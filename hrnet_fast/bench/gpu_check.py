@@ -10,6 +10,7 @@ Steps, in order, each under its own time limit (and together under --budget-s):
               CUDA-graph replays of the PyTorch ones, torch.compile in reduce-overhead mode
   memcheck    a subset of the op tests under `compute-sanitizer --tool memcheck`
   bench_fp32  the benchmark again in float32
+  bench_seg   HRNetV2-W48 segmentation at 512x1024, float16, batch 1 (`--model seg_w48`)
 Everything goes to DIR: gpu_check.log (every step's output), gpu_check.json (device, versions,
 each step's status, time and test counts), the benchmarks' JSON and PNG, profile.txt. A short table
 is printed last. Exit code: 0 all ran and passed, 1 a step failed, 2 bad arguments, 3 no GPU.
@@ -31,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32")
+STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32", "bench_seg")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
-LIMITS = {"build": 240, "tests": 300, "profile": 90, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150}
+LIMITS = {"build": 240, "tests": 300, "profile": 90, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150,
+          "bench_seg": 200}
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
 MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
 BENCH_CONTENDERS = "eager,eager_cl,compile,hrnet_fast_cuda,hrnet_fast_cuda_streams,hrnet_fast_triton"
@@ -78,8 +80,11 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
         tests += ["-n", str(workers)]
     if _have("pytest_timeout"):
         tests += ["--timeout", "180"]
-    bench = py + ["-m", "hrnet_fast.cli", "bench", "--device", "cuda", "--batch", "1", "64", "--cuda-graph",
-                  "--no-progress", "--min-run-time", "0.6", "--rounds", "2", "--out", str(out)]
+    def bench_at(*batches: str) -> list[str]:
+        return py + ["-m", "hrnet_fast.cli", "bench", "--device", "cuda", "--batch", *batches, "--cuda-graph",
+                     "--no-progress", "--min-run-time", "0.6", "--rounds", "2", "--out", str(out)]
+
+    bench = bench_at("1", "64")
     sanitizer = _sanitizer() or "compute-sanitizer"
     threads = {"OMP_NUM_THREADS": "2"}  # test workers share the cores
     return {
@@ -94,6 +99,9 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
                      # the autotuner's timing runs would be instrumented too: the fixed tiles suffice here
                      {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "HRNET_FAST_TRITON_AUTOTUNE": "0", **threads}),
         "bench_fp32": (bench + ["--dtype", "float32", "--contenders", "eager,eager_cl,hrnet_fast_cuda,hrnet_fast_cuda_streams,hrnet_fast_triton"], {}),
+        # the segmentation net once, at batch 1 (its 512x1024 input is 42x a pose crop's pixels)
+        "bench_seg": (bench_at("1") + ["--model", "seg_w48", "--dtype", "float16", "--contenders", BENCH_CONTENDERS,
+                                       "--compile-mode", "reduce-overhead"], {}),
     }
 
 
