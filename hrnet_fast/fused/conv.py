@@ -41,9 +41,10 @@ class FusedConv(nn.Module):
         # they cannot be copied or saved. Keyed by shape because oneDNN's preferred weight layout
         # depends on it (and on the CPU): a weight packed for another shape is reordered on every call.
         self._packed: dict[tuple[int, ...], torch.Tensor] | None = None
-        # Winograd-transformed weights by tile size m (cpu backend, 3x3 stride 1; None: not used).
-        # Derived from weight, so kept out of state_dict. F(4x4) is made at pack time, F(2x2) on
-        # first use (few convs at few input sizes want it: see ops/winograd.py, choose_tile).
+        # Winograd-transformed weights by tile size m, one entry at a time (cpu backend, 3x3 stride 1;
+        # None: not used). Derived from weight, so kept out of state_dict. F(4x4) is made at pack time,
+        # F(2x2) in its place on first use by an input that wants it (few convs at few input sizes: see
+        # ops/winograd.py, choose_tile).
         self._winograd: dict[int, torch.Tensor] | None = None
         self.use_winograd = False
         # (version, address, dtype) of the weight the caches were derived from: load_state_dict and
@@ -125,16 +126,19 @@ class FusedConv(nn.Module):
         self.pack()
 
     def _winograd_for(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # no weight transforms inside a graph: F(4x4) always
-            return self._winograd[4]
+        """The transformed weight for the tile size x's shape wants. One tile size is kept at a time:
+        a model serves one input size, and both would hold 4x + 1.8x the 3x3 weights; a conv that
+        meets another size transforms again (once per switch)."""
+        if torch.compiler.is_compiling():  # no weight transforms inside a graph: the one cached
+            return next(iter(self._winograd.values()))
         m = choose_tile(x.shape, self.weight.shape[0])
-        winograd = self._winograd
-        u = winograd.get(m)
+        u = self._winograd.get(m)
         if u is None:
             with _CACHE_LOCK:
-                u = winograd.get(m)
+                u = self._winograd.get(m)
                 if u is None:
-                    u = winograd[m] = transform_weight(self.weight, m)
+                    u = transform_weight(self.weight, m)
+                    self._winograd = {m: u}  # replaces the other tile's weights (one dict swap: readers see either)
         return u
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
