@@ -94,6 +94,11 @@ PROBE_CANDIDATES = (("nearest", False), ("bilinear", False), ("bilinear", True))
 PROBE_RTOL = 1e-5
 
 
+def probe_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref|: how far a fused candidate is from the module it would replace."""
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
 def _branch_in_channels(m: nn.Module, k: int) -> int | None:
     conv = next((c for c in m.branches[k].modules() if isinstance(c, nn.Conv2d)), None)
     return None if conv is None else conv.in_channels
@@ -144,9 +149,7 @@ def _probe_mode(m: nn.Module) -> tuple[str, bool] | str:
                 out = cand([x.clone() for x in xs])
                 if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
                     return "its outputs' number or shapes differ from the fused module's on the probe input"
-                errors[(mode, ac)] = max(
-                    ((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for o, r in zip(out, ref)
-                )
+                errors[(mode, ac)] = max(probe_error(o, r) for o, r in zip(out, ref))
     except Exception as e:  # a module whose forward we cannot run on the probe: leave it as it is
         return f"probing its upsampling mode failed: {type(e).__name__}: {e}"
     matches = [k for k, err in errors.items() if err <= PROBE_RTOL]

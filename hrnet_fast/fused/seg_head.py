@@ -23,10 +23,11 @@ from torch import nn
 from hrnet_fast.fused.blocks import fused_conv
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN, fold_conv_bn
+from hrnet_fast.fused.hr_module import PROBE_RTOL, probe_error
 from hrnet_fast.ops import _backend
+from hrnet_fast.reference.hrnet import hrnet_branches
 
 _STAGES = (("transition1", "stage2"), ("transition2", "stage3"), ("transition3", "stage4"))
-PROBE_RTOL = 1e-5
 
 
 def why_not_seg_head(last_layer: nn.Module) -> str | None:
@@ -82,19 +83,6 @@ class FusedSegHead(nn.Module):
         return self.classifier(s)
 
 
-def seg_branches(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The official seg_hrnet forward up to stage 4's outputs, from the model's attributes: the stem
-    (conv1, bn1, relu, conv2, bn2, relu), layer1, then per stage its transition (a new branch grows
-    from the last branch, an existing one that changes width is re-projected from itself) and its modules."""
-    x = model.relu(model.bn1(model.conv1(x)))
-    x = model.relu(model.bn2(model.conv2(x)))
-    y = [model.layer1(x)]
-    for transition, stage in _STAGES:
-        t = getattr(model, transition)
-        y = getattr(model, stage)([y[i] if t[i] is None else t[i](y[min(i, len(y) - 1)]) for i in range(len(t))])
-    return y
-
-
 def head_reference(last_layer: nn.Module, y: list[torch.Tensor], align_corners: bool) -> torch.Tensor:
     """The official head: upsample, concatenate, last_layer."""
     size = y[0].shape[-2:]
@@ -103,14 +91,14 @@ def head_reference(last_layer: nn.Module, y: list[torch.Tensor], align_corners: 
 
 
 class SegForward:
-    """A replacement forward for a converted official seg_hrnet instance: seg_branches, then its
+    """A replacement forward for a converted official seg_hrnet instance: hrnet_branches, then its
     FusedSegHead. A plain picklable object (not a bound method) holding the model."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.last_layer(seg_branches(self.model, x))
+        return self.model.last_layer(hrnet_branches(self.model, x))
 
 
 def has_seg_structure(model: nn.Module) -> bool:
@@ -119,7 +107,7 @@ def has_seg_structure(model: nn.Module) -> bool:
 
 
 def probe_seg_align_corners(model: nn.Module) -> tuple[bool, list[int]] | str:
-    """(align_corners, branch channels) for which seg_branches + the official head reproduce the
+    """(align_corners, branch channels) for which hrnet_branches + the official head reproduce the
     model's own forward on a probe input, or why none (or both) does."""
     param = next(model.parameters())
     g = torch.Generator().manual_seed(0)
@@ -127,13 +115,13 @@ def probe_seg_align_corners(model: nn.Module) -> tuple[bool, list[int]] | str:
     try:
         with torch.no_grad():
             ref = model(x.clone())
-            y = seg_branches(model, x.clone())
+            y = hrnet_branches(model, x.clone())
             errors = {}
             for ac in (False, True):
                 out = head_reference(model.last_layer, y, ac)
                 if not isinstance(ref, torch.Tensor) or out.shape != ref.shape:
                     return "its forward does not return what stem, stages and upsample+cat+last_layer give"
-                errors[ac] = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                errors[ac] = probe_error(out, ref)
     except Exception as e:
         return f"probing its forward failed: {type(e).__name__}: {e}"
     matches = [ac for ac, err in errors.items() if err <= PROBE_RTOL]

@@ -107,25 +107,31 @@ class HRNetBackbone(nn.Module):
 
     def _backbone(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stem, layer1 and stages 2-4: stage 4's outputs."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.layer1(x)
-        y_list = [x]
-        for transition, stage, cfg in (
-            (self.transition1, self.stage2, self.stage2_cfg),
-            (self.transition2, self.stage3, self.stage3_cfg),
-            (self.transition3, self.stage4, self.stage4_cfg),
-        ):
-            # a new branch grows from the lowest resolution; an existing one that changes width is re-projected
-            # from itself (the official pose code reads y_list[-1] there too, which crashes on such configs; the
-            # official configs never re-project, so their outputs are unchanged; the current official
-            # segmentation code reads y_list[i], as here)
-            x_list = [
-                y_list[i] if transition[i] is None else transition[i](y_list[min(i, len(y_list) - 1)])
-                for i in range(cfg.num_branches)
-            ]
-            y_list = stage(x_list)
-        return y_list
+        return hrnet_branches(self, x)
+
+
+def hrnet_branches(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The official HRNets' forward up to stage 4's outputs, from the model's attributes alone (so it
+    also runs an official instance: fused/seg_head.py): the stem (conv1, bn1, relu, conv2, bn2, relu),
+    layer1, then per stage its transition and its modules."""
+    x = model.relu(model.bn1(model.conv1(x)))
+    x = model.relu(model.bn2(model.conv2(x)))
+    y_list = [model.layer1(x)]
+    for transition, stage in (
+        (model.transition1, model.stage2),
+        (model.transition2, model.stage3),
+        (model.transition3, model.stage4),
+    ):
+        # a new branch grows from the lowest resolution; an existing one that changes width is re-projected
+        # from itself (the official pose code reads y_list[-1] there too, which crashes on such configs; the
+        # official configs never re-project, so their outputs are unchanged; the current official
+        # segmentation code reads y_list[i], as here)
+        x_list = [
+            y_list[i] if transition[i] is None else transition[i](y_list[min(i, len(y_list) - 1)])
+            for i in range(len(transition))
+        ]
+        y_list = stage(x_list)
+    return y_list
 
 
 class PoseHighResolutionNet(HRNetBackbone):

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.library import triton_op
 
 # tl.dot needs every tile dimension >= 16 on GPUs; the interpreter accepts the same sizes.
@@ -40,9 +42,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 def tracing(t: torch.Tensor) -> bool:
     """True while the op is being traced rather than run: Dynamo, make_fx (opcheck, AOT autograd)
     or fake tensors. Launch choices made by timing real runs (the autotuner) must not happen then."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
     return torch.compiler.is_compiling() or is_fake(t) or get_proxy_mode() is not None
 
 

@@ -173,8 +173,10 @@ def _launch(
         if k < len(lowres):
             x, wt = lowres[k], weights[k]
             hi, wi = x.shape[2], x.shape[3]
-            scale = linear_scale if bilinear else nearest_scale
-            sh, sw = (scale(hi, h, align_corners), scale(wi, w, align_corners)) if bilinear else (scale(hi, h), scale(wi, w))
+            if bilinear:
+                sh, sw = linear_scale(hi, h, align_corners), linear_scale(wi, w, align_corners)
+            else:
+                sh, sw = nearest_scale(hi, h), nearest_scale(wi, w)
             args += [x, *x.stride(), hi, wi, x.shape[1], sh, sw, wt, wt.stride(0), wt.stride(1)]
         else:  # unused slot: any valid tensor, never read (NUM_LOWRES is constexpr)
             args += [base, 0, 0, 0, 0, 1, 1, 0, 1.0, 1.0, base, 0, 0]
