@@ -2,7 +2,9 @@
 
 Side by side in one process (torch.utils.benchmark, 2 threads), every conv with bias, ReLU and (where
 HRNet has one) the residual fused: eager channels_last, our conv_bias_act (oneDNN, weights pre-packed
-for the shape), and conv3x3_winograd with F(2x2,3x3), F(4x4,3x3) and the tile `choose_tile` picks.
+for the shape), and conv3x3_winograd with F(2x2,3x3), F(4x4,3x3) and the tile `choose_tile` picks,
+each given the weight transformed ahead ("winograd") or dense, transformed by the kernel on each call
+("dense": what optimize() runs).
 
 In the model every conv has its own weights, so they come from memory rather than cache; the
 Winograd weights are 1.8x (F(2x2)) or 4x (F(4x4)) the size of the direct ones, which matters at
@@ -58,11 +60,15 @@ def contenders(s: Shape, batch: int, warm: bool) -> dict[str, tuple[str, dict]]:
     pool = 1 if warm else min(MAX_POOL, max(2, -(-POOL_BYTES // (36 * 4 * c * c))))
     dense = [torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5) for _ in range(pool)]
     auto = choose_tile(x.shape, c)
+    ihwo = [w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2) for w in dense]  # as optimize() keeps them
     weights = {
         "eager CL": [w.contiguous(memory_format=cl) for w in dense],
         "oneDNN packed": [prepack(w, x.shape, 1, 1) for w in dense],
         "winograd F(2x2)": [transform_weight(w, 2) for w in dense],
         "winograd F(4x4)": [transform_weight(w, 4) for w in dense],
+        "dense F(2x2)": ihwo,
+        "dense F(4x4)": ihwo,
+        f"dense auto=F({auto}x{auto})": ihwo,
     }
     weights[f"winograd auto=F({auto}x{auto})"] = weights[f"winograd F({auto}x{auto})"]
     ops = torch.ops.hrnet_fast
@@ -71,7 +77,11 @@ def contenders(s: Shape, batch: int, warm: bool) -> dict[str, tuple[str, dict]]:
         y = F.conv2d(x, w, b, padding=1)
         return torch.relu(y + r if r is not None else y)
 
-    fns = {"eager CL": eager, "oneDNN packed": lambda w: ops.conv_bias_act(x, w, b, [1, 1], [1, 1], r, True)}
+    def dense_fn(m: int):  # the kernel transforms the dense weight on each call (what optimize() runs)
+        return lambda w: ops.conv3x3_winograd(x, w, c, b, r, True, m)
+
+    fns = {"eager CL": eager, "oneDNN packed": lambda w: ops.conv_bias_act(x, w, b, [1, 1], [1, 1], r, True),
+           "dense F(2x2)": dense_fn(2), "dense F(4x4)": dense_fn(4), f"dense auto=F({auto}x{auto})": dense_fn(auto)}
     # every contender must compute the same thing before it is timed
     want = F.conv2d(x.double(), dense[0].double(), b.double(), padding=1)
     want = torch.relu(want + r.double() if r is not None else want)

@@ -23,9 +23,12 @@ TORCH_LIBRARY(hrnet_fast, m) {
   m.def(
       "fuse_multi_res(Tensor base, Tensor[] lowres, Tensor[] weights, Tensor? bias, "
       "bool relu=True, str mode=\"nearest\", bool align_corners=False) -> Tensor");
-  // act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w given Winograd-transformed
-  // (hrnet_fast.ops.winograd.transform_weight): CPU only; cuDNN picks Winograd itself on CUDA.
+  // act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w by Winograd F(m x m, 3 x 3),
+  // w given transformed (hrnet_fast.ops.winograd.transform_weight; tile=0) or dense, transformed per call
+  // with m = tile: CPU only; cuDNN picks Winograd itself on CUDA.
   m.def(
       "conv3x3_winograd(Tensor x, Tensor weight, int out_channels, Tensor? bias, Tensor? residual=None, "
-      "bool relu=True) -> Tensor");
+      "bool relu=True, int tile=0) -> Tensor");
+  // G w G^T of a [C_out, C_in, 3, 3] weight, packed for conv3x3_winograd: [(m+2)^2, ceil(C_out/16), C_in, 16]
+  m.def("winograd_weight(Tensor weight, int m) -> Tensor");
 }

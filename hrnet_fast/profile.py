@@ -114,7 +114,7 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 
 def held_bytes(module: torch.nn.Module) -> int:
     """Bytes a module keeps for inference: its parameters and buffers, and every tensor its modules
-    cache in their attributes (hrnet_fast's oneDNN-packed and Winograd-transformed weights), each
+    cache in their attributes (hrnet_fast's oneDNN-packed weights), each
     distinct tensor once. What a served model costs in memory besides the activations."""
     seen: set[int] = set()
     total = 0

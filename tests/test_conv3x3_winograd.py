@@ -1,6 +1,7 @@
 """conv3x3_winograd against direct convolution (float64 reference): both tile sizes, image borders,
 every thread split, the epilogue, memory formats, gradients, opcheck, torch.compile, the tile choice
-and input validation."""
+and input validation; the weight given transformed (transform_weight) or dense (tile=m, transformed
+by the kernel on each call), and the filter transform (winograd_weight) against float64 einsums."""
 from __future__ import annotations
 
 import pytest
@@ -38,6 +39,11 @@ def make(shape, seed=0, res=True, bias=True):
     b = torch.randn(cout, generator=g) if bias else None
     r = torch.randn(n, cout, h, w, generator=g) if res else None
     return x, weight, b, r
+
+
+def ihwo(w: torch.Tensor) -> torch.Tensor:
+    """w stored [C_in, 3, 3, C_out], seen as OIHW: how the optimized model keeps a Winograd conv's weight."""
+    return w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def reference(x, weight, b, r, relu):
@@ -111,6 +117,42 @@ def test_nan_propagates_through_its_tile_and_relu():
     assert torch.equal(out.isnan().any(1)[0], tile)
 
 
+# Dense-weight paths: every shape above transforms panel by panel inside the tasks (one block of
+# tiles); (8, 64, 64, 16, 12) has several blocks at every thread count and transforms once into
+# shared scratch; (1, 256, 256, 8, 6) is W32's weight-bound 8x6 branch at batch 1.
+@pytest.mark.parametrize("m", winograd.TILES)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 64, 64, 16, 12), (1, 256, 256, 8, 6)], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_dense_weight_gives_the_transformed_weights_bits(m, shape, threads):
+    """tile=m: the kernel transforms the dense weight itself, in transform_weight's arithmetic, so the
+    output is bit for bit the one from the transformed weight, whether the weight is stored OIHW or IHWO."""
+    x, weight, b, r = make(shape, seed=11)
+    x = x.contiguous(memory_format=CL)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = winograd.conv3x3_winograd(x, winograd.transform_weight(weight, m), shape[2], b, r, True)
+        for w in (weight, ihwo(weight)):
+            assert torch.equal(winograd.conv3x3_winograd(x, w, shape[2], b, r, True, tile=m), want)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to(want, reference(x, weight, b, r, True), m)
+
+
+@pytest.mark.parametrize("m", winograd.TILES)
+@pytest.mark.parametrize("cout,cin", [(32, 8), (18, 3), (5, 7), (256, 64)])
+@pytest.mark.parametrize("layout", ["oihw", "ihwo"])
+def test_transform_weight_matches_float64(m, cout, cin, layout):
+    """winograd_weight (float32, vectorised over output channels) against G w G^T in float64, rounded
+    once: a few ulps apart at most; the padded output channels are exactly zero."""
+    w = torch.randn(cout, cin, 3, 3, generator=torch.Generator().manual_seed(12))
+    u = winograd.transform_weight(ihwo(w) if layout == "ihwo" else w, m)
+    want = winograd.transform_weight_reference(w.double(), m)
+    assert u.shape == want.shape == ((m + 2) ** 2, -(-cout // 16), cin, 16)
+    torch.testing.assert_close(u.double(), want, rtol=0, atol=1e-6 * want.abs().max().item())
+    assert not u[:, -1, :, (cout - 1) % 16 + 1 :].any()
+
+
 def test_transform_weight_layout():
     """U[p, j, c, o'] = (G w[16 j + o', c] G^T)[p] for F(2x2,3x3), with G written out by hand."""
     w = torch.randn(32, 8, 3, 3, dtype=torch.float64)
@@ -138,17 +180,21 @@ def test_choose_tile(x_shape, c_out, m):
 @pytest.mark.parametrize("m", winograd.TILES)
 @pytest.mark.parametrize("shape", [(2, 5, 18, 7, 9), (1, 8, 16, 1, 1), (1, 3, 20, 8, 8)], ids=str)
 @pytest.mark.parametrize("relu", [True, False])
-def test_gradients_match_direct_convolution(m, shape, relu):
+@pytest.mark.parametrize("dense", [False, True], ids=["transformed", "dense"])
+def test_gradients_match_direct_convolution(m, shape, relu, dense):
     """x, bias and residual get direct convolution's gradients; the transformed weight's, taken back
-    through the filter transform (weight_grad_to_dense), is direct convolution's weight gradient."""
+    through the filter transform (weight_grad_to_dense), is direct convolution's weight gradient, and
+    a dense weight (tile=m) gets that directly."""
     x, weight, b, r = make(shape, seed=8)
-    leaves = [t.clone().requires_grad_() for t in (x, winograd.transform_weight(weight, m), b, r)]
-    y = winograd.conv3x3_winograd(leaves[0], leaves[1], shape[2], leaves[2], leaves[3], relu)
+    w_in = weight if dense else winograd.transform_weight(weight, m)
+    leaves = [t.clone().requires_grad_() for t in (x, w_in, b, r)]
+    y = winograd.conv3x3_winograd(leaves[0], leaves[1], shape[2], leaves[2], leaves[3], relu, tile=m if dense else 0)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
     y.backward(dy)
     exact = [t.double().requires_grad_() for t in (x, weight, b, r)]
     references.conv_bias_act(exact[0], exact[1], exact[2], 1, 1, exact[3], relu).backward(dy.double())
-    got = [leaves[0].grad, winograd.weight_grad_to_dense(leaves[1].grad, shape[2]), leaves[2].grad, leaves[3].grad]
+    w_grad = leaves[1].grad if dense else winograd.weight_grad_to_dense(leaves[1].grad, shape[2])
+    got = [leaves[0].grad, w_grad, leaves[2].grad, leaves[3].grad]
     for g, e in zip(got, exact):
         assert g.shape == e.shape
         assert_close_to(g, e.grad, m)
@@ -184,6 +230,12 @@ def test_opcheck():
     x, weight, b, r = make((2, 5, 18, 6, 7))  # with gradients: autograd registration and AOT autograd
     args = [t.requires_grad_() for t in (x, winograd.transform_weight(weight, 2), b, r)]
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (args[0], args[1], 18, args[2], args[3], True))
+    # a dense weight, transformed by the kernel (tile=m), with and without gradients
+    x, weight, b, r = make((2, 5, 18, 6, 7), seed=1)
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, ihwo(weight), 18, b, r, True, 4))
+    args = [t.requires_grad_() for t in (x, weight, b, r)]
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (args[0], args[1], 18, args[2], args[3], True, 2))
+    torch.library.opcheck(torch.ops.hrnet_fast.winograd_weight.default, (weight.detach(), 4))
 
 
 def test_torch_compile_fullgraph():
@@ -191,6 +243,9 @@ def test_torch_compile_fullgraph():
     u = winograd.transform_weight(weight, 4)
     fn = torch.compile(lambda x, r: torch.ops.hrnet_fast.conv3x3_winograd(x, u, 16, b, r, True), fullgraph=True)
     assert_close_to(fn(x, r), reference(x, weight, b, r, True), 4)
+    w = ihwo(weight)
+    fn = torch.compile(lambda x, r: torch.ops.hrnet_fast.conv3x3_winograd(x, w, 16, b, r, True, 2), fullgraph=True)
+    assert_close_to(fn(x, r), reference(x, weight, b, r, True), 2)
 
 
 def _bad_calls():
@@ -214,6 +269,17 @@ def _bad_calls():
         (lambda: ops.conv3x3_winograd(x, u, 0, None, None, True), RuntimeError, "out_channels=0 does not fit"),
         (lambda: ops.conv3x3_winograd(x, u, 16, b, r[:, :3], True), RuntimeError, "output's shape"),
         (lambda: ops.conv3x3_winograd(x, u, 16, b[:3], r, True), RuntimeError, "bias must be"),
+        # a dense weight (tile=m)
+        (lambda: winograd.conv3x3_winograd(x, weight, 16, b, r, tile=3), ValueError, r"tile must be one of \(2, 4\)"),
+        (lambda: winograd.conv3x3_winograd(x, weight[:8], 16, b, r, tile=2), ValueError, r"dense 3x3 weight \[16, C_in, 3, 3\]"),
+        (lambda: winograd.conv3x3_winograd(x, u, 16, b, r, tile=4), ValueError, r"dense 3x3 weight \[16, C_in, 3, 3\]"),
+        (lambda: winograd.conv3x3_winograd(x[:, :7], weight, 16, b, r, tile=2), ValueError, "weight has 8 input channels, x has 7"),
+        (lambda: ops.conv3x3_winograd(x, weight, 16, b, r, True, 3), RuntimeError, "tile must be 2 or 4"),
+        (lambda: ops.conv3x3_winograd(x, u, 16, b, r, True, 2), RuntimeError, r"dense 3x3 weight \[16, C_in, 3, 3\]"),
+        (lambda: ops.conv3x3_winograd(x[:, :7], weight, 16, b, r, True, 4), RuntimeError, "weight has 8 input channels, x has 7"),
+        (lambda: ops.winograd_weight(weight, 3), RuntimeError, r"m \(the output tile size\) must be 2 or 4, got 3"),
+        (lambda: ops.winograd_weight(torch.randn(16, 8, 5, 5), 2), RuntimeError, r"3x3 conv weight \[C_out, C_in, 3, 3\]"),
+        (lambda: ops.winograd_weight(weight.double(), 2), RuntimeError, "dense float32 CPU tensor"),
     ]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hrnet_fast import _extension
-from hrnet_fast.ops.winograd import conv3x3_winograd, transform_weight
+from hrnet_fast.ops.winograd import conv3x3_winograd, transform_weight, transform_weight_reference
 
 pytestmark = pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +69,13 @@ def test_each_variant_matches_direct_convolution(isa, m, restore_isa):
     w = torch.randn(21, 19, 3, 3, generator=g) / 13
     b = torch.randn(21, generator=g)
     r = torch.randn(2, 21, 13, 11, generator=g)
-    out = conv3x3_winograd(x, transform_weight(w, m), 21, b, r, relu=True)
+    u = transform_weight(w, m)
+    torch.testing.assert_close(u.double(), transform_weight_reference(w.double(), m), rtol=0, atol=1e-6 * u.abs().max().item())
+    out = conv3x3_winograd(x, u, 21, b, r, relu=True)
     want = (F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double()).relu()
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5 * want.abs().max().item())
+    # the dense weight, transformed by the kernel per call: the same bits
+    assert torch.equal(conv3x3_winograd(x, w, 21, b, r, relu=True, tile=m), out)
 
 
 def test_unknown_variant_is_refused(restore_isa):

@@ -11,7 +11,8 @@ from torch import nn
 import hrnet_fast
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.hr_module import FusedHRModule
-from hrnet_fast.profile import count_ops
+from hrnet_fast.ops.winograd import choose_tile
+from hrnet_fast.profile import count_ops, held_bytes
 from hrnet_fast.reference import tiny_pose_hrnet
 
 from conftest import POSE_CASES, randomize_bn
@@ -51,50 +52,40 @@ def test_pose_hrnet_cpu(builder, size):
     # every 3x3 stride-1 conv runs Winograd: 2 per BasicBlock, 4 blocks per module branch,
     # 26 module branches; one per stage-1 bottleneck (4); transition1's stride-1 256->C conv
     convs = [m for m in fused.modules() if isinstance(m, FusedConv)]
-    winograd = [m for m in convs if m._winograd is not None]
+    winograd = [m for m in convs if m._winograd]
     assert len(winograd) == 26 * 4 * 2 + 4 + 1, len(winograd)
     assert all(tuple(m.weight.shape[2:]) == (3, 3) and m.stride == [1, 1] for m in winograd)
-    # one transformed weight each: F(4x4), or F(2x2) in its place where the input has few tiles
-    assert all(len(m._winograd) == 1 and set(m._winograd) <= {2, 4} for m in winograd)
-    assert sum(4 in m._winograd for m in winograd) > len(winograd) // 2
+    # the weights stay dense, stored [C_in, 3, 3, C_out] for the kernel's per-call transform; no
+    # transformed or packed copy is kept beside them
+    assert all(m.weight.permute(1, 2, 3, 0).is_contiguous() for m in winograd)
+    assert all(m._packed is None for m in winograd)
 
 
 def test_winograd_off_keeps_direct_convolution():
     torch.manual_seed(0)
     model = randomize_bn(tiny_pose_hrnet()).eval()
     fused = hrnet_fast.optimize(model, backend="cpu", winograd=False)
-    assert all(m._winograd is None for m in fused.modules() if isinstance(m, FusedConv))
+    assert not any(m._winograd for m in fused.modules() if isinstance(m, FusedConv))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("size,tiles", [((8, 6), (2,)), ((32, 32), (4,))])
-def test_fused_conv_picks_the_winograd_tile_by_input_size(size, tiles):
-    """A 256-channel 3x3 conv: F(2x2) on 8x6 (4 tiles cannot pay for 9 MB of F(4x4) weight), F(4x4) on 32x32."""
-    g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(256, 256, 3, 3, generator=g) / 48, torch.randn(256, generator=g)
-    conv = FusedConv(w, b, (1, 1), (1, 1), relu=True, backend="cpu")
-    conv.pack(use_winograd=True)
-    x = torch.randn(1, 256, *size, generator=g).contiguous(memory_format=torch.channels_last)
-    out = conv(x)
-    assert tuple(conv._winograd) == tiles  # only the tile in use is kept
-    ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
-    assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
-
-
-def test_fused_conv_keeps_one_winograd_tile_when_sizes_alternate():
-    """8x6 wants F(2x2), 32x32 F(4x4): each switch transforms again and drops the other; answers stay right."""
+def test_fused_conv_winograd_at_alternating_sizes():
+    """A 256-channel 3x3 conv meets 8x6 (F(2x2): few tiles), 32x32 (F(4x4)) and 8x6 again: each call
+    transforms the dense weight for its own tile, nothing derived is kept, every answer is right."""
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(256, 256, 3, 3, generator=g) / 48, torch.randn(256, generator=g)
     conv = FusedConv(w, b, (1, 1), (1, 1), relu=False, backend="cpu")
     conv.pack(use_winograd=True)
+    held = held_bytes(conv)
     for size, tile in [((8, 6), 2), ((32, 32), 4), ((8, 6), 2)]:
         x = torch.randn(1, 256, *size, generator=g).contiguous(memory_format=torch.channels_last)
+        assert choose_tile(x.shape, 256) == tile
         out = conv(x)
-        assert tuple(conv._winograd) == (tile,)
         ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1)
         assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    assert held_bytes(conv) == held == (w.numel() + b.numel()) * 4
 
 
 @pytest.mark.parametrize(
@@ -165,8 +156,8 @@ def test_packed_copy_deepcopies_and_still_matches():
     torch.manual_seed(0)
     model = randomize_bn(tiny_pose_hrnet()).eval()
     fused = copy.deepcopy(hrnet_fast.optimize(model, backend="cpu"))
-    # derived weights are not copied but made again from the dense ones
-    assert any(m._winograd is not None for m in fused.modules() if isinstance(m, FusedConv))
+    # oneDNN's packed weights are not copied but made again from the dense ones
+    assert any(m._winograd for m in fused.modules() if isinstance(m, FusedConv))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
@@ -339,7 +330,7 @@ def test_in_place_weight_edits_take_effect():
     fast = hrnet_fast.optimize(model, backend="cpu")
     x = torch.randn(1, 3, 64, 64)
     winograd_conv = fast.stage2[0].branches[0][0].convs[0]
-    assert winograd_conv._winograd is not None
+    assert winograd_conv._winograd
     with torch.no_grad():
         fast(x)
         model.stage2[0].branches[0][0].conv1.weight.zero_()

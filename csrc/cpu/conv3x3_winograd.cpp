@@ -7,8 +7,13 @@
 //   2. runs K*K small GEMMs:       Mt[p][t][o] = sum_c V[p][t][c] U[p][c][o]
 //   3. transforms back and applies the epilogue straight into y:
 //                                  y[t] = act(A^T Mt[.][t][o] A + bias[o] + residual[t])
-// so nothing but x, the transformed weights U (pre-packed once, hrnet_fast.ops.winograd)
-// and y touches memory. The GEMM's micro-kernel is a 6 x 16 register block: 12 accumulators of
+// so nothing but x, the transformed weights U and y touches memory. U is either packed ahead
+// (hrnet_fast.ops.winograd.transform_weight, kept by the caller), or derived from the dense weight on
+// each call (`tile` given): where the threads share out the output channels of a single block, each
+// thread transforms a panel of 16 output channels into its own buffer right before the panel's GEMMs,
+// so U never leaves the L2 cache and only the dense weight is read from memory (weight-bound convs
+// get faster, and the caller holds no transformed copy); otherwise U is transformed once per call into
+// scratch shared by the threads. The GEMM's micro-kernel is a 6 x 16 register block: 12 accumulators of
 // 8 floats, the AVX2 FMA shape of BLIS/oneDNN. U is packed as [K*K][C_out/16][C_in][16] so each
 // micro-kernel streams one contiguous 16-wide panel, C_out padded to whole panels with zeros; V's
 // rows are padded to whole vectors of 8 channels. The transforms read and write only real channels,
@@ -42,9 +47,10 @@ constexpr int64_t kBlockBytes = 512 * 1024;
 constexpr int64_t kCachedWeightBytes = 2 * 1024 * 1024;
 constexpr int64_t kSpillBlockBytes = 2 * 1024 * 1024;
 
+// u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
 template <int M>
-void winograd_forward(const float* x, const float* u, const float* bias, const float* residual, bool relu,
-                      const WinogradGeometry& g, float* y) {
+void winograd_forward(const float* x, const float* u, const float* w, const float* bias, const float* residual,
+                      bool relu, const WinogradGeometry& g, float* y) {
   const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
   const WinogradTaskFn run_task = M == 2 ? kernels.m2 : kernels.m4;
   constexpr int K = M + 2;  // input tile size
@@ -72,37 +78,66 @@ void winograd_forward(const float* x, const float* u, const float* bias, const f
   blocks = (g.tiles + tb - 1) / tb;
   if (!weight_bound && blocks < threads) splits = std::min(panels, (threads + blocks - 1) / blocks);
 
-  // Each thread's V and Mt, from torch's allocator so memory profiles see them (at::empty is
-  // 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
-  const int64_t per_thread = (K * K * tb * (g.cinp + g.coutp) + 15) / 16 * 16;
+  // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
+  // one task (a single block), else once, up front, into shared scratch.
+  const bool per_panel = !u && blocks == 1;
+  at::Tensor u_scratch;
+  if (!u) {
+    if (!per_panel) {
+      u_scratch = at::empty({K * K * g.coutp * g.cin}, at::TensorOptions().dtype(at::kFloat));
+      float* dst = u_scratch.data_ptr<float>();
+      const WinogradWeightFn transform = M == 2 ? kernels.w2 : kernels.w4;
+      at::parallel_for(0, g.cin, std::max<int64_t>(1, 16 / panels),
+                       [&](int64_t begin, int64_t end) { transform(w, g.cin, g.cout, begin, end, dst); });
+      u = dst;
+    }
+  }
+
+  // Each thread's V and Mt (and U panel), from torch's allocator so memory profiles see them
+  // (at::empty is 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
+  const int64_t ubuf_floats = per_panel ? K * K * ubuf_stride(g.cin) : 0;
+  const int64_t per_thread = (K * K * tb * (g.cinp + g.coutp) + ubuf_floats + 15) / 16 * 16;
   const int64_t slots = std::min(threads, blocks * splits);
   const at::Tensor scratch = at::empty({slots * per_thread}, at::TensorOptions().dtype(at::kFloat));
   float* const scratch_base = scratch.data_ptr<float>();
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
     float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
     float* mbuf = vbuf + K * K * tb * g.cinp;
+    float* ubuf = per_panel ? mbuf + K * K * tb * g.coutp : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       // part-major: a thread's contiguous range of tasks covers its share of channels, all blocks
       const int64_t part = task / blocks, blk = task % blocks;
       const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
       const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
-      run_task(WinogradTask{x, u, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
+      run_task(WinogradTask{x, u, w, ubuf, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
     }
   });
 }
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t out_channels,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                                bool relu) {
+                                bool relu, int64_t tile) {
   constexpr const char* op = "hrnet_fast::conv3x3_winograd (cpu)";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 4 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(3) == kNr,
-              op, ": weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
-              "hrnet_fast.ops.winograd.transform_weight, got shape ", weight.sizes());
   const int64_t cin = x.size(1), cout = out_channels;
-  TORCH_CHECK(weight.size(2) == cin, op, ": weight was transformed for ", weight.size(2), " input channels, x has ", cin);
-  TORCH_CHECK(cout > (weight.size(1) - 1) * kNr && cout <= weight.size(1) * kNr, op, ": out_channels=", cout,
-              " does not fit a weight transformed for ", weight.size(1) * kNr, " (padded) output channels");
+  // tile 0: weight is transformed ([16 or 36, ceil(C_out/16), C_in, 16]); 2 or 4: weight is dense
+  const bool dense = tile != 0;
+  TORCH_CHECK(tile == 0 || tile == 2 || tile == 4, op, ": tile must be 2 or 4 for a dense weight (0: weight is "
+              "transformed), got ", tile);
+  if (dense) {
+    TORCH_CHECK(weight.dim() == 4 && weight.size(0) == cout && weight.size(2) == 3 && weight.size(3) == 3, op,
+                ": with tile=", tile, " weight must be the dense 3x3 weight [", cout, ", C_in, 3, 3], got shape ",
+                weight.sizes());
+    TORCH_CHECK(weight.size(1) == cin, op, ": weight has ", weight.size(1), " input channels, x has ", cin);
+  } else {
+    TORCH_CHECK(weight.dim() == 4 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(3) == kNr,
+                op, ": weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
+                "hrnet_fast.ops.winograd.transform_weight (or a dense [C_out, C_in, 3, 3] one with tile=2 or 4), "
+                "got shape ", weight.sizes());
+    TORCH_CHECK(weight.size(2) == cin, op, ": weight was transformed for ", weight.size(2), " input channels, x has ", cin);
+    TORCH_CHECK(cout > (weight.size(1) - 1) * kNr && cout <= weight.size(1) * kNr, op, ": out_channels=", cout,
+                " does not fit a weight transformed for ", weight.size(1) * kNr, " (padded) output channels");
+  }
   for (const auto* t : {&x, &weight}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->layout() == at::kStrided, op,
                 ": x and weight must be dense float32 CPU tensors, got ", t->scalar_type(), " on ", t->device());
@@ -123,24 +158,27 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   // The kernel works in NHWC; an NCHW x (or residual) is converted, and y is returned in x's format.
   at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (cin % 8 == 0 && reinterpret_cast<std::uintptr_t>(xc.data_ptr()) % 32) xc = xc.clone(at::MemoryFormat::ChannelsLast);
-  const at::Tensor wc = weight.contiguous();
+  // a dense weight as IHWO [3][3][C_in][C_out] (a view when stored that way)
+  const at::Tensor wc = dense ? weight.permute({1, 2, 3, 0}).contiguous() : weight.contiguous();
   std::optional<at::Tensor> bc, rc;
   if (bias) bc = bias->contiguous();
   if (residual) rc = residual->contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = at::empty(out_sizes, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 
-  const int m = weight.size(0) == 16 ? 2 : 4;
-  WinogradGeometry g{x.size(0), x.size(2), x.size(3), cin, cout, (cin + 7) / 8 * 8, weight.size(1) * kNr, 0, 0, 0};
+  const int m = dense ? static_cast<int>(tile) : weight.size(0) == 16 ? 2 : 4;
+  WinogradGeometry g{x.size(0), x.size(2), x.size(3), cin, cout, (cin + 7) / 8 * 8, (cout + kNr - 1) / kNr * kNr, 0, 0, 0};
   g.tiles_h = (g.h + m - 1) / m;
   g.tiles_w = (g.w + m - 1) / m;
   g.tiles = g.n * g.tiles_h * g.tiles_w;
   const float* b = bc ? bc->data_ptr<float>() : nullptr;
   const float* r = rc ? rc->data_ptr<float>() : nullptr;
+  const float* u = dense ? nullptr : wc.data_ptr<float>();
+  const float* w = dense ? wc.data_ptr<float>() : nullptr;
   if (m == 2)
-    winograd_forward<2>(xc.data_ptr<float>(), wc.data_ptr<float>(), b, r, relu, g, y.data_ptr<float>());
+    winograd_forward<2>(xc.data_ptr<float>(), u, w, b, r, relu, g, y.data_ptr<float>());
   else
-    winograd_forward<4>(xc.data_ptr<float>(), wc.data_ptr<float>(), b, r, relu, g, y.data_ptr<float>());
+    winograd_forward<4>(xc.data_ptr<float>(), u, w, b, r, relu, g, y.data_ptr<float>());
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 }
 

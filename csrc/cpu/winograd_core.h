@@ -39,6 +39,15 @@ inline vf8 load_n(const float* p, int n) {
 inline void store_n(float* p, vf8 v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
+// 16 floats (one cache line; two registers under AVX2), for the filter transform's whole panels.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16u __attribute__((vector_size(64), aligned(4)));
+inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16u*>(p); }
+inline vf16 load16_n(const float* p, int n) {
+  vf16 v = {};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
 
 // C[6][16] = A[6][k] * B[k][16]: A rows at stride lda, B a packed [k][16] panel, C rows at ldc.
 inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
@@ -133,19 +142,57 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
   }
 }
 
+// U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of an IHWO weight
+// w [cin][3][3][cout] (channels past cout zero), into u: the 16 floats of (p, j, ci) at
+// u + p * us + ((j - j0) * cin + ci) * 16. Each (channel, panel) is 9 loads of one 64-byte line (a
+// panel's lines are one stream at a stride of cout floats), the transform 16 lanes wide (two
+// independent chains of 8 for the core to overlap), and K*K stores of a whole line.
+template <int M>
+void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_t j1, int64_t ci0, int64_t ci1,
+                   float* u, int64_t us) {
+  constexpr int K = Winograd<M>::kTile;
+  vf16 g[9], t[3 * K];
+  for (int64_t j = j0; j < j1; ++j) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kNr, cout - j * kNr));
+    for (int64_t ci = ci0; ci < ci1; ++ci) {
+      const float* row = w + ci * 9 * cout + j * kNr;
+      if (ci + 2 < ci1)  // two channels ahead: 18 lines in flight
+        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (18 + k) * cout);
+      for (int k = 0; k < 9; ++k) g[k] = lanes == kNr ? load16(row + k * cout) : load16_n(row + k * cout, lanes);
+      winograd_filter_tile<M>(g, 3, 1, reinterpret_cast<vf16*>(u + ((j - j0) * cin + ci) * kNr), us / kNr, t);
+    }
+  }
+}
+
+// The whole packed U [K*K][coutp/16][cin][16] for input channels [ci0, ci1) (rows of positions a
+// multiple of 4 KiB apart, the format conv3x3_winograd takes: for weights transformed once).
+template <int M>
+void weight_transform(const float* w, int64_t cin, int64_t cout, int64_t ci0, int64_t ci1, float* u) {
+  const int64_t panels = (cout + kNr - 1) / kNr;
+  filter_panels<M>(w, cin, cout, 0, panels, ci0, ci1, u, panels * cin * kNr);
+}
+
 template <int M>
 void winograd_task(const WinogradTask& k) {
   constexpr int K = Winograd<M>::kTile;
   const WinogradGeometry& g = *k.g;
   const int64_t panels = g.coutp / kNr;
   input_transform<M>(k.x, g, k.t0, k.nt, k.ntp, k.vbuf);
-  for (int p = 0; p < K * K; ++p) {
-    const float* vp = k.vbuf + p * k.ntp * g.cinp;
-    float* mp = k.mbuf + p * k.ntp * g.coutp;
-    for (int64_t j = k.j0; j < k.j1; ++j) {
-      const float* panel = k.u + (p * panels + j) * g.cin * kNr;
+  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride) {  // all K*K positions of panel j
+    for (int p = 0; p < K * K; ++p) {
+      const float* vp = k.vbuf + p * k.ntp * g.cinp;
+      float* mp = k.mbuf + p * k.ntp * g.coutp;
+      const float* panel = panel0 + p * panel_stride;
       for (int64_t i = 0; i < k.ntp; i += kMr)
         micro_6x16(vp + i * g.cinp, g.cinp, panel, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
+    }
+  };
+  for (int64_t j = k.j0; j < k.j1; ++j) {
+    if (k.u) {
+      gemms(j, k.u + j * g.cin * kNr, panels * g.cin * kNr);
+    } else {  // dense weight: transform this panel into the thread's buffer (L2), use it, move on
+      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1, 0, g.cin, k.ubuf, ubuf_stride(g.cin));
+      gemms(j, k.ubuf, ubuf_stride(g.cin));
     }
   }
   output_transform<M>(k.mbuf, g, k.t0, k.nt, k.ntp, k.j0 * kNr / 8, k.j1 * kNr / 8, k.bias, k.residual, k.relu, k.y);

@@ -18,10 +18,14 @@ struct WinogradGeometry {
 
 
 // One task of the driver's split: tiles [t0, t0 + nt) (ntp: nt rounded up to kMr), output panels
-// [j0, j1) of 16 channels, with the calling thread's V and Mt scratch.
+// [j0, j1) of 16 channels, with the calling thread's V and Mt scratch. The weight is either the packed
+// transformed U, or (u null) the dense IHWO weight w, each panel transformed into ubuf
+// ([K*K][cin][16]) as the task reaches it.
 struct WinogradTask {
   const float* x;
   const float* u;
+  const float* w;
+  float* ubuf;
   const float* bias;
   const float* residual;
   bool relu;
@@ -34,9 +38,17 @@ struct WinogradTask {
 
 using WinogradTaskFn = void (*)(const WinogradTask&);
 
-// The task functions of one instruction set, for F(2x2) and F(4x4).
+// Floats between the positions of a task's U panel buffer ([K*K][cin][16] plus a cache line): without
+// the line, the K*K rows written for each channel would be a multiple of 4 KiB apart and fall into one
+// L1 set, evicting each other as they are written.
+constexpr int64_t ubuf_stride(int64_t cin) { return cin * kNr + 16; }
+// The filter transform of input channels [ci0, ci1): (w [cin][3][3][cout], cin, cout, ci0, ci1, u).
+using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+
+// The task functions of one instruction set, for F(2x2) and F(4x4), and their filter transforms.
 struct WinogradKernels {
   WinogradTaskFn m2, m4;
+  WinogradWeightFn w2, w4;
 };
 
 // One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant

@@ -9,7 +9,8 @@
 // The 1-D transforms below are written out by hand (rows of B^T and A^T) so no multiply by 0 or 1
 // is left for the compiler to prove away (it may not, for floats, without -ffast-math). They are
 // templated on the element type: a float, a GCC vector of 8 floats (csrc/cpu), or a CUDA float.
-// The filter transform G is applied once, in float64, by hrnet_fast.ops.winograd.
+// The filter transform G (filter()) runs in float32 too, in the kernel's own arithmetic: ahead of
+// time for weights that are kept transformed, and per call for those kept only dense.
 //
 // Instantiated per instruction set (csrc/cpu/winograd_core.h): the includer names the namespace the
 // templates live in, HF_ISA_NS, so code built for AVX2 never shares a symbol with the baseline's.
@@ -46,6 +47,16 @@ struct Winograd<2> {
     r[3 * rs] = d1 - d3;
   }
 
+  // r = G g (g: 3 values at stride `gs`; r: kTile values at stride `rs`)
+  template <typename In, typename Out>
+  HF_HD static void filter(const In* g, int64_t gs, Out* r, int64_t rs) {
+    const In g0 = g[0], g1 = g[gs], g2 = g[2 * gs], s = g0 + g2;
+    r[0] = g0;
+    r[rs] = (s + g1) * .5f;
+    r[2 * rs] = (s - g1) * .5f;
+    r[3 * rs] = g2;
+  }
+
   // o = A^T v (v: kTile values at stride `vs`; o: 2 values at stride `os`)
   template <typename In, typename Out>
   HF_HD static void output(const In* v, int64_t vs, Out* o, int64_t os) {
@@ -73,6 +84,19 @@ struct Winograd<4> {
     r[5 * rs] = d1 * 4.f - d3 * 5.f + d5;
   }
 
+  // r = G g, G's rows (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6, (1, 2, 4)/24, (1, -2, 4)/24, (0, 0, 1)
+  template <typename In, typename Out>
+  HF_HD static void filter(const In* g, int64_t gs, Out* r, int64_t rs) {
+    const In g0 = g[0], g1 = g[gs], g2 = g[2 * gs], s = g0 + g2;
+    const In t = (g0 + g2 * 4.f) * (1.f / 24.f), u = g1 * (1.f / 12.f);
+    r[0] = g0 * .25f;
+    r[rs] = (s + g1) * (-1.f / 6.f);
+    r[2 * rs] = (s - g1) * (-1.f / 6.f);
+    r[3 * rs] = t + u;
+    r[4 * rs] = t - u;
+    r[5 * rs] = g2;
+  }
+
   template <typename In, typename Out>
   HF_HD static void output(const In* v, int64_t vs, Out* o, int64_t os) {
     const In v1 = v[vs], v2 = v[2 * vs], v3 = v[3 * vs], v4 = v[4 * vs];
@@ -94,6 +118,15 @@ HF_HD void winograd_input_tile(const In* d, int64_t row_stride, int64_t col_stri
   constexpr int K = Winograd<M>::kTile;
   for (int r = 0; r < K; ++r) Winograd<M>::input(d + r * row_stride, col_stride, t + r * K, 1);  // t = D B
   for (int b = 0; b < K; ++b) Winograd<M>::input(t + b, K, v + b * vs, K * vs);                  // V = B^T t
+}
+
+// U = G g G^T of one 3x3 filter; g's row r is g[r * row_stride + s * col_stride], U's element (a, b)
+// goes to u[(a * kTile + b) * us] (t: 3 * kTile scratch).
+template <int M, typename In, typename Out, typename T>
+HF_HD void winograd_filter_tile(const In* g, int64_t row_stride, int64_t col_stride, Out* u, int64_t us, T* t) {
+  constexpr int K = Winograd<M>::kTile;
+  for (int s = 0; s < 3; ++s) Winograd<M>::filter(g + s * col_stride, row_stride, t + s, 3);  // t = G g (K x 3)
+  for (int a = 0; a < K; ++a) Winograd<M>::filter(t + a * 3, 1, u + a * K * us, us);          // U = t G^T
 }
 
 // Y = A^T V A for the first `rows` rows of Y (M x M, row-major in y).

@@ -10,7 +10,7 @@ from hrnet_fast import _extension
 from hrnet_fast.ops import _backend
 from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
-from hrnet_fast.ops.winograd import choose_tile, transform_weight, why_not_winograd
+from hrnet_fast.ops.winograd import choose_tile, why_not_winograd
 
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
@@ -41,11 +41,11 @@ class FusedConv(nn.Module):
         # they cannot be copied or saved. Keyed by shape because oneDNN's preferred weight layout
         # depends on it (and on the CPU): a weight packed for another shape is reordered on every call.
         self._packed: dict[tuple[int, ...], torch.Tensor] | None = None
-        # Winograd-transformed weights by tile size m, one entry at a time (cpu backend, 3x3 stride 1;
-        # None: not used). Derived from weight, so kept out of state_dict. F(4x4) is made at pack time,
-        # F(2x2) in its place on first use by an input that wants it (few convs at few input sizes: see
-        # ops/winograd.py, choose_tile).
-        self._winograd: dict[int, torch.Tensor] | None = None
+        # Whether this conv runs conv3x3_winograd (cpu backend, 3x3 stride 1). Its weight stays dense
+        # (stored IHWO, which the kernel transforms fastest): the kernel transforms it on every call,
+        # panel by panel in cache, which measured as fast as reading a kept transformed copy (1.8x or
+        # 4x the bytes) from memory, so the model holds no such copy (README, "Memory").
+        self._winograd = False
         self.use_winograd = False
         # (version, address, dtype) of the weight the caches were derived from: load_state_dict and
         # in-place edits bump the version, a replaced or cast weight has another address.
@@ -55,10 +55,11 @@ class FusedConv(nn.Module):
         """Prepare the weight for the backend, once. cuda: channels_last (cuDNN would otherwise
         transform an NCHW weight for a channels_last input on every call). triton: stored
         [kH, kW, C_in, C_out] (seen through OIHW strides), so weight tiles load contiguously along
-        C_out. cpu (float32): Winograd-transformed for a 3x3 stride-1 conv when `use_winograd` (and
-        the kernel is built with a vector variant this CPU runs: its portable build is for correctness,
-        and slower than oneDNN there), else reordered into oneDNN's blocked layout (per input shape, on
-        first use).
+        C_out. cpu (float32): for a 3x3 stride-1 conv when `use_winograd` (and the kernel is built with
+        a vector variant this CPU runs: its portable build is for correctness, and slower than oneDNN
+        there), Winograd, the weight stored [C_in, kH, kW, C_out] (seen through OIHW strides), the
+        layout the kernel's per-call transform reads as one stream; else reordered into oneDNN's
+        blocked layout (per input shape, on first use).
         The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
@@ -67,7 +68,7 @@ class FusedConv(nn.Module):
         elif self.backend == "triton":
             self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         packed: dict[tuple[int, ...], torch.Tensor] | None = None
-        winograd: dict[int, torch.Tensor] | None = None
+        winograd = False
         if self.backend == "cpu" and self.weight.dtype == torch.float32:
             if (
                 self.use_winograd
@@ -75,7 +76,9 @@ class FusedConv(nn.Module):
                 and _extension.has_kernel(WINOGRAD_OP, "CPU")
                 and torch.ops.hrnet_fast.cpu_isa() != "base"
             ):
-                winograd = {4: transform_weight(self.weight, 4)}
+                winograd = True
+                if not self.weight.permute(1, 2, 3, 0).is_contiguous():
+                    self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
             else:
                 packed = {}  # filled by forward, once per input shape
         # swapped in together at the end: a thread running forward meanwhile sees old or new caches
@@ -112,10 +115,9 @@ class FusedConv(nn.Module):
         return w
 
     def __getstate__(self) -> dict:
-        # a oneDNN tensor has no storage to copy or pickle, and the Winograd weights are 4x the dense
-        # weight and derived from it: drop both, and pack again on the other side
+        # a oneDNN tensor has no storage to copy or pickle: drop it, and pack again on the other side
         state = self.__dict__.copy()
-        state["_packed"] = state["_winograd"] = state["_derived_from"] = None
+        state["_packed"] = state["_derived_from"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -124,22 +126,6 @@ class FusedConv(nn.Module):
         # looked up again: in a fresh process this is what defines the Triton op for a triton model
         self._op = _backend.kernel("conv_bias_act", self.backend)
         self.pack()
-
-    def _winograd_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The transformed weight for the tile size x's shape wants. One tile size is kept at a time:
-        a model serves one input size, and both would hold 4x + 1.8x the 3x3 weights; a conv that
-        meets another size transforms again (once per switch)."""
-        if torch.compiler.is_compiling():  # no weight transforms inside a graph: the one cached
-            return next(iter(self._winograd.values()))
-        m = choose_tile(x.shape, self.weight.shape[0])
-        u = self._winograd.get(m)
-        if u is None:
-            with _CACHE_LOCK:
-                u = self._winograd.get(m)
-                if u is None:
-                    u = transform_weight(self.weight, m)
-                    self._winograd = {m: u}  # replaces the other tile's weights (one dict swap: readers see either)
-        return u
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.backend == "cpu" and not torch.compiler.is_compiling():
@@ -152,9 +138,10 @@ class FusedConv(nn.Module):
                     "or use optimize(model, backend='torch') to differentiate through it"
                 )
             self._refresh()
-        if self._winograd is not None:
+        if self._winograd:
+            c_out = self.weight.shape[0]
             return torch.ops.hrnet_fast.conv3x3_winograd(
-                x, self._winograd_for(x), self.weight.shape[0], self.bias, residual, self.relu
+                x, self.weight, c_out, self.bias, residual, self.relu, choose_tile(x.shape, c_out)
             )
         w = self.weight if self._packed is None or torch.compiler.is_compiling() else self._packed_for(x)
         return self._op(x, w, self.bias, self.stride, self.padding, residual, self.relu)
@@ -162,5 +149,5 @@ class FusedConv(nn.Module):
     def extra_repr(self) -> str:
         k = tuple(self.weight.shape)
         return f"{k[1]}->{k[0]}, kernel={k[2:]}, stride={self.stride}, padding={self.padding}, relu={self.relu}, backend={self.backend}" + (
-            ", winograd" if self._winograd is not None else ""
+            ", winograd" if self._winograd else ""
         )

@@ -5,15 +5,19 @@ m x m output tile with (m+2)^2 multiplies per channel pair instead of 9 m^2: 2.2
 4x fewer for m = 4 (see csrc/kernels/winograd.h). oneDNN has Winograd only for AVX-512, so on AVX2
 machines this kernel is ours (torch.ops.hrnet_fast.conv3x3_winograd, CPU, float32).
 
-`transform_weight(w, m)` applies the filter transform G w G^T once (in float64) and packs the result
-for the kernel; pass that to `conv3x3_winograd`. The arithmetic differs from direct convolution only
+`transform_weight(w, m)` applies the filter transform G w G^T (the C++ op winograd_weight, float32, the
+kernel's own arithmetic) and packs the result for the kernel; pass that to `conv3x3_winograd`. Or pass
+the dense weight with `tile=m`: the kernel then transforms it on each call, panel by panel into cache
+where it can, and nothing but the dense weight has to be kept (see hrnet_fast/fused/conv.py for when
+that is as fast). Both ways give the same bits. The arithmetic differs from direct convolution only
 by rounding, which grows with the transforms' constants (more for m = 4 than for m = 2): the README
 gives its measured size, tests/test_conv3x3_winograd.py the bounds it is held to.
 
 Fake and autograd are registered here. The backward is the adjoint of the Winograd algorithm itself
-(in PyTorch ops), so it gives the gradient with respect to the transformed weight the op was called
-with; `transform_weight` detaches, so a gradient for the dense 3x3 weight w is G^T dU G (what
-`weight_grad_to_dense` computes). For x, bias and residual it equals direct convolution's gradient.
+(in PyTorch ops), so it gives the gradient with respect to the weight the op was called with: for a
+transformed one dU (`transform_weight` detaches, so a gradient for the dense 3x3 weight w is G^T dU G,
+what `weight_grad_to_dense` computes), for a dense one (tile=m) that, G^T dU G. For x, bias and
+residual it equals direct convolution's gradient.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from hrnet_fast import _extension
 from hrnet_fast.ops._checks import check_4d, check_bias, check_same, same_device
 
 OP = "conv3x3_winograd"
+WEIGHT_OP = "winograd_weight"
 TILES = (2, 4)
 # F(4x4) does 44% fewer multiplies than F(2x2) but its transformed weight is 2.25x larger; where an
 # input has few tiles the weight's trip from memory costs more than the multiplies save. The
@@ -80,14 +85,20 @@ def transform_weight(weight: torch.Tensor, m: int = 4) -> torch.Tensor:
     why = why_not_winograd(weight, [1, 1], [1, 1])
     if why is not None:
         raise ValueError(f"conv3x3_winograd {why}")
-    g = torch.tensor(_G[m], dtype=torch.float64)
+    _extension.require(WEIGHT_OP, "CPU")
     with torch.no_grad():
-        u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)  # [K, K, C_in, C_out]
-        k, cin, cout = m + 2, weight.shape[1], weight.shape[0]
-        cout_p = -(-cout // PANEL) * PANEL
-        u = torch.nn.functional.pad(u, (0, cout_p - cout))
-        u = u.reshape(k * k, cin, cout_p // PANEL, PANEL).permute(0, 2, 1, 3)
-        return u.to(torch.float32).contiguous()
+        return torch.ops.hrnet_fast.winograd_weight(weight.detach(), m)
+
+
+def transform_weight_reference(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """transform_weight in float64 einsums (rounded once to the weight's dtype): what the op is held to,
+    and the backward's U for a dense weight (any dtype or device)."""
+    g = torch.tensor(_G[m], dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.double(), g)  # [K, K, C_in, C_out]
+    k, cin, cout = m + 2, weight.shape[1], weight.shape[0]
+    cout_p = -(-cout // PANEL) * PANEL
+    u = torch.nn.functional.pad(u, (0, cout_p - cout))
+    return u.reshape(k * k, cin, cout_p // PANEL, PANEL).permute(0, 2, 1, 3).to(weight.dtype).contiguous()
 
 
 def choose_tile(x_shape: torch.Size | tuple[int, ...], c_out: int) -> int:
@@ -109,23 +120,33 @@ def conv3x3_winograd(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = True,
+    tile: int = 0,
 ) -> torch.Tensor:
-    """act(conv2d(x, w, stride=1, padding=1) + bias + residual), `weight` = transform_weight(w, m) and
+    """act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w, given as `weight` =
+    transform_weight(w, m) (tile=0) or as w itself with tile=m (2 or 4: transformed on each call).
     `out_channels` = w.shape[0] (the transformed weight holds it rounded up to 16).
 
     The output's memory format follows x's (the kernel itself runs channels_last).
     """
     check_4d("x", x)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] not in (16, 36) or weight.shape[3] != PANEL:
-        raise ValueError(
-            "weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
-            f"transform_weight(w, m), got shape {tuple(getattr(weight, 'shape', ()))}"
-        )
-    if weight.shape[2] != x.shape[1]:
-        raise ValueError(f"weight was transformed for {weight.shape[2]} input channels, x has {x.shape[1]}")
     cout = int(out_channels)
-    if not (weight.shape[1] - 1) * PANEL < cout <= weight.shape[1] * PANEL:
-        raise ValueError(f"out_channels={cout} does not fit a weight transformed for {weight.shape[1] * PANEL} (padded) output channels")
+    if tile:
+        if tile not in TILES:
+            raise ValueError(f"tile must be one of {TILES} for a dense weight (0: weight is transformed), got {tile}")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or weight.shape[0] != cout:
+            raise ValueError(f"with tile={tile}, weight must be the dense 3x3 weight [{cout}, C_in, 3, 3], got shape {tuple(getattr(weight, 'shape', ()))}")
+        if weight.shape[1] != x.shape[1]:
+            raise ValueError(f"weight has {weight.shape[1]} input channels, x has {x.shape[1]}")
+    else:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] not in (16, 36) or weight.shape[3] != PANEL:
+            raise ValueError(
+                "weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
+                f"transform_weight(w, m) (or the dense weight with tile=m), got shape {tuple(getattr(weight, 'shape', ()))}"
+            )
+        if weight.shape[2] != x.shape[1]:
+            raise ValueError(f"weight was transformed for {weight.shape[2]} input channels, x has {x.shape[1]}")
+        if not (weight.shape[1] - 1) * PANEL < cout <= weight.shape[1] * PANEL:
+            raise ValueError(f"out_channels={cout} does not fit a weight transformed for {weight.shape[1] * PANEL} (padded) output channels")
     check_bias(bias, cout)
     shape = [x.shape[0], cout, x.shape[2], x.shape[3]]
     if residual is not None and list(residual.shape) != shape:
@@ -134,17 +155,23 @@ def conv3x3_winograd(
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise ValueError(f"conv3x3_winograd is float32 CPU only, got {x.dtype} on {x.device}")
     _extension.require(OP, "CPU")
-    return torch.ops.hrnet_fast.conv3x3_winograd(x, weight, cout, bias, residual, relu)
+    return torch.ops.hrnet_fast.conv3x3_winograd(x, weight, cout, bias, residual, relu, tile)
 
 
-def fake(x, weight, out_channels, bias, residual=None, relu=True):
+def fake(x, weight, out_channels, bias, residual=None, relu=True, tile=0):
     same_device("hrnet_fast::conv3x3_winograd", [("x", x), ("weight", weight), ("bias", bias), ("residual", residual)])
     out = x.new_empty([x.shape[0], out_channels, x.shape[2], x.shape[3]])
     return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
 
 
+def fake_weight(weight, m):
+    k, cout, cin = m + 2, weight.shape[0], weight.shape[1]
+    return weight.new_empty([k * k, (cout + PANEL - 1) // PANEL, cin, PANEL])
+
+
 def setup_context(ctx, inputs, output):
-    x, weight, out_channels, bias, residual, relu = inputs
+    x, weight, out_channels, bias, residual, relu = inputs[:6]
+    ctx.tile = inputs[6] if len(inputs) > 6 else 0
     ctx.out_channels, ctx.relu = int(out_channels), relu
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.save_for_backward(x, weight, output)
@@ -152,8 +179,12 @@ def setup_context(ctx, inputs, output):
 
 def backward(ctx, grad):
     """Adjoint of Y = A^T [sum_c U_c .* (B^T D_c B)] A over every m x m output tile (zero padding
-    around the image, tiles past its edge cut off), for x and the packed transformed weight U."""
+    around the image, tiles past its edge cut off), for x and the packed transformed weight U
+    (for a dense weight w, U = G w G^T, and its gradient G^T dU G)."""
     x, weight, out = ctx.saved_tensors
+    dense = bool(ctx.tile)
+    if dense:
+        weight = transform_weight_reference(weight, ctx.tile)
     if ctx.relu:
         grad = grad * (out > 0)
     m = tile_size(weight)
@@ -178,11 +209,13 @@ def backward(ctx, grad):
         du = torch.einsum("nctsab,notsab->abco", v, dz)
         du = F.pad(du, (0, weight.shape[1] * PANEL - cout))  # the padded output channels get no gradient
         grad_weight = du.reshape(k * k, cin, weight.shape[1], PANEL).permute(0, 2, 1, 3)
+        if dense:
+            grad_weight = weight_grad_to_dense(grad_weight, cout)
     grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
     grad_residual = grad if ctx.has_residual else None
     # One gradient per input the caller passed: torch 2.11's AOT autograd leaves trailing defaults
     # out of the call, fills them in for setup_context, but then wants them out of the result.
-    return (grad_x, grad_weight, None, grad_bias, grad_residual, None)[: len(ctx.needs_input_grad)]
+    return (grad_x, grad_weight, None, grad_bias, grad_residual, None, None)[: len(ctx.needs_input_grad)]
 
 
 def weight_grad_to_dense(grad_transformed: torch.Tensor, out_channels: int) -> torch.Tensor:
@@ -197,4 +230,5 @@ def weight_grad_to_dense(grad_transformed: torch.Tensor, out_channels: int) -> t
 
 if _extension.is_built():
     torch.library.register_fake(f"hrnet_fast::{OP}")(fake)
+    torch.library.register_fake(f"hrnet_fast::{WEIGHT_OP}")(fake_weight)
     torch.library.register_autograd(f"hrnet_fast::{OP}", backward, setup_context=setup_context)

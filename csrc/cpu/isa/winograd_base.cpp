@@ -8,5 +8,8 @@
 #include "cpu/winograd_core.h"
 
 namespace hrnet_fast {
-WinogradKernels winograd_kernels_base() { return {&isa_base::winograd_task<2>, &isa_base::winograd_task<4>}; }
+WinogradKernels winograd_kernels_base() {
+  using namespace isa_base;
+  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>};
+}
 }  // namespace hrnet_fast

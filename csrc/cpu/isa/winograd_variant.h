@@ -26,10 +26,13 @@ HF_TARGET_BEGIN(HF_ISA_TARGET)
 HF_TARGET_END
 
 namespace hrnet_fast {
-WinogradKernels HF_ISA_ENTRY() { return {&HF_ISA_NS::winograd_task<2>, &HF_ISA_NS::winograd_task<4>}; }
+WinogradKernels HF_ISA_ENTRY() {
+  using namespace HF_ISA_NS;
+  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>};
+}
 }  // namespace hrnet_fast
 #else
 namespace hrnet_fast {
-WinogradKernels HF_ISA_ENTRY() { return {nullptr, nullptr}; }  // not an x86-64 build: no such variant
+WinogradKernels HF_ISA_ENTRY() { return {nullptr, nullptr, nullptr, nullptr}; }  // not an x86-64 build: no such variant
 }  // namespace hrnet_fast
 #endif

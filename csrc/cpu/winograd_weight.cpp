@@ -1,0 +1,51 @@
+// winograd_weight on CPU: the filter transform U = G w G^T of a [C_out, C_in, 3, 3] float32 weight,
+// packed as conv3x3_winograd reads it: [(m+2)^2, ceil(C_out/16), C_in, 16], output channels past
+// C_out zero. One implementation for both uses, so they agree bit for bit: weights transformed once
+// and kept (hrnet_fast.ops.winograd.transform_weight), and weights kept only dense and transformed on
+// each call (the large ones of the low-resolution branches, where reading 1.8x-4x the bytes from
+// memory costs more than the transform; see hrnet_fast/fused/conv.py).
+//
+// The transform runs in the CPU's variant (csrc/cpu/isa/), vectorised over output channels, so it is
+// fastest for an IHWO weight (w.permute(1, 2, 3, 0) contiguous, seen through OIHW strides): any
+// other layout is copied into that one first.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/cpu_isa.h"
+#include "cpu/winograd_isa.h"
+
+namespace hrnet_fast {
+namespace {
+
+at::Tensor winograd_weight_cpu(const at::Tensor& weight, int64_t m) {
+  constexpr const char* op = "hrnet_fast::winograd_weight (cpu)";
+  TORCH_CHECK(m == 2 || m == 4, op, ": m (the output tile size) must be 2 or 4, got ", m);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, op,
+              ": weight must be a 3x3 conv weight [C_out, C_in, 3, 3], got shape ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.layout() == at::kStrided, op,
+              ": weight must be a dense float32 CPU tensor, got ", weight.scalar_type(), " on ", weight.device());
+  const int64_t cout = weight.size(0), cin = weight.size(1), k = m + 2, panels = (cout + kNr - 1) / kNr;
+  // IHWO; a view (no copy) when the weight is stored that way
+  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
+  at::Tensor u = at::empty({k * k, panels, cin, kNr}, weight.options());
+  if (u.numel() == 0) return u;
+  const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
+  const WinogradWeightFn fn = m == 2 ? kernels.w2 : kernels.w4;
+  const float* src = w.data_ptr<float>();
+  float* dst = u.data_ptr<float>();
+  // ~4 KiB of output per input channel and panel: a grain of 16 channels keeps tasks worth a thread
+  at::parallel_for(0, cin, std::max<int64_t>(1, 16 / panels), [&](int64_t begin, int64_t end) {
+    fn(src, cin, cout, begin, end, dst);
+  });
+  return u;
+}
+
+}  // namespace
+}  // namespace hrnet_fast
+
+TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("winograd_weight", &hrnet_fast::winograd_weight_cpu); }
