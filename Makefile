@@ -22,13 +22,14 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(BUILD_LOCK) $(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 
-# MMPose's own HRNet backbone, for tests/test_mmpose.py: the pinned set in requirements-mmpose.txt,
-# with --no-deps (mmpose declares opencv-python, xtcocotools, chumpy, ... which the backbone never imports).
-$(VENV)/.mmpose: requirements-mmpose.txt $(VENV)/.deps
-	$(PIP) install -q --no-deps -r requirements-mmpose.txt
+# MMPose's and mmsegmentation's own HRNet backbones, for tests/test_mmpose.py and tests/test_mmseg.py: the
+# pinned set in requirements-openmmlab.txt, with --no-deps (mmpose declares opencv-python, xtcocotools,
+# chumpy, ..., mmsegmentation scipy, prettytable, ..., which the backbones never import).
+$(VENV)/.openmmlab: requirements-openmmlab.txt $(VENV)/.deps
+	$(PIP) install -q --no-deps -r requirements-openmmlab.txt
 	touch $@
 
-setup: $(VENV)/.built $(VENV)/.mmpose
+setup: $(VENV)/.built $(VENV)/.openmmlab
 
 # Rebuild the extension in place (incremental with ninja) after editing csrc/.
 ext: $(VENV)/.deps

@@ -1,13 +1,13 @@
 """optimize() on MMPose's own HRNet backbone, not a look-alike: same outputs, structure and layout.
 
-The versions are the ones requirements-mmpose.txt pins and the Makefile installs (mmpose 1.3.2 with
---no-deps, mmengine 0.10.7, mmcv-lite 2.2.0). mmpose is imported unconditionally: a missing install
-fails this file loudly rather than skipping it.
+The versions are the ones requirements-openmmlab.txt pins and the Makefile installs (mmpose 1.3.2 with
+--no-deps, mmengine 0.10.7, mmcv-lite 2.1.0: the mmcv that mmsegmentation 1.2.2 accepts too). mmpose is
+imported unconditionally: a missing install fails this file loudly rather than skipping it.
 
 How it is imported: `from mmpose.models.backbones import HRNet`, the real package and module, but with
 `mmpose/models/__init__.py` itself not run. That file imports every head, loss, distiller and
 dataset of MMPose, and in 1.3.2 those need the compiled mmcv (`mmcv.ops`, for the EDPose head; no
-wheel for this torch), mmdet (for the RTMO head; mmdet 3.3 refuses mmcv 2.2) and xtcocotools (whose
+wheel for this torch), mmdet (for the RTMO head; not installed) and xtcocotools (whose
 wheel is built against numpy 1). None of that is the backbone's: `mmpose/__init__.py`,
 `mmpose.registry`, `mmpose/models/backbones/__init__.py` (every backbone) and `hrnet.py`, with
 mmcv.cnn and mmengine.model under them, all run as MMPose ships them.
@@ -166,7 +166,7 @@ def test_it_is_mmpose_s_own_backbone_at_the_pinned_versions():
     assert MODELS.get("HRNet") is backbones.HRNet
     pins = dict(
         re.match(r"([\w-]+)==(\S+)", line).groups()
-        for line in (REPO / "requirements-mmpose.txt").read_text().splitlines()
+        for line in (REPO / "requirements-openmmlab.txt").read_text().splitlines()
         if line and not line.startswith("#")
     )
     for name in ("mmpose", "mmengine", "mmcv-lite"):

@@ -3,8 +3,8 @@
 Models: our reference (tiny_seg_hrnet, seg_hrnet_w48), the official seg_hrnet instance (a test-only
 copy of the official code in tests/official/seg_hrnet.py, whose fusion mode is nowhere written on its
 modules: optimize() probes it), and MMPose's own HRNet backbone with extra['upsample'] bilinear (also
-run with mmsegmentation's HR-module forward, which resizes again to the exact size; mmsegmentation
-itself is not installed: 1.2.2 refuses the mmcv-lite 2.2.0 that MMPose's pins need).
+run with mmsegmentation's HR-module forward, which resizes again to the exact size; mmsegmentation's
+own HRNet is tested in tests/test_mmseg.py).
 Every output within 1e-4 * max|eager| in float32, the same layout, nothing left unfused (strict=True).
 """
 from __future__ import annotations

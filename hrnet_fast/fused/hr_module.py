@@ -6,7 +6,8 @@ whose last conv adds into the running sum through `residual` (starting from x_i)
 
 How the j > i terms are upsampled (`fusion_mode`):
 - Sequential(conv1x1, BN, Upsample(mode=...)) (the pose HRNet, timm, MMPose with or without
-  extra['upsample']): read off the Upsample, nearest or bilinear with its align_corners. A bilinear
+  extra['upsample'], mmsegmentation 1.x, whose Upsample is its own: `_is_upsample`): read off the
+  Upsample, nearest or bilinear with its align_corners. A bilinear
   Upsample(scale_factor=s) equals the kernel's interpolation to x_i's exact size when x_i's size is
   x_j's times s (F.interpolate then uses 1/s, which is in/out, as its coordinate scale); at other
   sizes the term runs as the module would (1x1 conv, the Upsample, then a bilinear resize to x_i's size
@@ -40,13 +41,26 @@ def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
+# Upsample classes other than nn.Upsample that do what nn.Upsample(scale_factor=s, mode, align_corners) does
+# wherever fusion uses them (exact multiples; elsewhere the module itself is run), named by (module,
+# qualname) so that the package need not be imported. mmsegmentation 1.x's HRNet fuse layers use
+# mmseg.models.utils.wrappers.Upsample: F.interpolate to size int(in * s), which is in * s for HRNet's s = 2**k,
+# with the same mode and align_corners (None: False), and the same attributes (size, scale_factor, mode,
+# align_corners). Only the class itself: a subclass may do anything in its forward.
+UPSAMPLE_LOOKALIKES = frozenset({("mmseg.models.utils.wrappers", "Upsample")})
+
+
+def _is_upsample(up: nn.Module) -> bool:
+    return isinstance(up, nn.Upsample) or (type(up).__module__, type(up).__qualname__) in UPSAMPLE_LOOKALIKES
+
+
 def _upsample_parts(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, nn.Upsample | None] | None:
     """(conv1x1, bn, upsample) when `m` is Sequential(Conv2d 1x1, BatchNorm2d[, Upsample nearest/bilinear]);
     upsample is None where the module's forward interpolates (the segmentation HRNet)."""
     if not isinstance(m, nn.Sequential) or len(m) not in (2, 3):
         return None
     up = m[2] if len(m) == 3 else None
-    if up is not None and (not isinstance(up, nn.Upsample) or up.mode not in ("nearest", "bilinear") or up.size is not None):
+    if up is not None and (not _is_upsample(up) or up.mode not in ("nearest", "bilinear") or up.size is not None):
         return None
     pair = conv_bn_pair(m[:2])
     if pair is None or pair[2] or pair[0].kernel_size != (1, 1) or pair[0].stride != (1, 1):
