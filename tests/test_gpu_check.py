@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import pytest
 import torch
 
-from hrnet_fast.bench import gpu_check
+from hrnet_fast.bench import cpu_threads, gpu_check
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -75,3 +76,22 @@ def test_the_commands_run_the_cuda_tests_and_both_benchmarks(tmp_path):
     assert "--tool" in cmds["memcheck"][0] and cmds["memcheck"][1]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
     seg, _ = cmds["bench_seg"]
     assert seg[seg.index("--model") + 1] == "seg_w48" and seg[seg.index("--batch") + 1 : seg.index("--batch") + 3] == ["1", "--cuda-graph"]
+    threads, _ = cmds["cpu_threads"]
+    assert threads[threads.index("-m") + 1] == "hrnet_fast.bench.cpu_threads"
+
+
+def test_cpu_threads_table_efficiency_and_lead():
+    """Parallel efficiency t(1) * 1 / (T t(T)) and ONNX Runtime / ours, from hand-made rows."""
+    rows = {
+        1: [dict(batch=8, contender="hrnet_fast_cpu", median_ms=800.0), dict(batch=8, contender="onnxruntime", median_ms=1000.0)],
+        4: [dict(batch=8, contender="hrnet_fast_cpu", median_ms=250.0), dict(batch=8, contender="onnxruntime", median_ms=400.0)],
+    }
+    text = cpu_threads.table(rows)
+    assert "| 8 | 1 | 800.0 (100%) | 1000.0 (100%) | 1.25x |" in text
+    assert "| 8 | 4 | 250.0 (80%) | 400.0 (62%) | 1.60x |" in text
+
+
+def test_cpu_threads_leaves_out_more_threads_than_cores(tmp_path, capsys):
+    too_many = (os.cpu_count() or 1) + 1
+    assert cpu_threads.run(tmp_path, [too_many], [1], 0.1, sys.executable) == {}
+    assert f"{too_many} threads left out" in capsys.readouterr().out

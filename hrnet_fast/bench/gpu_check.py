@@ -11,6 +11,8 @@ Steps, in order, each under its own time limit (and together under --budget-s):
   memcheck    a subset of the op tests under `compute-sanitizer --tool memcheck`
   bench_fp32  the benchmark again in float32
   bench_seg   HRNetV2-W48 segmentation at 512x1024, float16, batch 1 (`--model seg_w48`)
+  cpu_threads the CPU benchmark at 1, 4, 8 and 16 threads (hrnet_fast.bench.cpu_threads: the GPU
+              machine's cores, for the CPU thread-scaling table)
 Everything goes to DIR: gpu_check.log (every step's output), gpu_check.json (device, versions,
 each step's status, time and test counts), the benchmarks' JSON and PNG, profile.txt. A short table
 is printed last. Exit code: 0 all ran and passed, 1 a step failed, 2 bad arguments, 3 no GPU.
@@ -32,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32", "bench_seg")
+STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32", "bench_seg", "cpu_threads")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
 LIMITS = {"build": 240, "tests": 300, "profile": 90, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150,
-          "bench_seg": 200}
+          "bench_seg": 200, "cpu_threads": 300}
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
 MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
 BENCH_CONTENDERS = "eager,eager_cl,compile,hrnet_fast_cuda,hrnet_fast_cuda_streams,hrnet_fast_triton"
@@ -102,6 +104,8 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
         # the segmentation net once, at batch 1 (its 512x1024 input is 42x a pose crop's pixels)
         "bench_seg": (bench_at("1") + ["--model", "seg_w48", "--dtype", "float16", "--contenders", BENCH_CONTENDERS,
                                        "--compile-mode", "reduce-overhead"], {}),
+        "cpu_threads": (py + ["-m", "hrnet_fast.bench.cpu_threads", "--out", str(out / "cpu_threads"),
+                              "--min-run-time", "0.8"], {}),
     }
 
 
