@@ -1,6 +1,8 @@
 """Shared fixtures: the official key lists and configs (tests/fixtures), and seeded models with non-trivial BN statistics."""
 from __future__ import annotations
 
+import importlib.metadata
+import re
 from pathlib import Path
 
 import pytest
@@ -39,4 +41,28 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if m.affine:
                 m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
                 m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+def assert_openmmlab_pins(*names: str) -> dict[str, str]:
+    """Every named package is installed at the version requirements-openmmlab.txt pins; the pins."""
+    pins = dict(
+        re.match(r"([\w-]+)==(\S+)", line).groups()
+        for line in (REPO / "requirements-openmmlab.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for name in names:
+        assert importlib.metadata.version(name) == pins[name], f"{name}: run `make setup` to install the pinned version"
+    return pins
+
+
+def randomize_openmmlab(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """An OpenMMLab backbone made testable: Kaiming-normal conv weights (x0.5) rather than its own
+    init_weights, non-trivial BN statistics and affine terms (randomize_bn), eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            m.weight.data.mul_(0.5)
+    randomize_bn(model, seed=seed)
+    model.eval()  # not chained: OpenMMLab's train() returns None, so eval() does too
     return model

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.metadata
 import importlib.util
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +29,7 @@ import hrnet_fast
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.hr_module import FusedHRModule
 
-from conftest import REPO, randomize_bn
+from conftest import assert_openmmlab_pins, randomize_openmmlab
 
 import mmpose  # noqa: E402  (a missing install must fail here, not skip)
 
@@ -121,13 +119,7 @@ def _build(cfg: dict, seed: int = 0, **overrides) -> nn.Module:
     """
     torch.manual_seed(seed)
     model = MODELS.build({**copy.deepcopy(cfg), **overrides})
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            m.weight.data.mul_(0.5)
-    randomize_bn(model, seed=seed)
-    model.eval()  # not chained: MMPose's train() returns None, so eval() does too
-    return model
+    return randomize_openmmlab(model, seed)
 
 
 _CONFIGS = {cfg["extra"]["stage4"]["num_channels"]: cfg for cfg in (W32_BACKBONE, W18_SMALL_BACKBONE, TINY_BACKBONE)}
@@ -164,13 +156,7 @@ def _count_hr_modules(model: nn.Module) -> int:
 def test_it_is_mmpose_s_own_backbone_at_the_pinned_versions():
     assert backbones.HRNet.__module__ == "mmpose.models.backbones.hrnet"
     assert MODELS.get("HRNet") is backbones.HRNet
-    pins = dict(
-        re.match(r"([\w-]+)==(\S+)", line).groups()
-        for line in (REPO / "requirements-openmmlab.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
-    for name in ("mmpose", "mmengine", "mmcv-lite"):
-        assert importlib.metadata.version(name) == pins[name], f"{name}: run `make setup` to install the pinned version"
+    pins = assert_openmmlab_pins("mmpose", "mmengine", "mmcv-lite")
     assert mmpose.__version__ == pins["mmpose"]
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import importlib.metadata
 import importlib.util
 import pickle
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -41,7 +39,7 @@ import hrnet_fast
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.hr_module import FusedHRModule
 
-from conftest import REPO, randomize_bn
+from conftest import assert_openmmlab_pins, randomize_openmmlab
 
 import mmseg  # noqa: E402  (a missing install must fail here, not skip; its __init__ checks mmcv's version)
 from mmengine.config import Config  # noqa: E402
@@ -112,13 +110,7 @@ def _build(cfg: dict | str, seed: int = 0) -> nn.Module:
     """
     torch.manual_seed(seed)
     model = MODELS.build(copy.deepcopy(_backbone_cfg(cfg) if isinstance(cfg, str) else cfg))
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            m.weight.data.mul_(0.5)
-    randomize_bn(model, seed=seed)
-    model.eval()  # not chained: mmseg's train() returns None, so eval() does too
-    return model
+    return randomize_openmmlab(model, seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,13 +150,7 @@ def test_it_is_mmseg_s_own_backbone_at_the_pinned_versions():
     assert hrnet.__file__ == str(MMSEG_DIR / "models" / "backbones" / "hrnet.py")
     assert hrnet.HRNet.__module__ == "mmseg.models.backbones.hrnet"
     assert MODELS.get("HRNet") is hrnet.HRNet
-    pins = dict(
-        re.match(r"([\w-]+)==(\S+)", line).groups()
-        for line in (REPO / "requirements-openmmlab.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
-    for name in ("mmsegmentation", "mmengine", "mmcv-lite"):
-        assert importlib.metadata.version(name) == pins[name], f"{name}: run `make setup` to install the pinned version"
+    pins = assert_openmmlab_pins("mmsegmentation", "mmengine", "mmcv-lite")
     assert mmseg.__version__ == pins["mmsegmentation"]
 
     # fcn_hr18 as the config file has it: SyncBN, and mmseg's own Upsample (not nn.Upsample) in the fuse layers
