@@ -39,12 +39,18 @@ inline vf8 load_n(const float* p, int n) {
 inline void store_n(float* p, vf8 v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
-// 16 floats (one cache line; two registers under AVX2), for the filter transform's whole panels.
-typedef float vf16 __attribute__((vector_size(64)));
-typedef float vf16u __attribute__((vector_size(64), aligned(4)));
-inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16u*>(p); }
-inline vf16 load16_n(const float* p, int n) {
-  vf16 v = {};
+// The filter transform's vector: 16 floats, one cache line, where the variant has 32 vector
+// registers of 16 (AVX-512 defines HF_FILTER_LANES 16); else 8, twice per line: a tile's 9 taps at 16
+// lanes would take 18 of AVX2's 16 registers (that way its transform ran 1.8x slower).
+#ifndef HF_FILTER_LANES
+#define HF_FILTER_LANES 8
+#endif
+constexpr int kFilterLanes = HF_FILTER_LANES;
+typedef float vfl __attribute__((vector_size(kFilterLanes * 4)));
+typedef float vflu __attribute__((vector_size(kFilterLanes * 4), aligned(4)));
+inline vfl load_fl(const float* p, int n) {
+  if (n == kFilterLanes) return *reinterpret_cast<const vflu*>(p);
+  vfl v = {};
   for (int i = 0; i < n; ++i) v[i] = p[i];
   return v;
 }
@@ -145,20 +151,33 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
 // U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of an IHWO weight
 // w [cin][3][3][cout] (channels past cout zero), into u: the 16 floats of (p, j, ci) at
 // u + p * us + ((j - j0) * cin + ci) * 16. Each (channel, panel) is 9 loads of one 64-byte line (a
-// panel's lines are one stream at a stride of cout floats), the transform 16 lanes wide (two
-// independent chains of 8 for the core to overlap), and K*K stores of a whole line.
+// panel's lines are one stream at a stride of cout floats) and the transform kFilterLanes wide. A
+// whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
+// because U's rows of positions may be a multiple of 4 KiB apart and a line written in halves would
+// be evicted between them by the other positions' lines.
 template <int M>
 void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_t j1, int64_t ci0, int64_t ci1,
                    float* u, int64_t us) {
-  vf16 g[9];
+  constexpr int K = Winograd<M>::kTile, kParts = kNr / kFilterLanes;
+  vfl g[9], tile[kParts == 1 ? 1 : K * K * kParts];
   for (int64_t j = j0; j < j1; ++j) {
-    const int lanes = static_cast<int>(std::min<int64_t>(kNr, cout - j * kNr));
     for (int64_t ci = ci0; ci < ci1; ++ci) {
       const float* row = w + ci * 9 * cout + j * kNr;
       if (ci + 2 < ci1)  // two channels ahead: 18 lines in flight
         for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (18 + k) * cout);
-      for (int k = 0; k < 9; ++k) g[k] = lanes == kNr ? load16(row + k * cout) : load16_n(row + k * cout, lanes);
-      winograd_filter_tile<M>(g, 3, 1, reinterpret_cast<vf16*>(u + ((j - j0) * cin + ci) * kNr), us / kNr);
+      vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * cin + ci) * kNr);
+      for (int part = 0; part < kParts; ++part) {
+        const int o = part * kFilterLanes;
+        const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kFilterLanes, cout - j * kNr - o)));
+        for (int k = 0; k < 9; ++k) g[k] = load_fl(row + k * cout + o, lanes);
+        if constexpr (kParts == 1)
+          winograd_filter_tile<M>(g, 3, 1, out, us / kFilterLanes);
+        else
+          winograd_filter_tile<M>(g, 3, 1, tile + part, kParts);
+      }
+      if constexpr (kParts > 1)
+        for (int p = 0; p < K * K; ++p)
+          for (int part = 0; part < kParts; ++part) out[p * (us / kFilterLanes) + part] = tile[p * kParts + part];
     }
   }
 }
