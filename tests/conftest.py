@@ -1,6 +1,7 @@
 """Shared fixtures: the official key lists and configs (tests/fixtures), and seeded models with non-trivial BN statistics."""
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import re
 from pathlib import Path
@@ -66,3 +67,21 @@ def randomize_openmmlab(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     randomize_bn(model, seed=seed)
     model.eval()  # not chained: OpenMMLab's train() returns None, so eval() does too
     return model
+
+
+DELETE = object()  # set_field's value that removes the field
+
+
+def set_field(cfg: dict, dotted: str, value) -> dict:
+    """A deep copy of an official-format config with the field at `dotted` ("MODEL.EXTRA.STAGE1.BLOCK")
+    set to `value`, or removed when `value` is DELETE."""
+    cfg = copy.deepcopy(cfg)
+    *parents, last = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return cfg

@@ -1,7 +1,6 @@
 """Config parsing: both official YAMLs, the attribute-style and path forms, and each error naming its field."""
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +8,8 @@ import yaml
 
 import hrnet_fast
 from hrnet_fast.reference import parse_config
+
+from conftest import DELETE, set_field
 
 
 @pytest.fixture
@@ -34,22 +35,6 @@ def test_attribute_style_and_path_configs_equal_the_dict(fixtures_dir, w32_cfg):
     assert parse_config(_ns(w32_cfg)) == parse_config(w32_cfg) == parse_config(str(path))
 
 
-def _set(cfg: dict, dotted: str, value) -> dict:
-    cfg = copy.deepcopy(cfg)
-    *parents, last = dotted.split(".")
-    node = cfg
-    for p in parents:
-        node = node[p]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return cfg
-
-
-_DELETE = object()
-
-
 @pytest.mark.parametrize(
     "field,value,message",
     [
@@ -59,16 +44,16 @@ _DELETE = object()
         ("MODEL.EXTRA.STAGE2.NUM_MODULES", 0, "MODEL.EXTRA.STAGE2.NUM_MODULES must be an integer >= 1"),
         ("MODEL.EXTRA.STAGE3.FUSE_METHOD", "CAT", "MODEL.EXTRA.STAGE3.FUSE_METHOD must be 'SUM'"),
         ("MODEL.EXTRA.FINAL_CONV_KERNEL", 5, "MODEL.EXTRA.FINAL_CONV_KERNEL must be 1 or 3"),
-        ("MODEL.NUM_JOINTS", _DELETE, "config is missing MODEL.NUM_JOINTS"),
-        ("MODEL.EXTRA.STAGE4", _DELETE, "config is missing MODEL.EXTRA.STAGE4"),
-        ("MODEL.EXTRA.STAGE3.NUM_BRANCHES", _DELETE, "config is missing MODEL.EXTRA.STAGE3.NUM_BRANCHES"),
+        ("MODEL.NUM_JOINTS", DELETE, "config is missing MODEL.NUM_JOINTS"),
+        ("MODEL.EXTRA.STAGE4", DELETE, "config is missing MODEL.EXTRA.STAGE4"),
+        ("MODEL.EXTRA.STAGE3.NUM_BRANCHES", DELETE, "config is missing MODEL.EXTRA.STAGE3.NUM_BRANCHES"),
     ],
 )
 def test_bad_config_names_the_field(w32_cfg, field, value, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
-        hrnet_fast.get_pose_net(_set(w32_cfg, field, value))
+        hrnet_fast.get_pose_net(set_field(w32_cfg, field, value))
 
 
 def test_final_conv_kernel_3_pads(w32_cfg):
-    model = hrnet_fast.get_pose_net(_set(w32_cfg, "MODEL.EXTRA.FINAL_CONV_KERNEL", 3))
+    model = hrnet_fast.get_pose_net(set_field(w32_cfg, "MODEL.EXTRA.FINAL_CONV_KERNEL", 3))
     assert model.final_layer.kernel_size == (3, 3) and model.final_layer.padding == (1, 1)

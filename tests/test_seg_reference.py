@@ -3,7 +3,6 @@ the official Cityscapes YAML as shipped (typo included), bilinear fusion and hea
 independent float64 forward, and the official training checkpoint formats loaded strictly."""
 from __future__ import annotations
 
-import copy
 import functools
 from types import SimpleNamespace
 
@@ -24,7 +23,7 @@ from hrnet_fast.reference import (
     tiny_seg_hrnet,
 )
 
-from conftest import randomize_bn
+from conftest import DELETE, randomize_bn, set_field
 
 SEG_YAML = "seg_hrnet_w48_cityscapes_512x1024.yaml"
 SEG_TSV = "seg_hrnet_w48_cityscapes.state_dict.tsv"
@@ -93,35 +92,19 @@ def test_attribute_style_and_path_configs_equal_the_dict(fixtures_dir, seg_cfg):
     assert parse_seg_config(_ns(seg_cfg)) == parse_seg_config(seg_cfg) == parse_seg_config(str(path))
 
 
-_DELETE = object()
-
-
-def _set(cfg: dict, dotted: str, value) -> dict:
-    cfg = copy.deepcopy(cfg)
-    *parents, last = dotted.split(".")
-    node = cfg
-    for p in parents:
-        node = node[p]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return cfg
-
-
 def test_official_defaults_where_the_config_is_silent(seg_cfg):
     """MODEL.ALIGN_CORNERS defaults to True and DATASET.NUM_CLASSES to 19 (the official defaults); without
     STAGE1, layer1 is the 4 Bottlenecks of 64 planes the first official seg_hrnet.py hard-coded."""
-    cfg = _set(_set(seg_cfg, "MODEL.ALIGN_CORNERS", _DELETE), "DATASET", _DELETE)
-    cfg = _set(cfg, "MODEL.EXTRA.STAGE1", _DELETE)
+    cfg = set_field(set_field(seg_cfg, "MODEL.ALIGN_CORNERS", DELETE), "DATASET", DELETE)
+    cfg = set_field(cfg, "MODEL.EXTRA.STAGE1", DELETE)
     c = parse_seg_config(cfg)
     assert c.align_corners is True and c.num_classes == 19
     assert c.stage1 == parse_seg_config(seg_cfg).stage1
 
 
 def test_num_classes_kernel_and_align_corners_reach_the_model(seg_cfg):
-    cfg = _set(_set(seg_cfg, "DATASET.NUM_CLASSES", 7), "MODEL.EXTRA.FINAL_CONV_KERNEL", 3)
-    cfg = _set(cfg, "MODEL.ALIGN_CORNERS", True)
+    cfg = set_field(set_field(seg_cfg, "DATASET.NUM_CLASSES", 7), "MODEL.EXTRA.FINAL_CONV_KERNEL", 3)
+    cfg = set_field(cfg, "MODEL.ALIGN_CORNERS", True)
     with torch.device("meta"):
         model = hrnet_fast.get_seg_model(cfg)
     head = model.last_layer[3]
@@ -132,8 +115,8 @@ def test_num_classes_kernel_and_align_corners_reach_the_model(seg_cfg):
 
 
 def test_stage1_is_read_as_the_official_code_reads_it(seg_cfg):
-    cfg = _set(seg_cfg, "MODEL.EXTRA.STAGE1.NUM_CHANNELS", [32])
-    cfg = _set(cfg, "MODEL.EXTRA.STAGE1.NUM_BLOCKS", [2])
+    cfg = set_field(seg_cfg, "MODEL.EXTRA.STAGE1.NUM_CHANNELS", [32])
+    cfg = set_field(cfg, "MODEL.EXTRA.STAGE1.NUM_BLOCKS", [2])
     with torch.device("meta"):
         model = hrnet_fast.get_seg_model(cfg)
     assert len(model.layer1) == 2 and model.layer1[0].conv1.out_channels == 32
@@ -143,23 +126,23 @@ def test_stage1_is_read_as_the_official_code_reads_it(seg_cfg):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("MODEL.EXTRA.STAGE1.NUM_RANCHES", _DELETE, None),  # the typo'd key is not read: removing it changes nothing
+        ("MODEL.EXTRA.STAGE1.NUM_RANCHES", DELETE, None),  # the typo'd key is not read: removing it changes nothing
         ("MODEL.EXTRA.STAGE1.NUM_BRANCHES", 2, "MODEL.EXTRA.STAGE1.NUM_BRANCHES must be 1"),
         ("MODEL.EXTRA.STAGE1.NUM_MODULES", 2, "MODEL.EXTRA.STAGE1.NUM_MODULES must be 1"),
         ("MODEL.EXTRA.STAGE1.NUM_BLOCKS", [4, 4], "MODEL.EXTRA.STAGE1.NUM_BLOCKS must be a list of one entry"),
         ("MODEL.EXTRA.STAGE1.NUM_CHANNELS", [0], "MODEL.EXTRA.STAGE1.NUM_CHANNELS[0] must be an integer >= 1"),
         ("MODEL.EXTRA.STAGE1.BLOCK", "RESNEXT", "MODEL.EXTRA.STAGE1.BLOCK must be one of"),
-        ("MODEL.EXTRA.STAGE1.BLOCK", _DELETE, "config is missing MODEL.EXTRA.STAGE1.BLOCK"),
+        ("MODEL.EXTRA.STAGE1.BLOCK", DELETE, "config is missing MODEL.EXTRA.STAGE1.BLOCK"),
         ("MODEL.EXTRA.STAGE4.NUM_CHANNELS", [48, 96, 192], "MODEL.EXTRA.STAGE4.NUM_CHANNELS has 3 entries but NUM_BRANCHES is 4"),
-        ("MODEL.EXTRA.STAGE3.NUM_BRANCHES", _DELETE, "config is missing MODEL.EXTRA.STAGE3.NUM_BRANCHES"),
-        ("MODEL.EXTRA.FINAL_CONV_KERNEL", _DELETE, "config is missing MODEL.EXTRA.FINAL_CONV_KERNEL"),
+        ("MODEL.EXTRA.STAGE3.NUM_BRANCHES", DELETE, "config is missing MODEL.EXTRA.STAGE3.NUM_BRANCHES"),
+        ("MODEL.EXTRA.FINAL_CONV_KERNEL", DELETE, "config is missing MODEL.EXTRA.FINAL_CONV_KERNEL"),
         ("MODEL.EXTRA.FINAL_CONV_KERNEL", 5, "MODEL.EXTRA.FINAL_CONV_KERNEL must be 1 or 3"),
         ("MODEL.ALIGN_CORNERS", "false", "MODEL.ALIGN_CORNERS must be true or false"),
         ("DATASET.NUM_CLASSES", 0, "DATASET.NUM_CLASSES must be an integer >= 1"),
     ],
 )
 def test_config_fields_are_checked_by_name(seg_cfg, field, value, message):
-    cfg = _set(seg_cfg, field, value)
+    cfg = set_field(seg_cfg, field, value)
     if message is None:
         assert parse_seg_config(cfg) == parse_seg_config(seg_cfg)
         return
