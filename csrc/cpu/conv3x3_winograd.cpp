@@ -88,15 +88,10 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // one task (a single block), else once, up front, into shared scratch.
   const bool per_panel = !u && blocks == 1;
   at::Tensor u_scratch;
-  if (!u) {
-    if (!per_panel) {
-      u_scratch = at::empty({K * K * g.coutp * g.cin}, at::TensorOptions().dtype(at::kFloat));
-      float* dst = u_scratch.data_ptr<float>();
-      const WinogradWeightFn transform = M == 2 ? kernels.w2 : kernels.w4;
-      at::parallel_for(0, g.cin, std::max<int64_t>(1, 16 / panels),
-                       [&](int64_t begin, int64_t end) { transform(w, g.cin, g.cout, begin, end, dst); });
-      u = dst;
-    }
+  if (!u && !per_panel) {
+    u_scratch = at::empty({K * K * g.coutp * g.cin}, at::TensorOptions().dtype(at::kFloat));
+    winograd_transform_all(w, g.cin, g.cout, M, u_scratch.data_ptr<float>());
+    u = u_scratch.data_ptr<float>();
   }
 
   // Each thread's V and Mt (and U panel), from torch's allocator so memory profiles see them

@@ -4,6 +4,8 @@
 // forces one; a variant this CPU or this build cannot run is refused with the reason.
 #pragma once
 
+#include <cstdint>
+
 #include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
@@ -15,5 +17,9 @@ CpuIsa active_cpu_isa();
 
 // The Winograd task functions of `isa` (never null for a variant active_cpu_isa() can return).
 WinogradKernels winograd_kernels(CpuIsa isa);
+
+// U = G w G^T of a whole IHWO weight w [cin][3][3][cout], packed [(m+2)^2][ceil(cout/16)][cin][16]
+// into u, in the active variant, across the threads (csrc/cpu/winograd_weight.cpp).
+void winograd_transform_all(const float* w, int64_t cin, int64_t cout, int m, float* u);
 
 }  // namespace hrnet_fast

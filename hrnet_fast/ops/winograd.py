@@ -30,10 +30,13 @@ from hrnet_fast.ops._checks import check_4d, check_bias, check_same, same_device
 OP = "conv3x3_winograd"
 WEIGHT_OP = "winograd_weight"
 TILES = (2, 4)
-# F(4x4) does 44% fewer multiplies than F(2x2) but its transformed weight is 2.25x larger; where an
-# input has few tiles the weight's trip from memory costs more than the multiplies save. The
-# crossover, in bytes of F(4x4) weight per tile, was chosen with benchmarks/bench_conv3x3_winograd.py
-# (README, "Winograd on the CPU"); tests/test_conv3x3_winograd.py::test_choose_tile pins W32's cases.
+# F(4x4) does 44% fewer multiplies than F(2x2) but transforms 2.25x as many weight values (per call,
+# for the dense weights optimize() keeps; per read, for a kept transformed weight), and pads small
+# inputs more; where an input has few tiles that costs more than the multiplies save. The crossover,
+# in bytes of F(4x4) weight per tile, was chosen with benchmarks/bench_conv3x3_winograd.py for kept
+# weights and holds for dense ones (README, "Winograd on the CPU": the tile chosen per shape matches
+# or beats either fixed tile at batch 1 and 8); tests/test_conv3x3_winograd.py::test_choose_tile pins
+# W32's cases.
 WEIGHT_BYTES_PER_TILE = 1 << 20
 PANEL = 16  # output channels per packed panel (the kernel's micro-kernel width)
 
