@@ -88,29 +88,32 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // one task (a single block), else once, up front, into shared scratch.
   const bool per_panel = !u && blocks == 1;
   at::Tensor u_scratch;
+  int64_t u_stride = g.coutp * g.cin;  // a packed transformed weight's
   if (!u && !per_panel) {
-    u_scratch = at::empty({K * K * g.coutp * g.cin}, at::TensorOptions().dtype(at::kFloat));
-    winograd_transform_all(w, g.cin, g.cout, M, u_scratch.data_ptr<float>());
+    u_stride = plane_stride(g.coutp * g.cin);
+    u_scratch = at::empty({K * K * u_stride}, at::TensorOptions().dtype(at::kFloat));
+    winograd_transform_all(w, g.cin, g.cout, M, u_scratch.data_ptr<float>(), u_stride);
     u = u_scratch.data_ptr<float>();
   }
 
   // Each thread's V and Mt (and U panel), from torch's allocator so memory profiles see them
   // (at::empty is 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
-  const int64_t ubuf_floats = per_panel ? K * K * ubuf_stride(g.cin) : 0;
-  const int64_t per_thread = (K * K * tb * (g.cinp + g.coutp) + ubuf_floats + 15) / 16 * 16;
+  const int64_t vbuf_floats = K * K * plane_stride(tb * g.cinp), mbuf_floats = K * K * plane_stride(tb * g.coutp);
+  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(g.cin * kNr) : 0;
+  const int64_t per_thread = vbuf_floats + mbuf_floats + ubuf_floats;  // each a multiple of 16 floats
   const int64_t slots = std::min(threads, blocks * splits);
   const at::Tensor scratch = at::empty({slots * per_thread}, at::TensorOptions().dtype(at::kFloat));
   float* const scratch_base = scratch.data_ptr<float>();
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
     float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
-    float* mbuf = vbuf + K * K * tb * g.cinp;
-    float* ubuf = per_panel ? mbuf + K * K * tb * g.coutp : nullptr;
+    float* mbuf = vbuf + vbuf_floats;
+    float* ubuf = per_panel ? mbuf + mbuf_floats : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       // part-major: a thread's contiguous range of tasks covers its share of channels, all blocks
       const int64_t part = task / blocks, blk = task % blocks;
       const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
       const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
-      run_task(WinogradTask{x, u, w, ubuf, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
+      run_task(WinogradTask{x, u, u_stride, w, ubuf, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
     }
   });
 }

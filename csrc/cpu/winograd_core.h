@@ -79,7 +79,7 @@ inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __
 template <int M>
 void input_transform(const float* x, const WinogradGeometry& g, int64_t t0, int64_t nt, int64_t ntp, float* v) {
   constexpr int K = Winograd<M>::kTile;
-  const int64_t plane = ntp * g.cinp / 8, col = g.cinp / 8;  // V's strides, in vectors
+  const int64_t plane = plane_stride(ntp * g.cinp) / 8, col = g.cinp / 8;  // V's strides, in vectors
   const bool vector_rows = g.cin % 8 == 0;  // x's pixels start on vector boundaries (x is 32-byte aligned)
   vf8* vv = reinterpret_cast<vf8*>(v);
   vf8 t[K * K], patch[K * K];
@@ -118,7 +118,7 @@ template <int M>
 void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, int64_t nt, int64_t ntp, int64_t c0,
                       int64_t c1, const float* bias, const float* residual, bool relu, float* y) {
   constexpr int K = Winograd<M>::kTile;
-  const int64_t plane = ntp * g.coutp / 8, col = g.coutp / 8;
+  const int64_t plane = plane_stride(ntp * g.coutp) / 8, col = g.coutp / 8;
   const vf8* mv = reinterpret_cast<const vf8*>(mt);
   vf8 t[M * K], out[M * M];
   for (int64_t i = 0; i < nt; ++i) {
@@ -182,24 +182,22 @@ void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_
   }
 }
 
-// The whole packed U [K*K][coutp/16][cin][16] for input channels [ci0, ci1) (rows of positions a
-// multiple of 4 KiB apart, the format conv3x3_winograd takes: for weights transformed once).
+// The whole packed U [K*K][coutp/16][cin][16] for input channels [ci0, ci1), positions `us` floats
+// apart (at least coutp * cin; see plane_stride).
 template <int M>
-void weight_transform(const float* w, int64_t cin, int64_t cout, int64_t ci0, int64_t ci1, float* u) {
-  const int64_t panels = (cout + kNr - 1) / kNr;
-  filter_panels<M>(w, cin, cout, 0, panels, ci0, ci1, u, panels * cin * kNr);
+void weight_transform(const float* w, int64_t cin, int64_t cout, int64_t ci0, int64_t ci1, float* u, int64_t us) {
+  filter_panels<M>(w, cin, cout, 0, (cout + kNr - 1) / kNr, ci0, ci1, u, us);
 }
 
 template <int M>
 void winograd_task(const WinogradTask& k) {
   constexpr int K = Winograd<M>::kTile;
   const WinogradGeometry& g = *k.g;
-  const int64_t panels = g.coutp / kNr;
   input_transform<M>(k.x, g, k.t0, k.nt, k.ntp, k.vbuf);
   auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride) {  // all K*K positions of panel j
     for (int p = 0; p < K * K; ++p) {
-      const float* vp = k.vbuf + p * k.ntp * g.cinp;
-      float* mp = k.mbuf + p * k.ntp * g.coutp;
+      const float* vp = k.vbuf + p * plane_stride(k.ntp * g.cinp);
+      float* mp = k.mbuf + p * plane_stride(k.ntp * g.coutp);
       const float* panel = panel0 + p * panel_stride;
       for (int64_t i = 0; i < k.ntp; i += kMr)
         micro_6x16(vp + i * g.cinp, g.cinp, panel, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
@@ -207,10 +205,10 @@ void winograd_task(const WinogradTask& k) {
   };
   for (int64_t j = k.j0; j < k.j1; ++j) {
     if (k.u) {
-      gemms(j, k.u + j * g.cin * kNr, panels * g.cin * kNr);
+      gemms(j, k.u + j * g.cin * kNr, k.u_stride);
     } else {  // dense weight: transform this panel into the thread's buffer (L2), use it, move on
-      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1, 0, g.cin, k.ubuf, ubuf_stride(g.cin));
-      gemms(j, k.ubuf, ubuf_stride(g.cin));
+      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1, 0, g.cin, k.ubuf, plane_stride(g.cin * kNr));
+      gemms(j, k.ubuf, plane_stride(g.cin * kNr));
     }
   }
   output_transform<M>(k.mbuf, g, k.t0, k.nt, k.ntp, k.j0 * kNr / 8, k.j1 * kNr / 8, k.bias, k.residual, k.relu, k.y);

@@ -19,11 +19,12 @@ struct WinogradGeometry {
 
 // One task of the driver's split: tiles [t0, t0 + nt) (ntp: nt rounded up to kMr), output panels
 // [j0, j1) of 16 channels, with the calling thread's V and Mt scratch. The weight is either the packed
-// transformed U, or (u null) the dense IHWO weight w, each panel transformed into ubuf
+// transformed U (positions u_stride floats apart), or (u null) the dense IHWO weight w, each panel transformed into ubuf
 // ([K*K][cin][16]) as the task reaches it.
 struct WinogradTask {
   const float* x;
   const float* u;
+  int64_t u_stride;  // floats between u's positions
   const float* w;
   float* ubuf;
   const float* bias;
@@ -38,12 +39,16 @@ struct WinogradTask {
 
 using WinogradTaskFn = void (*)(const WinogradTask&);
 
-// Floats between the positions of a task's U panel buffer ([K*K][cin][16] plus a cache line): without
-// the line, the K*K rows written for each channel would be a multiple of 4 KiB apart and fall into one
-// L1 set, evicting each other as they are written.
-constexpr int64_t ubuf_stride(int64_t cin) { return cin * kNr + 16; }
-// The filter transform of input channels [ci0, ci1): (w [cin][3][3][cout], cin, cout, ci0, ci1, u).
-using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+// Floats between the K*K position planes of the kernel's scratch buffers (V, Mt, a U panel, a whole U
+// transformed on the call), for planes of `floats` each: one cache line more. The transforms write
+// (or read) one line in every plane per tile or channel, and planes are mostly a multiple of 4 KiB
+// (64 channels x 16 tiles, ...): packed back to back, all K*K lines of a tile fall into one L1 set
+// and evict each other. Unpadded, transforming W32's 64-channel weights on each call took 2.3x as
+// long as the whole convolution with them transformed ahead.
+constexpr int64_t plane_stride(int64_t floats) { return floats + 16; }
+// The filter transform of input channels [ci0, ci1): (w [cin][3][3][cout], cin, cout, ci0, ci1, u, us),
+// positions us floats apart in u.
+using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 
 // The task functions of one instruction set, for F(2x2) and F(4x4), and their filter transforms.
 struct WinogradKernels {

@@ -21,13 +21,13 @@
 
 namespace hrnet_fast {
 
-void winograd_transform_all(const float* w, int64_t cin, int64_t cout, int m, float* u) {
+void winograd_transform_all(const float* w, int64_t cin, int64_t cout, int m, float* u, int64_t us) {
   const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
   const WinogradWeightFn fn = m == 2 ? kernels.w2 : kernels.w4;
   const int64_t panels = (cout + kNr - 1) / kNr;
   // ~4 KiB of output per input channel and panel: a grain of 16 channels keeps tasks worth a thread
   at::parallel_for(0, cin, std::max<int64_t>(1, 16 / panels),
-                   [&](int64_t begin, int64_t end) { fn(w, cin, cout, begin, end, u); });
+                   [&](int64_t begin, int64_t end) { fn(w, cin, cout, begin, end, u, us); });
 }
 
 namespace {
@@ -44,7 +44,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight, int64_t m) {
   const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
   at::Tensor u = at::empty({k * k, panels, cin, kNr}, weight.options());
   if (u.numel() == 0) return u;
-  winograd_transform_all(w.data_ptr<float>(), cin, cout, static_cast<int>(m), u.data_ptr<float>());
+  winograd_transform_all(w.data_ptr<float>(), cin, cout, static_cast<int>(m), u.data_ptr<float>(), panels * cin * kNr);
   return u;
 }
 
