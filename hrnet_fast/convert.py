@@ -18,7 +18,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 from torch.utils._pytree import tree_map
 
-from hrnet_fast.fused.blocks import FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
+from hrnet_fast.fused.blocks import ChunkedStage, FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
@@ -97,6 +97,16 @@ class _Converter:
         model._hrnet_fast_forward = SegForward(model)  # CUDAGraphForward replays this one too
         model.forward = model._hrnet_fast_forward
 
+    def chunk_stages(self, m: nn.Module) -> None:
+        """cpu: every Sequential of FusedBlocks outside the HR modules (stage 1) becomes a ChunkedStage."""
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, FusedHRModule):
+                continue  # branches: a few channels each, already small per image
+            if isinstance(child, nn.Sequential) and len(child) and all(isinstance(b, FusedBlock) for b in child):
+                setattr(m, child_name, ChunkedStage(child))
+            else:
+                self.chunk_stages(child)
+
     def _fold_sequential_runs(self, m: nn.Sequential) -> None:
         """Conv2d, BatchNorm2d[, ReLU] runs inside a longer Sequential: the conv absorbs the rest."""
         children = list(m.named_children())
@@ -126,15 +136,17 @@ class _ForwardScope:
     - inference mode: under no_grad every custom-op call still passes through its Python autograd
       wrapper, hundreds of calls a forward; inference mode skips it. Not while compiling (Dynamo
       traces no grad mode split across hooks) nor when grad is enabled (a training caller keeps autograd).
+    - arena (cpu backend): the caching CPU allocator is installed for the call (csrc/cpu/cpu_arena.cpp),
+      so each forward's large activations reuse the last one's memory instead of fresh pages.
     Per-call state lives on a per-thread stack, so threads may share one model.
     """
 
-    def __init__(self, dtype: torch.dtype | None, channels_last: bool) -> None:
-        self.dtype, self.channels_last = dtype, channels_last
+    def __init__(self, dtype: torch.dtype | None, channels_last: bool, arena: bool = False) -> None:
+        self.dtype, self.channels_last, self.arena = dtype, channels_last, arena
         self._local = threading.local()
 
     def __reduce__(self):  # copies and pickles start with an empty per-thread stack
-        return (_ForwardScope, (self.dtype, self.channels_last))
+        return (_ForwardScope, (self.dtype, self.channels_last, self.arena))
 
     def _prepare(self, a: object) -> object:
         if not isinstance(a, torch.Tensor):
@@ -152,20 +164,26 @@ class _ForwardScope:
             self.channels_last and first is not None and suggest_memory_format(first) != torch.channels_last
         )
         mode = None
+        compiling = torch.compiler.is_compiling()
         # is_compiling first: Dynamo cannot trace the other two queries
-        if not torch.compiler.is_compiling() and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        if not compiling and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             mode = torch.inference_mode()
             mode.__enter__()
-        stack.append((mode, restore))
+        arena = self.arena and not compiling
+        if arena:
+            torch.ops.hrnet_fast.cpu_arena_scope(True)
+        stack.append((mode, restore, arena))
         return tuple(self._prepare(a) for a in args)
 
     def exit(self, module: nn.Module, args: tuple, output: object) -> object:
         stack = self._local.__dict__.get("stack")
-        mode, restore = stack.pop() if stack else (None, False)
+        mode, restore, arena = stack.pop() if stack else (None, False, False)
         try:
             if restore:
                 output = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) and t.dim() == 4 else t, output)
         finally:
+            if arena:
+                torch.ops.hrnet_fast.cpu_arena_scope(False)
             if mode is not None:
                 mode.__exit__(None, None, None)
         return output
@@ -231,6 +249,8 @@ def optimize(
     with torch.no_grad():
         converter.convert_seg_head(fused)
         fused = converter.convert(fused, "")
+        if chosen == "cpu":
+            converter.chunk_stages(fused)
     leftovers = [(n, f"{type(m).__name__} left unfolded") for n, m in fused.named_modules() if isinstance(m, FOLDABLE_BN)]
     skipped = converter.skipped + [s for s in leftovers if not any(s[0].startswith(p + ".") for p, _ in converter.skipped)]
     if skipped:
@@ -247,7 +267,7 @@ def optimize(
             m.streams = streams
     # the compiled backends run channels_last end to end (NHWC tiles for Triton, cuDNN's fast
     # layout for half types, oneDNN's and our Winograd kernel's layout on the CPU)
-    scope = _ForwardScope(dtype, channels_last=chosen in ("cpu", "cuda", "triton"))
+    scope = _ForwardScope(dtype, channels_last=chosen in ("cpu", "cuda", "triton"), arena=chosen == "cpu")
     fused.register_forward_pre_hook(scope.enter)
     fused.register_forward_hook(scope.exit, always_call=True)
     fused.hrnet_fast_backend = chosen

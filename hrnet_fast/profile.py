@@ -113,9 +113,11 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 
 
 def held_bytes(module: torch.nn.Module) -> int:
-    """Bytes a module keeps for inference: its parameters and buffers, and every tensor its modules
-    cache in their attributes (hrnet_fast's oneDNN-packed weights), each
-    distinct tensor once. What a served model costs in memory besides the activations."""
+    """Bytes a module keeps for inference: its parameters and buffers, every tensor its modules
+    cache in their attributes (hrnet_fast's oneDNN-packed weights), each distinct tensor once, and for
+    an optimize()d cpu model the free blocks of the caching allocator its forwards use (shared by all
+    such models in the process; csrc/cpu/cpu_arena.cpp). What a served model costs in memory besides
+    the activations of the forward running."""
     seen: set[int] = set()
     total = 0
 
@@ -134,6 +136,8 @@ def held_bytes(module: torch.nn.Module) -> int:
                 for v in value.values():
                     if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
                         add(v)
+    if getattr(module, "hrnet_fast_backend", None) == "cpu":
+        total += torch.ops.hrnet_fast.cpu_arena_stats()[0]
     return total
 
 

@@ -1,0 +1,182 @@
+// cpu_arena: a caching CPU allocator that the cpu backend's optimized models install around each
+// forward (hrnet_fast/convert.py, _ForwardScope), so one forward's large activations reuse the blocks
+// the last one freed instead of going back to glibc.
+//
+// Why: glibc serves blocks past its mmap threshold with fresh mappings and trims the top of its heap
+// when much is free, so a forward whose tensors are megabytes each (batch 8: 3 to 25 MB) has its
+// pages unmapped after use and faulted in, zeroed by the kernel, on the next call: W32 at batch 8 took
+// 13,000-16,000 page faults and ~30 ms of system time a forward. ONNX Runtime's arena and Static
+// Runtime's caching allocator (torch's own, c10::SetCPUCachingAllocator) exist for the same reason.
+//
+// What: blocks of at least kMinCached bytes, rounded up to whole pages, are kept on release in a
+// free list by size and handed out again for the same size; smaller ones go to the allocator that
+// was installed before (glibc's bins serve them without system calls). The arena is installed (as
+// torch's CPU allocator) only while an optimized model's forward runs: a block it handed out keeps
+// its deleter, so one freed later, anywhere, still comes back here. Allocations are reported to
+// torch's memory profiler as the default allocator's are. Free blocks are held until
+// cpu_arena_release() or past kMaxCached (a block that would pass it is freed at once).
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <malloc.h>
+
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace hrnet_fast {
+namespace {
+
+constexpr size_t kMinCached = 256 << 10;
+constexpr size_t kPage = 4096;
+constexpr size_t kMaxCached = size_t(1) << 30;
+
+void release(void* p);
+
+class Arena final : public c10::Allocator {
+ public:
+  // Every block's context is its data pointer, as ideep's raw_allocate/raw_deallocate (oneDNN's
+  // temporaries and packed weights) require of torch's CPU allocator.
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kMinCached) return base()->allocate(n);
+    const size_t size = (n + kPage - 1) / kPage * kPage;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(size);
+      if (it != free_.end()) {
+        p = it->second;
+        free_.erase(it);
+        cached_ -= size;
+        live_[p] = size;
+      }
+    }
+    if (p == nullptr) {
+      p = c10::alloc_cpu(size);  // torch's own: aligned, and torch's error when out of memory
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_[p] = size;
+    }
+    c10::profiledCPUMemoryReporter().New(p, size);
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // Takes back one of its blocks, or hands a block it did not allocate (a small one, or one the
+  // allocator before it made, freed by ideep through whichever allocator is installed) to that one.
+  void take_back(void* p) {
+    bool mine = false, keep = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = live_.find(p);
+      if (it != live_.end()) {
+        const size_t size = it->second;
+        live_.erase(it);
+        // A block of ours that ideep freed through the default allocator while we were not installed
+        // leaves its entry behind, and the address may since belong to another block: take that one
+        // only if it really is as large (then caching it is as safe as caching our own).
+        mine = malloc_usable_size(p) >= size;
+        if (mine) {
+          c10::profiledCPUMemoryReporter().Delete(p);
+          keep = cached_ + size <= kMaxCached;
+          if (keep) {
+            free_.emplace(size, p);
+            cached_ += size;
+          }
+        }
+      }
+    }
+    if (!mine) {
+      base()->raw_deleter()(p);
+    } else if (!keep) {
+      c10::free_cpu(p);
+    }
+  }
+
+  // Install (enter) or uninstall (leave) as torch's CPU allocator; nested and concurrent forwards count.
+  void scope(bool enter) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (enter) {
+      if (depth_++ == 0) {
+        previous_ = c10::GetCPUAllocator();
+        // Priority 0 is the default allocator's: where something installed its own at a higher
+        // priority this does nothing, and the forward runs with that one.
+        if (previous_ != this) c10::SetCPUAllocator(this, 0);
+      }
+    } else if (depth_ > 0 && --depth_ == 0) {
+      if (c10::GetCPUAllocator() == this && previous_ != this) c10::SetCPUAllocator(previous_, 0);
+    }
+  }
+
+  int64_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(cached_);
+  }
+
+  bool installed() const { return c10::GetCPUAllocator() == this; }
+
+  // Frees every free block; returns the bytes freed.
+  int64_t release_all() {
+    std::vector<void*> blocks;
+    size_t freed = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& [size, p] : free_) blocks.push_back(p);
+      free_.clear();
+      freed = cached_;
+      cached_ = 0;
+    }
+    for (void* p : blocks) c10::free_cpu(p);
+    return static_cast<int64_t>(freed);
+  }
+
+ private:
+  // The allocator that was installed before (raw deallocations it owns go back to it).
+  c10::Allocator* base() const {
+    c10::Allocator* b = previous_ != nullptr && previous_ != this ? previous_ : c10::GetDefaultCPUAllocator();
+    return b;
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  std::unordered_map<void*, size_t> live_;
+  size_t cached_ = 0;
+  int depth_ = 0;
+  c10::Allocator* previous_ = nullptr;
+};
+
+// Never destroyed: blocks it handed out may be freed at any time, process exit included.
+Arena& arena() {
+  static Arena* const a = new Arena();
+  return *a;
+}
+
+void release(void* p) { arena().take_back(p); }
+
+void cpu_arena_scope(bool enter) { arena().scope(enter); }
+
+// [bytes held in free blocks, 1 if installed as torch's CPU allocator now, else 0]
+std::vector<int64_t> cpu_arena_stats() { return {arena().cached_bytes(), arena().installed() ? 1 : 0}; }
+
+int64_t cpu_arena_release() { return arena().release_all(); }
+
+}  // namespace
+}  // namespace hrnet_fast
+
+TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
+  // Install (enter=True) or uninstall the caching allocator around a forward; counted, so nested and
+  // concurrent forwards keep it installed until the last one leaves.
+  m.def("cpu_arena_scope(bool enter) -> ()", &hrnet_fast::cpu_arena_scope);
+  // [bytes held in free blocks, whether installed now]
+  m.def("cpu_arena_stats() -> int[]", &hrnet_fast::cpu_arena_stats);
+  // Frees the free blocks (as torch.cuda.empty_cache does for CUDA); returns the bytes freed.
+  m.def("cpu_arena_release() -> int", &hrnet_fast::cpu_arena_release);
+}

@@ -1,0 +1,147 @@
+"""The cpu backend's caching allocator (csrc/cpu/cpu_arena.cpp) and stage-1 chunking (ChunkedStage):
+same outputs as eager, the allocator installed only during a forward, blocks reused, released on
+request, and safe with threads, exceptions and oneDNN's own (raw) allocations."""
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import hrnet_fast
+from hrnet_fast import _extension
+from hrnet_fast.fused.blocks import ChunkedStage
+from hrnet_fast.profile import held_bytes
+from hrnet_fast.reference import tiny_pose_hrnet
+
+from conftest import randomize_bn
+
+pytestmark = pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
+
+
+def _stats() -> tuple[int, bool]:
+    cached, installed = torch.ops.hrnet_fast.cpu_arena_stats()
+    return cached, bool(installed)
+
+
+def _models(batch: int = 3, size: int = 64):
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu")
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+    return model, fused, x, ref
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_forward_reuses_blocks_and_uninstalls():
+    _, fused, x, ref = _models()
+    torch.ops.hrnet_fast.cpu_arena_release()
+    with torch.no_grad():
+        _assert_close(fused(x), ref)
+    cached, installed = _stats()
+    assert not installed, "the arena must be torch's CPU allocator only while a forward runs"
+    # stage 1's 256-channel 16x16 activations (262 KB an image) are past the arena's 256 KiB minimum
+    assert cached > 0
+    with torch.no_grad():
+        _assert_close(fused(x), ref)
+    assert _stats()[0] == cached, "a second forward of the same shape reuses the same blocks"
+    held = held_bytes(fused)  # the model's memory includes the arena's free blocks
+    assert torch.ops.hrnet_fast.cpu_arena_release() == cached
+    assert _stats() == (0, False)
+    assert held - held_bytes(fused) == cached
+
+
+def test_block_freed_after_the_forward_comes_back():
+    _, fused, x, _ = _models(batch=8)
+    kept: list[torch.Tensor] = []
+    fused.layer1.register_forward_hook(lambda m, args, out: kept.append(out))  # made during the forward
+    with torch.no_grad():
+        fused(x)
+    torch.ops.hrnet_fast.cpu_arena_release()
+    assert kept[0].numel() * 4 >= 256 << 10  # one of the arena's blocks
+    kept.clear()  # freed outside any forward: its deleter is still the arena's
+    assert _stats()[0] >= 8 * 256 * 16 * 16 * 4
+
+
+def test_exception_in_forward_uninstalls():
+    _, fused, _, _ = _models()
+    with pytest.raises(ValueError, match="must be"), torch.no_grad():
+        fused(torch.randn(2, 5, 64, 64))  # 5 channels where the stem takes 3
+    assert not _stats()[1]
+
+
+def test_threads_share_the_model():
+    _, fused, x, ref = _models()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(4):
+                with torch.no_grad():
+                    _assert_close(fused(x), ref)
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not _stats()[1], "the last forward to leave uninstalls the arena"
+
+
+def test_onednn_weights_packed_in_a_forward_outlive_it():
+    # winograd=False: every conv runs oneDNN, whose weights are packed on first use, inside the
+    # forward, through whichever CPU allocator is installed (ideep's raw_allocate), and freed with the
+    # model, outside any forward (raw_deallocate through the default allocator).
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+        for _ in range(2):
+            fused = hrnet_fast.optimize(model, backend="cpu", winograd=False)
+            _assert_close(fused(x), ref)
+            del fused
+            gc.collect()
+        torch.ops.hrnet_fast.cpu_arena_release()
+        _assert_close(hrnet_fast.optimize(model, backend="cpu", winograd=False)(x), ref)
+
+
+def test_stage_one_runs_in_chunks(monkeypatch):
+    model, fused, x, ref = _models(batch=5)
+    assert isinstance(fused.layer1, ChunkedStage)
+    # the state_dict keeps the Sequential's keys
+    assert [k for k in fused.state_dict() if k.startswith("layer1.")] == [
+        k for k in hrnet_fast.optimize(model, backend="torch").state_dict() if k.startswith("layer1.")
+    ]
+    stage_in = torch.randn(5, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    per_image = 256 * 16 * 16 * 4
+    assert fused.layer1.chunk(stage_in) == ChunkedStage.CHUNK_BYTES // per_image
+    calls: list[int] = []
+    fused.layer1[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(ChunkedStage, "CHUNK_BYTES", 2 * per_image)
+    with torch.no_grad():
+        out = fused(x)
+    assert calls == [2, 2, 1]
+    _assert_close(out, ref)
+    with torch.no_grad():
+        chunked = fused.layer1(stage_in)
+    assert chunked.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(ChunkedStage, "CHUNK_BYTES", 1 << 40)
+    with torch.no_grad():
+        assert torch.equal(fused.layer1(stage_in), chunked)
+
+
+def test_only_the_cpu_backend_chunks():
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    assert not isinstance(hrnet_fast.optimize(model, backend="torch").layer1, ChunkedStage)
+    fused = hrnet_fast.optimize(model, backend="cpu")
+    # the HR modules' branches stay plain Sequentials
+    assert not any(isinstance(m, ChunkedStage) for m in fused.stage2.modules())
