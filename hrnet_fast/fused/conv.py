@@ -47,6 +47,9 @@ class FusedConv(nn.Module):
         # 4x the bytes) from memory, so the model holds no such copy (README, "Memory").
         self._winograd = False
         self.use_winograd = False
+        # conv3x3_winograd's overload, looked up in pack() (a name lookup through torch.ops costs more
+        # than a small conv's epilogue); None when this conv does not run it
+        self._winograd_op = None
         # (version, address, dtype) of the weight the caches were derived from: load_state_dict and
         # in-place edits bump the version, a replaced or cast weight has another address.
         self._derived_from: tuple | None = None
@@ -81,16 +84,19 @@ class FusedConv(nn.Module):
                     self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
             else:
                 packed = {}  # filled by forward, once per input shape
+        op = torch.ops.hrnet_fast.conv3x3_winograd.default if winograd else None
         # swapped in together at the end: a thread running forward meanwhile sees old or new caches
-        self._packed, self._winograd, self._derived_from = packed, winograd, self._weight_state()
+        self._packed, self._winograd, self._winograd_op, self._derived_from = packed, winograd, op, self._weight_state()
 
-    def _weight_state(self) -> tuple:
-        return (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
+    def _weight_state(self, w: torch.Tensor | None = None) -> tuple:
+        w = self._buffers["weight"] if w is None else w
+        return (w._version, w.data_ptr(), w.dtype)
 
-    def _refresh(self) -> None:
-        """Derive the cpu backend's weights again when the dense weight changed since they were made
-        (load_state_dict, an in-place edit, a replaced weight): they must never go stale."""
-        if self._derived_from == self._weight_state():
+    def _refresh(self, w: torch.Tensor | None = None) -> None:
+        """Derive the cpu backend's weights again when the dense weight (`w`, the buffer when None)
+        changed since they were made (load_state_dict, an in-place edit, a replaced weight): they must
+        never go stale."""
+        if self._derived_from == self._weight_state(w):
             return
         if self.weight.dtype != torch.float32:
             raise RuntimeError(
@@ -117,7 +123,7 @@ class FusedConv(nn.Module):
     def __getstate__(self) -> dict:
         # a oneDNN tensor has no storage to copy or pickle: drop it, and pack again on the other side
         state = self.__dict__.copy()
-        state["_packed"] = state["_derived_from"] = None
+        state["_packed"] = state["_derived_from"] = state["_winograd_op"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -128,6 +134,9 @@ class FusedConv(nn.Module):
         self.pack()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # the buffers through their dict: the module's __getattr__ costs a microsecond a lookup, and a
+        # batch-1 forward makes ~300 of these calls (README, "Where the time goes")
+        w, bias = self._buffers["weight"], self._buffers["bias"]
         if self.backend == "cpu" and not torch.compiler.is_compiling():
             if x.dim() != 4:
                 raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
@@ -137,14 +146,14 @@ class FusedConv(nn.Module):
                     "but the input requires grad: call it under torch.no_grad() or torch.inference_mode(), "
                     "or use optimize(model, backend='torch') to differentiate through it"
                 )
-            self._refresh()
+            self._refresh(w)
+            w = self._buffers["weight"]  # pack() may have replaced it
         if self._winograd:
-            c_out = self.weight.shape[0]
-            return torch.ops.hrnet_fast.conv3x3_winograd(
-                x, self.weight, c_out, self.bias, residual, self.relu, choose_tile(x.shape, c_out)
-            )
-        w = self.weight if self._packed is None or torch.compiler.is_compiling() else self._packed_for(x)
-        return self._op(x, w, self.bias, self.stride, self.padding, residual, self.relu)
+            c_out = w.shape[0]
+            return self._winograd_op(x, w, c_out, bias, residual, self.relu, choose_tile(x.shape, c_out))
+        if self._packed is not None and not torch.compiler.is_compiling():
+            w = self._packed_for(x)
+        return self._op(x, w, bias, self.stride, self.padding, residual, self.relu)
 
     def extra_repr(self) -> str:
         k = tuple(self.weight.shape)
