@@ -14,14 +14,14 @@
 // torch's CPU allocator) only while an optimized model's forward runs: a block it handed out keeps
 // its deleter, so one freed later, anywhere, still comes back here. Allocations are reported to
 // torch's memory profiler as the default allocator's are. Free blocks are held until
-// cpu_arena_release() or past kMaxCached (a block that would pass it is freed at once).
+// cpu_arena_release(), never more of them than the most ever in use at once, nor past kMaxCached (a
+// block that would pass either is freed at once). Built for glibc (Linux); elsewhere never installed.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <malloc.h>
 
 #include <algorithm>
 #include <map>
@@ -29,8 +29,22 @@
 #include <unordered_map>
 #include <vector>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 namespace hrnet_fast {
 namespace {
+
+// The usable size of a block from c10::alloc_cpu, where the C library tells it (glibc): the check that
+// keeps a stale entry safe (Arena::take_back). Elsewhere the arena is never installed.
+#if defined(__GLIBC__)
+constexpr bool kSupported = true;
+size_t usable_size(void* p) { return malloc_usable_size(p); }
+#else
+constexpr bool kSupported = false;
+size_t usable_size(void*) { return 0; }
+#endif
 
 constexpr size_t kMinCached = 256 << 10;
 constexpr size_t kPage = 4096;
@@ -89,7 +103,7 @@ class Arena final : public c10::Allocator {
         // A block of ours that ideep freed through the default allocator while we were not installed
         // leaves its entry behind, and the address may since belong to another block: take that one
         // only if it really is as large (then caching it is as safe as caching our own).
-        mine = malloc_usable_size(p) >= size;
+        mine = usable_size(p) >= size;
         if (mine) {
           c10::profiledCPUMemoryReporter().Delete(p);
           // Never more in blocks than the most ever in use at once: cached by exact size, the blocks
@@ -112,6 +126,7 @@ class Arena final : public c10::Allocator {
 
   // Install (enter) or uninstall (leave) as torch's CPU allocator; nested and concurrent forwards count.
   void scope(bool enter) {
+    if (!kSupported) return;
     std::lock_guard<std::mutex> lock(mutex_);
     if (enter) {
       if (depth_++ == 0) {
