@@ -214,7 +214,9 @@ def optimize(
     None (default): on with cuda_graph, whose graph keeps the fork and join and so drops their host
     cost; off without it, where that host cost outweighs the overlap (README, GPU table).
     The compiled backends run channels_last inside; outputs come back in the layout eager would
-    give (NCHW for an NCHW input).
+    give (NCHW for an NCHW input). The cpu backend runs each forward with a caching CPU allocator: the
+    blocks a forward frees (256 KiB or more) stay for the next one, up to the most ever in use at once;
+    torch.ops.hrnet_fast.cpu_arena_release() gives them back (csrc/cpu/cpu_arena.cpp).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
