@@ -233,10 +233,11 @@ class FusedHRModule(nn.Module):
     def _output(self, i: int, x: list[torch.Tensor]) -> torch.Tensor:
         s = x[i]
         for j, chain in enumerate(self.chains[i]):
+            *convs, last = chain  # iterated: a slice of a ModuleList builds a new ModuleList on every call
             t = x[j]
-            for conv in chain[:-1]:
+            for conv in convs:
                 t = conv(t)
-            s = chain[-1](t, s)
+            s = last(t, s)
         idx = self.lowres_index[i]
         if idx:
             weights = [getattr(self, f"w_{i}_{k}") for k in range(len(idx))]
