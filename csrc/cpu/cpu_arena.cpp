@@ -59,21 +59,9 @@ class Arena final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinCached) return base()->allocate(n);
     const size_t size = (n + kPage - 1) / kPage * kPage;
-    void* p = nullptr;
+    void* p = take_cached(size);
+    if (p == nullptr) p = c10::alloc_cpu(size);  // torch's own: aligned, and torch's error when out of memory
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(size);
-      if (it != free_.end()) {
-        p = it->second;
-        free_.erase(it);
-        cached_ -= size;
-        live_[p] = size;
-        in_use_ += size;
-        peak_in_use_ = std::max(peak_in_use_, in_use_);
-      }
-    }
-    if (p == nullptr) {
-      p = c10::alloc_cpu(size);  // torch's own: aligned, and torch's error when out of memory
       std::lock_guard<std::mutex> lock(mutex_);
       live_[p] = size;
       in_use_ += size;
@@ -165,8 +153,18 @@ class Arena final : public c10::Allocator {
  private:
   // The allocator that was installed before (raw deallocations it owns go back to it).
   c10::Allocator* base() const {
-    c10::Allocator* b = previous_ != nullptr && previous_ != this ? previous_ : c10::GetDefaultCPUAllocator();
-    return b;
+    return previous_ != nullptr && previous_ != this ? previous_ : c10::GetDefaultCPUAllocator();
+  }
+
+  // A free block of exactly `size` bytes, taken off the free list; null when there is none.
+  void* take_cached(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(size);
+    if (it == free_.end()) return nullptr;
+    void* p = it->second;
+    free_.erase(it);
+    cached_ -= size;
+    return p;
   }
 
   std::mutex mutex_;
