@@ -197,6 +197,7 @@ def optimize(
     winograd: bool = True,
     cuda_graph: bool = False,
     streams: bool | None = None,
+    tasks: bool | None = None,
 ) -> nn.Module:
     """A fused inference copy of `model` (which is left untouched) with the same outputs.
 
@@ -213,6 +214,10 @@ def optimize(
     CUDA streams (hrnet_fast.fused.streams): at small batches one branch leaves most of the GPU idle.
     None (default): on with cuda_graph, whose graph keeps the fork and join and so drops their host
     cost; off without it, where that host cost outweighs the overlap (README, GPU table).
+    tasks: (cpu backend) run independent work side by side on threads, each with a share of
+    torch.get_num_threads(): an HR module's branches, then its fused outputs, and a batch in parts of
+    whole images (hrnet_fast.fused.cpu_tasks); outputs are bit-identical either way. None (default):
+    on for the cpu backend.
     The compiled backends run channels_last inside; outputs come back in the layout eager would
     give (NCHW for an NCHW input). The cpu backend runs each forward with a caching CPU allocator: the
     blocks a forward frees (256 KiB or more) stay for the next one, up to the most ever in use at once;
@@ -245,6 +250,10 @@ def optimize(
         streams = cuda_graph
     if streams and device.type != "cuda":
         raise ValueError(f"streams=True runs branches on parallel CUDA streams, so it needs a model on a CUDA device, got {device}")
+    if tasks is None:
+        tasks = chosen == "cpu"
+    if tasks and chosen != "cpu":
+        raise ValueError(f"tasks=True shares the CPU's threads between branches, so it needs the cpu backend, got {chosen!r}")
 
     fused = copy.deepcopy(model)
     converter = _Converter(chosen)
@@ -266,7 +275,9 @@ def optimize(
         if isinstance(m, FusedConv):
             m.pack(use_winograd=winograd)
         elif isinstance(m, FusedHRModule):
-            m.streams = streams
+            m.streams, m.tasks = streams, tasks
+        elif isinstance(m, ChunkedStage):
+            m.tasks = tasks
     # the compiled backends run channels_last end to end (NHWC tiles for Triton, cuDNN's fast
     # layout for half types, oneDNN's and our Winograd kernel's layout on the CPU)
     scope = _ForwardScope(dtype, channels_last=chosen in ("cpu", "cuda", "triton"), arena=chosen == "cpu")

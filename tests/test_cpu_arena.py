@@ -129,7 +129,7 @@ def test_stage_one_runs_in_chunks(monkeypatch):
     monkeypatch.setattr(ChunkedStage, "CHUNK_BYTES", 2 * per_image)
     with torch.no_grad():
         out = fused(x)
-    assert calls == [2, 2, 1]
+    assert sorted(calls) == [1, 2, 2]  # the chunks may run side by side (cpu_tasks)
     _assert_close(out, ref)
     with torch.no_grad():
         chunked = fused.layer1(stage_in)

@@ -68,7 +68,7 @@ def eager_channels_last(ctx: Context) -> Prepared:
     return Prepared(model, (ctx.x.contiguous(memory_format=torch.channels_last),), torch_path=True)
 
 
-def _hrnet_fast(backend: str, streams: bool = False) -> Callable[[Context], Prepared]:
+def _hrnet_fast(backend: str, streams: bool = False, tasks: bool | None = None) -> Callable[[Context], Prepared]:
     def prepare(ctx: Context) -> Prepared:
         dev = ctx.device.type
         if backend in ("cpu", "cuda") and dev != backend:
@@ -80,7 +80,7 @@ def _hrnet_fast(backend: str, streams: bool = False) -> Callable[[Context], Prep
         t0 = time.perf_counter()
         try:
             fast = hrnet_fast.optimize(ctx.model_fp32, backend=backend, dtype=None if ctx.dtype == torch.float32 else ctx.dtype,
-                            streams=streams)
+                            streams=streams, tasks=tasks)
         except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
             raise Skip(f"optimize(backend={backend!r}) failed: {_first_line(e)}") from None
         return Prepared(fast, (ctx.x,), torch_path=True, setup_s=time.perf_counter() - t0)
@@ -147,6 +147,7 @@ CONTENDERS: dict[str, Callable[[Context], Prepared]] = {
     "eager": eager,
     "eager_cl": eager_channels_last,
     "hrnet_fast_cpu": _hrnet_fast("cpu"),
+    "hrnet_fast_cpu_serial": _hrnet_fast("cpu", tasks=False),  # every op splitting its own work, no tasks
     "hrnet_fast_cuda": _hrnet_fast("cuda"),
     "hrnet_fast_cuda_streams": _hrnet_fast("cuda", streams=True),
     "hrnet_fast_triton": _hrnet_fast("triton"),

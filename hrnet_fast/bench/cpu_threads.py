@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-CONTENDERS = "hrnet_fast_cpu,onnxruntime,compile,eager"
+CONTENDERS = "hrnet_fast_cpu,hrnet_fast_cpu_serial,onnxruntime,compile,eager"
 
 
 def run(out: Path, threads: Sequence[int], batches: Sequence[int], min_run_time: float, python: str) -> dict[int, list[dict]]:

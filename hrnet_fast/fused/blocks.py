@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hrnet_fast.fused import cpu_tasks
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN, fold_conv_bn
 
@@ -101,6 +102,8 @@ class ChunkedStage(nn.Sequential):
         for name, block in stage.named_children():
             self.add_module(name, block)
         self.max_channels = max(c.weight.shape[0] for c in self.modules() if isinstance(c, FusedConv))
+        # set by optimize(tasks=True): the chunks side by side on threads
+        self.tasks = False
 
     def chunk(self, x: torch.Tensor) -> int:
         """Images per chunk for input `x` (at least 1)."""
@@ -109,5 +112,17 @@ class ChunkedStage(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = super().forward
-        k = self.chunk(x) if x.dim() == 4 and not torch.compiler.is_compiling() else x.shape[0]
-        return run(x) if k >= x.shape[0] else torch.cat([run(part) for part in x.split(k)])
+        if x.dim() != 4 or torch.compiler.is_compiling():
+            return run(x)
+        n = x.shape[0]
+        chunks = -(-n // self.chunk(x))
+        if self.tasks and cpu_tasks.may_fan_out():
+            # side by side on threads (hrnet_fast.fused.cpu_tasks): at least a part of the batch a thread
+            chunks = max(chunks, min(n, cpu_tasks.team()))
+            if chunks > 1:
+                return cpu_tasks.cat_batch(cpu_tasks.run_chains([([run], p) for p in cpu_tasks.split_batch(x, chunks)]))
+        return run(x) if chunks == 1 else torch.cat([run(p) for p in cpu_tasks.split_batch(x, chunks)])
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("tasks", False)  # absent from states saved before task parallelism
+        super().__setstate__(state)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hrnet_fast.fused import cpu_tasks
 from hrnet_fast.fused.blocks import conv_bn_pair, fused_conv
 from hrnet_fast.fused.folding import fold_conv_bn
 from hrnet_fast.fused.streams import run_concurrently
@@ -175,6 +176,11 @@ def _probe_mode(m: nn.Module) -> tuple[str, bool] | str:
     return f"a probe input cannot tell its upsampling modes apart ({found})"
 
 
+def _steps(branch: nn.Module) -> list[nn.Module]:
+    """A branch as the steps of a task chain: a Sequential's children (blocks), else the branch."""
+    return list(branch) if isinstance(branch, nn.Sequential) and len(branch) else [branch]
+
+
 def _exact_multiple(up: nn.Upsample, low: torch.Tensor, base: torch.Tensor) -> bool:
     """Whether Upsample(scale_factor) of `low` equals interpolating it to base's size."""
     sf = up.scale_factor if isinstance(up.scale_factor, tuple) else (up.scale_factor, up.scale_factor)
@@ -221,11 +227,14 @@ class FusedHRModule(nn.Module):
         self.n_out = len(rows)
         # set by optimize(streams=True): branches, then outputs, on parallel CUDA streams
         self.streams = False
+        # set by optimize(tasks=True) (cpu backend): branches, then outputs, side by side on threads
+        self.tasks = False
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("mode", "nearest")  # absent from states saved before bilinear fusion
         state.setdefault("align_corners", False)
         state.setdefault("lowres_scale", [[None] * len(r) for r in state["lowres_index"]])
+        state.setdefault("tasks", False)
         super().__setstate__(state)
         # looked up again: in a fresh process this is what defines the Triton op for a triton model
         self._fuse = _backend.kernel("fuse_multi_res", self.backend)
@@ -263,7 +272,26 @@ class FusedHRModule(nn.Module):
             if self.n_out == 0:
                 return x
             return run_concurrently([lambda i=i: self._output(i, x) for i in range(self.n_out)], x[0].device)
+        if self.tasks and x[0].device.type == "cpu" and cpu_tasks.may_fan_out():
+            return self._forward_tasks(x)
         x = [branch(xi) for branch, xi in zip(self.branches, x)]
         if self.n_out == 0:  # a single branch: the official module returns it without fusing
             return x
         return [self._output(i, x) for i in range(self.n_out)]
+
+    def _forward_tasks(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        """forward with the work side by side on threads (hrnet_fast.fused.cpu_tasks): the batch in
+        parts of whole images (as many as threads, at most), each part's branches block by block, then
+        each part's outputs."""
+        threads = cpu_tasks.team()
+        parts = cpu_tasks.split_batch(x, min(threads, x[0].shape[0]))
+        chains = [(_steps(branch), xb) for xs in parts for branch, xb in zip(self.branches, xs)]
+        ys = cpu_tasks.run_chains(chains)
+        nb = len(self.branches)
+        parts = [ys[p * nb : (p + 1) * nb] for p in range(len(parts))]
+        if self.n_out:
+            outs = cpu_tasks.run_chains(
+                [([lambda _, i=i, xs=xs: self._output(i, xs)], None) for xs in parts for i in range(self.n_out)]
+            )
+            parts = [outs[p * self.n_out : (p + 1) * self.n_out] for p in range(len(parts))]
+        return parts[0] if len(parts) == 1 else cpu_tasks.cat_batch(parts)

@@ -1,0 +1,39 @@
+// cpu_thread_team(int threads) -> int: how many OpenMP threads the *calling* thread's parallel regions
+// use from now on (torch's intra-op pool with OpenMP, oneDNN's convs, our kernels), returning what it
+// was; 0 asks without changing it. -1 where torch is not built with OpenMP (the setting is then not
+// per thread, and the task runner of hrnet_fast/fused/cpu_tasks.py stays off).
+//
+// Why not torch.set_num_threads: it also sets a process-wide count that every thread adopts on its
+// first parallel region (and MKL's), so threads splitting the cores between them would override each
+// other. OpenMP's team size (nthreads-var) is a per-thread setting: each task thread sets its own share.
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#if AT_PARALLEL_OPENMP
+#include <omp.h>
+#endif
+
+namespace hrnet_fast {
+namespace {
+
+int64_t cpu_thread_team(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "hrnet_fast::cpu_thread_team: threads must be >= 0 (0: only report), got ", threads);
+#if AT_PARALLEL_OPENMP
+  // at::get_num_threads first: a thread's first call sets its team to torch's process-wide count,
+  // which would otherwise undo the setting below at this thread's first parallel region
+  const int64_t previous = at::get_num_threads();
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  return previous;
+#else
+  return -1;
+#endif
+}
+
+}  // namespace
+}  // namespace hrnet_fast
+
+TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
+  m.def("cpu_thread_team(int threads) -> int", &hrnet_fast::cpu_thread_team);
+}

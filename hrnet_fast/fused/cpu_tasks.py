@@ -1,0 +1,162 @@
+"""Task parallelism for the cpu backend: independent chains of work (an HR module's branches, then its
+fused outputs; the parts of a batch) run side by side on threads of their own, each thread with a share
+of the caller's OpenMP threads.
+
+Why: every op of the cpu backend splits its own work between torch's threads, and at batch 1 most of
+HRNet's convs are too small to split well. W32's 64-channel 32x24 Winograd conv took 197 us on one
+thread and 146-178 us on two, while two such convs, each on one thread of its own, took 112-146 us a
+conv; a W32 forward with its branches side by side was 1.2-1.5x faster than with each conv split two
+ways (README, "Threads"). At batch 8, splitting the batch gives each thread whole images.
+
+How: `run_chains` hands the chains to min(threads, chains) workers: the calling thread and threads of
+a shared pool. Each worker sets its own OpenMP team (torch.ops.hrnet_fast.cpu_thread_team, a per-thread
+setting) to its share of the caller's threads, then repeatedly takes the next step of the chain with
+the most steps left that no other worker is running, so one long chain does not finish last alone.
+Chains nest: a worker given several threads may fan out again. Outputs are bit-identical to running
+the chains one after another: each step is the same op calls on the same inputs.
+
+Where not: ops on other threads would escape what is per thread here, so the chains run one after
+another in the caller under torch.compile, an active TorchDispatchMode or TorchFunctionMode (op
+counters, fake tensors, `with torch.device(...)`) or the profiler (which records the calling thread
+only), and on builds of torch without OpenMP.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+Step = Callable[[Any], Any]
+Chain = tuple[Sequence[Step], Any]  # the steps, applied in order to the chain's input
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                # nested chains and several callers may each hold workers: room for more than the cores
+                _pool = ThreadPoolExecutor(max_workers=4 * (os.cpu_count() or 1) + 4, thread_name_prefix="hrnet_fast_cpu")
+    return _pool
+
+
+def team() -> int:
+    """The calling thread's OpenMP team size (torch.get_num_threads() there), or 1 when it has none of
+    its own (torch without OpenMP): the threads run_chains may share out."""
+    n = int(torch.ops.hrnet_fast.cpu_thread_team(0))
+    return max(n, 1)
+
+
+def may_fan_out() -> bool:
+    """Whether work may leave the calling thread (module docstring, "Where not")."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0  # infra modes (fake tensors) included
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.autograd._profiler_enabled()
+    )
+
+
+class _Run:
+    """The shared state of one run_chains call."""
+
+    def __init__(self, chains: Sequence[Chain]) -> None:
+        self.steps = [list(s) for s, _ in chains]
+        self.values = [v for _, v in chains]
+        self.next = [0] * len(chains)
+        self.busy = [False] * len(chains)
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        # inference tensors and grad mode are per thread: workers run under the caller's
+        self.grad = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+
+    def _take(self) -> int | None:
+        """The chain whose next step this worker runs, or None when there is nothing left for it."""
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    return None
+                best, left = None, 0
+                for c, steps in enumerate(self.steps):
+                    n = len(steps) - self.next[c]
+                    if n and not self.busy[c] and n >= left:  # ties: the later chain (lower resolution)
+                        best, left = c, n
+                if best is not None:
+                    self.busy[best] = True
+                    return best
+                if all(n == len(s) for n, s in zip(self.next, self.steps)):
+                    return None
+                self.cond.wait()
+
+    def work(self, share: int) -> None:
+        """One worker: its OpenMP team set to `share`, steps until none is left."""
+        previous = torch.ops.hrnet_fast.cpu_thread_team(share)
+        try:
+            with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
+                while (c := self._take()) is not None:
+                    try:
+                        value = self.steps[c][self.next[c]](self.values[c])
+                    except BaseException as e:
+                        with self.cond:
+                            self.error = self.error or e
+                            self.cond.notify_all()
+                        raise
+                    with self.cond:
+                        self.values[c] = value
+                        self.next[c] += 1
+                        self.busy[c] = False
+                        self.cond.notify_all()
+        finally:
+            torch.ops.hrnet_fast.cpu_thread_team(previous)
+
+
+def run_chains(chains: Sequence[Chain]) -> list[Any]:
+    """Each chain's steps applied in order to its input, the chains side by side (module docstring);
+    the chains' results, in order. Sequential in the caller where work may not leave it."""
+    threads = team() if chains else 1
+    workers = min(threads, len(chains))
+    if workers < 2 or not may_fan_out():
+        out = []
+        for steps, value in chains:
+            for step in steps:
+                value = step(value)
+            out.append(value)
+        return out
+    run = _Run(chains)
+    shares = [threads // workers + (k < threads % workers) for k in range(workers)]
+    futures: list[Future] = [_executor().submit(run.work, s) for s in shares[1:]]
+    try:
+        run.work(shares[0])
+    finally:
+        # The caller's loop ends only when every step is done or running on a started worker: a
+        # worker still queued (a busy pool) is cancelled, one started finishes its step.
+        for f in futures:
+            if not f.cancel():
+                f.exception()
+    if run.error is not None:
+        raise run.error
+    return run.values
+
+
+def split_batch(x: torch.Tensor | Sequence[torch.Tensor], parts: int) -> list[Any]:
+    """x (a tensor, or a list of tensors with one batch size) as `parts` near-equal pieces along dim 0."""
+    tensors = [x] if isinstance(x, torch.Tensor) else list(x)
+    n = tensors[0].shape[0]
+    sizes = [n // parts + (k < n % parts) for k in range(parts)]
+    pieces = [t.split(sizes) for t in tensors]
+    return [p[0] if isinstance(x, torch.Tensor) else list(p) for p in zip(*pieces)]
+
+
+def cat_batch(parts: Sequence[Any]) -> Any:
+    """The inverse of split_batch: the pieces' tensors (or lists of tensors) concatenated along dim 0."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(list(parts))
+    return [torch.cat(list(ts)) for ts in zip(*parts)]

@@ -1,0 +1,254 @@
+"""Task parallelism of the cpu backend (hrnet_fast/fused/cpu_tasks.py, csrc/cpu/cpu_thread_team.cpp):
+chains run side by side with the caller's threads shared out, results and order as run one after
+another, errors and thread-local modes carried over, nothing leaving the caller where it must not,
+and whole models bit-identical with the tasks on and off."""
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hrnet_fast
+from hrnet_fast import _extension
+from hrnet_fast.fused import cpu_tasks
+from hrnet_fast.fused.blocks import ChunkedStage
+from hrnet_fast.fused.hr_module import FusedHRModule
+from hrnet_fast.reference import tiny_pose_hrnet
+
+from conftest import randomize_bn
+
+pytestmark = pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
+
+needs_openmp = pytest.mark.skipif(
+    _extension.is_built() and torch.ops.hrnet_fast.cpu_thread_team(0) < 0, reason="torch is built without OpenMP"
+)
+
+
+@pytest.fixture
+def threads() -> Iterator[callable]:
+    """Set torch's thread count for a test (run_chains shares out the caller's), restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _recording_chains(lengths: list[int], log: list, lock: threading.Lock) -> list:
+    def step(c: int, k: int):
+        def run(v: list) -> list:
+            with lock:
+                log.append((c, k, threading.get_ident(), torch.get_num_threads()))
+            return v + [k]
+
+        return run
+
+    return [([step(c, k) for k in range(n)], [c]) for c, n in enumerate(lengths)]
+
+
+@needs_openmp
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("lengths", [[3], [4, 1, 2], [2, 2, 2, 2, 2], [0, 3]])
+def test_chains_results_and_order(threads, n_threads, lengths):
+    threads(n_threads)
+    log, lock = [], threading.Lock()
+    out = cpu_tasks.run_chains(_recording_chains(lengths, log, lock))
+    assert out == [[c] + list(range(n)) for c, n in enumerate(lengths)]
+    for c, n in enumerate(lengths):  # each chain's steps ran in order
+        assert [k for cc, k, _, _ in log if cc == c] == list(range(n))
+    workers = min(n_threads, len(lengths))
+    shares = {n_threads // workers + (k < n_threads % workers) for k in range(workers)}
+    assert {t for *_, t in log} <= shares, "each worker runs with its share of the caller's threads"
+    assert len({ident for _, _, ident, _ in log}) <= workers
+    assert torch.get_num_threads() == n_threads, "the caller's thread count is restored"
+
+
+@needs_openmp
+def test_chains_run_side_by_side(threads):
+    """Two chains whose steps wait for each other finish only if they run at the same time."""
+    threads(2)
+    barrier = threading.Barrier(2, timeout=10)
+    idents = []
+
+    def meet(v):
+        idents.append(threading.get_ident())
+        barrier.wait()
+        return v
+
+    assert cpu_tasks.run_chains([([meet, meet], 0), ([meet, meet], 1)]) == [0, 1]
+    assert len(set(idents)) == 2
+
+
+@needs_openmp
+def test_nested_chains_share_again(threads):
+    threads(4)
+    seen = []
+
+    def inner(v):
+        seen.append(torch.get_num_threads())
+        return v * 2
+
+    def outer(v):
+        return sum(cpu_tasks.run_chains([([inner], v), ([inner], v + 1)]))
+
+    assert cpu_tasks.run_chains([([outer], 1), ([outer], 10)]) == [6, 42]
+    assert sorted(seen) == [1, 1, 1, 1], "each outer worker's 2 threads are shared again by its 2 inner chains"
+
+
+@needs_openmp
+def test_error_is_raised_and_the_rest_stops(threads):
+    threads(2)
+    ran, failed = [], threading.Event()
+
+    def bad(v):
+        failed.set()
+        raise ValueError("step failed")
+
+    def slow(v):
+        ran.append(v)
+        failed.wait(timeout=10)  # the other chain's step fails while this one runs
+        return v
+
+    with pytest.raises(ValueError, match="step failed"):
+        cpu_tasks.run_chains([([bad], 0), ([slow] * 50, 1)])
+    assert len(ran) == 1, "no new step starts after an error"
+    ran.clear()
+    assert torch.get_num_threads() == 2
+    assert cpu_tasks.run_chains([([slow], 5), ([slow], 6)]) == [5, 6], "the pool works after an error"
+
+
+@needs_openmp
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_grad_modes_carried_to_workers(threads, mode):
+    threads(2)
+    seen = []
+
+    def record(v):
+        seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return v
+
+    ctx = {"inference": torch.inference_mode(), "no_grad": torch.no_grad(), "grad": torch.enable_grad()}[mode]
+    with ctx:
+        expected = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        cpu_tasks.run_chains([([record], 0), ([record], 1)])
+    assert seen == [expected, expected]
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@needs_openmp
+def test_modes_and_profiler_keep_work_on_the_caller(threads):
+    """A dispatch mode or the profiler sees the calling thread only: there the chains run in it."""
+    threads(2)
+    me = threading.get_ident()
+
+    def where(v):
+        torch.ones(2).add_(1)
+        return threading.get_ident()
+
+    with _Count() as counter:
+        assert cpu_tasks.run_chains([([where], 0), ([where], 1)]) == [me, me]
+    assert counter.n >= 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert cpu_tasks.run_chains([([where], 0), ([where], 1)]) == [me, me]
+    assert cpu_tasks.may_fan_out()
+
+
+def test_thread_team_op():
+    before = torch.ops.hrnet_fast.cpu_thread_team(0)
+    if before < 0:
+        pytest.skip("torch is built without OpenMP")
+    try:
+        assert torch.ops.hrnet_fast.cpu_thread_team(1) == before
+        assert torch.get_num_threads() == 1, "the calling thread's team is what torch reports"
+    finally:
+        torch.ops.hrnet_fast.cpu_thread_team(before)
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="threads must be >= 0"):
+        torch.ops.hrnet_fast.cpu_thread_team(-1)
+
+
+@pytest.mark.parametrize("sizes", [(5, 2), (3, 3), (2, 1)])
+def test_split_and_cat_batch(sizes):
+    n, parts = sizes
+    x = torch.randn(n, 3, 4, 4)
+    xs = [x, torch.randn(n, 5, 2, 2)]
+    pieces = cpu_tasks.split_batch(x, parts)
+    assert len(pieces) == parts and max(p.shape[0] for p in pieces) - min(p.shape[0] for p in pieces) <= 1
+    assert torch.equal(cpu_tasks.cat_batch(pieces), x)
+    lists = cpu_tasks.split_batch(xs, parts)
+    assert all(isinstance(p, list) and len(p) == 2 for p in lists)
+    assert all(torch.equal(a, b) for a, b in zip(cpu_tasks.cat_batch(lists), xs))
+
+
+def _fused(tasks: bool | None = None):
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    return model, hrnet_fast.optimize(model, backend="cpu", tasks=tasks)
+
+
+@needs_openmp
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_model_same_bits_with_tasks(threads, n_threads, batch):
+    threads(n_threads)
+    model, fused = _fused()
+    assert all(m.tasks for m in fused.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        on = fused(x)
+        for m in fused.modules():
+            if isinstance(m, (FusedHRModule, ChunkedStage)):
+                m.tasks = False
+        off = fused(x)
+    assert torch.equal(on, off), "the chains run the same ops on the same inputs"
+    assert (on - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert torch.get_num_threads() == n_threads
+
+
+@needs_openmp
+def test_model_tasks_run_on_several_threads(threads, monkeypatch):
+    threads(2)
+    _, fused = _fused()
+    idents = set()
+    real = FusedHRModule._output
+
+    def spy(self, i, x):
+        idents.add(threading.get_ident())
+        time.sleep(0.02)  # the tiny model's steps are over before a worker wakes up, else
+        return real(self, i, x)
+
+    monkeypatch.setattr(FusedHRModule, "_output", spy)
+    with torch.no_grad():
+        for _ in range(5):
+            fused(torch.randn(2, 3, 64, 64))
+    assert len(idents) >= 2, "the caller and pool threads"
+
+
+def test_tasks_option():
+    model, off = _fused(tasks=False)
+    assert not any(m.tasks for m in off.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
+    with pytest.raises(ValueError, match="needs the cpu backend"):
+        hrnet_fast.optimize(model, backend="torch", tasks=True)
+    torch_model = hrnet_fast.optimize(model, backend="torch")
+    assert not any(m.tasks for m in torch_model.modules() if isinstance(m, FusedHRModule))
+
+
+def test_tasks_survive_pickling():
+    _, fused = _fused()
+    again = pickle.loads(pickle.dumps(fused))
+    assert all(m.tasks for m in again.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), fused(x))
