@@ -59,6 +59,9 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
   const WinogradTaskFn run_task = M == 2 ? kernels.m2 : kernels.m4;
   constexpr int K = M + 2;  // input tile size
+  // This library's own first-region set-up (csrc/cpu/cpu_thread_team.cpp) before the team is read:
+  // the scratch below has a slot per thread of the parallel_for's team, so the two must agree.
+  at::internal::lazy_init_num_threads();
   const int64_t threads = at::get_num_threads(), panels = g.coutp / kNr;
   // Tiles per block: what the cache budget allows.
   const int64_t per_tile = K * K * (g.cinp + g.coutp) * int64_t(sizeof(float));

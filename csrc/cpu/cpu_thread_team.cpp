@@ -21,8 +21,12 @@ namespace {
 int64_t cpu_thread_team(int64_t threads) {
   TORCH_CHECK(threads >= 0, "hrnet_fast::cpu_thread_team: threads must be >= 0 (0: only report), got ", threads);
 #if AT_PARALLEL_OPENMP
-  // at::get_num_threads first: a thread's first call sets its team to torch's process-wide count,
-  // which would otherwise undo the setting below at this thread's first parallel region
+  // A thread's first parallel region sets its team to torch's process-wide count, which would undo the
+  // setting below, once per copy of the inline at::internal::lazy_init_num_threads (its thread_local
+  // flag): libtorch's (run by at::get_num_threads) and this library's own (run by every at::parallel_for
+  // compiled here). Both run first. Without the second, a new thread's first Winograd conv sized its
+  // scratch for the team set here, then ran with torch's count, two threads sharing one slot.
+  at::internal::lazy_init_num_threads();
   const int64_t previous = at::get_num_threads();
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   return previous;

@@ -11,7 +11,8 @@ ways (README, "Threads"). At batch 8, splitting the batch gives each thread whol
 How: `run_chains` hands the chains to min(threads, chains) workers: the calling thread and threads of
 a shared pool. Each worker sets its own OpenMP team (torch.ops.hrnet_fast.cpu_thread_team, a per-thread
 setting) to its share of the caller's threads, then repeatedly takes the next step of the chain with
-the most steps left that no other worker is running, so one long chain does not finish last alone.
+the most steps left that no other worker is running, so one long chain does not finish last alone;
+when no step is left for the others, the last steps take the threads the idle workers leave.
 Chains nest: a worker given several threads may fan out again. Outputs are bit-identical to running
 the chains one after another: each step is the same op calls on the same inputs.
 
@@ -67,7 +68,9 @@ def may_fan_out() -> bool:
 class _Run:
     """The shared state of one run_chains call."""
 
-    def __init__(self, chains: Sequence[Chain]) -> None:
+    def __init__(self, chains: Sequence[Chain], threads: int) -> None:
+        self.threads = threads  # the caller's, shared out
+        self.in_use = 0  # threads of the steps running now
         self.steps = [list(s) for s, _ in chains]
         self.values = [v for _, v in chains]
         self.next = [0] * len(chains)
@@ -78,30 +81,40 @@ class _Run:
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
 
-    def _take(self) -> int | None:
-        """The chain whose next step this worker runs, or None when there is nothing left for it."""
+    def _take(self, share: int) -> tuple[int, int] | None:
+        """(the chain whose next step this worker runs, the threads to run it with), or None when
+        there is nothing left for it. The threads are the worker's share, or every thread no running
+        step holds when no other step is left for idle workers to take (the last chain's tail)."""
         with self.cond:
             while True:
                 if self.error is not None:
                     return None
-                best, left = None, 0
+                best, left, others = None, 0, 0
                 for c, steps in enumerate(self.steps):
                     n = len(steps) - self.next[c]
-                    if n and not self.busy[c] and n >= left:  # ties: the later chain (lower resolution)
-                        best, left = c, n
+                    if n and not self.busy[c]:
+                        others += 1
+                        if n >= left:  # ties: the later chain (lower resolution)
+                            best, left = c, n
                 if best is not None:
+                    team = share if others > 1 else max(share, self.threads - self.in_use)
                     self.busy[best] = True
-                    return best
+                    self.in_use += team
+                    return best, team
                 if all(n == len(s) for n, s in zip(self.next, self.steps)):
                     return None
                 self.cond.wait()
 
     def work(self, share: int) -> None:
-        """One worker: its OpenMP team set to `share`, steps until none is left."""
-        previous = torch.ops.hrnet_fast.cpu_thread_team(share)
+        """One worker: steps until none is left, each with the OpenMP team _take gives it."""
+        previous, current = torch.ops.hrnet_fast.cpu_thread_team(share), share
         try:
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
-                while (c := self._take()) is not None:
+                while (taken := self._take(share)) is not None:
+                    c, team = taken
+                    if team != current:
+                        torch.ops.hrnet_fast.cpu_thread_team(team)
+                        current = team
                     try:
                         value = self.steps[c][self.next[c]](self.values[c])
                     except BaseException as e:
@@ -113,6 +126,7 @@ class _Run:
                         self.values[c] = value
                         self.next[c] += 1
                         self.busy[c] = False
+                        self.in_use -= team
                         self.cond.notify_all()
         finally:
             torch.ops.hrnet_fast.cpu_thread_team(previous)
@@ -130,7 +144,7 @@ def run_chains(chains: Sequence[Chain]) -> list[Any]:
                 value = step(value)
             out.append(value)
         return out
-    run = _Run(chains)
+    run = _Run(chains, threads)
     shares = [threads // workers + (k < threads % workers) for k in range(workers)]
     futures: list[Future] = [_executor().submit(run.work, s) for s in shares[1:]]
     try:
