@@ -215,9 +215,9 @@ def optimize(
     None (default): on with cuda_graph, whose graph keeps the fork and join and so drops their host
     cost; off without it, where that host cost outweighs the overlap (README, GPU table).
     tasks: (cpu backend) run independent work side by side on threads, each with a share of
-    torch.get_num_threads(): an HR module's branches, then its fused outputs, and a batch in parts of
-    whole images (hrnet_fast.fused.cpu_tasks); outputs are bit-identical either way. None (default):
-    on for the cpu backend.
+    torch.get_num_threads(): an HR module's branches, then its fused outputs, and stage 1's chunks of
+    a batch (hrnet_fast.fused.cpu_tasks); outputs are bit-identical either way. None (default): on for
+    the cpu backend.
     The compiled backends run channels_last inside; outputs come back in the layout eager would
     give (NCHW for an NCHW input). The cpu backend runs each forward with a caching CPU allocator: the
     blocks a forward frees (256 KiB or more) stay for the next one, up to the most ever in use at once;

@@ -27,7 +27,9 @@ def _stats() -> tuple[int, bool]:
 
 def _models(batch: int = 3, size: int = 64):
     model = randomize_bn(tiny_pose_hrnet()).eval()
-    fused = hrnet_fast.optimize(model, backend="cpu")
+    # tasks off: side by side, the threads' allocations interleave differently each forward, and so do
+    # the arena's block counts this file checks exactly (tests/test_cpu_tasks.py runs the arena with them)
+    fused = hrnet_fast.optimize(model, backend="cpu", tasks=False)
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
         ref = model(x)
@@ -129,7 +131,7 @@ def test_stage_one_runs_in_chunks(monkeypatch):
     monkeypatch.setattr(ChunkedStage, "CHUNK_BYTES", 2 * per_image)
     with torch.no_grad():
         out = fused(x)
-    assert sorted(calls) == [1, 2, 2]  # the chunks may run side by side (cpu_tasks)
+    assert calls == [2, 2, 1]
     _assert_close(out, ref)
     with torch.no_grad():
         chunked = fused.layer1(stage_in)

@@ -232,16 +232,12 @@ def test_new_thread_keeps_its_team(team):
 
 
 @pytest.mark.parametrize("sizes", [(5, 2), (3, 3), (2, 1)])
-def test_split_and_cat_batch(sizes):
+def test_split_batch(sizes):
     n, parts = sizes
     x = torch.randn(n, 3, 4, 4)
-    xs = [x, torch.randn(n, 5, 2, 2)]
     pieces = cpu_tasks.split_batch(x, parts)
     assert len(pieces) == parts and max(p.shape[0] for p in pieces) - min(p.shape[0] for p in pieces) <= 1
-    assert torch.equal(cpu_tasks.cat_batch(pieces), x)
-    lists = cpu_tasks.split_batch(xs, parts)
-    assert all(isinstance(p, list) and len(p) == 2 for p in lists)
-    assert all(torch.equal(a, b) for a, b in zip(cpu_tasks.cat_batch(lists), xs))
+    assert torch.equal(torch.cat(pieces), x)
 
 
 def _fused(tasks: bool | None = None):
@@ -304,3 +300,18 @@ def test_tasks_survive_pickling():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(again(x), fused(x))
+
+
+@needs_openmp
+@pytest.mark.parametrize("batch, expected", [(1, [1]), (2, [1, 1]), (3, [1, 2])])
+def test_stage_one_chunks_side_by_side(threads, batch, expected):
+    """Stage 1 (ChunkedStage) takes at least one chunk a thread where the batch allows."""
+    threads(2)
+    model, fused = _fused()
+    calls: list[int] = []
+    fused.layer1[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = fused(x), model(x)
+    assert sorted(calls) == expected
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()

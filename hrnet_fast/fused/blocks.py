@@ -120,7 +120,7 @@ class ChunkedStage(nn.Sequential):
             # side by side on threads (hrnet_fast.fused.cpu_tasks): at least a part of the batch a thread
             chunks = max(chunks, min(n, cpu_tasks.team()))
             if chunks > 1:
-                return cpu_tasks.cat_batch(cpu_tasks.run_chains([([run], p) for p in cpu_tasks.split_batch(x, chunks)]))
+                return torch.cat(cpu_tasks.run_chains([([run], p) for p in cpu_tasks.split_batch(x, chunks)]))
         return run(x) if chunks == 1 else torch.cat([run(p) for p in cpu_tasks.split_batch(x, chunks)])
 
     def __setstate__(self, state: dict) -> None:

@@ -1,12 +1,12 @@
 """Task parallelism for the cpu backend: independent chains of work (an HR module's branches, then its
-fused outputs; the parts of a batch) run side by side on threads of their own, each thread with a share
-of the caller's OpenMP threads.
+fused outputs; stage 1's chunks of a batch) run side by side on threads of their own, each thread with
+a share of the caller's OpenMP threads.
 
 Why: every op of the cpu backend splits its own work between torch's threads, and at batch 1 most of
 HRNet's convs are too small to split well. W32's 64-channel 32x24 Winograd conv took 197 us on one
 thread and 146-178 us on two, while two such convs, each on one thread of its own, took 112-146 us a
 conv; a W32 forward with its branches side by side was 1.2-1.5x faster than with each conv split two
-ways (README, "Threads"). At batch 8, splitting the batch gives each thread whole images.
+ways (README, "Threads").
 
 How: `run_chains` hands the chains to min(threads, chains) workers: the calling thread and threads of
 a shared pool. Each worker sets its own OpenMP team (torch.ops.hrnet_fast.cpu_thread_team, a per-thread
@@ -160,17 +160,7 @@ def run_chains(chains: Sequence[Chain]) -> list[Any]:
     return run.values
 
 
-def split_batch(x: torch.Tensor | Sequence[torch.Tensor], parts: int) -> list[Any]:
-    """x (a tensor, or a list of tensors with one batch size) as `parts` near-equal pieces along dim 0."""
-    tensors = [x] if isinstance(x, torch.Tensor) else list(x)
-    n = tensors[0].shape[0]
-    sizes = [n // parts + (k < n % parts) for k in range(parts)]
-    pieces = [t.split(sizes) for t in tensors]
-    return [p[0] if isinstance(x, torch.Tensor) else list(p) for p in zip(*pieces)]
-
-
-def cat_batch(parts: Sequence[Any]) -> Any:
-    """The inverse of split_batch: the pieces' tensors (or lists of tensors) concatenated along dim 0."""
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(list(parts))
-    return [torch.cat(list(ts)) for ts in zip(*parts)]
+def split_batch(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """x as `parts` near-equal pieces along dim 0 (views)."""
+    n = x.shape[0]
+    return list(x.split([n // parts + (k < n % parts) for k in range(parts)]))
