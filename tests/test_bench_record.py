@@ -29,6 +29,13 @@ def test_machine_info_fields() -> None:
     json.dumps(info)  # must be JSON-serialisable as is
 
 
+def test_machine_info_records_openmp_env(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert record.machine_info()["openmp_env"].items() >= {"OMP_WAIT_POLICY": "ACTIVE"}.items()
+    assert "GOMP_SPINCOUNT" not in record.machine_info()["openmp_env"]
+
+
 def test_write_results_json_and_png(tmp_path) -> None:
     cfg = {"threads": 2, "dtype": torch.float32, "sizes": (256, 192)}
     jp, pp = record.write_results("unit_test", cfg, ROWS, out_dir=tmp_path / "res")

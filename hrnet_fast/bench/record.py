@@ -104,6 +104,9 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        # OpenMP's idle threads sleep or spin by these; on this project's VM a sleeping thread's wake-up
+        # made eager PyTorch 1.6x slower at batch 1 (README, "Threads")
+        "openmp_env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS") if k in os.environ},
         # other work on a shared machine skews timings: record how busy it was
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "versions": {
