@@ -18,6 +18,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 from torch.utils._pytree import tree_map
 
+from hrnet_fast.fused import cpu_tasks
 from hrnet_fast.fused.blocks import ChunkedStage, FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN
@@ -217,7 +218,8 @@ def optimize(
     tasks: (cpu backend) run independent work side by side on threads, each with a share of
     torch.get_num_threads(): an HR module's branches, then its fused outputs, and stage 1's chunks of
     a batch (hrnet_fast.fused.cpu_tasks); outputs are bit-identical either way. None (default): on for
-    the cpu backend.
+    the cpu backend, unless OpenMP's idle threads spin without end (OMP_WAIT_POLICY=ACTIVE), where
+    they compete with the task threads.
     The compiled backends run channels_last inside; outputs come back in the layout eager would
     give (NCHW for an NCHW input). The cpu backend runs each forward with a caching CPU allocator: the
     blocks a forward frees (256 KiB or more) stay for the next one, up to the most ever in use at once;
@@ -251,7 +253,7 @@ def optimize(
     if streams and device.type != "cuda":
         raise ValueError(f"streams=True runs branches on parallel CUDA streams, so it needs a model on a CUDA device, got {device}")
     if tasks is None:
-        tasks = chosen == "cpu"
+        tasks = chosen == "cpu" and not cpu_tasks.openmp_spins()
     if tasks and chosen != "cpu":
         raise ValueError(f"tasks=True shares the CPU's threads between branches, so it needs the cpu backend, got {chosen!r}")
 

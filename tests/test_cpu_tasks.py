@@ -315,3 +315,21 @@ def test_stage_one_chunks_side_by_side(threads, batch, expected):
         out, ref = fused(x), model(x)
     assert sorted(calls) == expected
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "env, spins",
+    [({}, False), ({"OMP_WAIT_POLICY": "active"}, True), ({"OMP_WAIT_POLICY": "PASSIVE"}, False),
+     ({"GOMP_SPINCOUNT": "INFINITE"}, True), ({"GOMP_SPINCOUNT": "10000"}, False)],
+)
+def test_tasks_default_off_where_openmp_spins(monkeypatch, env, spins):
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cpu_tasks.openmp_spins() is spins
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    default = hrnet_fast.optimize(model, backend="cpu")
+    assert all(m.tasks is not spins for m in default.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
+    forced = hrnet_fast.optimize(model, backend="cpu", tasks=True)
+    assert all(m.tasks for m in forced.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))

@@ -55,6 +55,17 @@ def team() -> int:
     return max(n, 1)
 
 
+def openmp_spins() -> bool:
+    """Whether OpenMP's idle threads spin without end (OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT=INFINITE,
+    read by OpenMP when it loads). Then the threads of the caller's team that a task worker leaves
+    unused keep a core busy each, next to the workers: with them, W32 at batch 1 ran 0.91x as fast with
+    tasks as without in the bench, and eager beside them slowed down (README, "Whole model"), so
+    optimize leaves tasks off by default."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    spin = os.environ.get("GOMP_SPINCOUNT", "").strip().upper()
+    return policy == "ACTIVE" or spin in ("INFINITE", "INFINITY")
+
+
 def may_fan_out() -> bool:
     """Whether work may leave the calling thread (module docstring, "Where not")."""
     return not (
