@@ -4,6 +4,7 @@ another, errors and thread-local modes carried over, nothing leaving the caller 
 and whole models bit-identical with the tasks on and off."""
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -333,3 +334,30 @@ def test_tasks_default_off_where_openmp_spins(monkeypatch, env, spins):
     assert all(m.tasks is not spins for m in default.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
     forced = hrnet_fast.optimize(model, backend="cpu", tasks=True)
     assert all(m.tasks for m in forced.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
+
+
+_FORKED = """
+import os, threading, torch, hrnet_fast
+from hrnet_fast.fused import cpu_tasks
+torch.set_num_threads(2)
+cpu_tasks.run_chains([([lambda v: v], 0), ([lambda v: v], 1)])  # the parent's pool exists
+pid = os.fork()
+if pid == 0:
+    barrier = threading.Barrier(2, timeout=20)
+    def meet(v):
+        barrier.wait()
+        return v
+    ok = cpu_tasks.run_chains([([meet], 0), ([meet], 1)]) == [0, 1]
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@needs_openmp
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_forked_child_gets_a_pool_of_its_own():
+    """A child forked after the parent used the pool still runs chains side by side (the parent's
+    worker threads do not exist in it)."""
+    out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == "0", out.stderr
