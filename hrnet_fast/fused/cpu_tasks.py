@@ -136,19 +136,18 @@ class _Run:
                     if team != current:
                         torch.ops.hrnet_fast.cpu_thread_team(team)
                         current = team
-                    try:
-                        value = self.steps[c][self.next[c]](self.values[c])
-                    except BaseException as e:
-                        with self.cond:
-                            self.error = self.error or e
-                            self.cond.notify_all()
-                        raise
+                    value = self.steps[c][self.next[c]](self.values[c])
                     with self.cond:
                         self.values[c] = value
                         self.next[c] += 1
                         self.busy[c] = False
                         self.in_use -= team
                         self.cond.notify_all()
+        except BaseException as e:  # a step's error, or an interrupt while waiting: the others stop too
+            with self.cond:
+                self.error = self.error or e
+                self.cond.notify_all()
+            raise
         finally:
             torch.ops.hrnet_fast.cpu_thread_team(previous)
 
