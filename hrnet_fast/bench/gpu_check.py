@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32", "bench_seg", "cpu_threads")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
 LIMITS = {"build": 240, "tests": 300, "profile": 90, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150,
-          "bench_seg": 200, "cpu_threads": 300}
+          "bench_seg": 200, "cpu_threads": 540}
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
 MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
 BENCH_CONTENDERS = "eager,eager_cl,compile,hrnet_fast_cuda,hrnet_fast_cuda_streams,hrnet_fast_triton"
