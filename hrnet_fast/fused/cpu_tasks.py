@@ -5,7 +5,7 @@ a share of the caller's OpenMP threads.
 Why: every op of the cpu backend splits its own work between torch's threads, and at batch 1 most of
 HRNet's convs are too small to split well. W32's 64-channel 32x24 Winograd conv took 197 us on one
 thread and 146-178 us on two, while two such convs, each on one thread of its own, took 112-146 us a
-conv; a W32 forward with its branches side by side was 1.2-1.5x faster than with each conv split two
+conv; a W32 forward with its branches side by side was 1.3-1.8x faster than with each conv split two
 ways (README, "Threads").
 
 How: `run_chains` hands the chains to min(threads, chains) workers: the calling thread and threads of
@@ -14,7 +14,8 @@ setting) to its share of the caller's threads, then repeatedly takes the next st
 the most steps left that no other worker is running, so one long chain does not finish last alone;
 when no step is left for the others, the last steps take the threads the idle workers leave.
 Chains nest: a worker given several threads may fan out again. Outputs are bit-identical to running
-the chains one after another: each step is the same op calls on the same inputs.
+the chains one after another: each step is the same op calls on the same inputs, and the cpu backend's
+kernels (ours and oneDNN's) give the same bits at any thread count (tests/test_cpu_tasks.py).
 
 Where not: ops on other threads would escape what is per thread here, so the chains run one after
 another in the caller under torch.compile, an active TorchDispatchMode or TorchFunctionMode (op
