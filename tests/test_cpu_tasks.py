@@ -361,3 +361,19 @@ def test_forked_child_gets_a_pool_of_its_own():
     worker threads do not exist in it)."""
     out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split()[-1] == "0", out.stderr
+
+
+@needs_openmp
+def test_stage_one_chunks_share_the_cache_budget(threads, monkeypatch):
+    """Chunks side by side split ChunkedStage's cache budget: a budget of 2 images, 2 threads -> 1-image chunks."""
+    threads(2)
+    model, fused = _fused()
+    per_image = 256 * 16 * 16 * 4  # the tiny net's stage-1 activation at a 64x64 input
+    monkeypatch.setattr(ChunkedStage, "CHUNK_BYTES", 2 * per_image)
+    calls: list[int] = []
+    fused.layer1[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = fused(x), model(x)
+    assert calls == [1] * 5
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()

@@ -105,22 +105,25 @@ class ChunkedStage(nn.Sequential):
         # set by optimize(tasks=True): the chunks side by side on threads
         self.tasks = False
 
-    def chunk(self, x: torch.Tensor) -> int:
-        """Images per chunk for input `x` (at least 1)."""
+    def chunk(self, x: torch.Tensor, in_flight: int = 1) -> int:
+        """Images per chunk for input `x` (at least 1), with `in_flight` chunks sharing the budget."""
         per_image = self.max_channels * x.shape[2] * x.shape[3] * x.element_size()
-        return max(1, self.CHUNK_BYTES // max(per_image, 1))
+        return max(1, self.CHUNK_BYTES // max(per_image * in_flight, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = super().forward
         if x.dim() != 4 or torch.compiler.is_compiling():
             return run(x)
         n = x.shape[0]
-        chunks = -(-n // self.chunk(x))
-        if self.tasks and cpu_tasks.may_fan_out():
-            # side by side on threads (hrnet_fast.fused.cpu_tasks): at least a part of the batch a thread
-            chunks = max(chunks, min(n, cpu_tasks.team()))
+        if self.tasks and n > 1 and cpu_tasks.may_fan_out():
+            # Side by side on threads (hrnet_fast.fused.cpu_tasks), at least a part of the batch a thread,
+            # the chunks in flight sharing the cache budget: W32's stage 1 at batch 8 on 2 threads took
+            # 65-71 ms in 1-image chunks against 70-79 in 2-image ones (README, "Threads").
+            workers = min(n, cpu_tasks.team())
+            chunks = max(-(-n // self.chunk(x, workers)), workers)
             if chunks > 1:
                 return torch.cat(cpu_tasks.run_chains([([run], p) for p in cpu_tasks.split_batch(x, chunks)]))
+        chunks = -(-n // self.chunk(x))
         return run(x) if chunks == 1 else torch.cat([run(p) for p in cpu_tasks.split_batch(x, chunks)])
 
     def __setstate__(self, state: dict) -> None:
