@@ -115,16 +115,15 @@ class ChunkedStage(nn.Sequential):
         if x.dim() != 4 or torch.compiler.is_compiling():
             return run(x)
         n = x.shape[0]
-        if self.tasks and n > 1 and cpu_tasks.may_fan_out():
-            # Side by side on threads (hrnet_fast.fused.cpu_tasks), at least a part of the batch a thread,
-            # the chunks in flight sharing the cache budget: W32's stage 1 at batch 8 on 2 threads took
-            # 65-71 ms in 1-image chunks against 70-79 in 2-image ones (README, "Threads").
-            workers = min(n, cpu_tasks.team())
-            chunks = max(-(-n // self.chunk(x, workers)), workers)
-            if chunks > 1:
-                return torch.cat(cpu_tasks.run_chains([([run], p) for p in cpu_tasks.split_batch(x, chunks)]))
-        chunks = -(-n // self.chunk(x))
-        return run(x) if chunks == 1 else torch.cat([run(p) for p in cpu_tasks.split_batch(x, chunks)])
+        # Side by side on threads (hrnet_fast.fused.cpu_tasks), at least a part of the batch a thread, the
+        # chunks in flight sharing the cache budget: W32's stage 1 at batch 8 on 2 threads took 65-71 ms
+        # in 1-image chunks against 70-79 in 2-image ones (README, "Threads").
+        workers = min(n, cpu_tasks.team()) if self.tasks and n > 1 and cpu_tasks.may_fan_out() else 1
+        chunks = max(-(-n // self.chunk(x, workers)), workers)
+        if chunks == 1:
+            return run(x)
+        parts = cpu_tasks.split_batch(x, chunks)
+        return torch.cat(cpu_tasks.run_chains([([run], p) for p in parts]) if workers > 1 else [run(p) for p in parts])
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("tasks", False)  # absent from states saved before task parallelism

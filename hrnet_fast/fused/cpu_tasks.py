@@ -156,9 +156,9 @@ class _Run:
 def run_chains(chains: Sequence[Chain]) -> list[Any]:
     """Each chain's steps applied in order to its input, the chains side by side (module docstring);
     the chains' results, in order. Sequential in the caller where work may not leave it."""
-    threads = team() if chains else 1
+    threads = team() if chains and may_fan_out() else 1
     workers = min(threads, len(chains))
-    if workers < 2 or not may_fan_out():
+    if workers < 2:
         out = []
         for steps, value in chains:
             for step in steps:
