@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.library import triton_op
@@ -28,15 +29,39 @@ def channel_block(channels: int, cap: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """How fp32 products are done. While torch.backends.cudnn.allow_tf32 is set (torch's default)
-    eager's cuDNN convolutions run in TF32, and the Triton ops take the tensor cores too, but as
-    "tf32x3" (three TF32 products per product, about fp32's accuracy): with plain "tf32" the whole
-    W32 model came out an order of magnitude further from float64 than eager with cuDNN's TF32 (the
-    first GPU run in benchmarks/GPU-NOTES.md has the numbers). IEEE fp32 otherwise.
+    """How fp32 products are done: the DOT_PRECISION the kernels pass to `dot`. While
+    torch.backends.cudnn.allow_tf32 is set (torch's default) eager's cuDNN convolutions run in TF32, and
+    so do the Triton ops: "tf32_rna", one TF32 product per product with both inputs rounded to TF32 to
+    nearest first, as cuDNN's conversion (cvt.rna) does. Triton's own "tf32" truncates the inputs
+    instead, whose error is biased: the whole W32 model came out an order of magnitude further from
+    float64 than eager with cuDNN's TF32 (the first GPU run in benchmarks/GPU-NOTES.md), about 4.5x
+    as far in a float64 simulation of the two roundings (README, "Backends"); "tf32x3" (three TF32
+    products) matched, at three times the tensor-core work. IEEE fp32 otherwise.
     (16-bit inputs multiply exactly whatever the setting; "tf32" is Triton's default for them.)"""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32x3" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
+    return "tf32_rna" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
+
+
+@triton.jit
+def tf32_round(x):
+    """fp32 `x` rounded to TF32 (10 mantissa bits) to nearest, ties away from zero (PTX cvt.rna.tf32.f32):
+    add half of the 13 dropped bits' weight to the magnitude and clear them. The carry can only reach
+    the exponent, so a value rounds up to the next binade, and past the largest TF32 value to Inf, as
+    cvt.rna does; Inf stays Inf. NaN is returned as it is (a carry could turn a NaN with a small payload
+    into Inf)."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b at DOT_PRECISION (dot_precision()): Triton's input_precision, or "tf32_rna"."""
+    if DOT_PRECISION == "tf32_rna":
+        return tl.dot(tf32_round(a), tf32_round(b), acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 def tracing(t: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from torch._prims_common import suggest_memory_format
 from torch.library import wrap_triton
 
 from hrnet_fast.ops import _meta
-from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot_precision, interpreting, tracing
+from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot, dot_precision, interpreting, tracing
 
 QUALNAME = "hrnet_fast::conv_bias_act_triton"
 
@@ -84,7 +84,7 @@ def _conv_bias_act_kernel(
                     mask=ok[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_cols + (r * swh + s * sww) + kk[:, None] * swi,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = dot(a, b, acc, DOT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:

@@ -20,7 +20,7 @@ from torch.library import wrap_triton
 
 from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import (
-    channel_block, define_op, device_guard, dot_precision, interpreting, linear_scale, nearest_scale,
+    channel_block, define_op, device_guard, dot, dot_precision, interpreting, linear_scale, nearest_scale,
 )
 
 QUALNAME = "hrnet_fast::fuse_multi_res_triton"
@@ -75,7 +75,7 @@ def _add_lowres(
             a11 = tl.load(x_ptr + r11[:, None] + ko, mask=m, other=0.0).to(tl.float32)
             a = ly0[:, None] * (lx0[:, None] * a00 + lx1[:, None] * a01) + ly1[:, None] * (lx0[:, None] * a10 + lx1[:, None] * a11)
             b = tl.load(w_ptr + offs_c[None, :] * swc + kk[:, None] * swk, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+            acc = dot(a.to(b.dtype), b, acc, DOT_PRECISION)
     else:
         # aten: src = min(floor(float32(dst) * float32(in / out)), in - 1)
         hs = tl.minimum(tl.floor(h.to(tl.float32) * scale_h).to(tl.int64), hi - 1)
@@ -86,7 +86,7 @@ def _add_lowres(
             mask_k = kk < ck
             a = tl.load(x_ptr + row[:, None] + kk[None, :] * sxc, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(w_ptr + offs_c[None, :] * swc + kk[:, None] * swk, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = dot(a, b, acc, DOT_PRECISION)
     return acc
 
 
