@@ -58,10 +58,11 @@ def tf32_round(x):
 @triton.jit
 def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     """acc + a @ b at DOT_PRECISION (dot_precision()): Triton's input_precision, or "tf32_rna"."""
-    if DOT_PRECISION == "tf32_rna":
-        return tl.dot(tf32_round(a), tf32_round(b), acc, input_precision="tf32")
+    if DOT_PRECISION == "tf32_rna":  # a compile-time branch: one dot per variant
+        acc = tl.dot(tf32_round(a), tf32_round(b), acc, input_precision="tf32")
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 def tracing(t: torch.Tensor) -> bool:

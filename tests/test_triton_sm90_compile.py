@@ -1,0 +1,60 @@
+"""The Triton kernels compile for an H100 (sm_90) here, without a GPU (tests/triton_sm90.py): what
+the interpreter cannot show, the tensor-core code, checked before any GPU run. fp32 under TF32
+("tf32_rna") is one TF32 product a product (a third of "tf32x3"'s), fp16 runs f16 tensor cores,
+IEEE fp32 none."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nvidia_backend() -> bool:
+    try:
+        return importlib.util.find_spec("triton.backends.nvidia") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="this triton has no NVIDIA backend to compile with")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_sm90.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout)
+
+
+TF32 = "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32"
+
+
+def test_fp32_under_tf32_is_one_rounded_product(compiled):
+    rna, x3 = compiled["conv fp32 tf32_rna"], compiled["conv fp32 tf32x3"]
+    assert rna["kinds"] == [TF32] and x3["kinds"] == [TF32]
+    # BLOCK_K 32 is 4 steps of k8: one TF32 product each, against tf32x3's three
+    assert rna["wgmma"] == 4 and x3["wgmma"] == 3 * rna["wgmma"]
+
+
+def test_ieee_fp32_takes_no_tensor_cores(compiled):
+    assert compiled["conv fp32 ieee"]["wgmma"] == 0
+
+
+def test_fp16_takes_f16_tensor_cores(compiled):
+    assert compiled["conv fp16"]["kinds"] == ["wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"]
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_fusion_compiles_with_tf32_products(compiled, bilinear):
+    fusion = compiled[f"fusion fp32 tf32_rna bilinear={bilinear}"]
+    # two low-res inputs, each 4 steps of k8 (BLOCK_K 32)
+    assert fusion["kinds"] == [TF32] and fusion["wgmma"] == 8
