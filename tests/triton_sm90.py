@@ -1,57 +1,102 @@
 """Compile hrnet_fast's Triton kernels for an H100 (sm_90) on a machine without a GPU, and report what
 the tensor-core code looks like: Triton lowers them to PTX and runs its bundled ptxas, which needs no
 device. Run by tests/test_triton_sm90_compile.py in a process of its own (without TRITON_INTERPRET,
-which would replace the kernels by interpreted ones); prints one JSON object.
+which would replace the kernels by interpreted ones); prints one JSON object. With --resources, the
+registers, spill stack and shared memory of the conv kernel at each tile the autotuner times instead
+(a lead for GPU tuning: what a tile costs in occupancy is known before any run).
 
-    .venv/bin/python tests/triton_sm90.py
+    .venv/bin/python tests/triton_sm90.py [--resources]
 """
 from __future__ import annotations
 
 import inspect
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hrnet_fast.triton.conv import _conv_bias_act_kernel
+from hrnet_fast.triton.conv import _TUNED_TILES, _conv_bias_act_kernel
 from hrnet_fast.triton.fusion import _fuse_multi_res_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 # the fusion kernel's float arguments (the interpolation scales) and pointers without a _ptr suffix
 FLOATS = {f"s{a}{k}" for a in "hw" for k in range(3)}
 POINTERS = {"x0", "x1", "x2"}
+# What a launch on channels_last tensors (the layout optimize() gives the GPU backends, channel counts
+# multiples of 16) specialises, as Triton's launcher would: unit channel strides become the constant
+# 1, the other strides and the pointers are known multiples of 16; the sizes are never specialised
+# (do_not_specialize).
+UNIT_STRIDES = {"sxc", "swo", "s_bias", "src", "soc", "sbc", "x0c", "x1c", "x2c", "w0k", "w1k", "w2k"}
+SIZES = {"M", "C_OUT", "C_IN", "H", "W", "HO", "WO", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",
+         "h0", "w0", "c0", "h1", "w1", "c1", "h2", "w2", "c2", "P", "C"}
 
 
-def _compile(kernel, constexprs: dict, dtype: str, num_warps: int) -> dict:
-    """Compile `kernel` with these constexprs, pointers to `dtype`, ints i32; what its PTX holds."""
+def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int = 3) -> triton.compiler.CompiledKernel:
+    """`kernel` compiled for TARGET with these constexprs, pointers to `dtype`, specialised as above."""
     names = list(inspect.signature(kernel.fn).parameters)
-    signature = {}
-    for name in names:
+    signature, attrs = {}, {}
+    constexprs = {**constexprs, **{name: 1 for name in UNIT_STRIDES if name in names}}
+    for i, name in enumerate(names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr") or name in POINTERS:
-            signature[name] = f"*{dtype}"
-        else:
-            signature[name] = "fp32" if name in FLOATS else "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    ptx = triton.compile(src, target=TARGET, options={"num_warps": num_warps}).asm["ptx"]
+            continue
+        signature[name] = f"*{dtype}" if name.endswith("_ptr") or name in POINTERS else "fp32" if name in FLOATS else "i32"
+        if signature[name] != "fp32" and name not in SIZES:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _summary(compiled: triton.compiler.CompiledKernel) -> dict:
+    """The tensor-core instructions of the PTX."""
+    ptx = compiled.asm["ptx"]
     wgmma = [line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line]
     return {"wgmma": len(wgmma), "kinds": sorted(set(wgmma))}
 
 
+def _resources(compiled: triton.compiler.CompiledKernel) -> str:
+    """Registers and spill stack per thread (cuobjdump, bundled with Triton), dynamic shared memory."""
+    import triton.backends.nvidia as nvidia
+
+    cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return f"registers {regs}, spill stack {stack} B, shared {compiled.metadata.shared} B"
+
+
+def resources() -> None:
+    for dtype, prec in (("fp16", "tf32"), ("fp32", "tf32_rna")):
+        for bm, bn, bk, warps, stages in _TUNED_TILES:
+            flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False, DOT_PRECISION=prec,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
+            compiled = _compile(_conv_bias_act_kernel, flags, dtype, warps, stages)
+            print(f"conv {dtype} tile {bm}x{bn}x{bk}, {warps} warps, {stages} stages: {_resources(compiled)}")
+
+
 def main() -> None:
+    if "--resources" in sys.argv:
+        return resources()
     conv = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False,
                 BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, NUM_STAGES=3)
     fusion = dict(NUM_LOWRES=2, HAS_BIAS=True, RELU=True, BLOCK_P=64, BLOCK_C=64, BLOCK_K=32, ALIGN_CORNERS=False)
     out = {"triton": triton.__version__}
     for prec in ("tf32_rna", "tf32x3", "ieee"):
-        out[f"conv fp32 {prec}"] = _compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": prec}, "fp32", 4)
-    out["conv fp16"] = _compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4)
+        out[f"conv fp32 {prec}"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": prec}, "fp32", 4))
+    out["conv fp16"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4))
     for bilinear in (False, True):
-        out[f"fusion fp32 tf32_rna bilinear={bilinear}"] = _compile(
-            _fuse_multi_res_kernel, {**fusion, "DOT_PRECISION": "tf32_rna", "BILINEAR": bilinear}, "fp32", 4)
+        out[f"fusion fp32 tf32_rna bilinear={bilinear}"] = _summary(_compile(
+            _fuse_multi_res_kernel, {**fusion, "DOT_PRECISION": "tf32_rna", "BILINEAR": bilinear}, "fp32", 4))
     json.dump(out, sys.stdout)
 
 
