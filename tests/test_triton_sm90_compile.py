@@ -1,7 +1,7 @@
 """The Triton kernels compile for an H100 (sm_90) here, without a GPU (tests/triton_sm90.py): what
 the interpreter cannot show, the tensor-core code, checked before any GPU run. fp32 under TF32
-("tf32_rna") is one TF32 product a product (a third of "tf32x3"'s), fp16 runs f16 tensor cores,
-IEEE fp32 none."""
+("tf32_rna") is one TF32 product a product (a third of "tf32x3"'s), fp16 and bf16 run their own
+tensor cores (bf16 with 64-bit indices too), IEEE fp32 none."""
 from __future__ import annotations
 
 import importlib.util
@@ -51,6 +51,14 @@ def test_ieee_fp32_takes_no_tensor_cores(compiled):
 
 def test_fp16_takes_f16_tensor_cores(compiled):
     assert compiled["conv fp16"]["kinds"] == ["wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"]
+
+
+def test_bf16_takes_bf16_tensor_cores(compiled):
+    bf16 = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"
+    assert compiled["conv bf16 64-bit indices"]["kinds"] == [bf16]
+    fusion = compiled["fusion bf16 3 inputs bilinear align_corners"]
+    # three low-res inputs, each 2 steps of k16 (BLOCK_K 32)
+    assert fusion["kinds"] == [bf16] and fusion["wgmma"] == 6
 
 
 @pytest.mark.parametrize("bilinear", [False, True])

@@ -94,6 +94,11 @@ def main() -> None:
     for prec in ("tf32_rna", "tf32x3", "ieee"):
         out[f"conv fp32 {prec}"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": prec}, "fp32", 4))
     out["conv fp16"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4))
+    out["conv bf16 64-bit indices"] = _summary(_compile(
+        _conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32", "INDEX_64": True}, "bf16", 4))
+    out["fusion bf16 3 inputs bilinear align_corners"] = _summary(_compile(
+        _fuse_multi_res_kernel, {**fusion, "NUM_LOWRES": 3, "DOT_PRECISION": "tf32", "BILINEAR": True, "ALIGN_CORNERS": True},
+        "bf16", 4))
     for bilinear in (False, True):
         out[f"fusion fp32 tf32_rna bilinear={bilinear}"] = _summary(_compile(
             _fuse_multi_res_kernel, {**fusion, "DOT_PRECISION": "tf32_rna", "BILINEAR": bilinear}, "fp32", 4))
