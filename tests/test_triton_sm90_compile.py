@@ -1,7 +1,8 @@
 """The Triton kernels compile for an H100 (sm_90) here, without a GPU (tests/triton_sm90.py): what
-the interpreter cannot show, the tensor-core code, checked before any GPU run. fp32 under TF32
+the interpreter cannot show, the code a GPU would run, checked before any GPU run. fp32 under TF32
 ("tf32_rna") is one TF32 product a product (a third of "tf32x3"'s), fp16 and bf16 run their own
-tensor cores (bf16 with 64-bit indices too), IEEE fp32 none."""
+tensor cores (bf16 with 64-bit indices too), IEEE fp32 none; with HRNet's channel counts every tile is
+loaded by 16-byte asynchronous copies into several stages of shared memory."""
 from __future__ import annotations
 
 import importlib.util
@@ -51,6 +52,19 @@ def test_ieee_fp32_takes_no_tensor_cores(compiled):
 
 def test_fp16_takes_f16_tensor_cores(compiled):
     assert compiled["conv fp16"]["kinds"] == ["wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"]
+
+
+def test_channel_loads_are_16_byte_async_copies(compiled):
+    """The kernels let Triton specialise channel counts (not in do_not_specialize): a multiple of 16
+    makes the channel masks constant over 16 channels, so the loads are 16-byte cp.async into a
+    pipeline of shared-memory stages. Without it fp16 tiles are loaded synchronously, one stage."""
+    for name, summary in compiled.items():
+        if name != "triton" and "not multiples of 16" not in name:
+            assert summary["async_copy_bytes"] == [16], name
+    fp16, plain = compiled["conv fp16"], compiled["conv fp16, channel counts not multiples of 16"]
+    assert plain["async_copy_bytes"] == []
+    # 3 stages of a 64x32 and a 32x64 fp16 tile (8 KiB a stage) against one
+    assert fp16["shared"] >= 3 * plain["shared"]
 
 
 def test_bf16_takes_bf16_tensor_cores(compiled):

@@ -21,20 +21,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from hrnet_fast.triton.conv import _SIZES as conv_sizes
 from hrnet_fast.triton.conv import _TUNED_TILES, _conv_bias_act_kernel
+from hrnet_fast.triton.fusion import _SIZES as fusion_sizes
 from hrnet_fast.triton.fusion import _fuse_multi_res_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 # the fusion kernel's float arguments (the interpolation scales) and pointers without a _ptr suffix
 FLOATS = {f"s{a}{k}" for a in "hw" for k in range(3)}
 POINTERS = {"x0", "x1", "x2"}
-# What a launch on channels_last tensors (the layout optimize() gives the GPU backends, channel counts
-# multiples of 16) specialises, as Triton's launcher would: unit channel strides become the constant
-# 1, the other strides and the pointers are known multiples of 16; the sizes are never specialised
-# (do_not_specialize).
+# What a launch on channels_last tensors (the layout optimize() gives the GPU backends) with HRNet's
+# channel counts (multiples of 16) specialises, as Triton's launcher would: unit channel strides become
+# the constant 1; the other strides, the channel counts and the pointers are known multiples of 16;
+# the kernels' do_not_specialize sizes are plain ints. UNSPECIALISED adds names to leave plain.
 UNIT_STRIDES = {"sxc", "swo", "s_bias", "src", "soc", "sbc", "x0c", "x1c", "x2c", "w0k", "w1k", "w2k"}
-SIZES = {"M", "C_OUT", "C_IN", "H", "W", "HO", "WO", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",
-         "h0", "w0", "c0", "h1", "w1", "c1", "h2", "w2", "c2", "P", "C"}
+SIZES = set(conv_sizes) | set(fusion_sizes)
+UNSPECIALISED: set[str] = set()
 
 
 def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int = 3) -> triton.compiler.CompiledKernel:
@@ -47,7 +49,7 @@ def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: i
             signature[name] = "constexpr"
             continue
         signature[name] = f"*{dtype}" if name.endswith("_ptr") or name in POINTERS else "fp32" if name in FLOATS else "i32"
-        if signature[name] != "fp32" and name not in SIZES:
+        if signature[name] != "fp32" and name not in SIZES | UNSPECIALISED:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
@@ -55,10 +57,13 @@ def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: i
 
 
 def _summary(compiled: triton.compiler.CompiledKernel) -> dict:
-    """The tensor-core instructions of the PTX."""
+    """The tensor-core instructions of the PTX, the sizes of its async copies into shared memory (bytes)
+    and the shared memory it takes."""
     ptx = compiled.asm["ptx"]
     wgmma = [line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line]
-    return {"wgmma": len(wgmma), "kinds": sorted(set(wgmma))}
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.\S+)? \[[^\]]*\], \[[^\]]*\], (0x[0-9a-f]+|\d+)", ptx)
+    return {"wgmma": len(wgmma), "kinds": sorted(set(wgmma)), "async_copy_bytes": sorted({int(c, 0) for c in copies}),
+            "shared": compiled.metadata.shared}
 
 
 def _resources(compiled: triton.compiler.CompiledKernel) -> str:
@@ -94,6 +99,10 @@ def main() -> None:
     for prec in ("tf32_rna", "tf32x3", "ieee"):
         out[f"conv fp32 {prec}"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": prec}, "fp32", 4))
     out["conv fp16"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4))
+    UNSPECIALISED.update({"C_IN", "C_OUT"})  # as the stem's 3 channels, or a kernel that never specialised them
+    out["conv fp16, channel counts not multiples of 16"] = _summary(
+        _compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4))
+    UNSPECIALISED.clear()
     out["conv bf16 64-bit indices"] = _summary(_compile(
         _conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32", "INDEX_64": True}, "bf16", 4))
     out["fusion bf16 3 inputs bilinear align_corners"] = _summary(_compile(

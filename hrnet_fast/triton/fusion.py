@@ -90,9 +90,10 @@ def _add_lowres(
     return acc
 
 
-# Sizes vary per fusion: specialising them would compile a variant per layer for nothing (strides
-# stay specialised: a unit channel stride makes the loads vector loads).
-_SIZES = ["h0", "w0", "c0", "h1", "w1", "c1", "h2", "w2", "c2", "P", "C", "H", "W"]
+# Spatial sizes vary per fusion: specialising them would compile variants for nothing. Strides and
+# channel counts stay specialised: a unit channel stride and channel counts known to be multiples of 16
+# make the masked channel loads vector loads (see _SIZES in hrnet_fast/triton/conv.py).
+_SIZES = ["h0", "w0", "h1", "w1", "h2", "w2", "P", "H", "W"]
 
 
 @triton.jit(do_not_specialize=_SIZES)
