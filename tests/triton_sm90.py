@@ -23,7 +23,9 @@ from triton.compiler import ASTSource
 
 from hrnet_fast.triton.conv import _SIZES as conv_sizes
 from hrnet_fast.triton.conv import _TUNED_TILES, _conv_bias_act_kernel
+from hrnet_fast.triton.conv import _blocks as conv_blocks
 from hrnet_fast.triton.fusion import _SIZES as fusion_sizes
+from hrnet_fast.triton.fusion import _blocks as fusion_blocks
 from hrnet_fast.triton.fusion import _fuse_multi_res_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -66,7 +68,7 @@ def _summary(compiled: triton.compiler.CompiledKernel) -> dict:
             "shared": compiled.metadata.shared}
 
 
-def _resources(compiled: triton.compiler.CompiledKernel) -> str:
+def _resources(compiled: triton.compiler.CompiledKernel) -> dict:
     """Registers and spill stack per thread (cuobjdump, bundled with Triton), dynamic shared memory."""
     import triton.backends.nvidia as nvidia
 
@@ -77,7 +79,43 @@ def _resources(compiled: triton.compiler.CompiledKernel) -> str:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    return f"registers {regs}, spill stack {stack} B, shared {compiled.metadata.shared} B"
+    return {"registers": int(regs), "spill_bytes": int(stack), "shared": compiled.metadata.shared}
+
+
+# W32's 3x3 convs (channels, output pixels an image) at batch 1 and 64: the untuned tiles they get
+W32_CONVS = [(batch, c, hw) for batch in (1, 64) for c, hw in ((32, 64 * 48), (64, 32 * 24), (128, 16 * 12), (256, 8 * 6))]
+
+
+def conv_resources() -> dict:
+    """Registers and spill stack of the conv kernel with the untuned tiles `_blocks` gives W32's convs
+    (what runs under torch.compile and with HRNET_FAST_TRITON_AUTOTUNE=0), fp16 and fp32."""
+    out = {}
+    for batch, channels, pixels in W32_CONVS:
+        tile = conv_blocks(batch * pixels, channels, channels)
+        for dtype, prec in (("fp16", "tf32"), ("fp32", "tf32_rna")):
+            name = f"conv {dtype} tile {tile}"
+            if name in out:
+                continue
+            bm, bn, bk, warps, stages = tile
+            flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False, DOT_PRECISION=prec,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
+            out[name] = _resources(_compile(_conv_bias_act_kernel, flags, dtype, warps, stages))
+    return out
+
+
+def fusion_resources() -> dict:
+    """Registers and spill stack of the fusion kernel with the tiles `_blocks` picks for W32's fusions
+    (output channels, low-res channels), nearest and bilinear, fp16 and fp32."""
+    out = {}
+    for dtype, prec in (("fp16", "tf32"), ("fp32", "tf32_rna")):
+        for channels, lowres in ((32, (64, 128, 256)), (64, (128, 256)), (128, (256,))):
+            for bilinear in (False, True):
+                block_p, block_c, block_k, warps = fusion_blocks(channels, list(lowres), bilinear)
+                flags = dict(NUM_LOWRES=len(lowres), HAS_BIAS=True, RELU=True, BLOCK_P=block_p, BLOCK_C=block_c,
+                             BLOCK_K=block_k, ALIGN_CORNERS=False, DOT_PRECISION=prec, BILINEAR=bilinear)
+                out[f"fusion {dtype} C={channels} lowres={lowres} bilinear={bilinear}"] = _resources(
+                    _compile(_fuse_multi_res_kernel, flags, dtype, warps))
+    return out
 
 
 def resources() -> None:
@@ -85,8 +123,11 @@ def resources() -> None:
         for bm, bn, bk, warps, stages in _TUNED_TILES:
             flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False, DOT_PRECISION=prec,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
-            compiled = _compile(_conv_bias_act_kernel, flags, dtype, warps, stages)
-            print(f"conv {dtype} tile {bm}x{bn}x{bk}, {warps} warps, {stages} stages: {_resources(compiled)}")
+            used = _resources(_compile(_conv_bias_act_kernel, flags, dtype, warps, stages))
+            print(f"conv {dtype} tile {bm}x{bn}x{bk}, {warps} warps, {stages} stages: {used['registers']} registers, "
+                  f"spill stack {used['spill_bytes']} B, shared {used['shared']} B")
+    for name, used in {**conv_resources(), **fusion_resources()}.items():
+        print(f"{name}: {used['registers']} registers, spill stack {used['spill_bytes']} B, shared {used['shared']} B")
 
 
 def main() -> None:
@@ -111,6 +152,7 @@ def main() -> None:
     for bilinear in (False, True):
         out[f"fusion fp32 tf32_rna bilinear={bilinear}"] = _summary(_compile(
             _fuse_multi_res_kernel, {**fusion, "DOT_PRECISION": "tf32_rna", "BILINEAR": bilinear}, "fp32", 4))
+    out["resources"] = {**conv_resources(), **fusion_resources()}
     json.dump(out, sys.stdout)
 
 

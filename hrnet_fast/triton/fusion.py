@@ -147,14 +147,18 @@ def _fuse_multi_res_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(channels: int, lowres_channels: Sequence[int]) -> tuple[int, int, int, int]:
+def _blocks(channels: int, lowres_channels: Sequence[int], bilinear: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps): one fixed tile under the interpreter, GPU-sized otherwise."""
     if interpreting():
         # the interpreter pays per program, so one mid-sized tile (far fewer programs than 16-wide
         # tiles), still small enough that the tests cover edge masks and several tiles
         return 64, 32, 32, 1
-    block_k = channel_block(max(lowres_channels, default=16), 64)
-    return 64, channel_block(channels, 64), block_k, 4 if channels > 32 else 2
+    # Four warps, one warpgroup: Hopper's wgmma needs one (two warps fall back to mma.sync). K steps of
+    # at most 32 channels, and bilinear output tiles of at most 32: the top output of a 4-branch module
+    # sums three inputs, and the bilinear blend holds four gathered K tiles at once; wider, or on two
+    # warps, that spilled registers on sm_90 (up to 1.8 KB a thread in fp32; tests/triton_sm90.py).
+    block_k = channel_block(max(lowres_channels, default=16), 32)
+    return 64, channel_block(channels, 32 if bilinear else 64), block_k, 4
 
 
 def _launch(
@@ -181,7 +185,7 @@ def _launch(
             args += [x, *x.stride(), hi, wi, x.shape[1], sh, sw, wt, wt.stride(0), wt.stride(1)]
         else:  # unused slot: any valid tensor, never read (NUM_LOWRES is constexpr)
             args += [base, 0, 0, 0, 0, 1, 1, 0, 1.0, 1.0, base, 0, 0]
-    block_p, block_c, block_k, num_warps = _blocks(c, [x.shape[1] for x in lowres])
+    block_p, block_c, block_k, num_warps = _blocks(c, [x.shape[1] for x in lowres], bilinear)
     p = n * h * w
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
     with device_guard(base):  # Triton launches on the current device, which need not be base's
