@@ -1,9 +1,10 @@
 """Compile hrnet_fast's Triton kernels for an H100 (sm_90) on a machine without a GPU, and report what
 the tensor-core code looks like: Triton lowers them to PTX and runs its bundled ptxas, which needs no
 device. Run by tests/test_triton_sm90_compile.py in a process of its own (without TRITON_INTERPRET,
-which would replace the kernels by interpreted ones); prints one JSON object. With --resources, the
-registers, spill stack and shared memory of the conv kernel at each tile the autotuner times instead
-(a lead for GPU tuning: what a tile costs in occupancy is known before any run).
+which would replace the kernels by interpreted ones); prints one JSON object, whose "resources" are
+the registers, spill stack and shared memory of the tiles both kernels pick without timing for W32's
+convs and fusions. With --resources, a table of those and of the conv at each tile the autotuner
+times instead (a lead for GPU tuning: what a tile costs in occupancy is known before any run).
 
     .venv/bin/python tests/triton_sm90.py [--resources]
 """
