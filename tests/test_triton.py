@@ -471,3 +471,25 @@ def test_triton_model_unpickled_in_a_fresh_interpreter(tmp_path):
         """,
         str(path),
     )
+
+
+def test_host_shortcuts_match_torch():
+    """The conv op's host-side shortcuts give what the slow ways give: the output's memory format
+    (remembered per shape and strides) and whether element offsets fit 32 bits (numel for dense tensors)."""
+    from torch._prims_common import suggest_memory_format
+
+    from hrnet_fast.triton._common import memory_format
+    from hrnet_fast.triton.conv import _offsets_fit_int32, _span
+
+    base = torch.randn(2, 3, 4, 5)
+    cases = [
+        base, base.contiguous(memory_format=CL), base[:, :1], base[:, :, :1, :1],  # ambiguous formats too
+        base.contiguous(memory_format=CL)[:, :, :1, :1], base[:, :, ::2], base.permute(0, 2, 3, 1)[..., :2],
+        torch.randn(1, 8, 1, 1), torch.randn(3, 1, 1, 4).expand(3, 6, 1, 4),
+    ]
+    for t in cases:
+        for _ in range(2):  # computed, then remembered
+            assert memory_format(t, traced=False) == suggest_memory_format(t), (t.shape, t.stride())
+        assert _offsets_fit_int32([t], traced=False) == (_span(t) < 2**31)
+    huge = torch.empty_strided((2, 2), (2**31, 1), device="meta")  # sparse: 4 elements, offsets past 2**31
+    assert not _offsets_fit_int32([huge], traced=True) and not _offsets_fit_int32([huge], traced=False)

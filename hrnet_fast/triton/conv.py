@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from torch._prims_common import suggest_memory_format
 from torch.library import wrap_triton
 
 from hrnet_fast.ops import _meta
-from hrnet_fast.triton._common import channel_block, define_op, device_guard, dot, dot_precision, interpreting, tracing
+from hrnet_fast.triton._common import (
+    channel_block, define_op, device_guard, dot, dot_precision, interpreting, memory_format, tracing,
+)
 
 QUALNAME = "hrnet_fast::conv_bias_act_triton"
 
@@ -108,6 +109,19 @@ def _span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()))
 
 
+def _offsets_fit_int32(tensors: Sequence[torch.Tensor | None], traced: bool) -> bool:
+    """Whether every element offset of these tensors is below 2**31. Run for real, a dense tensor's
+    span is its numel, checked without the per-dimension sum (which, with the memory format below,
+    was a third of this op's host time)."""
+    for t in tensors:
+        if t is None:
+            continue
+        dense = not traced and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last))
+        if (t.numel() if dense else _span(t)) >= 2**31:
+            return False
+    return True
+
+
 def _blocks(m: int, c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) without tuning: one fixed tile under the
     interpreter, GPU-sized otherwise."""
@@ -185,8 +199,9 @@ def conv_bias_act_triton(
     (FusedConv packs it so): then every tile load is contiguous along channels.
     """
     shape = _meta.conv_output_shape(x, weight, stride, padding)
+    traced = tracing(x)
     # the same layout as the shared fake (and aten's conv): follows suggest_memory_format(x)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x, traced))
     if out.numel() == 0:
         return out
     n, c_out, ho, wo = shape
@@ -194,7 +209,7 @@ def conv_bias_act_triton(
     kh, kw = weight.shape[2], weight.shape[3]
     m = n * ho * wo
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    index_64 = max(_span(t) for t in (x, weight, residual, out) if t is not None) >= 2**31
+    index_64 = not _offsets_fit_int32((x, weight, residual, out), traced)
     args = (
         x, *x.stride(),
         weight, *weight.stride(),
@@ -209,7 +224,7 @@ def conv_bias_act_triton(
     with device_guard(x):  # Triton launches on the current device, which need not be x's
         # Traced (torch.compile, opcheck): the fixed tile, as the sizes may be symbolic and nothing
         # can be timed. Run for real: the autotuner's choice, timed once per shape and remembered.
-        if autotuning() and not tracing(x):
+        if autotuning() and not traced:
             def grid(meta: dict[str, Any]) -> tuple[int, int]:
                 return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
 
