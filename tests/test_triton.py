@@ -493,3 +493,17 @@ def test_host_shortcuts_match_torch():
         assert _offsets_fit_int32([t], traced=False) == (_span(t) < 2**31)
     huge = torch.empty_strided((2, 2), (2**31, 1), device="meta")  # sparse: 4 elements, offsets past 2**31
     assert not _offsets_fit_int32([huge], traced=True) and not _offsets_fit_int32([huge], traced=False)
+
+
+def test_host_arithmetic_matches_triton():
+    """cdiv and channel_block's power of two, done in plain Python, equal triton.cdiv / next_power_of_2."""
+    import triton
+
+    from hrnet_fast.triton._common import MIN_BLOCK, cdiv, channel_block
+
+    for a in range(0, 300):
+        for b in (1, 16, 32, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+    for c in range(1, 1100):
+        for cap in (32, 64, 128):
+            assert channel_block(c, cap) == max(MIN_BLOCK, min(cap, triton.next_power_of_2(c)))

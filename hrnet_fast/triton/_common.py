@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -24,9 +25,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints. triton.cdiv and triton.next_power_of_2 are jit functions: called from
+    Python each costs microseconds of argument unwrapping, a launch's host time several times over."""
+    return -(-a // b)
+
+
 def channel_block(channels: int, cap: int) -> int:
     """A power-of-two tile over `channels`, at least MIN_BLOCK and at most `cap`."""
-    return max(MIN_BLOCK, min(cap, triton.next_power_of_2(max(1, channels))))
+    return max(MIN_BLOCK, min(cap, 1 << (max(1, channels) - 1).bit_length()))  # the next power of two
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -95,6 +102,7 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=4096)
 def nearest_scale(in_size: int, out_size: int) -> float:
     """float32(in_size) / float32(out_size) rounded to float32, as aten's nearest upsampling computes it.
 
@@ -104,6 +112,7 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
 
 
+@functools.lru_cache(maxsize=4096)
 def linear_scale(in_size: int, out_size: int, align_corners: bool) -> float:
     """aten's scale for F.interpolate(size=..., mode="bilinear") (area_pixel_compute_scale), float32:
     (in - 1) / (out - 1) with align_corners (0 for a 1-pixel output), else in / out."""

@@ -20,7 +20,7 @@ from torch.library import wrap_triton
 
 from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import (
-    channel_block, define_op, device_guard, dot, dot_precision, interpreting, memory_format, tracing,
+    cdiv, channel_block, define_op, device_guard, dot, dot_precision, interpreting, memory_format, tracing,
 )
 
 QUALNAME = "hrnet_fast::conv_bias_act_triton"
@@ -226,7 +226,7 @@ def conv_bias_act_triton(
         # can be timed. Run for real: the autotuner's choice, timed once per shape and remembered.
         if autotuning() and not traced:
             def grid(meta: dict[str, Any]) -> tuple[int, int]:
-                return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
+                return cdiv(m, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"])
 
             key = (x.dtype, x.device, tuple(args[-11:]), tuple(flags.items()))
             best = _BEST.get(key)
@@ -240,7 +240,7 @@ def conv_bias_act_triton(
                 _conv_bias_act_kernel[grid](*args, **flags, **best)
         else:
             block_m, block_n, block_k, num_warps, num_stages = _blocks(m, c_in, c_out)
-            grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+            grid = (cdiv(m, block_m), cdiv(c_out, block_n))
             wrap_triton(_conv_bias_act_kernel)[grid](
                 *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
                 num_warps=num_warps,

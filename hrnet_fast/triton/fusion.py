@@ -20,7 +20,7 @@ from torch.library import wrap_triton
 
 from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import (
-    channel_block, define_op, device_guard, dot, dot_precision, interpreting, linear_scale, nearest_scale,
+    cdiv, channel_block, define_op, device_guard, dot, dot_precision, interpreting, linear_scale, nearest_scale,
 )
 
 QUALNAME = "hrnet_fast::fuse_multi_res_triton"
@@ -187,7 +187,7 @@ def _launch(
             args += [base, 0, 0, 0, 0, 1, 1, 0, 1.0, 1.0, base, 0, 0]
     block_p, block_c, block_k, num_warps = _blocks(c, [x.shape[1] for x in lowres], bilinear)
     p = n * h * w
-    grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    grid = (cdiv(p, block_p), cdiv(c, block_c))
     with device_guard(base):  # Triton launches on the current device, which need not be base's
         wrap_triton(_fuse_multi_res_kernel)[grid](
             base, *base.stride(), out, *out.stride(),
