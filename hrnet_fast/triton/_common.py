@@ -42,9 +42,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     so do the Triton ops: "tf32_rna", one TF32 product per product with both inputs rounded to TF32 to
     nearest first, as cuDNN's conversion (cvt.rna) does. Triton's own "tf32" truncates the inputs
     instead, whose error is biased: the whole W32 model came out an order of magnitude further from
-    float64 than eager with cuDNN's TF32 (the first GPU run in benchmarks/GPU-NOTES.md), about 4.5x
-    as far in a float64 simulation of the two roundings (README, "Backends"); "tf32x3" (three TF32
-    products) matched, at three times the tensor-core work. IEEE fp32 otherwise.
+    float64 than eager with cuDNN's TF32 (the first GPU run in benchmarks/GPU-NOTES.md), 11-15x as
+    far in a float64 simulation of the two roundings (benchmarks/sim_tf32_rounding.py); "tf32x3"
+    (three TF32 products) matched, at three times the tensor-core work. IEEE fp32 otherwise.
     (16-bit inputs multiply exactly whatever the setting; "tf32" is Triton's default for them.)"""
     if dtype != torch.float32:
         return "tf32"
