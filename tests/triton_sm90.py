@@ -36,14 +36,23 @@ POINTERS = {"x0", "x1", "x2"}
 # What a launch on channels_last tensors (the layout optimize() gives the GPU backends) with HRNet's
 # channel counts (multiples of 16) specialises, as Triton's launcher would: unit channel strides become
 # the constant 1; the other strides, the channel counts and the pointers are known multiples of 16;
-# the kernels' do_not_specialize sizes are plain ints. UNSPECIALISED adds names to leave plain.
+# the kernels' do_not_specialize sizes are plain ints.
 UNIT_STRIDES = {"sxc", "swo", "s_bias", "src", "soc", "sbc", "x0c", "x1c", "x2c", "w0k", "w1k", "w2k"}
 SIZES = set(conv_sizes) | set(fusion_sizes)
-UNSPECIALISED: set[str] = set()
+# (pointer type, DOT_PRECISION) of the two dtypes the resource tables cover
+DTYPES = (("fp16", "tf32"), ("fp32", "tf32_rna"))
 
 
-def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int = 3) -> triton.compiler.CompiledKernel:
-    """`kernel` compiled for TARGET with these constexprs, pointers to `dtype`, specialised as above."""
+def _conv_flags(prec: str, bm: int, bn: int, bk: int, stages: int, **more) -> dict:
+    """The conv kernel's constexprs for a 3x3 conv with bias, residual and ReLU at this tile."""
+    return dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False, DOT_PRECISION=prec,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages, **more)
+
+
+def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int = 3,
+             unspecialised: frozenset[str] = frozenset()) -> triton.compiler.CompiledKernel:
+    """`kernel` compiled for TARGET with these constexprs, pointers to `dtype`, specialised as above
+    (the ints named in `unspecialised` left plain, as for channel counts that are not multiples of 16)."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature, attrs = {}, {}
     constexprs = {**constexprs, **{name: 1 for name in UNIT_STRIDES if name in names}}
@@ -52,7 +61,7 @@ def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: i
             signature[name] = "constexpr"
             continue
         signature[name] = f"*{dtype}" if name.endswith("_ptr") or name in POINTERS else "fp32" if name in FLOATS else "i32"
-        if signature[name] != "fp32" and name not in SIZES | UNSPECIALISED:
+        if signature[name] != "fp32" and name not in SIZES | unspecialised:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
@@ -93,14 +102,12 @@ def conv_resources() -> dict:
     out = {}
     for batch, channels, pixels in W32_CONVS:
         tile = conv_blocks(batch * pixels, channels, channels)
-        for dtype, prec in (("fp16", "tf32"), ("fp32", "tf32_rna")):
+        for dtype, prec in DTYPES:
             name = f"conv {dtype} tile {tile}"
             if name in out:
                 continue
             bm, bn, bk, warps, stages = tile
-            flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False, DOT_PRECISION=prec,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
-            out[name] = _resources(_compile(_conv_bias_act_kernel, flags, dtype, warps, stages))
+            out[name] = _resources(_compile(_conv_bias_act_kernel, _conv_flags(prec, bm, bn, bk, stages), dtype, warps, stages))
     return out
 
 
@@ -108,7 +115,7 @@ def fusion_resources() -> dict:
     """Registers and spill stack of the fusion kernel with the tiles `_blocks` picks for W32's fusions
     (output channels, low-res channels), nearest and bilinear, fp16 and fp32."""
     out = {}
-    for dtype, prec in (("fp16", "tf32"), ("fp32", "tf32_rna")):
+    for dtype, prec in DTYPES:
         for channels, lowres in ((32, (64, 128, 256)), (64, (128, 256)), (128, (256,))):
             for bilinear in (False, True):
                 block_p, block_c, block_k, warps = fusion_blocks(channels, list(lowres), bilinear)
@@ -120,31 +127,27 @@ def fusion_resources() -> dict:
 
 
 def resources() -> None:
-    for dtype, prec in (("fp16", "tf32"), ("fp32", "tf32_rna")):
+    used = {}
+    for dtype, prec in DTYPES:
         for bm, bn, bk, warps, stages in _TUNED_TILES:
-            flags = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False, DOT_PRECISION=prec,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
-            used = _resources(_compile(_conv_bias_act_kernel, flags, dtype, warps, stages))
-            print(f"conv {dtype} tile {bm}x{bn}x{bk}, {warps} warps, {stages} stages: {used['registers']} registers, "
-                  f"spill stack {used['spill_bytes']} B, shared {used['shared']} B")
-    for name, used in {**conv_resources(), **fusion_resources()}.items():
-        print(f"{name}: {used['registers']} registers, spill stack {used['spill_bytes']} B, shared {used['shared']} B")
+            name = f"conv {dtype} tile {bm}x{bn}x{bk}, {warps} warps, {stages} stages"
+            used[name] = _resources(_compile(_conv_bias_act_kernel, _conv_flags(prec, bm, bn, bk, stages), dtype, warps, stages))
+    for name, u in {**used, **conv_resources(), **fusion_resources()}.items():
+        print(f"{name}: {u['registers']} registers, spill stack {u['spill_bytes']} B, shared {u['shared']} B")
 
 
 def main() -> None:
     if "--resources" in sys.argv:
         return resources()
-    conv = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, INDEX_64=False,
-                BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, NUM_STAGES=3)
+    conv = {k: v for k, v in _conv_flags("", 64, 64, 32, 3).items() if k != "DOT_PRECISION"}
     fusion = dict(NUM_LOWRES=2, HAS_BIAS=True, RELU=True, BLOCK_P=64, BLOCK_C=64, BLOCK_K=32, ALIGN_CORNERS=False)
     out = {"triton": triton.__version__}
     for prec in ("tf32_rna", "tf32x3", "ieee"):
         out[f"conv fp32 {prec}"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": prec}, "fp32", 4))
     out["conv fp16"] = _summary(_compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4))
-    UNSPECIALISED.update({"C_IN", "C_OUT"})  # as the stem's 3 channels, or a kernel that never specialised them
-    out["conv fp16, channel counts not multiples of 16"] = _summary(
-        _compile(_conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4))
-    UNSPECIALISED.clear()
+    # as the stem's 3 channels, or a kernel that never specialised them
+    out["conv fp16, channel counts not multiples of 16"] = _summary(_compile(
+        _conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32"}, "fp16", 4, unspecialised=frozenset({"C_IN", "C_OUT"})))
     out["conv bf16 64-bit indices"] = _summary(_compile(
         _conv_bias_act_kernel, {**conv, "DOT_PRECISION": "tf32", "INDEX_64": True}, "bf16", 4))
     out["fusion bf16 3 inputs bilinear align_corners"] = _summary(_compile(
