@@ -148,16 +148,25 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
   }
 }
 
+// How far ahead (input channels) the per-panel filter transform prefetches the dense weight into L2.
+// There the weight is read once, panel by panel (9 lines at a stride of C_out floats per channel),
+// from memory, and the lines two channels ahead that L1 can hold in flight do not cover the latency:
+// W32's 256-channel 8x6 conv at batch 1, weights cold, took 610 us on one thread without it and 437
+// with it (1.4x; 1.1-1.2x on two threads, 1.1-1.17x for the 128-channel 16x12 one), measured in turns
+// in one process (README, "Winograd on the CPU"). Into L1 instead (prefetcht0) gained nothing.
+constexpr int64_t kFarPrefetch = 32;
+
 // U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of an IHWO weight
 // w [cin][3][3][cout] (channels past cout zero), into u: the 16 floats of (p, j, ci) at
 // u + p * us + ((j - j0) * cin + ci) * 16. Each (channel, panel) is 9 loads of one 64-byte line (a
 // panel's lines are one stream at a stride of cout floats) and the transform kFilterLanes wide. A
 // whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
 // because U's rows of positions may be a multiple of 4 KiB apart and a line written in halves would
-// be evicted between them by the other positions' lines.
+// be evicted between them by the other positions' lines. `far`: prefetch distance into L2, in
+// channels (0: none; kFarPrefetch where the weight comes from memory once per call).
 template <int M>
 void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_t j1, int64_t ci0, int64_t ci1,
-                   float* u, int64_t us) {
+                   float* u, int64_t us, int64_t far = 0) {
   constexpr int K = Winograd<M>::kTile, kParts = kNr / kFilterLanes;
   vfl g[9], tile[kParts == 1 ? 1 : K * K * kParts];
   for (int64_t j = j0; j < j1; ++j) {
@@ -165,6 +174,8 @@ void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_
       const float* row = w + ci * 9 * cout + j * kNr;
       if (ci + 2 < ci1)  // two channels ahead: 18 lines in flight
         for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (18 + k) * cout);
+      if (far && ci + far < ci1)  // and `far` channels ahead into L2 (prefetcht1)
+        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (9 * far + k) * cout, 0, 2);
       vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * cin + ci) * kNr);
       for (int part = 0; part < kParts; ++part) {
         const int o = part * kFilterLanes;
@@ -207,7 +218,7 @@ void winograd_task(const WinogradTask& k) {
     if (k.u) {
       gemms(j, k.u + j * g.cin * kNr, k.u_stride);
     } else {  // dense weight: transform this panel into the thread's buffer (L2), use it, move on
-      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1, 0, g.cin, k.ubuf, plane_stride(g.cin * kNr));
+      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1, 0, g.cin, k.ubuf, plane_stride(g.cin * kNr), kFarPrefetch);
       gemms(j, k.ubuf, plane_stride(g.cin * kNr));
     }
   }
