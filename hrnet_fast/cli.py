@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"), default="default",
                    help="torch.compile's mode for the compile contender (reduce-overhead replays CUDA graphs; default: default)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights, BN stats and inputs (default: 0)")
+    b.add_argument("--onnx-cache", default=None, metavar="DIR",
+                   help="keep the ONNX Runtime contender's exported models in DIR and reuse them in later runs with the "
+                        "same weights and input shape (default: export in every run)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -131,7 +134,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = runner.BenchConfig(
         model=args.model, input_size=args.input_size, batches=list(dict.fromkeys(args.batch)), device=device,
         dtype=args.dtype, threads=args.threads, contenders=args.contenders, min_run_time=args.min_run_time, rounds=args.rounds,
-        cuda_graph=args.cuda_graph, seed=args.seed, compile_mode=args.compile_mode,
+        cuda_graph=args.cuda_graph, seed=args.seed, compile_mode=args.compile_mode, onnx_cache=args.onnx_cache,
     )
     def checkpoint(name: str, config: dict, rows: list) -> None:  # each finished batch is on disk at once
         record.write_results(name, config, rows, out_dir=args.out)

@@ -92,6 +92,65 @@ def test_bench_onnxruntime_and_input_size(tiny_yaml: Path, tmp_path: Path) -> No
     assert "ops_per_forward" not in ort_row  # not a PyTorch path: nothing to count
 
 
+def test_onnx_cache_exports_once_per_weights_and_shape(tiny_yaml: Path, tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("onnxruntime")
+    exports: list[str] = []
+    real_export = torch.onnx.export
+
+    def counting_export(*args, **kwargs):
+        exports.append(str(args[2]))
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counting_export)
+    cache = tmp_path / "cache"
+
+    def bench(out: str, *extra: str) -> dict:
+        argv = ["bench", "--model", str(tiny_yaml), "--input-size", "32x32", "--out", str(tmp_path / out), *FAST,
+                "--contenders", "eager,onnxruntime", "--onnx-cache", str(cache), *extra]
+        assert cli.main(argv) == 0
+        return next(r for r in _load(tmp_path / out)["rows"] if r["contender"] == "onnxruntime")
+
+    first = bench("a")
+    assert len(exports) == 1 and first["check"] == "ok"
+    again = bench("b")  # same weights (seed) and input shape: the kept export, checked against eager again
+    assert len(exports) == 1 and again["check"] == "ok" and again["rel_err"] < 1e-4
+    other = bench("c", "--seed", "1")  # other weights: a new export, not the kept one
+    assert len(exports) == 2 and other["check"] == "ok"
+    assert sorted(p.name for p in cache.iterdir() if (p / "model.onnx").exists()) == sorted(
+        {Path(e).parent.name.split(".")[0] for e in exports}
+    )
+    assert not [p for p in cache.iterdir() if "." in p.name]  # no half-written export left behind
+
+
+def test_onnx_key_follows_weights_and_input_shape() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.zeros(1, 3, 8, 8)
+    key = C.onnx_key(model, x)
+    assert key == C.onnx_key(model, x.clone()) and len(key) == 32
+    assert key != C.onnx_key(model, torch.zeros(2, 3, 8, 8))
+    with torch.no_grad():
+        model[1].running_var[0] += 1e-6  # one buffer value: another model
+    assert key != C.onnx_key(model, x)
+
+
+def test_bench_model_is_the_same_bits_at_any_thread_count() -> None:
+    from hrnet_fast.bench.model import build_model, randomize
+
+    threads = torch.get_num_threads()
+    try:
+        states = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            # W32 at its own size: BN's reductions there are large enough to be split between threads
+            states.append(randomize(build_model("w32"), (256, 192), seed=3).state_dict())
+            assert torch.get_num_threads() == t  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    one, two = states
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert any(k.endswith("running_var") and not torch.all(v == 1) for k, v in one.items())  # measured, not reset
+
+
 def test_wrong_output_is_flagged_and_missing_package_skipped(tiny_yaml: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     def broken(ctx: C.Context) -> C.Prepared:
         return C.Prepared(lambda x: ctx.model(x) * 1.01, (ctx.x,), torch_path=True)

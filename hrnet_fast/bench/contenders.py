@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +37,7 @@ class Context:
     threads: int
     workdir: Path  # for exported files; removed by the caller
     compile_mode: str = "default"  # torch.compile's mode
+    onnx_cache: Path | None = None  # where exported ONNX models are kept for later runs (None: exported per run)
 
     @property
     def device(self) -> torch.device:
@@ -118,17 +121,10 @@ def onnxruntime(ctx: Context) -> Prepared:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise Skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         providers = ["CUDAExecutionProvider"]
-    path = ctx.workdir / f"model_b{ctx.x.shape[0]}.onnx"
     x_cpu = ctx.x.detach().cpu()
     t0 = time.perf_counter()
-    try:
-        # the exporter reports progress on stdout, which belongs to the results table
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.simplefilter("ignore")
-            model = copy.deepcopy(ctx.model_fp32).cpu()
-            torch.onnx.export(model, (x_cpu,), str(path), input_names=["x"], output_names=["y"], verbose=False)
-    except Exception as e:  # noqa: BLE001
-        raise Skip(f"torch.onnx.export failed: {_first_line(e)}") from None
+    path = _onnx_export(ctx.model_fp32, x_cpu, ctx.workdir if ctx.onnx_cache is None else ctx.onnx_cache,
+                        ctx.onnx_cache is not None)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = ctx.threads
@@ -154,6 +150,53 @@ CONTENDERS: dict[str, Callable[[Context], Prepared]] = {
     "compile": compiled,
     "onnxruntime": onnxruntime,
 }
+
+
+def onnx_key(model: nn.Module, x: torch.Tensor) -> str:
+    """What an exported model depends on: every weight's bytes, the input's shape and the exporter's torch."""
+    h = hashlib.blake2b(f"{torch.__version__} {tuple(x.shape)} {type(model).__qualname__}".encode(), digest_size=16)
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _onnx_export(model: nn.Module, x: torch.Tensor, folder: Path, cached: bool) -> Path:
+    """The ONNX file of `model` on input `x`: exported into `folder`, or, `cached`, taken from it when an
+    export of the same weights and input shape is there (the exporter takes ~15 s for W32, once per
+    batch size and process: `hrnet_fast.bench.cpu_threads` runs a process per thread count)."""
+    if not cached:
+        return _export_into(model, x, folder / f"model_b{x.shape[0]}")
+    final = folder / onnx_key(model, x)
+    if not (final / "model.onnx").exists():
+        # exported beside and renamed into place whole, with any external-data files the exporter wrote,
+        # so that a concurrent or interrupted run never sees half a model
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.", dir=folder))
+        try:
+            _export_into(model, x, tmp)
+            tmp.rename(final)
+        except OSError:  # another run put it there first
+            if not (final / "model.onnx").exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "model.onnx"
+
+
+def _export_into(model: nn.Module, x: torch.Tensor, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    try:
+        # the exporter reports progress on stdout, which belongs to the results table
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(copy.deepcopy(model).cpu(), (x,), str(path), input_names=["x"], output_names=["y"], verbose=False)
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"torch.onnx.export failed: {_first_line(e)}") from None
+    return path
 
 
 def make_workdir() -> tempfile.TemporaryDirectory[str]:

@@ -97,6 +97,9 @@ def randomize(model: nn.Module, size: tuple[int, int], seed: int = 0) -> nn.Modu
     Convs get He-normal weights (the official init's std=0.001 would shrink the heatmaps to ~0);
     BN running stats are measured on one random batch, then perturbed, so every layer stays in a
     sane range while folding BN still has real work to do. The caller's global RNG is untouched.
+    The calibration batch runs on one thread, so the statistics, and so the model, are the same bits at
+    every thread count (a reduction split between threads rounds differently): the thread-scaling table
+    times one model, and an exported ONNX file of it can be reused (`--onnx-cache`).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -112,7 +115,12 @@ def randomize(model: nn.Module, size: tuple[int, int], seed: int = 0) -> nn.Modu
             bn.momentum = None  # cumulative average over the calibration batch
             bn.train()
         device = next(model.parameters()).device
-        model(torch.randn(2, 3, *size, device=device))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model(torch.randn(2, 3, *size, device=device))
+        finally:
+            torch.set_num_threads(threads)
         for bn, (momentum, training) in zip(bns, saved):
             bn.momentum = momentum
             bn.train(training)

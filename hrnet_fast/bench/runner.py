@@ -58,6 +58,7 @@ class BenchConfig:
     cuda_graph: bool = False
     seed: int = 0
     compile_mode: str = "default"
+    onnx_cache: str | None = None  # folder keeping ONNX Runtime's exported models between runs (None: per run)
 
     def result_name(self, tag: str, size: tuple[int, int]) -> str:
         """e.g. model_w32_256x192_cpu, model_w32_256x192_cuda_bfloat16_b1-8."""
@@ -225,7 +226,8 @@ def run(
             if not torch.isfinite(ref).all():
                 raise BenchError(f"the eager model's {cfg.dtype} output on input {tuple(x.shape)} is not finite: "
                                  "no contender can be checked against it")
-            ctx = C.Context(model, base, x, dtype, cfg.threads, Path(workdir), cfg.compile_mode)
+            ctx = C.Context(model, base, x, dtype, cfg.threads, Path(workdir), cfg.compile_mode,
+                            Path(cfg.onnx_cache) if cfg.onnx_cache else None)
             entries: list[_Entry] = []
             for name in cfg.contenders:
                 bar.set_postfix_str(f"batch {batch}: prepare {name}")
