@@ -153,7 +153,7 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
 // from memory, and the lines two channels ahead that L1 can hold in flight do not cover the latency:
 // W32's 256-channel 8x6 conv at batch 1, weights cold, took 610 us on one thread without it and 437
 // with it (1.4x; 1.1-1.2x on two threads, 1.1-1.17x for the 128-channel 16x12 one), measured in turns
-// in one process (README, "Winograd on the CPU"). Into L1 instead (prefetcht0) gained nothing.
+// in one process (README, "Where the time goes"). Into L1 instead (prefetcht0) gained nothing.
 constexpr int64_t kFarPrefetch = 32;
 
 // U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of an IHWO weight

@@ -123,8 +123,7 @@ def onnxruntime(ctx: Context) -> Prepared:
         providers = ["CUDAExecutionProvider"]
     x_cpu = ctx.x.detach().cpu()
     t0 = time.perf_counter()
-    path = _onnx_export(ctx.model_fp32, x_cpu, ctx.workdir if ctx.onnx_cache is None else ctx.onnx_cache,
-                        ctx.onnx_cache is not None)
+    path = _onnx_export(ctx.model_fp32, x_cpu, ctx.workdir, ctx.onnx_cache)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = ctx.threads
@@ -163,18 +162,19 @@ def onnx_key(model: nn.Module, x: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _onnx_export(model: nn.Module, x: torch.Tensor, folder: Path, cached: bool) -> Path:
-    """The ONNX file of `model` on input `x`: exported into `folder`, or, `cached`, taken from it when an
-    export of the same weights and input shape is there (the exporter takes ~15 s for W32, once per
-    batch size and process: `hrnet_fast.bench.cpu_threads` runs a process per thread count)."""
-    if not cached:
-        return _export_into(model, x, folder / f"model_b{x.shape[0]}")
-    final = folder / onnx_key(model, x)
+def _onnx_export(model: nn.Module, x: torch.Tensor, workdir: Path, cache: Path | None) -> Path:
+    """The ONNX file of `model` on input `x`: exported into `workdir`, or, with a `cache` folder, taken
+    from there when an export of the same weights and input shape is there, else exported into it (the
+    exporter takes ~15 s for W32, once per batch size and process, and `hrnet_fast.bench.cpu_threads`
+    runs a process per thread count)."""
+    if cache is None:
+        return _export_into(model, x, workdir / f"model_b{x.shape[0]}")
+    final = cache / onnx_key(model, x)
     if not (final / "model.onnx").exists():
         # exported beside and renamed into place whole, with any external-data files the exporter wrote,
         # so that a concurrent or interrupted run never sees half a model
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.", dir=folder))
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.", dir=cache))
         try:
             _export_into(model, x, tmp)
             tmp.rename(final)
