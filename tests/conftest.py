@@ -85,3 +85,34 @@ def set_field(cfg: dict, dotted: str, value) -> dict:
     else:
         node[last] = value
     return cfg
+
+
+# The GPU tests that take a minute (mostly Triton compiles) rather than a second: the autotuned ones,
+# then the whole models, the Triton backend's first (its compiles dominate).
+def _gpu_slow_rank(item: pytest.Item) -> int | None:
+    if item.get_closest_marker("cuda") is None:
+        return None
+    if item.get_closest_marker("autotune") is not None:
+        return 0
+    name = getattr(item, "originalname", "")
+    if name == "test_optimize_whole_model":
+        return 1 if "-triton-" in item.name else 3
+    return 2 if name in _GPU_SLOW else None
+
+
+_GPU_SLOW = {"test_optimize_tf32_default_matches_eager", "test_cudnn_fused_path_and_its_fallback_agree",
+             "test_streams_give_the_same_outputs", "test_past_2_31_elements", "test_cuda_graph_with_load_state_dict"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow GPU tests first, each followed by a quick one. Under pytest-xdist with
+    `--maxschedchunk 2` (as `make gpu-check` runs them) each worker's first chunk then holds one slow
+    test, so they run side by side from the start instead of queueing at the end of the run."""
+    ranked = [(rank, i) for i, item in enumerate(items) if (rank := _gpu_slow_rank(item)) is not None]
+    if not ranked:
+        return
+    slow_at = {i for _, i in ranked}
+    slow = [items[i] for _, i in sorted(ranked)]
+    quick = [item for i, item in enumerate(items) if i not in slow_at]
+    head = [item for pair in zip(slow, quick) for item in pair]
+    items[:] = head + slow[len(quick):] + quick[len(slow):]

@@ -66,6 +66,15 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _xdist_version() -> tuple[int, ...]:
+    import importlib.metadata
+
+    try:
+        return tuple(int(p) for p in re.findall(r"\d+", importlib.metadata.version("pytest-xdist"))[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+
+
 def _sanitizer() -> str | None:
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     cand = Path(home) / "bin" / "compute-sanitizer"
@@ -80,6 +89,9 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
     tests = [a for a in pytest if a != "-q"] + ["-v", "--durations=8"]
     if workers > 1 and _have("xdist"):
         tests += ["-n", str(workers)]
+        if _xdist_version() >= (3, 2):
+            # chunks of two: each worker starts with one of the slow tests (tests/conftest.py orders them)
+            tests += ["--maxschedchunk", "2"]
     if _have("pytest_timeout"):
         tests += ["--timeout", "180"]
     def bench_at(*batches: str) -> list[str]:
