@@ -507,3 +507,27 @@ def test_host_arithmetic_matches_triton():
     for c in range(1, 1100):
         for cap in (32, 64, 128):
             assert channel_block(c, cap) == max(MIN_BLOCK, min(cap, triton.next_power_of_2(c)))
+
+
+def test_host_arithmetic_takes_symbolic_sizes():
+    """Traced with symbolic sizes (opcheck's dynamic-shape pass, torch.compile(dynamic=True)) the sizes
+    are SymInts: the remembered interpolation scales, cdiv and channel_block still give the plain ints'
+    answers (GPU run 5: the scales' cache could not hash a SymInt)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hrnet_fast.triton._common import cdiv, channel_block, linear_scale, nearest_scale
+
+    seen = {}
+
+    def trace(x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        (_, c, h, w), (_, _, hi, wi) = x.shape, low.shape
+        assert isinstance(h, torch.SymInt)
+        seen["symbolic"] = (nearest_scale(hi, h), nearest_scale(wi, w), linear_scale(hi, h, False),
+                            linear_scale(wi, w, True), cdiv(h * w, 16), channel_block(c, 64))
+        return x + 1
+
+    make_fx(trace, tracing_mode="symbolic")(torch.randn(2, 24, 12, 10), torch.randn(2, 8, 5, 3))
+    want = (nearest_scale(5, 12), nearest_scale(3, 10), linear_scale(5, 12, False), linear_scale(3, 10, True),
+            cdiv(120, 16), channel_block(24, 64))
+    assert tuple(float(v) if isinstance(v, torch.SymFloat) else int(v) if isinstance(v, torch.SymInt) else v
+                 for v in seen["symbolic"]) == want

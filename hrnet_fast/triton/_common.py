@@ -102,7 +102,20 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=4096)
+def _remembered_for_plain_ints(fn: Callable[..., float]) -> Callable[..., float]:
+    """`fn` remembered per argument tuple when every size is a plain int. Traced with symbolic sizes
+    (opcheck, torch.compile with dynamic shapes) they are SymInts, which cannot be hashed: computed
+    each time then (GPU run 5: opcheck of the Triton fusion failed so)."""
+    cached = functools.lru_cache(maxsize=4096)(fn)
+
+    @functools.wraps(fn)
+    def scale(*args: Any) -> float:
+        return cached(*args) if all(type(a) in (int, bool) for a in args) else fn(*args)
+
+    return scale
+
+
+@_remembered_for_plain_ints
 def nearest_scale(in_size: int, out_size: int) -> float:
     """float32(in_size) / float32(out_size) rounded to float32, as aten's nearest upsampling computes it.
 
@@ -112,7 +125,7 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
 
 
-@functools.lru_cache(maxsize=4096)
+@_remembered_for_plain_ints
 def linear_scale(in_size: int, out_size: int, align_corners: bool) -> float:
     """aten's scale for F.interpolate(size=..., mode="bilinear") (area_pixel_compute_scale), float32:
     (in - 1) / (out - 1) with align_corners (0 for a 1-pixel output), else in / out."""
