@@ -139,12 +139,14 @@ class _ForwardScope:
       traces no grad mode split across hooks) nor when grad is enabled (a training caller keeps autograd).
     - arena (cpu backend): the caching CPU allocator is installed for the call (csrc/cpu/cpu_arena.cpp),
       so each forward's large activations reuse the last one's memory instead of fresh pages.
-    Per-call state lives on a per-thread stack, so threads may share one model.
+    Per-call state lives on a per-thread stack, so threads may share one model; while Dynamo traces,
+    on a plain list instead (see _stack).
     """
 
     def __init__(self, dtype: torch.dtype | None, channels_last: bool, arena: bool = False) -> None:
         self.dtype, self.channels_last, self.arena = dtype, channels_last, arena
         self._local = threading.local()
+        self._traced: list[tuple] = []
 
     def __reduce__(self):  # copies and pickles start with an empty per-thread stack
         return (_ForwardScope, (self.dtype, self.channels_last, self.arena))
@@ -158,8 +160,15 @@ class _ForwardScope:
             a = a.contiguous(memory_format=torch.channels_last)
         return a
 
+    def _stack(self) -> list[tuple]:
+        # Dynamo cannot trace a threading.local on torch 2.11 (setdefault of its __dict__ is unsupported).
+        # A traced forward pushes and pops within one graph, so a plain list shared by threads is safe there.
+        if torch.compiler.is_compiling():
+            return self._traced
+        return self._local.__dict__.setdefault("stack", [])
+
     def enter(self, module: nn.Module, args: tuple) -> tuple:
-        stack = self._local.__dict__.setdefault("stack", [])
+        stack = self._stack()
         first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4), None)
         restore = (
             self.channels_last and first is not None and suggest_memory_format(first) != torch.channels_last
@@ -177,7 +186,7 @@ class _ForwardScope:
         return tuple(self._prepare(a) for a in args)
 
     def exit(self, module: nn.Module, args: tuple, output: object) -> object:
-        stack = self._local.__dict__.get("stack")
+        stack = self._stack()
         mode, restore, arena = stack.pop() if stack else (None, False, False)
         try:
             if restore:
