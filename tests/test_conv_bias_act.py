@@ -168,6 +168,24 @@ def test_packed_weight_works_for_other_input_shapes():
 
 
 @needs_ext
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(
+    "xs,ws,stride", [((1, 4, 2, 2), (8, 4, 3, 3), 2), ((2, 4, 5, 3), (1, 4, 3, 3), 1)], ids=["1x1_out", "one_channel_out"]
+)
+def test_residual_where_nchw_and_nhwc_coincide(xs, ws, stride, packed):
+    """A residual on oneDNN's NHWC path (channels_last x or a packed weight) with an output whose NCHW
+    and NHWC layouts coincide (1x1, or one channel): torch 2.11's oneDNN cannot fuse the add there."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(xs, generator=g).contiguous(memory_format=CL)
+    w = torch.randn(ws, generator=g) / ws[1] ** 0.5
+    b = torch.randn(ws[0], generator=g)
+    r = torch.randn(conv_output_shape(x, w, [stride] * 2, [1, 1]), generator=g)
+    y = conv_bias_act(x, prepack(w, xs, stride, 1) if packed else w, b, stride, 1, r, backend="cpu")
+    torch.testing.assert_close(y, ref(x, w, b, stride, 1, r, True), rtol=1e-4, atol=1e-4)
+    assert_format_follows_x(y, x)
+
+
+@needs_ext
 def test_prepack_rejects_bad_input():
     w = torch.randn(4, 3, 3, 3)
     with pytest.raises(ValueError, match=r"x_shape must be \[N, 3, H, W\]"):

@@ -94,16 +94,22 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // channels_last; mirrors aten's mkldnn_conv_use_channels_last.
   const bool onednn_nhwc = weight.is_mkldnn() || fmt == at::MemoryFormat::ChannelsLast ||
                            weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  // When the output's NCHW and NHWC layouts coincide (one output channel, or a 1x1 output: a packed
+  // weight on a small input meets it), torch 2.11's oneDNN (3.10) builds the fused add's primitive but
+  // then fails to create the residual's memory ("could not create a memory"); 2.14's runs it. The
+  // unfused path below costs next to nothing at those sizes and is the same element order either way.
+  const bool layouts_coincide = out_sizes[1] == 1 || out_sizes[2] * out_sizes[3] == 1;
   at::Tensor out;
   if (!residual) {
     out = pointwise_op().call(x, weight, b, padding, stride, dil, 1, "none", Scalars(), std::nullopt);
     if (relu) relu_inplace(out);
-  } else if (onednn_nhwc) {
+  } else if (onednn_nhwc && !layouts_coincide) {
     out = pointwise_binary_op().call(x, *residual, weight, b, padding, stride, dil, 1, "add", std::nullopt,
                                      std::nullopt, Scalars(), std::nullopt);
     if (relu) relu_inplace(out);
   } else {
-    // NCHW: oneDNN would fall back to conv + a separate add + relu; ours is one pass instead.
+    // NCHW (or layouts that coincide): oneDNN would fall back to conv + a separate add + relu; ours is
+    // one pass instead.
     out = pointwise_op().call(x, weight, std::nullopt, padding, stride, dil, 1, "none", Scalars(), std::nullopt);
     if (!out.is_contiguous()) out = out.contiguous();
     const at::Tensor res = residual->is_contiguous() ? *residual : residual->contiguous();
