@@ -531,3 +531,66 @@ def test_host_arithmetic_takes_symbolic_sizes():
             cdiv(120, 16), channel_block(24, 64))
     assert tuple(float(v) if isinstance(v, torch.SymFloat) else int(v) if isinstance(v, torch.SymInt) else v
                  for v in seen["symbolic"]) == want
+
+
+@pytest.mark.parametrize("op", ["conv_bias_act", "fuse_multi_res"])
+def test_unobserved_calls_run_the_plain_function(monkeypatch, op):
+    """A plain run (no gradient) calls the Triton op's Python function directly; with gradients, under a
+    dispatch mode (what counts ops) or the profiler, the call goes through torch.ops, where each of them
+    sees it. Same answers either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _backend.define_triton_ops()
+    direct = []
+    plain = _backend._TRITON_FNS[op]
+    monkeypatch.setitem(_backend._TRITON_FNS, op, lambda *a: direct.append(1) or plain(*a))
+    if op == "conv_bias_act":
+        args = conv_inputs((1, 4, 7, 6), (5, 4, 3, 3), residual_shape=(1, 5, 7, 6))
+        run = lambda *a: conv_bias_act(a[0], a[1], a[2], 1, 1, a[3], True, backend="triton")  # noqa: E731
+        ref = conv_bias_act_reference(*args[:3], [1, 1], [1, 1], args[3], True)
+    else:
+        args = fuse_inputs((1, 5, 12, 10), [(4, 6, 5), (8, 3, 3)])
+        run = lambda *a: fuse_multi_res(*a, backend="triton")  # noqa: E731
+        ref = fuse_multi_res_reference(*args)
+
+    class Ops(TorchDispatchMode):
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        outs = [run(*args)]
+        assert len(direct) == 1
+        with Ops():
+            outs.append(run(*args))
+        assert f"hrnet_fast.{op}_triton.default" in Ops.names
+        with torch.profiler.profile():
+            outs.append(run(*args))
+    leaf = args[0].clone().requires_grad_()
+    outs.append(run(leaf, *args[1:]))
+    assert outs[-1].grad_fn is not None
+    assert len(direct) == 1, "only the plain no-grad run may skip the op"
+    for out in outs:
+        torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_plans_are_made_once_per_signature(monkeypatch):
+    """The conv's shape, layout, offset width and flags are worked out once per call signature: a
+    second call with new data reuses them, another layout or geometry gets its own, answers stay right."""
+    from hrnet_fast.triton import conv as triton_conv
+
+    made = []
+    make = triton_conv._make_plan
+    monkeypatch.setattr(triton_conv, "_PLANS", {})
+    monkeypatch.setattr(triton_conv, "_make_plan", lambda *a, **k: made.append(1) or make(*a, **k))
+    for seed, cl, stride in ((0, True, 1), (1, True, 1), (2, False, 1), (3, True, 2), (4, True, 1)):
+        x, w, b, r = conv_inputs((1, 8, 9, 7), (16, 8, 3, 3), seed=seed)
+        x = x.contiguous(memory_format=CL if cl else torch.contiguous_format)
+        with torch.no_grad():
+            out = conv_bias_act(x, w, b, stride, 1, None, True, backend="triton")
+        torch.testing.assert_close(out, conv_bias_act_reference(x, w, b, [stride] * 2, [1, 1], None, True),
+                                   rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    assert len(made) == 3, "one plan per signature: channels_last, NCHW, stride 2"

@@ -6,6 +6,7 @@ Steps, in order, each under its own time limit (and together under --budget-s):
   build       the extension, in place, against the installed torch (`setup.py build_ext --inplace`)
   tests       the GPU tests (`pytest -m cuda`, in parallel processes where pytest-xdist is installed)
   profile     the kernel-time table of one forward per contender (hrnet_fast.bench.kernel_profile)
+  host_cost   the host time of one op call, layer by layer (hrnet_fast.bench.triton_host_cost)
   bench_fp16  `hrnet-fast bench --device cuda`, W32 256x192, batch 1 and 64, every GPU contender,
               CUDA-graph replays of the PyTorch ones, torch.compile in reduce-overhead mode
   memcheck    a subset of the op tests under `compute-sanitizer --tool memcheck`
@@ -34,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("build", "tests", "profile", "bench_fp16", "memcheck", "bench_fp32", "bench_seg", "cpu_threads")
+STEPS = ("build", "tests", "profile", "host_cost", "bench_fp16", "memcheck", "bench_fp32", "bench_seg", "cpu_threads")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
-LIMITS = {"build": 240, "tests": 300, "profile": 90, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150,
+LIMITS = {"build": 240, "tests": 300, "profile": 90, "host_cost": 60, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150,
           "bench_seg": 200, "cpu_threads": 540}
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
 MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
@@ -108,6 +109,7 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
         "profile": (py + ["-m", "hrnet_fast.bench.kernel_profile", "--batch", "1", "64", "--dtype", "float16",
                           "--out", str(out / "profile.txt")], {"HRNET_FAST_DEBUG": "1"}),
         # no caching allocator: memcheck sees only cudaMalloc'd bounds, and a cached block hides overruns
+        "host_cost": (py + ["-m", "hrnet_fast.bench.triton_host_cost", "--out", str(out / "host_cost.json")], {}),
         "memcheck": ([sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20"] + pytest
                      + ["-k", MEMCHECK_K],
                      # the autotuner's timing runs would be instrumented too: the fixed tiles suffice here

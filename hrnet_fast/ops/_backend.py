@@ -63,7 +63,33 @@ def _conv_bias_act_compiled(x, weight, bias, stride, padding, residual, relu):
     return torch.ops.hrnet_fast.conv_bias_act(x, weight, bias, stride, padding, residual, relu)
 
 
+# The Triton ops' plain Python functions, by op (filled by define_triton_ops).
+_TRITON_FNS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _unobserved() -> bool:
+    """Whether an op call here is a plain run that nothing else sees: no gradient, no tracing (Dynamo,
+    make_fx, fake tensors), no dispatch mode (op counters), no functorch transform, no profiler.
+    Then a Triton op may run as its Python function: through torch's triton_op it cost 30 us more a
+    call (GPU run 6, benchmarks/results/gpu/triton_host_cost_h200_run6.json: 143 against 113 us),
+    a quarter of the un-graphed Triton backend's host time. Each check is a C call (~0.4 us all)."""
+    return not (
+        torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+        or torch._C._autograd._profiler_enabled() or torch._C._are_functorch_transforms_active()
+    )
+
+
+def _triton_fn(op: str) -> Callable[..., torch.Tensor]:
+    fn = _TRITON_FNS.get(op)
+    if fn is None:  # a module unpickled before the ops were defined in this process
+        define_triton_ops()
+        fn = _TRITON_FNS[op]
+    return fn
+
+
 def _conv_bias_act_triton(x, weight, bias, stride, padding, residual, relu):
+    if _unobserved():
+        return _triton_fn("conv_bias_act")(x, weight, bias, stride, padding, residual, relu)
     return torch.ops.hrnet_fast.conv_bias_act_triton(x, weight, bias, stride, padding, residual, relu)
 
 
@@ -72,6 +98,8 @@ def _fuse_multi_res_compiled(base, lowres, weights, bias, relu, mode="nearest", 
 
 
 def _fuse_multi_res_triton(base, lowres, weights, bias, relu, mode="nearest", align_corners=False):
+    if _unobserved():
+        return _triton_fn("fuse_multi_res")(base, lowres, weights, bias, relu, mode, align_corners)
     return torch.ops.hrnet_fast.fuse_multi_res_triton(base, lowres, weights, bias, relu, mode, align_corners)
 
 
@@ -100,9 +128,12 @@ def define_triton_ops() -> None:
     so it happens here, on first use of the triton backend, and nowhere else."""
     global _triton_defined
     if not _triton_defined:
-        import hrnet_fast.triton.conv  # noqa: F401
-        import hrnet_fast.triton.fusion  # noqa: F401
+        from hrnet_fast.triton._common import plain_function
+        from hrnet_fast.triton.conv import conv_bias_act_triton
+        from hrnet_fast.triton.fusion import fuse_multi_res_triton
 
+        _TRITON_FNS["conv_bias_act"] = plain_function(conv_bias_act_triton)
+        _TRITON_FNS["fuse_multi_res"] = plain_function(fuse_multi_res_triton)
         _triton_defined = True
 
 

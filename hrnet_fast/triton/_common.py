@@ -97,9 +97,17 @@ def memory_format(t: torch.Tensor, traced: bool) -> torch.memory_format:
     return fmt
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make t's GPU current for the launch (Triton launches on the current device); a no-op on CPU."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Make t's GPU current for the launch (Triton launches on the current device); a no-op on CPU
+    and where it is current already (the usual case, where torch.cuda.device's switch in and out
+    would cost more than the check)."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def _remembered_for_plain_ints(fn: Callable[..., float]) -> Callable[..., float]:
@@ -149,7 +157,18 @@ def define_op(qualname: str, fake: Callable[..., torch.Tensor]) -> Callable[[Cal
         if interpreting():
             op = torch.library.custom_op(qualname, mutates_args=())(fn)
             op.register_fake(fake)
-            return op
-        return triton_op(qualname, mutates_args=())(fn)
+        else:
+            op = triton_op(qualname, mutates_args=())(fn)
+        _PLAIN[op] = fn
+        return op
 
     return wrap
+
+
+_PLAIN: dict[Any, Callable[..., torch.Tensor]] = {}
+
+
+def plain_function(op: Any) -> Callable[..., torch.Tensor]:
+    """The Python function an op of define_op runs, for calls that need none of the op's machinery
+    (hrnet_fast.ops._backend calls it directly when nothing observes the call)."""
+    return _PLAIN[op]

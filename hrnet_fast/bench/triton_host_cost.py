@@ -1,7 +1,7 @@
 """Host time of one Triton op call, split into its layers (needs a CUDA GPU).
 
 Un-graphed at batch 1 the Triton backend is host-bound: ~108 us of host time per op in GPU run 5,
-against ~30 for the `cuda` backend's ops (benchmarks/GPU-NOTES.md). This times, for one W32 conv
+against ~30 for the `cuda` backend's ops (benchmarks/GPU-NOTES.md, run 6). This times, for one W32 conv
 (batch 1, fp16, channels_last; its GPU time is a few microseconds) and one fusion, each layer of a
 call on its own, so that the differences say where the time goes:
 
@@ -13,7 +13,9 @@ call on its own, so that the differences say where the time goes:
   run           the compiled kernel's launcher alone (CompiledKernel.run, arguments bound once)
   empty         torch.empty of the output alone
 
-    python benchmarks/triton_host_cost.py [--out FILE.json] [--calls 3000]
+    python -m hrnet_fast.bench.triton_host_cost [--out FILE.json] [--calls 3000]
+
+(`make gpu-check` runs it as its step `host_cost`.)
 """
 from __future__ import annotations
 
