@@ -561,6 +561,34 @@ def test_optimize_tf32_default_matches_eager():
             assert_close(f"tf32 {backend}", out, ref64, eager, torch.float32, MODEL_FACTOR, {torch.float32: 2e-3})
 
 
+@gpu_only
+@pytest.mark.autotune
+def test_triton_direct_launch_matches_triton_launch(monkeypatch):
+    """HRNET_FAST_TRITON_DIRECT_LAUNCH=1: the tuned conv launched through its kept compiled launcher
+    gives what Triton's own launch gives, bit for bit (same kernels, same tiles): a whole model at two
+    batch sizes, first and later calls, and one conv on an input 2 bytes past a 16-byte boundary."""
+    from hrnet_fast.triton import conv as triton_conv
+
+    model, x, _ = built("w32")
+    xc, wc, bc, stride, padding, rc, relu = conv_case("3x3", "bias_res_relu", seed=8)
+    x16 = _dev(xc, torch.float16, "cl")
+    n, c, h, w = x16.shape
+    off = torch.empty(x16.numel() + 1, dtype=torch.float16, device=DEV)[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    off.copy_(x16)
+    assert off.data_ptr() % 16 != 0 and off.is_contiguous(memory_format=CL)
+    conv_args = (_dev(wc, torch.float16), _dev(bc, torch.float16), stride, padding, _dev(rc, torch.float16, "cl"), relu)
+    with torch.no_grad():
+        fast = hrnet_fast.optimize(model, backend="triton", dtype=torch.float16)
+        want = [fast(x), fast(x[:1]), conv_bias_act(x16, *conv_args, backend="triton"),
+                conv_bias_act(off, *conv_args, backend="triton")]
+        monkeypatch.setattr(triton_conv, "DIRECT_LAUNCH", True)
+        for _ in range(2):  # the first call keeps the launchers, the second uses them
+            got = [fast(x), fast(x[:1]), conv_bias_act(x16, *conv_args, backend="triton"),
+                   conv_bias_act(off, *conv_args, backend="triton")]
+            for i, (g, w) in enumerate(zip(got, want)):
+                assert torch.equal(g, w), f"output {i} differs from Triton's own launch"
+
+
 # ---- CUDA graphs ---------------------------------------------------------------------------------
 
 

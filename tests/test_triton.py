@@ -594,3 +594,54 @@ def test_conv_plans_are_made_once_per_signature(monkeypatch):
                                    rtol=1e-5, atol=1e-5)
         assert out.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
     assert len(made) == 3, "one plan per signature: channels_last, NCHW, stride 2"
+
+
+def test_conv_direct_launch_hands_the_launcher_every_parameter_in_order(monkeypatch):
+    """HRNET_FAST_TRITON_DIRECT_LAUNCH=1: a plan's first call goes through Triton and keeps the compiled
+    launcher; later calls hand it their own tensors and everything else Triton was given, every
+    parameter in the kernel's order, constexprs included; a pointer aligned otherwise gets a launcher
+    of its own. Triton's kernel is a stand-in here (launching needs a GPU); the GPU tests run the real one."""
+    from hrnet_fast.triton import conv as triton_conv
+
+    names = triton_conv._conv_bias_act_kernel.arg_names
+    through_triton, direct = [], []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *a: direct.append((grid, a))
+
+    class Kernel:
+        arg_names = names
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: through_triton.append((grid, a, k)) or Compiled()
+
+    tile = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "NUM_STAGES": 1, "num_warps": 1, "num_stages": 1}
+
+    class Tuned(dict):
+        def get(self, key, default=None):
+            return tile
+
+    monkeypatch.setattr(triton_conv, "_conv_bias_act_kernel", Kernel())
+    monkeypatch.setattr(triton_conv, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(triton_conv, "autotuning", lambda: True)
+    monkeypatch.setattr(triton_conv, "_BEST", Tuned())
+    monkeypatch.setattr(triton_conv, "_PLANS", {})
+    x, w, b, r = conv_inputs((2, 8, 9, 7), (16, 8, 3, 3), residual_shape=(2, 16, 9, 7), seed=3)
+    with torch.no_grad():
+        for _ in range(3):
+            conv_bias_act(x, w, b, 1, 1, r, True, backend="triton")
+    assert len(through_triton) == 1 and len(direct) == 2
+    grid, args, kwargs = through_triton[0]
+    for launch_grid, values in direct:
+        assert launch_grid == (*grid, 1) and len(values) == len(names)
+        got = dict(zip(names, values))
+        for name, value in [*zip(names, args), *kwargs.items()]:
+            if name in got and not isinstance(value, torch.Tensor):
+                assert got[name] == value, name
+        assert got["x_ptr"].data_ptr() == x.data_ptr() and got["res_ptr"].data_ptr() == r.data_ptr()
+    assert direct[0][1][names.index("out_ptr")] is not direct[1][1][names.index("out_ptr")]
+    unaligned = torch.empty(x.numel() + 1)[1:].view(x.shape).copy_(x)  # 4 bytes past a 16-byte boundary
+    with torch.no_grad():
+        conv_bias_act(unaligned, w, b, 1, 1, r, True, backend="triton")
+    assert len(through_triton) == 2 and len(direct) == 2

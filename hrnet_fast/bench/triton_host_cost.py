@@ -6,8 +6,10 @@ against ~30 for the `cuda` backend's ops (benchmarks/GPU-NOTES.md, run 6). This 
 call on its own, so that the differences say where the time goes:
 
   cuda op       torch.ops.hrnet_fast.conv_bias_act (C++ op, cuDNN)              the reference
-  triton op     torch.ops.hrnet_fast.conv_bias_act_triton (torch's triton_op)    what the model calls
+  triton op     torch.ops.hrnet_fast.conv_bias_act_triton (torch's triton_op)
+  model call    what the optimized model calls (the op's Python function when nothing observes the call)
   triton fn     the op's Python function, without torch's custom-op dispatch
+  direct        the same with HRNET_FAST_TRITON_DIRECT_LAUNCH (the compiled launcher kept and called)
   jit launch    kernel[grid](*args, **constexprs): Triton's JITFunction.run
   binder        Triton's argument binder alone (specialisation of ~40 arguments)
   run           the compiled kernel's launcher alone (CompiledKernel.run, arguments bound once)
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 import hrnet_fast  # noqa: F401  (registers the ops)
-from hrnet_fast.ops._backend import define_triton_ops
+from hrnet_fast.ops._backend import define_triton_ops, kernel
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
@@ -49,6 +51,7 @@ def conv_layers() -> dict[str, Callable[[], object]]:
     from triton.runtime.driver import driver
 
     from hrnet_fast.triton import conv
+    from hrnet_fast.triton._common import plain_function
 
     cl = torch.channels_last
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -63,9 +66,19 @@ def conv_layers() -> dict[str, Callable[[], object]]:
         "cuda op": lambda: torch.ops.hrnet_fast.conv_bias_act.default(x, w_cl, b, s, p, None, True),
         "triton op": lambda: triton_op(x, w_packed, b, s, p, None, True),
     }
-    fn = getattr(conv.conv_bias_act_triton, "_init_fn", None)
-    if fn is not None:
-        layers["triton fn"] = lambda: fn(x, w_packed, b, s, p, None, True)
+    model_call = kernel("conv_bias_act", "triton")
+    layers["model call"] = lambda: model_call(x, w_packed, b, s, p, None, True)
+    fn = plain_function(conv.conv_bias_act_triton)
+    layers["triton fn"] = lambda: fn(x, w_packed, b, s, p, None, True)
+
+    def direct() -> torch.Tensor:
+        conv.DIRECT_LAUNCH = True
+        try:
+            return fn(x, w_packed, b, s, p, None, True)
+        finally:
+            conv.DIRECT_LAUNCH = False
+
+    layers["direct"] = direct
     triton_op(x, w_packed, b, s, p, None, True)  # autotunes this shape once
     out = torch.empty_like(x)
     n, c_out, ho, wo = out.shape
@@ -93,6 +106,7 @@ def conv_layers() -> dict[str, Callable[[], object]]:
 
 def fuse_layers() -> dict[str, Callable[[], object]]:
     from hrnet_fast.triton import fusion
+    from hrnet_fast.triton._common import plain_function
 
     cl = torch.channels_last
     x = torch.randn(1, 32, 64, 48, device="cuda", dtype=torch.float16).contiguous(memory_format=cl)
@@ -104,9 +118,10 @@ def fuse_layers() -> dict[str, Callable[[], object]]:
         "cuda op": lambda: torch.ops.hrnet_fast.fuse_multi_res.default(x, low, ws, b, True),
         "triton op": lambda: torch.ops.hrnet_fast.fuse_multi_res_triton.default(x, low, ws, b, True),
     }
-    fn = getattr(fusion.fuse_multi_res_triton, "_init_fn", None)
-    if fn is not None:
-        layers["triton fn"] = lambda: fn(x, low, ws, b, True)
+    model_call = kernel("fuse_multi_res", "triton")
+    layers["model call"] = lambda: model_call(x, low, ws, b, True)
+    fn = plain_function(fusion.fuse_multi_res_triton)
+    layers["triton fn"] = lambda: fn(x, low, ws, b, True)
     return layers
 
 
