@@ -645,3 +645,25 @@ def test_conv_direct_launch_hands_the_launcher_every_parameter_in_order(monkeypa
     with torch.no_grad():
         conv_bias_act(unaligned, w, b, 1, 1, r, True, backend="triton")
     assert len(through_triton) == 2 and len(direct) == 2
+
+
+def test_fusion_plans_are_made_once_per_signature(monkeypatch):
+    """The fusion's launch arguments but its tensors are built once per call signature: new data reuses
+    them (the call's own tensors put in), another layout, size or mode gets its own; answers stay right."""
+    from hrnet_fast.triton import fusion
+
+    made = []
+    make = fusion._make_plan
+    monkeypatch.setattr(fusion, "_PLANS", {})
+    monkeypatch.setattr(fusion, "_make_plan", lambda *a, **k: made.append(1) or make(*a, **k))
+    cases = [((1, 5, 12, 10), "nearest", True), ((1, 5, 12, 10), "nearest", True), ((1, 5, 12, 10), "nearest", False),
+             ((1, 5, 12, 10), "bilinear", True), ((2, 5, 12, 10), "nearest", True)]
+    for seed, (shape, mode, cl) in enumerate(cases):
+        base, low, ws, b = fuse_inputs(shape, [(4, 6, 5), (8, 3, 3)], seed=seed)
+        fmt = CL if cl else torch.contiguous_format
+        base, low = base.contiguous(memory_format=fmt), [t.contiguous(memory_format=fmt) for t in low]
+        with torch.no_grad():
+            out = fuse_multi_res(base, low, ws, b, mode=mode, backend="triton")
+        ref = fuse_multi_res_reference(base, low, ws, b, mode=mode)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(made) == 4, "one plan per signature: the first two calls share one"

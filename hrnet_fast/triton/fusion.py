@@ -12,6 +12,7 @@ tests/test_fuse_multi_res.py) allows any number; every HRNet fusion is one launc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -21,6 +22,7 @@ from torch.library import wrap_triton
 from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import (
     cdiv, channel_block, define_op, device_guard, dot, dot_precision, interpreting, linear_scale, nearest_scale,
+    tracing,
 )
 
 QUALNAME = "hrnet_fast::fuse_multi_res_triton"
@@ -161,7 +163,25 @@ def _blocks(channels: int, lowres_channels: Sequence[int], bilinear: bool = Fals
     return 64, channel_block(channels, 32 if bilinear else 64), block_k, 4
 
 
-def _launch(
+class _Plan(NamedTuple):
+    """One launch's arguments for a call signature, with the call's tensors still to be put in."""
+
+    args: list[Any]  # the kernel's positional arguments; the entries at `slots` are replaced per call
+    slots: tuple[int, ...]  # where base, out, bias, then each slot's low-res input and weight go
+    grid: tuple[int, int]
+    kwargs: dict[str, Any]  # constexprs and num_warps
+
+
+def _tensors(base: torch.Tensor, out: torch.Tensor, lowres: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+             bias: torch.Tensor | None) -> list[torch.Tensor]:
+    """The launch's tensors in the order they stand among its arguments (unused slots take `base`)."""
+    ts = [base, out, base if bias is None else bias]
+    for k in range(MAX_LOWRES_PER_LAUNCH):
+        ts += [lowres[k], weights[k]] if k < len(lowres) else [base, base]
+    return ts
+
+
+def _make_plan(
     base: torch.Tensor,
     out: torch.Tensor,
     lowres: Sequence[torch.Tensor],
@@ -170,10 +190,9 @@ def _launch(
     relu: bool,
     bilinear: bool,
     align_corners: bool,
-) -> None:
-    """One kernel launch: out = act(base + bias + sum over these <= MAX_LOWRES_PER_LAUNCH low-res inputs)."""
+) -> _Plan:
     n, c, h, w = base.shape
-    args: list[object] = []
+    args: list[Any] = []
     for k in range(MAX_LOWRES_PER_LAUNCH):
         if k < len(lowres):
             x, wt = lowres[k], weights[k]
@@ -185,18 +204,50 @@ def _launch(
             args += [x, *x.stride(), hi, wi, x.shape[1], sh, sw, wt, wt.stride(0), wt.stride(1)]
         else:  # unused slot: any valid tensor, never read (NUM_LOWRES is constexpr)
             args += [base, 0, 0, 0, 0, 1, 1, 0, 1.0, 1.0, base, 0, 0]
+    args = [base, *base.stride(), out, *out.stride(), base if bias is None else bias,
+            0 if bias is None else bias.stride(0), *args, n * h * w, c, h, w]
     block_p, block_c, block_k, num_warps = _blocks(c, [x.shape[1] for x in lowres], bilinear)
-    p = n * h * w
-    grid = (cdiv(p, block_p), cdiv(c, block_c))
+    kwargs = dict(NUM_LOWRES=len(lowres), HAS_BIAS=bias is not None, RELU=relu, BLOCK_P=block_p, BLOCK_C=block_c,
+                  BLOCK_K=block_k, DOT_PRECISION=dot_precision(base.dtype), BILINEAR=bilinear,
+                  ALIGN_CORNERS=align_corners, num_warps=num_warps)
+    slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    return _Plan(args, slots, (cdiv(n * h * w, block_p), cdiv(c, block_c)), kwargs)
+
+
+# Plans by call signature: the arguments but the tensors depend only on what the key holds, and
+# building them (strides, scales, tiles) was most of this op's host time before the launch.
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _launch(
+    base: torch.Tensor,
+    out: torch.Tensor,
+    lowres: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    relu: bool,
+    bilinear: bool,
+    align_corners: bool,
+) -> None:
+    """One kernel launch: out = act(base + bias + sum over these <= MAX_LOWRES_PER_LAUNCH low-res inputs)."""
     with device_guard(base):  # Triton launches on the current device, which need not be base's
-        wrap_triton(_fuse_multi_res_kernel)[grid](
-            base, *base.stride(), out, *out.stride(),
-            base if bias is None else bias, 0 if bias is None else bias.stride(0),
-            *args, p, c, h, w,
-            NUM_LOWRES=len(lowres), HAS_BIAS=bias is not None, RELU=relu,
-            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PRECISION=dot_precision(base.dtype),
-            BILINEAR=bilinear, ALIGN_CORNERS=align_corners, num_warps=num_warps,
-        )
+        if tracing(base):  # sizes may be symbolic: nothing is remembered
+            plan = _make_plan(base, out, lowres, weights, bias, relu, bilinear, align_corners)
+            wrap_triton(_fuse_multi_res_kernel)[plan.grid](*plan.args, **plan.kwargs)
+            return
+        key = (base.shape, base.stride(), out.stride(), base.dtype, base.device,
+               tuple((x.shape, x.stride(), wt.shape, wt.stride()) for x, wt in zip(lowres, weights)),
+               None if bias is None else bias.stride(0), relu, bilinear, align_corners,
+               torch.backends.cudnn.allow_tf32)  # fp32's dot precision follows it
+        plan = _PLANS.get(key)
+        if plan is None:
+            if len(_PLANS) >= 4096:  # bounded: a long-running process may meet many shapes
+                _PLANS.clear()
+            plan = _PLANS[key] = _make_plan(base, out, lowres, weights, bias, relu, bilinear, align_corners)
+        args = plan.args.copy()
+        for i, t in zip(plan.slots, _tensors(base, out, lowres, weights, bias)):
+            args[i] = t
+        _fuse_multi_res_kernel[plan.grid](*args, **plan.kwargs)
 
 
 @define_op(QUALNAME, _meta.fuse_multi_res_fake)
