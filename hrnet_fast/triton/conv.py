@@ -311,7 +311,8 @@ def conv_bias_act_triton(
         else:
             block_m, block_n, block_k, num_warps, num_stages = _blocks(m, c_in, c_out)
             grid = (cdiv(m, block_m), cdiv(c_out, block_n))
-            wrap_triton(_conv_bias_act_kernel)[grid](
+            # wrap_triton records the launch while tracing; run for real it only adds a layer of Python
+            (wrap_triton(_conv_bias_act_kernel) if traced else _conv_bias_act_kernel)[grid](
                 *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
                 num_warps=num_warps,
             )
