@@ -78,6 +78,24 @@ def test_the_commands_run_the_cuda_tests_and_both_benchmarks(tmp_path):
     assert seg[seg.index("--model") + 1] == "seg_w48" and seg[seg.index("--batch") + 1 : seg.index("--batch") + 3] == ["1", "--cuda-graph"]
     threads, _ = cmds["cpu_threads"]
     assert threads[threads.index("-m") + 1] == "hrnet_fast.bench.cpu_threads"
+    direct, env = cmds["bench_direct"]
+    assert env == {"HRNET_FAST_TRITON_DIRECT_LAUNCH": "1"}
+    assert direct[direct.index("--out") + 1] == str(tmp_path / "direct")
+    assert direct[direct.index("--contenders") + 1] == "eager,hrnet_fast_triton"
+    host, _ = cmds["host_cost"]
+    assert host[host.index("-m") + 1] == "hrnet_fast.bench.triton_host_cost"
+
+
+def test_bench_table_tells_the_direct_launch_rows_apart(tmp_path):
+    row = {"contender": "hrnet_fast_triton", "batch": 1, "median_ms": 2.5}
+    (tmp_path / "direct").mkdir()
+    for path, ms in ((tmp_path / "model_w32_256x192_cuda_float16_b1-64.json", 2.5),
+                     (tmp_path / "direct" / "model_w32_256x192_cuda_float16_b1-64.json", 1.5)):
+        path.write_text(json.dumps({"config": {"dtype": "float16"}, "rows": [{**row, "median_ms": ms}]}))
+    lines = [ln for ln in gpu_check.bench_table(tmp_path).splitlines() if "hrnet_fast_triton" in ln]
+    assert len(lines) == 2
+    assert "direct launch" not in lines[0] and "2.5" in lines[0]
+    assert "float16 direct launch" in lines[1] and "1.5" in lines[1]
 
 
 def test_cpu_threads_table_efficiency_and_lead():

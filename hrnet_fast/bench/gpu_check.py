@@ -9,6 +9,8 @@ Steps, in order, each under its own time limit (and together under --budget-s):
   host_cost   the host time of one op call, layer by layer (hrnet_fast.bench.triton_host_cost)
   bench_fp16  `hrnet-fast bench --device cuda`, W32 256x192, batch 1 and 64, every GPU contender,
               CUDA-graph replays of the PyTorch ones, torch.compile in reduce-overhead mode
+  bench_direct the Triton backend against eager again, fp16, with HRNET_FAST_TRITON_DIRECT_LAUNCH=1 (its
+              conv launched through the kept compiled launcher: off by default until measured), into DIR/direct
   memcheck    a subset of the op tests under `compute-sanitizer --tool memcheck`
   bench_fp32  the benchmark again in float32
   bench_seg   HRNetV2-W48 segmentation at 512x1024, float16, batch 1 (`--model seg_w48`)
@@ -35,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("build", "tests", "profile", "host_cost", "bench_fp16", "memcheck", "bench_fp32", "bench_seg", "cpu_threads")
+STEPS = ("build", "tests", "profile", "host_cost", "bench_fp16", "bench_direct", "memcheck", "bench_fp32", "bench_seg",
+         "cpu_threads")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
-LIMITS = {"build": 240, "tests": 300, "profile": 90, "host_cost": 60, "bench_fp16": 200, "memcheck": 120, "bench_fp32": 150,
+LIMITS = {"build": 240, "tests": 300, "profile": 90, "host_cost": 60, "bench_fp16": 200, "bench_direct": 90, "memcheck": 120, "bench_fp32": 150,
           "bench_seg": 200, "cpu_threads": 540}
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
 MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
@@ -95,9 +98,9 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
             tests += ["--maxschedchunk", "2"]
     if _have("pytest_timeout"):
         tests += ["--timeout", "180"]
-    def bench_at(*batches: str) -> list[str]:
+    def bench_at(*batches: str, dest: Path = out) -> list[str]:
         return py + ["-m", "hrnet_fast.cli", "bench", "--device", "cuda", "--batch", *batches, "--cuda-graph",
-                     "--no-progress", "--min-run-time", "0.6", "--rounds", "2", "--out", str(out)]
+                     "--no-progress", "--min-run-time", "0.6", "--rounds", "2", "--out", str(dest)]
 
     bench = bench_at("1", "64")
     sanitizer = _sanitizer() or "compute-sanitizer"
@@ -109,6 +112,9 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
         "profile": (py + ["-m", "hrnet_fast.bench.kernel_profile", "--batch", "1", "64", "--dtype", "float16",
                           "--out", str(out / "profile.txt")], {"HRNET_FAST_DEBUG": "1"}),
         # no caching allocator: memcheck sees only cudaMalloc'd bounds, and a cached block hides overruns
+        "bench_direct": (bench_at("1", "64", dest=out / "direct") + ["--dtype", "float16",
+                                                                    "--contenders", "eager,hrnet_fast_triton"],
+                         {"HRNET_FAST_TRITON_DIRECT_LAUNCH": "1"}),
         "host_cost": (py + ["-m", "hrnet_fast.bench.triton_host_cost", "--out", str(out / "host_cost.json")], {}),
         "memcheck": ([sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20"] + pytest
                      + ["-k", MEMCHECK_K],
@@ -175,9 +181,9 @@ def bench_table(out: Path) -> str:
     from hrnet_fast.bench.record import format_table
 
     rows = []
-    for path in sorted(out.glob("model_*_cuda*.json")):
+    for path in sorted(out.glob("model_*_cuda*.json")) + sorted(out.glob("direct/model_*_cuda*.json")):
         data = json.loads(path.read_text())
-        dtype = data.get("config", {}).get("dtype", "?")
+        dtype = data.get("config", {}).get("dtype", "?") + (" direct launch" if path.parent != out else "")
         for r in data.get("rows", []):
             rows.append({"dtype": dtype, **{k: r.get(k) for k in ("contender", "batch", "median_ms", "imgs_per_s",
                                                                  "speedup_vs_eager", "peak_mib", "check", "skipped")}})
