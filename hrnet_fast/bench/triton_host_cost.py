@@ -89,12 +89,12 @@ def conv_layers() -> dict[str, Callable[[], object]]:
     tile = best or dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), conv._blocks(n * ho * wo, 64, 64)[:3]),
                         NUM_STAGES=3, num_warps=4)
     grid = (conv.cdiv(n * ho * wo, tile["BLOCK_M"]), conv.cdiv(c_out, tile["BLOCK_N"]))
-    kernel = conv._conv_bias_act_kernel
-    compiled = kernel[grid](*args, **flags, **tile)
-    layers["jit launch"] = lambda: kernel[grid](*args, **flags, **tile)
+    jit = conv._conv_bias_act_kernel
+    compiled = jit[grid](*args, **flags, **tile)
+    layers["jit launch"] = lambda: jit[grid](*args, **flags, **tile)
     device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
-    binder = kernel.device_caches[device][4]
+    binder = jit.device_caches[device][4]
     layers["binder"] = lambda: binder(*args, **flags, **tile)
     bound = tuple(binder(*args, **flags, **tile)[0].values())
     meta = compiled.launch_metadata(grid, stream, *bound)
