@@ -239,26 +239,20 @@ def _launch_tuned(plan: _Plan, best: dict[str, Any], args: tuple, tensors: tuple
     so launchers are kept per those too."""
     m, c_out = plan.sizes[:2]
     grid = (cdiv(m, best["BLOCK_M"]), cdiv(c_out, best["BLOCK_N"]))
-    if not DIRECT_LAUNCH:
-        _conv_bias_act_kernel[grid](*args, **plan.flags, **best)
-        return
-    key = (tuple(None if t is None else (t.data_ptr() % 16 == 0, t.dtype) for t in tensors), tuple(best.items()))
-    launcher = plan.launchers.get(key, False)
-    if launcher is False:
-        compiled = _conv_bias_act_kernel[grid](*args, **plan.flags, **best)
-        if compiled is None:  # a Triton that does not hand back the compiled kernel: launch through it always
-            plan.launchers[key] = None
+    key = launcher = None
+    if DIRECT_LAUNCH:
+        key = (tuple(None if t is None else (t.data_ptr() % 16 == 0, t.dtype) for t in tensors), tuple(best.items()))
+        launcher = plan.launchers.get(key, False)  # None: this Triton hands back no compiled kernel
+        if launcher:
+            run, tail = launcher
+            run(*args, *tail)  # on the current stream of the current device (device_guard made it x's)
             return
+    compiled = _conv_bias_act_kernel[grid](*args, **plan.flags, **best)
+    if launcher is False:  # the first call of this kind: keep the launcher
         constexprs = {**plan.flags, **best}
         # the launcher takes every parameter in order, constexprs too (as JITFunction.run passes them)
         tail = tuple(constexprs[name] for name in _conv_bias_act_kernel.arg_names[len(args):])
-        plan.launchers[key] = (compiled[(grid[0], grid[1], 1)], tail)
-        return
-    if launcher is None:  # kept as None: see above
-        _conv_bias_act_kernel[grid](*args, **plan.flags, **best)
-        return
-    run, tail = launcher
-    run(*args, *tail)  # on the current stream of the current device (device_guard made it x's)
+        plan.launchers[key] = None if compiled is None else (compiled[(grid[0], grid[1], 1)], tail)
 
 
 @define_op(QUALNAME, _meta.conv_bias_act_fake)
