@@ -79,6 +79,18 @@ def tracing(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or is_fake(t) or get_proxy_mode() is not None
 
 
+def remembered(cache: dict, key: Any, make: Callable[[], Any]) -> Any:
+    """cache[key], made by make() when missing. Bounded: a long-running process may meet many shapes,
+    so the cache starts again empty at 4096 entries. Hot callers try cache.get(key) first, so that a
+    hit builds no closure for `make`."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= 4096:
+            cache.clear()
+        value = cache[key] = make()
+    return value
+
+
 # suggest_memory_format of real tensors by (shape, strides): torch's Python version of the rule
 # (symbolic-shape safe) took ~5 us a call, an eighth of an op's host time before the launch.
 _FORMATS: dict[tuple, torch.memory_format] = {}
@@ -89,12 +101,7 @@ def memory_format(t: torch.Tensor, traced: bool) -> torch.memory_format:
     if traced:
         return suggest_memory_format(t)
     key = (t.shape, t.stride())
-    fmt = _FORMATS.get(key)
-    if fmt is None:
-        if len(_FORMATS) >= 4096:  # bounded: a long-running process meets many shapes
-            _FORMATS.clear()
-        fmt = _FORMATS[key] = suggest_memory_format(t)
-    return fmt
+    return _FORMATS.get(key) or remembered(_FORMATS, key, lambda: suggest_memory_format(t))
 
 
 _NO_GUARD = contextlib.nullcontext()

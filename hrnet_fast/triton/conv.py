@@ -20,7 +20,8 @@ from torch.library import wrap_triton
 
 from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import (
-    cdiv, channel_block, define_op, device_guard, dot, dot_precision, interpreting, memory_format, tracing,
+    cdiv, channel_block, define_op, device_guard, dot, dot_precision, interpreting, memory_format, remembered,
+    tracing,
 )
 
 QUALNAME = "hrnet_fast::conv_bias_act_triton"
@@ -217,12 +218,8 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stri
     key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), None if bias is None else bias.stride(0),
            None if residual is None else (residual.shape, residual.stride()), tuple(stride), tuple(padding), relu,
            torch.backends.cudnn.allow_tf32)  # fp32's dot precision follows it
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 4096:  # bounded: a long-running process may meet many shapes
-            _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(x, weight, bias, stride, padding, residual, relu, traced=False)
-    return plan
+    return _PLANS.get(key) or remembered(
+        _PLANS, key, lambda: _make_plan(x, weight, bias, stride, padding, residual, relu, traced=False))
 
 
 # Launch the tuned kernel through its compiled launcher rather than Triton's JITFunction.run, which

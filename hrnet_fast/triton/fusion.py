@@ -22,7 +22,7 @@ from torch.library import wrap_triton
 from hrnet_fast.ops import _meta
 from hrnet_fast.triton._common import (
     cdiv, channel_block, define_op, device_guard, dot, dot_precision, interpreting, linear_scale, nearest_scale,
-    tracing,
+    remembered, tracing,
 )
 
 QUALNAME = "hrnet_fast::fuse_multi_res_triton"
@@ -239,11 +239,8 @@ def _launch(
                tuple((x.shape, x.stride(), wt.shape, wt.stride()) for x, wt in zip(lowres, weights)),
                None if bias is None else bias.stride(0), relu, bilinear, align_corners,
                torch.backends.cudnn.allow_tf32)  # fp32's dot precision follows it
-        plan = _PLANS.get(key)
-        if plan is None:
-            if len(_PLANS) >= 4096:  # bounded: a long-running process may meet many shapes
-                _PLANS.clear()
-            plan = _PLANS[key] = _make_plan(base, out, lowres, weights, bias, relu, bilinear, align_corners)
+        plan = _PLANS.get(key) or remembered(
+            _PLANS, key, lambda: _make_plan(base, out, lowres, weights, bias, relu, bilinear, align_corners))
         args = plan.args.copy()
         for i, t in zip(plan.slots, _tensors(base, out, lowres, weights, bias)):
             args[i] = t
