@@ -69,6 +69,9 @@ def test_the_commands_run_the_cuda_tests_and_both_benchmarks(tmp_path):
     assert set(cmds) == set(gpu_check.STEPS)
     tests, _ = cmds["tests"]
     assert "-m" in tests and "cuda" in tests
+    cpu_tests, env = cmds["cpu_tests"]
+    assert cpu_tests[cpu_tests.index("-m", 3) + 1] == "not cuda and not triton" and "tests/test_cpu_isa.py" in cpu_tests
+    assert env == {"OMP_NUM_THREADS": "2"}
     for step, dtype in (("bench_fp16", "float16"), ("bench_fp32", "float32")):
         argv, _ = cmds[step]
         assert argv[argv.index("--dtype") + 1] == dtype and "--cuda-graph" in argv

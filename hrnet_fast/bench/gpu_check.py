@@ -5,6 +5,8 @@
 Steps, in order, each under its own time limit (and together under --budget-s):
   build       the extension, in place, against the installed torch (`setup.py build_ext --inplace`)
   tests       the GPU tests (`pytest -m cuda`, in parallel processes where pytest-xdist is installed)
+  cpu_tests   the CPU kernels' tests and whole models on the cpu backend, under the best variant this CPU
+              runs (the GPU machine's CPU has AVX-512, this project's own machine only AVX2)
   profile     the kernel-time table of one forward per contender (hrnet_fast.bench.kernel_profile)
   host_cost   the host time of one op call, layer by layer (hrnet_fast.bench.triton_host_cost)
   bench_fp16  `hrnet-fast bench --device cuda`, W32 256x192, batch 1 and 64, every GPU contender,
@@ -37,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("build", "tests", "profile", "host_cost", "bench_fp16", "bench_direct", "memcheck", "bench_fp32", "bench_seg",
+STEPS = ("build", "tests", "cpu_tests", "profile", "host_cost", "bench_fp16", "bench_direct", "memcheck", "bench_fp32", "bench_seg",
          "cpu_threads")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
-LIMITS = {"build": 240, "tests": 300, "profile": 90, "host_cost": 60, "bench_fp16": 200, "bench_direct": 90, "memcheck": 120, "bench_fp32": 150,
+LIMITS = {"build": 240, "tests": 300, "cpu_tests": 120, "profile": 90, "host_cost": 60, "bench_fp16": 200, "bench_direct": 90, "memcheck": 120, "bench_fp32": 150,
           "bench_seg": 200, "cpu_threads": 540}
+# What cpu_tests runs: the ISA variants, the Winograd op, the task chains and optimize() of whole models.
+CPU_TEST_FILES = ("tests/test_cpu_isa.py", "tests/test_conv3x3_winograd.py", "tests/test_cpu_tasks.py", "tests/test_optimize.py")
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
 MEMCHECK_K = "cl and fp16 and ((test_conv_bias_act and bias_res_relu) or (test_fuse_multi_res and bias and not nobias))"
 BENCH_CONTENDERS = "eager,eager_cl,compile,hrnet_fast_cuda,hrnet_fast_cuda_streams,hrnet_fast_triton"
@@ -88,11 +92,14 @@ def _sanitizer() -> str | None:
 def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     """The command line and extra environment of every step."""
     py = [python]
-    pytest = py + ["-m", "pytest", "-q", "-rfE", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider", "-p", "no:benchmark"]
+    plugins = ["-p", "no:cacheprovider", "-p", "no:benchmark"]
+    pytest = py + ["-m", "pytest", "-q", "-rfE", "-m", "cuda", "tests/test_cuda.py", *plugins]
     # -v: each result is logged as it lands, so a step stopped for time still names its failures
     tests = [a for a in pytest if a != "-q"] + ["-v", "--durations=8"]
+    cpu_tests = py + ["-m", "pytest", "-q", "-rfE", "-m", "not cuda and not triton", *CPU_TEST_FILES, *plugins]
     if workers > 1 and _have("xdist"):
         tests += ["-n", str(workers)]
+        cpu_tests += ["-n", str(workers)]
         if _xdist_version() >= (3, 2):
             # chunks of two: each worker starts with one of the slow tests (tests/conftest.py orders them)
             tests += ["--maxschedchunk", "2"]
@@ -108,6 +115,7 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
     return {
         "build": (py + ["setup.py", "-q", "build_ext", "--inplace"], {"HRNET_FAST_CUDA": "1"}),
         "tests": (tests, threads),
+        "cpu_tests": (cpu_tests, threads),
         "bench_fp16": (bench + ["--dtype", "float16", "--contenders", BENCH_CONTENDERS, "--compile-mode", "reduce-overhead"], {}),
         "profile": (py + ["-m", "hrnet_fast.bench.kernel_profile", "--batch", "1", "64", "--dtype", "float16",
                           "--out", str(out / "profile.txt")], {"HRNET_FAST_DEBUG": "1"}),
@@ -167,7 +175,7 @@ def run_step(step: Step, cmd: list[str], env: dict[str, str], limit: float, log)
     log.write(text)
     log.write(f"\n===== {step.name}: {step.status} in {step.seconds:.1f} s {step.detail}\n")
     log.flush()
-    if step.name in ("tests", "memcheck"):
+    if step.name in ("tests", "cpu_tests", "memcheck"):
         step.counts = _pytest_counts(text)
         if step.name == "memcheck":
             m = re.search(r"ERROR SUMMARY: (\d+) error", text)

@@ -1,0 +1,114 @@
+"""Where the cpu backend's thread scaling is lost: W32's forward timed part by part (stem, the four
+stages with their transitions, the head) at several thread counts, Winograd variants and batches.
+
+    .venv/bin/python benchmarks/bench_cpu_parts.py [--threads 1 4 8 16] [--batch 1 8] [--out DIR]
+
+One process, one optimize()d model; the configurations take turns over --rounds rounds. A part's time
+is from the first call into it to the first call into the next (forward hooks on the top-level
+modules), so the parts add up to the forward. Printed: median ms per part, and each part's parallel
+efficiency against the smallest thread count, t(T0) * T0 / (T * t(T)). Also written as JSON to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hrnet_fast
+
+PARTS = {"conv1": "stem", "layer1": "stage1", "transition1": "stage2", "stage2": "stage2", "transition2": "stage3",
+         "stage3": "stage3", "transition3": "stage4", "stage4": "stage4", "final_layer": "head"}
+
+
+class PartClock:
+    """Timestamps of the first call into each part of one forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.marks: list[tuple[str, float]] = []
+        model.register_forward_pre_hook(lambda m, a: self.marks.clear() or self._mark("stem"))
+        model.register_forward_hook(lambda m, a, o: self._mark("end"))
+        for name, child in model.named_children():
+            if name not in PARTS:
+                continue
+            # a ModuleList is not called itself: its entries are
+            mods = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+            for mod in mods:
+                if mod is not None:
+                    mod.register_forward_pre_hook(lambda m, a, part=PARTS[name]: self._mark(part))
+
+    def _mark(self, part: str) -> None:
+        if not self.marks or self.marks[-1][0] != part:
+            self.marks.append((part, time.perf_counter()))
+
+    def parts_ms(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (part, t0), (_, t1) in zip(self.marks, self.marks[1:]):
+            out[part] = out.get(part, 0.0) + (t1 - t0) * 1e3
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--isa", nargs="+", default=["avx2", "avx512"], help="Winograd variants (those this CPU runs)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="timed forwards per configuration and round")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    cores = os.cpu_count() or 1
+    threads = [t for t in args.threads if t <= cores]
+    isas = []
+    for isa in args.isa:
+        try:
+            torch.ops.hrnet_fast.cpu_isa(isa)
+            isas.append(isa)
+        except RuntimeError as e:
+            print(f"{isa} left out: {str(e).splitlines()[0]}")
+    torch.manual_seed(0)
+    model = hrnet_fast.optimize(hrnet_fast.pose_hrnet_w32().eval(), backend="cpu")
+    clock = PartClock(model)
+    xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
+    configs = [(t, isa, b) for b in args.batch for t in threads for isa in isas]
+    samples: dict[tuple, list[dict[str, float]]] = {c: [] for c in configs}
+    with torch.inference_mode():
+        for r in range(args.rounds):
+            for t, isa, b in configs:
+                torch.set_num_threads(t)
+                torch.ops.hrnet_fast.cpu_isa(isa)
+                for k in range(args.runs + (2 if r == 0 else 0)):
+                    model(xs[b])
+                    if r or k >= 2:  # the first round's first two forwards warm up
+                        samples[(t, isa, b)].append(clock.parts_ms())
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    rows = []
+    for (t, isa, b), runs in samples.items():
+        med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
+        med["total"] = statistics.median(sum(s.values()) for s in runs)
+        rows.append({"threads": t, "isa": isa, "batch": b, "ms": med})
+    base = min(threads)
+    ref = {(r["isa"], r["batch"]): r["ms"] for r in rows if r["threads"] == base}
+    parts = list(rows[0]["ms"])
+    print(f"\nW32 256x192 cpu backend (tasks on), median ms per part (parallel efficiency against {base} thread(s))")
+    print("| batch | isa | threads | " + " | ".join(parts) + " |")
+    print("|" + "---|" * (len(parts) + 3))
+    for r in rows:
+        base_ms = ref[(r["isa"], r["batch"])]
+        cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
+        print(f"| {r['batch']} | {r['isa']} | {r['threads']} | " + " | ".join(cells) + " |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        from hrnet_fast.bench.record import machine_info
+
+        (args.out / "cpu_parts.json").write_text(json.dumps({"device": machine_info(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
