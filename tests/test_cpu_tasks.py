@@ -251,7 +251,7 @@ def _fused(tasks: bool | None = None):
 @pytest.mark.parametrize("batch", [1, 3, 4])
 def test_model_same_bits_with_tasks(threads, n_threads, batch):
     threads(n_threads)
-    model, fused = _fused()
+    model, fused = _fused(tasks=True)
     assert all(m.tasks for m in fused.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
     x = torch.randn(batch, 3, 64, 64)
     with torch.no_grad():
@@ -294,8 +294,31 @@ def test_tasks_option():
     assert not any(m.tasks for m in torch_model.modules() if isinstance(m, FusedHRModule))
 
 
+@needs_openmp
+@pytest.mark.parametrize("n_threads, fans_out", [(1, True), (2, True), (3, False), (4, False)])
+def test_default_fans_out_only_on_few_threads(threads, monkeypatch, n_threads, fans_out):
+    """optimize's default runs chains side by side only where no worker needs an OpenMP pool of its own."""
+    threads(n_threads)
+    model, fused = _fused()
+    widths: list[int] = []
+    real = cpu_tasks.run_chains
+
+    def spy(chains):
+        widths.append(len(chains))
+        return real(chains)
+
+    monkeypatch.setattr(cpu_tasks, "run_chains", spy)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = fused(x), model(x)
+    assert bool(widths) is fans_out  # (on one thread run_chains runs them in turn)
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert cpu_tasks.wanted(True) and not cpu_tasks.wanted(False)
+    assert cpu_tasks.wanted(None) is (n_threads <= cpu_tasks.AUTO_MAX_THREADS)
+
+
 def test_tasks_survive_pickling():
-    _, fused = _fused()
+    _, fused = _fused(tasks=True)
     again = pickle.loads(pickle.dumps(fused))
     assert all(m.tasks for m in again.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
     x = torch.randn(2, 3, 64, 64)
@@ -331,7 +354,8 @@ def test_tasks_default_off_where_openmp_spins(monkeypatch, env, spins):
     assert cpu_tasks.openmp_spins() is spins
     model = randomize_bn(tiny_pose_hrnet()).eval()
     default = hrnet_fast.optimize(model, backend="cpu")
-    assert all(m.tasks is not spins for m in default.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
+    # None: decided at each forward by the thread count (cpu_tasks.wanted)
+    assert all(m.tasks is (False if spins else None) for m in default.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
     forced = hrnet_fast.optimize(model, backend="cpu", tasks=True)
     assert all(m.tasks for m in forced.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
 

@@ -102,8 +102,8 @@ class ChunkedStage(nn.Sequential):
         for name, block in stage.named_children():
             self.add_module(name, block)
         self.max_channels = max(c.weight.shape[0] for c in self.modules() if isinstance(c, FusedConv))
-        # set by optimize(tasks=True): the chunks side by side on threads
-        self.tasks = False
+        # set by optimize: the chunks side by side on threads; None: where few threads (cpu_tasks.wanted)
+        self.tasks: bool | None = False
 
     def chunk(self, x: torch.Tensor, in_flight: int = 1) -> int:
         """Images per chunk for input `x` (at least 1), with `in_flight` chunks sharing the budget."""
@@ -118,7 +118,9 @@ class ChunkedStage(nn.Sequential):
         # Side by side on threads (hrnet_fast.fused.cpu_tasks), at least a part of the batch a thread, the
         # chunks in flight sharing the cache budget: W32's stage 1 at batch 8 on 2 threads took 65-71 ms
         # in 1-image chunks against 70-79 in 2-image ones (README, "Threads").
-        workers = min(n, cpu_tasks.team()) if self.tasks and n > 1 and cpu_tasks.may_fan_out() else 1
+        # may_fan_out first: under torch.compile the thread count is not looked up
+        fan_out = self.tasks is not False and n > 1 and cpu_tasks.may_fan_out() and cpu_tasks.wanted(self.tasks)
+        workers = min(n, cpu_tasks.team()) if fan_out else 1
         chunks = max(-(-n // self.chunk(x, workers)), workers)
         if chunks == 1:
             return run(x)

@@ -17,6 +17,16 @@ Chains nest: a worker given several threads may fan out again. Outputs are bit-i
 the chains one after another: each step is the same op calls on the same inputs, and the cpu backend's
 kernels (ours and oneDNN's) give the same bits at any thread count (tests/test_cpu_tasks.py).
 
+When: optimize's default (a module's `tasks` None) fans out only while the caller has at most
+AUTO_MAX_THREADS threads, where every worker gets a team of one and so no OpenMP pool of its own. A
+worker with a team of several makes GNU OpenMP (torch's) start a thread pool for that worker; with
+those pools, OpenMP manages more threads than there are CPUs, and then every idle OpenMP thread spins
+100 times instead of ~3 ms before it sleeps, so nearly every parallel region of every op in the
+process (eager's too) waits for threads to wake up; and as teams grow and shrink, OpenMP ends and
+starts threads. On the GPU machine's 16 cores (Intel, 2026-11-26, benchmarks/GPU-NOTES.md) W32 at
+batch 1 with tasks took 42.7 ms at 16 threads and 62.0 at 8; each op splitting its own work, no
+tasks, with OpenMP's threads spinning, 28.3 and 33.8. Here, 2 threads: tasks 1.3-1.8x faster.
+
 Where not: ops on other threads would escape what is per thread here, so the chains run one after
 another in the caller under torch.compile, an active TorchDispatchMode or TorchFunctionMode (op
 counters, fake tensors, `with torch.device(...)`) or the profiler (which records the calling thread
@@ -75,6 +85,16 @@ def openmp_spins() -> bool:
     policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
     spin = os.environ.get("GOMP_SPINCOUNT", "").strip().upper()
     return policy == "ACTIVE" or spin in ("INFINITE", "INFINITY")
+
+
+# optimize's default fans out only up to this many threads (module docstring, "When")
+AUTO_MAX_THREADS = 2
+
+
+def wanted(setting: bool | None) -> bool:
+    """Whether a module whose `tasks` is `setting` fans out now: True and False as set; None (optimize's
+    default) where the caller's team is at most AUTO_MAX_THREADS."""
+    return setting if setting is not None else team() <= AUTO_MAX_THREADS
 
 
 def may_fan_out() -> bool:
