@@ -102,7 +102,7 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // Each thread's V and Mt (and U panel), from torch's allocator so memory profiles see them
   // (at::empty is 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
   const int64_t vbuf_floats = K * K * plane_stride(tb * g.cinp), mbuf_floats = K * K * plane_stride(tb * g.coutp);
-  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(g.cin * kNr) : 0;
+  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(kernels.gemm_panels * g.cin * kNr) : 0;
   const int64_t per_thread = vbuf_floats + mbuf_floats + ubuf_floats;  // each a multiple of 16 floats
   const int64_t slots = std::min(threads, blocks * splits);
   const at::Tensor scratch = at::empty({slots * per_thread}, at::TensorOptions().dtype(at::kFloat));

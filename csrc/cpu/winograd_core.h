@@ -55,6 +55,58 @@ inline vfl load_fl(const float* p, int n) {
   return v;
 }
 
+// The GEMM's vector width: 16 lanes where the variant has 512-bit registers (AVX-512 defines
+// HF_GEMM_LANES 16), whose FMAs do twice the work of two 8-lane ones on CPUs with two 512-bit FMA
+// units (Intel's server cores); else 8.
+#ifndef HF_GEMM_LANES
+#define HF_GEMM_LANES 8
+#endif
+#if HF_GEMM_LANES == 16
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16u __attribute__((vector_size(64), aligned(4)));
+inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16u*>(p); }
+inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16u*>(p) = v; }
+
+// Two panels a call: per k, 12 FMAs for 8 loads (6 broadcasts of A, 2 rows of B), so the FMAs rather
+// than the loads set the pace; 12 accumulators of the 32 registers.
+constexpr int kGemmPanels = 2;
+
+// C[6][32] = A[6][k] * [B0 B1][k][32]: B0 and B1 two packed [k][16] panels, C's second 16 columns
+// after its first.
+inline void micro_6x32(const float* __restrict__ a, int64_t lda, const float* __restrict__ b0,
+                       const float* __restrict__ b1, float* __restrict__ c, int64_t ldc, int64_t k) {
+  vf16 acc[kMr][2] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    const vf16 w0 = load16(b0 + p * kNr), w1 = load16(b1 + p * kNr);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMr; ++r) {
+      const float ar = a[r * lda + p];
+      acc[r][0] += ar * w0;
+      acc[r][1] += ar * w1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMr; ++r) {
+    store16(c + r * ldc, acc[r][0]);
+    store16(c + r * ldc + kNr, acc[r][1]);
+  }
+}
+
+// C[6][16] = A[6][k] * B[k][16], one 16-lane vector a row.
+inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
+                       float* __restrict__ c, int64_t ldc, int64_t k) {
+  vf16 acc[kMr] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    const vf16 w = load16(b + p * kNr);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMr; ++r) acc[r] += a[r * lda + p] * w;
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMr; ++r) store16(c + r * ldc, acc[r]);
+}
+#else
+constexpr int kGemmPanels = 1;
+
 // C[6][16] = A[6][k] * B[k][16]: A rows at stride lda, B a packed [k][16] panel, C rows at ldc.
 inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
                        float* __restrict__ c, int64_t ldc, int64_t k) {
@@ -74,6 +126,7 @@ inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __
     store8(c + r * ldc + 8, acc[r][1]);
   }
 }
+#endif
 
 // Step 1 for tiles [t0, t0 + nt): V[p][i][c] (i < nt_padded, rows past nt and channels past cin zeroed).
 template <int M>
@@ -205,22 +258,38 @@ void winograd_task(const WinogradTask& k) {
   constexpr int K = Winograd<M>::kTile;
   const WinogradGeometry& g = *k.g;
   input_transform<M>(k.x, g, k.t0, k.nt, k.ntp, k.vbuf);
-  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride) {  // all K*K positions of panel j
+  // all K*K positions of panel j (and, pair true, of panel j + 1, cin * kNr floats after it)
+  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, bool pair) {
     for (int p = 0; p < K * K; ++p) {
       const float* vp = k.vbuf + p * plane_stride(k.ntp * g.cinp);
       float* mp = k.mbuf + p * plane_stride(k.ntp * g.coutp);
       const float* panel = panel0 + p * panel_stride;
-      for (int64_t i = 0; i < k.ntp; i += kMr)
+      for (int64_t i = 0; i < k.ntp; i += kMr) {
+#if HF_GEMM_LANES == 16
+        if (pair) {
+          micro_6x32(vp + i * g.cinp, g.cinp, panel, panel + g.cin * kNr, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
+          continue;
+        }
+#endif
         micro_6x16(vp + i * g.cinp, g.cinp, panel, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
+      }
     }
   };
-  for (int64_t j = k.j0; j < k.j1; ++j) {
+  // Two panels at a time where the GEMM is 16 lanes wide (kGemmPanels; the last may be alone). A dense
+  // weight's panels, transformed here, pair only while both fit half of a 1 MiB L2 beside V and Mt:
+  // W32's 128- and 256-channel F(4x4) panels take 295 and 590 KB each. (On the whole W32 here, pairing
+  // them anyway or never measured the same within the noise of one run each.)
+  const bool pairs = kGemmPanels == 2 && (k.u || 2 * K * K * g.cin * kNr * int64_t(sizeof(float)) <= 512 * 1024);
+  for (int64_t j = k.j0; j < k.j1; j += 1) {
+    const bool pair = pairs && j + 1 < k.j1;
     if (k.u) {
-      gemms(j, k.u + j * g.cin * kNr, k.u_stride);
-    } else {  // dense weight: transform this panel into the thread's buffer (L2), use it, move on
-      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1, 0, g.cin, k.ubuf, plane_stride(g.cin * kNr), kFarPrefetch);
-      gemms(j, k.ubuf, plane_stride(g.cin * kNr));
+      gemms(j, k.u + j * g.cin * kNr, k.u_stride, pair);
+    } else {  // dense weight: transform these panels into the thread's buffer (L2), use them, move on
+      const int64_t stride = plane_stride(kGemmPanels * g.cin * kNr);  // as the driver sized ubuf
+      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1 + pair, 0, g.cin, k.ubuf, stride, kFarPrefetch);
+      gemms(j, k.ubuf, stride, pair);
     }
+    j += pair;
   }
   output_transform<M>(k.mbuf, g, k.t0, k.nt, k.ntp, k.j0 * kNr / 8, k.j1 * kNr / 8, k.bias, k.residual, k.relu, k.y);
 }

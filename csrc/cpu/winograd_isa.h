@@ -54,6 +54,7 @@ using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64
 struct WinogradKernels {
   WinogradTaskFn m2, m4;
   WinogradWeightFn w2, w4;
+  int gemm_panels;  // 16-wide panels per GEMM call (2 where the GEMM is 16 lanes): a task's U buffer holds as many
 };
 
 // One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant

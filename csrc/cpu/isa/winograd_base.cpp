@@ -10,6 +10,6 @@
 namespace hrnet_fast {
 WinogradKernels winograd_kernels_base() {
   using namespace isa_base;
-  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>};
+  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels};
 }
 }  // namespace hrnet_fast
