@@ -112,6 +112,11 @@ def test_cpu_threads_table_efficiency_and_lead():
     assert "| 8 | 4 | 250.0 (80%) | 400.0 (62%) | 1.60x |" in text
 
 
+def test_cpu_threads_times_tasks_off_only_where_the_default_runs_them():
+    assert "hrnet_fast_cpu_serial" in cpu_threads.contenders(2).split(",")
+    assert cpu_threads.contenders(16).split(",") == ["hrnet_fast_cpu", "onnxruntime", "compile", "eager"]
+
+
 def test_cpu_threads_leaves_out_more_threads_than_cores(tmp_path, capsys):
     too_many = (os.cpu_count() or 1) + 1
     assert cpu_threads.run(tmp_path, [too_many], [1], 0.1, sys.executable) == {}
