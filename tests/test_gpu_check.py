@@ -113,8 +113,8 @@ def test_cpu_threads_table_efficiency_and_lead():
 
 
 def test_cpu_threads_times_tasks_off_only_where_the_default_runs_them():
-    assert "hrnet_fast_cpu_serial" in cpu_threads.contenders(2).split(",")
-    assert cpu_threads.contenders(16).split(",") == ["hrnet_fast_cpu", "onnxruntime", "compile", "eager"]
+    assert "hrnet_fast_cpu_serial" in cpu_threads.contenders_at(2).split(",")
+    assert cpu_threads.contenders_at(16).split(",") == ["hrnet_fast_cpu", "onnxruntime", "compile", "eager"]
 
 
 def test_cpu_threads_leaves_out_more_threads_than_cores(tmp_path, capsys):

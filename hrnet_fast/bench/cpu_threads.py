@@ -30,7 +30,7 @@ from pathlib import Path
 CONTENDERS = "hrnet_fast_cpu,hrnet_fast_cpu_serial,onnxruntime,compile,eager"
 
 
-def contenders(threads: int) -> str:
+def contenders_at(threads: int) -> str:
     """The contenders at a thread count: `hrnet_fast_cpu_serial` (tasks off) only where optimize's default
     runs tasks (cpu_tasks.AUTO_MAX_THREADS); above, the two are the same model."""
     from hrnet_fast.fused.cpu_tasks import AUTO_MAX_THREADS
@@ -87,7 +87,7 @@ def run(out: Path, threads: Sequence[int], batches: Sequence[int], min_run_time:
                 prewarm(threads, batches, onnx_cache, python, Path(scratch))
         for t in threads:
             folder = out / f"threads_{t}"
-            cmd = _bench(python, t, batches, contenders(t), folder, onnx_cache, min_run_time, 2)
+            cmd = _bench(python, t, batches, contenders_at(t), folder, onnx_cache, min_run_time, 2)
             print("cpu_threads:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
             (doc,) = [json.loads(p.read_text()) for p in folder.glob("model_*.json")]
