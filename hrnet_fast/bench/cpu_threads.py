@@ -9,22 +9,24 @@ lead over ONNX Runtime, and each contender's parallel efficiency t_1 / (T t_T) a
 thread count run) is printed and written to DIR/cpu_threads.md. A thread count above the machine's
 cores is left out with a note. The ONNX model is exported once per batch size and reused by every thread
 count (`--onnx-cache` in a temporary folder). Before any timing, throwaway bench runs side by side
-(`--prewarm`, on by default) export those models and fill torch.compile's cache for every thread count and
-batch: Inductor's CPU code is specialised on the thread count, so each count compiles anew (~40 s a batch
-size on the GPU machine), and one after another that took most of a 9-minute budget. `make gpu-check` runs
-it on the GPU machine's 16 cores (step cpu_threads): this project's own machine has 2.
+(unless `--no-prewarm`) export those models and fill torch.compile's cache for every thread count and
+batch: Inductor's CPU code is specialised on the thread count, so each count compiles anew. On the GPU
+machine (16 cores) the eight cold compiles and two exports of `--threads 1 4 8 16` took 308 s side by
+side, against ~45 s a compile and ~50 s an export alone: about a third saved, and still most of a call,
+so give that table two calls (`--threads 1 16`, then `--threads 4 8`). `make gpu-check` runs it on the
+GPU machine's 16 cores (step cpu_threads): this project's own machine has 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
-from concurrent.futures import ThreadPoolExecutor
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CONTENDERS = "hrnet_fast_cpu,hrnet_fast_cpu_serial,onnxruntime,compile,eager"
