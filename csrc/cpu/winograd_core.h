@@ -136,12 +136,26 @@ void input_transform(const float* x, const WinogradGeometry& g, int64_t t0, int6
   const bool vector_rows = g.cin % 8 == 0;  // x's pixels start on vector boundaries (x is 32-byte aligned)
   vf8* vv = reinterpret_cast<vf8*>(v);
   vf8 t[K * K], patch[K * K];
+#if HF_GEMM_LANES == 16
+  // interior tiles 16 channels at a time where they come in whole 16s (HRNet's all do)
+  const bool wide = g.cin % 16 == 0;
+  vf16 t16[K * K];
+#endif
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t tile = t0 + i;
     const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
     const int64_t y0 = (rem / g.tiles_w) * M - 1, x0 = (rem % g.tiles_w) * M - 1;  // padding 1
     const bool interior = y0 >= 0 && x0 >= 0 && y0 + K <= g.h && x0 + K <= g.w;
     const float* base = x + img * g.h * g.w * g.cin;
+#if HF_GEMM_LANES == 16
+    if (interior && wide) {
+      const int64_t col16 = col / 2;
+      const vf16u* xv = reinterpret_cast<const vf16u*>(base + (y0 * g.w + x0) * g.cin);
+      vf16u* out = reinterpret_cast<vf16u*>(v) + i * col16;
+      for (int64_t c = 0; c < col16; ++c) winograd_input_tile<M>(xv + c, g.w * col16, col16, out + c, plane / 2, t16);
+      continue;
+    }
+#endif
     for (int64_t c = 0; c < col; ++c) {
       vf8* out = vv + i * col + c;
       if (interior && vector_rows) {  // the common case: transform straight from x
@@ -174,12 +188,36 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
   const int64_t plane = plane_stride(ntp * g.coutp) / 8, col = g.coutp / 8;
   const vf8* mv = reinterpret_cast<const vf8*>(mt);
   vf8 t[M * K], out[M * M];
+#if HF_GEMM_LANES == 16
+  // 16 channels at a time where they come in whole 16s (HRNet's all do); c0 and c1 are even (panels)
+  const bool wide = g.cout % 16 == 0 && c0 % 2 == 0 && c1 % 2 == 0;
+  vf16 t16[M * K], out16[M * M];
+#endif
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t tile = t0 + i;
     const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
     const int64_t y0 = (rem / g.tiles_w) * M, x0 = (rem % g.tiles_w) * M;
     const int rows = static_cast<int>(std::min<int64_t>(M, g.h - y0)), cols = static_cast<int>(std::min<int64_t>(M, g.w - x0));
     const int64_t offset = ((img * g.h + y0) * g.w + x0) * g.cout;
+#if HF_GEMM_LANES == 16
+    if (wide) {
+      const vf16u* mv16 = reinterpret_cast<const vf16u*>(mt);
+      for (int64_t c = c0 / 2; c < c1 / 2; ++c) {
+        winograd_output_tile<M>(mv16 + i * (col / 2) + c, plane / 2, out16, rows, t16);
+        const vf16 b = bias ? load16(bias + c * 16) : vf16{};
+        for (int r = 0; r < rows; ++r) {
+          for (int q = 0; q < cols; ++q) {
+            const int64_t at = offset + (r * g.w + q) * g.cout + c * 16;
+            vf16 val = out16[r * M + q] + b;
+            if (residual) val += load16(residual + at);
+            if (relu) val = val < 0.f ? vf16{} : val;  // keeps NaN, as below
+            store16(y + at, val);
+          }
+        }
+      }
+      continue;
+    }
+#endif
     for (int64_t c = c0; c < std::min(c1, (g.cout + 7) / 8); ++c) {  // vectors past cout: padding only
       const int lanes = static_cast<int>(std::min<int64_t>(8, g.cout - c * 8));
       winograd_output_tile<M>(mv + i * col + c, plane, out, rows, t);
