@@ -30,6 +30,8 @@ def test_without_a_gpu_every_step_is_skipped_with_the_reason(tmp_path, capsys):
         (["--out", "x", "--skip", "bild"], "unknown step(s) bild in --skip"),
         (["--out", "x", "--only", "tests,nope"], "unknown step(s) nope in --only"),
         (["--out", "x", "--budget-s", "0"], "--budget-s must be positive"),
+        (["--out", "x", "--cpu-threads", "1,x"], "--cpu-threads must be comma-separated integers"),
+        (["--out", "x", "--cpu-threads", "0"], "--cpu-threads must name at least one count of 1 or more"),
         ([], "--out"),
     ],
 )
@@ -43,6 +45,8 @@ def test_bad_arguments_exit_2_with_the_reason(argv, msg, capsys):
 def test_only_picks_steps_in_the_order_given():
     args = gpu_check.parse_args(["--out", "x", "--only", "bench_fp16,tests,bench_fp16"])
     assert args.order == ["bench_fp16", "tests"]
+    assert args.cpu_threads == [1, 4, 8, 16]
+    assert gpu_check.parse_args(["--out", "x", "--cpu-threads", "1,16"]).cpu_threads == [1, 16]
 
 
 def test_a_step_records_status_counts_and_output():
@@ -81,6 +85,13 @@ def test_the_commands_run_the_cuda_tests_and_both_benchmarks(tmp_path):
     assert seg[seg.index("--model") + 1] == "seg_w48" and seg[seg.index("--batch") + 1 : seg.index("--batch") + 3] == ["1", "--cuda-graph"]
     threads, _ = cmds["cpu_threads"]
     assert threads[threads.index("-m") + 1] == "hrnet_fast.bench.cpu_threads"
+    assert threads[threads.index("--threads") + 1 : threads.index("--threads") + 5] == ["1", "4", "8", "16"]
+    parts, _ = cmds["cpu_parts"]
+    assert parts[parts.index("-m") + 1] == "hrnet_fast.bench.cpu_parts"
+    two = gpu_check.commands(tmp_path, sys.executable, workers=1, cpu_threads=[4, 8])
+    for step in ("cpu_threads", "cpu_parts"):
+        argv = two[step][0]
+        assert argv[argv.index("--threads") + 1 : argv.index("--threads") + 3] == ["4", "8"]
     direct, env = cmds["bench_direct"]
     assert env == {"HRNET_FAST_TRITON_DIRECT_LAUNCH": "1"}
     assert direct[direct.index("--out") + 1] == str(tmp_path / "direct")

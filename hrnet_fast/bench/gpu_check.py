@@ -17,7 +17,10 @@ Steps, in order, each under its own time limit (and together under --budget-s):
   bench_fp32  the benchmark again in float32
   bench_seg   HRNetV2-W48 segmentation at 512x1024, float16, batch 1 (`--model seg_w48`)
   cpu_threads the CPU benchmark at 1, 4, 8 and 16 threads (hrnet_fast.bench.cpu_threads: the GPU
-              machine's cores, for the CPU thread-scaling table)
+              machine's cores, for the CPU thread-scaling table; --cpu-threads picks the counts: all
+              four take ~10 minutes there, so give them two calls)
+  cpu_parts   the cpu backend part by part at those thread counts, AVX2 and AVX-512, batch 1 and 8
+              (hrnet_fast.bench.cpu_parts: where the scaling is lost)
 Everything goes to DIR: gpu_check.log (every step's output), gpu_check.json (device, versions,
 each step's status, time and test counts), the benchmarks' JSON and PNG, profile.txt. A short table
 is printed last. Exit code: 0 all ran and passed, 1 a step failed, 2 bad arguments, 3 no GPU.
@@ -40,10 +43,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("build", "tests", "cpu_tests", "profile", "host_cost", "bench_fp16", "bench_direct", "memcheck", "bench_fp32", "bench_seg",
-         "cpu_threads")
+         "cpu_threads", "cpu_parts")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
 LIMITS = {"build": 240, "tests": 300, "cpu_tests": 120, "profile": 90, "host_cost": 60, "bench_fp16": 200, "bench_direct": 90, "memcheck": 120, "bench_fp32": 150,
-          "bench_seg": 200, "cpu_threads": 540}
+          "bench_seg": 200, "cpu_threads": 540,
+          "cpu_parts": 150}
 # What cpu_tests runs: the ISA variants, the Winograd op, the task chains and optimize() of whole models.
 CPU_TEST_FILES = ("tests/test_cpu_isa.py", "tests/test_conv3x3_winograd.py", "tests/test_cpu_tasks.py", "tests/test_optimize.py")
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
@@ -89,8 +93,9 @@ def _sanitizer() -> str | None:
     return str(cand) if cand.exists() else shutil.which("compute-sanitizer")
 
 
-def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """The command line and extra environment of every step."""
+def commands(out: Path, python: str, workers: int, cpu_threads: Sequence[int] = (1, 4, 8, 16)
+             ) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The command line and extra environment of every step (cpu_threads: the CPU steps' thread counts)."""
     py = [python]
     plugins = ["-p", "no:cacheprovider", "-p", "no:benchmark"]
     pytest = py + ["-m", "pytest", "-q", "-rfE", "-m", "cuda", "tests/test_cuda.py", *plugins]
@@ -133,7 +138,9 @@ def commands(out: Path, python: str, workers: int) -> dict[str, tuple[list[str],
         "bench_seg": (bench_at("1") + ["--model", "seg_w48", "--dtype", "float16", "--contenders", BENCH_CONTENDERS,
                                        "--compile-mode", "reduce-overhead"], {}),
         "cpu_threads": (py + ["-m", "hrnet_fast.bench.cpu_threads", "--out", str(out / "cpu_threads"),
-                              "--min-run-time", "0.8"], {}),
+                              "--threads", *map(str, cpu_threads), "--min-run-time", "0.8"], {}),
+        "cpu_parts": (py + ["-m", "hrnet_fast.bench.cpu_parts", "--out", str(out / "cpu_parts"), "--threads",
+                            *map(str, cpu_threads), "--rounds", "2"], {}),
     }
 
 
@@ -213,7 +220,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated steps to run, in this order (default: all, in the order above)")
     p.add_argument("--python", default=sys.executable, help="the Python that has the CUDA torch (default: this one)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel test processes")
+    p.add_argument("--cpu-threads", default="1,4,8,16", help="thread counts of cpu_threads and cpu_parts (default: 1,4,8,16)")
     args = p.parse_args(argv)
+    try:
+        args.cpu_threads = [int(t) for t in args.cpu_threads.split(",") if t]
+    except ValueError:
+        p.error(f"--cpu-threads must be comma-separated integers, got {args.cpu_threads!r}")
+    if not args.cpu_threads or min(args.cpu_threads) < 1:
+        p.error(f"--cpu-threads must name at least one count of 1 or more, got {args.cpu_threads}")
     skip = [s for s in args.skip.split(",") if s]
     only = [s for s in args.only.split(",") if s]
     for flag, names in (("--skip", skip), ("--only", only)):
@@ -235,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = gpu_info(args.python)
     steps = [Step(name) for name in args.order]
     no_gpu = not (info.get("cuda_device") or {}).get("name")
-    cmds = commands(out, args.python, args.workers)
+    cmds = commands(out, args.python, args.workers, args.cpu_threads)
     with open(out / "gpu_check.log", "w", encoding="utf-8") as log:
         log.write(json.dumps(info, indent=1) + "\n")
         for step in steps:

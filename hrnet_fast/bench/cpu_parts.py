@@ -1,7 +1,7 @@
 """Where the cpu backend's thread scaling is lost: W32's forward timed part by part (stem, the four
 stages with their transitions, the head) at several thread counts, Winograd variants and batches.
 
-    .venv/bin/python benchmarks/bench_cpu_parts.py [--threads 1 4 8 16] [--batch 1 8] [--out DIR]
+    python -m hrnet_fast.bench.cpu_parts [--threads 1 4 8 16] [--batch 1 8] [--isa avx2 avx512] [--out DIR]
 
 One process, one optimize()d model; the configurations take turns over --rounds rounds. A part's time
 is from the first call into it to the first call into the next (forward hooks on the top-level
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", nargs="+", default=["avx2", "avx512"], help="Winograd variants (those this CPU runs)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=3, help="timed forwards per configuration and round")
+    p.add_argument("--tasks", choices=("auto", "on", "off"), default="auto",
+                   help="optimize's tasks: its default (auto: up to 2 threads), or forced on or off")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"{isa} left out: {str(e).splitlines()[0]}")
     torch.manual_seed(0)
-    model = hrnet_fast.optimize(hrnet_fast.pose_hrnet_w32().eval(), backend="cpu")
+    tasks = {"auto": None, "on": True, "off": False}[args.tasks]
+    model = hrnet_fast.optimize(hrnet_fast.pose_hrnet_w32().eval(), backend="cpu", tasks=tasks)
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
     configs = [(t, isa, b) for b in args.batch for t in threads for isa in isas]
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     base = min(threads)
     ref = {(r["isa"], r["batch"]): r["ms"] for r in rows if r["threads"] == base}
     parts = list(rows[0]["ms"])
-    print(f"\nW32 256x192 cpu backend (tasks on), median ms per part (parallel efficiency against {base} thread(s))")
+    print(f"\nW32 256x192 cpu backend (tasks {args.tasks}), median ms per part (parallel efficiency against {base} thread(s))")
     print("| batch | isa | threads | " + " | ".join(parts) + " |")
     print("|" + "---|" * (len(parts) + 3))
     for r in rows:
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         from hrnet_fast.bench.record import machine_info
 
-        (args.out / "cpu_parts.json").write_text(json.dumps({"device": machine_info(), "rows": rows}, indent=1))
+        (args.out / "cpu_parts.json").write_text(json.dumps({"device": machine_info(), "tasks": args.tasks, "rows": rows}, indent=1))
     return 0
 
 
