@@ -53,6 +53,24 @@ class PartClock:
         return out
 
 
+def profile_ops(model: torch.nn.Module, x: torch.Tensor, threads: list[int]) -> str:
+    """Per thread count, torch.profiler's table of one forward's ops by input shape, most self CPU time
+    first. Under the profiler task chains run one after another (cpu_tasks), so with tasks on this
+    shows each op split on its own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    with torch.inference_mode():
+        for t in threads:
+            torch.set_num_threads(t)
+            model(x)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                model(x)
+            table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15)
+            out.append(f"\n{t} threads, batch {x.shape[0]}:\n{table}")
+    return "".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 4, 8, 16])
@@ -62,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed forwards per configuration and round")
     p.add_argument("--tasks", choices=("auto", "on", "off"), default="auto",
                    help="optimize's tasks: its default (auto: up to 2 threads), or forced on or off")
+    p.add_argument("--profile", action="store_true",
+                   help="also an op table (torch.profiler, one forward at the largest batch) at the two largest "
+                        "thread counts, to see which ops lose where a part stops scaling")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -105,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         base_ms = ref[(r["isa"], r["batch"])]
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
         print(f"| {r['batch']} | {r['isa']} | {r['threads']} | " + " | ".join(cells) + " |")
+    tables = profile_ops(model, xs[max(args.batch)], sorted(threads)[-2:]) if args.profile else ""
+    print(tables)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         from hrnet_fast.bench.record import machine_info
+
+        if tables:
+            (args.out / "cpu_parts_ops.txt").write_text(tables)
 
         (args.out / "cpu_parts.json").write_text(json.dumps({"device": machine_info(), "tasks": args.tasks, "rows": rows}, indent=1))
     return 0

@@ -19,8 +19,8 @@ Steps, in order, each under its own time limit (and together under --budget-s):
   cpu_threads the CPU benchmark at 1, 4, 8 and 16 threads (hrnet_fast.bench.cpu_threads: the GPU
               machine's cores, for the CPU thread-scaling table; --cpu-threads picks the counts: all
               four take ~10 minutes there, so give them two calls)
-  cpu_parts   the cpu backend part by part at those thread counts, AVX2 and AVX-512, batch 1 and 8
-              (hrnet_fast.bench.cpu_parts: where the scaling is lost)
+  cpu_parts   the cpu backend part by part at those thread counts, AVX2 and AVX-512, batch 1 and 8, and
+              an op table at the two largest counts (hrnet_fast.bench.cpu_parts: where the scaling is lost)
 Everything goes to DIR: gpu_check.log (every step's output), gpu_check.json (device, versions,
 each step's status, time and test counts), the benchmarks' JSON and PNG, profile.txt. A short table
 is printed last. Exit code: 0 all ran and passed, 1 a step failed, 2 bad arguments, 3 no GPU.
@@ -140,7 +140,7 @@ def commands(out: Path, python: str, workers: int, cpu_threads: Sequence[int] = 
         "cpu_threads": (py + ["-m", "hrnet_fast.bench.cpu_threads", "--out", str(out / "cpu_threads"),
                               "--threads", *map(str, cpu_threads), "--min-run-time", "0.8"], {}),
         "cpu_parts": (py + ["-m", "hrnet_fast.bench.cpu_parts", "--out", str(out / "cpu_parts"), "--threads",
-                            *map(str, cpu_threads), "--rounds", "2"], {}),
+                            *map(str, cpu_threads), "--rounds", "2", "--profile"], {}),
     }
 
 
