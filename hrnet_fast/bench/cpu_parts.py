@@ -31,7 +31,7 @@ class PartClock:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.marks: list[tuple[str, float]] = []
-        model.register_forward_pre_hook(lambda m, a: self.marks.clear() or self._mark("stem"))
+        model.register_forward_pre_hook(lambda m, a: self._start())
         model.register_forward_hook(lambda m, a, o: self._mark("end"))
         for name, child in model.named_children():
             if name not in PARTS:
@@ -41,6 +41,10 @@ class PartClock:
             for mod in mods:
                 if mod is not None:
                     mod.register_forward_pre_hook(lambda m, a, part=PARTS[name]: self._mark(part))
+
+    def _start(self) -> None:
+        self.marks.clear()
+        self._mark("stem")
 
     def _mark(self, part: str) -> None:
         if not self.marks or self.marks[-1][0] != part:
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             isas.append(isa)
         except RuntimeError as e:
             print(f"{isa} left out: {str(e).splitlines()[0]}")
+    if not threads or not isas:
+        print(f"nothing to time: thread counts {args.threads} on {cores} cores, variants {args.isa}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     tasks = {"auto": None, "on": True, "off": False}[args.tasks]
     model = hrnet_fast.optimize(hrnet_fast.pose_hrnet_w32().eval(), backend="cpu", tasks=tasks)
