@@ -66,67 +66,37 @@ typedef float vf16 __attribute__((vector_size(64)));
 typedef float vf16u __attribute__((vector_size(64), aligned(4)));
 inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16u*>(p); }
 inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16u*>(p) = v; }
-
-// Two panels a call: per k, 12 FMAs for 8 loads (6 broadcasts of A, 2 rows of B), so the FMAs rather
-// than the loads set the pace; 12 accumulators of the 32 registers.
+typedef vf16 vgemm;
+// Two panels a call where they pair: per k, 12 FMAs for 8 loads (6 broadcasts of A, 2 rows of B), so
+// the FMAs rather than the loads set the pace; 12 accumulators of the 32 registers.
 constexpr int kGemmPanels = 2;
-
-// C[6][32] = A[6][k] * [B0 B1][k][32]: B0 and B1 two packed [k][16] panels, C's second 16 columns
-// after its first.
-inline void micro_6x32(const float* __restrict__ a, int64_t lda, const float* __restrict__ b0,
-                       const float* __restrict__ b1, float* __restrict__ c, int64_t ldc, int64_t k) {
-  vf16 acc[kMr][2] = {};
-  for (int64_t p = 0; p < k; ++p) {
-    const vf16 w0 = load16(b0 + p * kNr), w1 = load16(b1 + p * kNr);
-#pragma GCC unroll 6
-    for (int r = 0; r < kMr; ++r) {
-      const float ar = a[r * lda + p];
-      acc[r][0] += ar * w0;
-      acc[r][1] += ar * w1;
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < kMr; ++r) {
-    store16(c + r * ldc, acc[r][0]);
-    store16(c + r * ldc + kNr, acc[r][1]);
-  }
-}
-
-// C[6][16] = A[6][k] * B[k][16], one 16-lane vector a row.
-inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
-                       float* __restrict__ c, int64_t ldc, int64_t k) {
-  vf16 acc[kMr] = {};
-  for (int64_t p = 0; p < k; ++p) {
-    const vf16 w = load16(b + p * kNr);
-#pragma GCC unroll 6
-    for (int r = 0; r < kMr; ++r) acc[r] += a[r * lda + p] * w;
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < kMr; ++r) store16(c + r * ldc, acc[r]);
-}
 #else
+typedef vf8 vgemm;
 constexpr int kGemmPanels = 1;
+#endif
 
-// C[6][16] = A[6][k] * B[k][16]: A rows at stride lda, B a packed [k][16] panel, C rows at ldc.
-inline void micro_6x16(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
-                       float* __restrict__ c, int64_t ldc, int64_t k) {
-  vf8 acc[kMr][2] = {};
+// C[6][NV * L] = A[6][k] * B, L the lanes of V: A rows at stride lda; vector v of B's row p at
+// b[v] + p * kNr (so a [k][16] panel is two 8-lane vectors b, b + 8, or one 16-lane one, and two
+// panels are two 16-lane ones); C rows at ldc, vector v at c + v * L. The micro-kernel of every variant:
+// 6x16 as two 8-lane vectors (AVX2, 12 accumulators of 16 registers), 6x16 or 6x32 at 16 lanes.
+template <typename V, int NV>
+inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* const (&b)[NV], float* __restrict__ c,
+                      int64_t ldc, int64_t k) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V acc[kMr][NV] = {};
   for (int64_t p = 0; p < k; ++p) {
-    const vf8 b0 = load8(b + p * kNr), b1 = load8(b + p * kNr + 8);
+    V w[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&w[v], b[v] + p * kNr, sizeof(V));  // unaligned loads
 #pragma GCC unroll 6
     for (int r = 0; r < kMr; ++r) {
       const float ar = a[r * lda + p];
-      acc[r][0] += ar * b0;
-      acc[r][1] += ar * b1;
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * w[v];
     }
   }
 #pragma GCC unroll 6
-  for (int r = 0; r < kMr; ++r) {
-    store8(c + r * ldc, acc[r][0]);
-    store8(c + r * ldc + 8, acc[r][1]);
-  }
+  for (int r = 0; r < kMr; ++r)
+    for (int v = 0; v < NV; ++v) std::memcpy(c + r * ldc + v * L, &acc[r][v], sizeof(V));
 }
-#endif
 
 // Step 1 for tiles [t0, t0 + nt): V[p][i][c] (i < nt_padded, rows past nt and channels past cin zeroed).
 template <int M>
@@ -303,13 +273,14 @@ void winograd_task(const WinogradTask& k) {
       float* mp = k.mbuf + p * plane_stride(k.ntp * g.coutp);
       const float* panel = panel0 + p * panel_stride;
       for (int64_t i = 0; i < k.ntp; i += kMr) {
-#if HF_GEMM_LANES == 16
-        if (pair) {
-          micro_6x32(vp + i * g.cinp, g.cinp, panel, panel + g.cin * kNr, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
-          continue;
-        }
-#endif
-        micro_6x16(vp + i * g.cinp, g.cinp, panel, mp + i * g.coutp + j * kNr, g.coutp, g.cin);
+        const float* a = vp + i * g.cinp;
+        float* c = mp + i * g.coutp + j * kNr;
+        if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
+          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + 8}, c, g.coutp, g.cin);
+        else if (pair)
+          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + g.cin * kNr}, c, g.coutp, g.cin);
+        else
+          micro_6xn<vgemm, 1>(a, g.cinp, {panel}, c, g.coutp, g.cin);
       }
     }
   };
