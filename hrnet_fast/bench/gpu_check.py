@@ -6,7 +6,7 @@ Steps, in order, each under its own time limit (and together under --budget-s):
   build       the extension, in place, against the installed torch (`setup.py build_ext --inplace`)
   tests       the GPU tests (`pytest -m cuda`, in parallel processes where pytest-xdist is installed)
   cpu_tests   the CPU kernels' tests and whole models on the cpu backend, under the best variant this CPU
-              runs (the GPU machine's CPU has AVX-512, this project's own machine only AVX2)
+              runs (the GPU machine's CPU is an Intel Xeon, this project's own an AMD EPYC)
   profile     the kernel-time table of one forward per contender (hrnet_fast.bench.kernel_profile)
   host_cost   the host time of one op call, layer by layer (hrnet_fast.bench.triton_host_cost)
   bench_fp16  `hrnet-fast bench --device cuda`, W32 256x192, batch 1 and 64, every GPU contender,
@@ -45,9 +45,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("build", "tests", "cpu_tests", "profile", "host_cost", "bench_fp16", "bench_direct", "memcheck", "bench_fp32", "bench_seg",
          "cpu_threads", "cpu_parts")
 # Each step's own limit in seconds; the run's --budget-s caps them further.
-LIMITS = {"build": 240, "tests": 300, "cpu_tests": 120, "profile": 90, "host_cost": 60, "bench_fp16": 200, "bench_direct": 90, "memcheck": 120, "bench_fp32": 150,
-          "bench_seg": 200, "cpu_threads": 540,
-          "cpu_parts": 150}
+LIMITS = {"build": 240, "tests": 300, "cpu_tests": 120, "profile": 90, "host_cost": 60, "bench_fp16": 200,
+          "bench_direct": 90, "memcheck": 120, "bench_fp32": 150, "bench_seg": 200, "cpu_threads": 540, "cpu_parts": 150}
 # What cpu_tests runs: the ISA variants, the Winograd op, the task chains and optimize() of whole models.
 CPU_TEST_FILES = ("tests/test_cpu_isa.py", "tests/test_conv3x3_winograd.py", "tests/test_cpu_tasks.py", "tests/test_optimize.py")
 # The op tests memcheck runs: every op, backend and case once, fp16 channels_last (the fast path), with bias.
@@ -124,11 +123,11 @@ def commands(out: Path, python: str, workers: int, cpu_threads: Sequence[int] = 
         "bench_fp16": (bench + ["--dtype", "float16", "--contenders", BENCH_CONTENDERS, "--compile-mode", "reduce-overhead"], {}),
         "profile": (py + ["-m", "hrnet_fast.bench.kernel_profile", "--batch", "1", "64", "--dtype", "float16",
                           "--out", str(out / "profile.txt")], {"HRNET_FAST_DEBUG": "1"}),
-        # no caching allocator: memcheck sees only cudaMalloc'd bounds, and a cached block hides overruns
         "bench_direct": (bench_at("1", "64", dest=out / "direct") + ["--dtype", "float16",
                                                                     "--contenders", "eager,hrnet_fast_triton"],
                          {"HRNET_FAST_TRITON_DIRECT_LAUNCH": "1"}),
         "host_cost": (py + ["-m", "hrnet_fast.bench.triton_host_cost", "--out", str(out / "host_cost.json")], {}),
+        # no caching allocator: memcheck sees only cudaMalloc'd bounds, and a cached block hides overruns
         "memcheck": ([sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20"] + pytest
                      + ["-k", MEMCHECK_K],
                      # the autotuner's timing runs would be instrumented too: the fixed tiles suffice here
