@@ -667,3 +667,5 @@ def test_fusion_plans_are_made_once_per_signature(monkeypatch):
         ref = fuse_multi_res_reference(base, low, ws, b, mode=mode)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert len(made) == 4, "one plan per signature: the first two calls share one"
+    # the cache keeps arguments, never a call's tensors (they would stay alive with it)
+    assert not any(isinstance(a, torch.Tensor) for plan in fusion._PLANS.values() for a in plan.args)

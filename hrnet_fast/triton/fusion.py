@@ -219,6 +219,12 @@ def _make_plan(
 _PLANS: dict[tuple, _Plan] = {}
 
 
+def _kept(plan: _Plan) -> _Plan:
+    """The plan as _PLANS keeps it: its tensor slots emptied, so that the cache holds no call's tensors
+    (the first call's output and inputs, GPU memory, for as long as the process runs)."""
+    return plan._replace(args=[None if i in plan.slots else a for i, a in enumerate(plan.args)])
+
+
 def _launch(
     base: torch.Tensor,
     out: torch.Tensor,
@@ -240,7 +246,7 @@ def _launch(
                None if bias is None else bias.stride(0), relu, bilinear, align_corners,
                torch.backends.cudnn.allow_tf32)  # fp32's dot precision follows it
         plan = _PLANS.get(key) or remembered(
-            _PLANS, key, lambda: _make_plan(base, out, lowres, weights, bias, relu, bilinear, align_corners))
+            _PLANS, key, lambda: _kept(_make_plan(base, out, lowres, weights, bias, relu, bilinear, align_corners)))
         args = plan.args.copy()
         for i, t in zip(plan.slots, _tensors(base, out, lowres, weights, bias)):
             args[i] = t
