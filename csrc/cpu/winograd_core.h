@@ -98,111 +98,149 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
     for (int v = 0; v < NV; ++v) std::memcpy(c + r * ldc + v * L, &acc[r][v], sizeof(V));
 }
 
-// Step 1 for tiles [t0, t0 + nt): V[p][i][c] (i < nt_padded, rows past nt and channels past cin zeroed).
-template <int M>
-void input_transform(const float* x, const WinogradGeometry& g, int64_t t0, int64_t nt, int64_t ntp, float* v) {
-  constexpr int K = Winograd<M>::kTile;
-  const int64_t plane = plane_stride(ntp * g.cinp) / 8, col = g.cinp / 8;  // V's strides, in vectors
-  const bool vector_rows = g.cin % 8 == 0;  // x's pixels start on vector boundaries (x is 32-byte aligned)
-  vf8* vv = reinterpret_cast<vf8*>(v);
-  vf8 t[K * K], patch[K * K];
-#if HF_GEMM_LANES == 16
-  // interior tiles 16 channels at a time where they come in whole 16s (HRNet's all do)
-  const bool wide = g.cin % 16 == 0;
-  vf16 t16[K * K];
-#endif
+// Step 1 for tiles [t0, t0 + nt): V[p][i][c]. Tiles whose K x K patch lies inside the image are transformed
+// straight from x; the others (the image's border tiles: a quarter of the tiles at 64x48, all of them
+// at 8x6) through a local patch whose positions outside the image are zeroed once per tile, the rest
+// copied per channel vector. Both 16 channels at a time where the variant is 16 lanes wide and the
+// channels come in whole 16s (HRNet's all do), else 8 (the last vector of an odd count zero-filled).
+template <int M, typename V>
+void input_tiles(const float* x, const WinogradGeometry& g, int64_t t0, int64_t nt, int64_t ntp, float* v) {
+  constexpr int K = Winograd<M>::kTile, L = sizeof(V) / sizeof(float);
+  const int64_t plane = plane_stride(ntp * g.cinp) / L, col = g.cinp / L;
+  const int64_t vecs = (g.cin + L - 1) / L;
+  const bool whole = g.cin % L == 0;
+  V* vv = reinterpret_cast<V*>(v);
+  V t[K * K], patch[K * K];
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t tile = t0 + i;
     const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
     const int64_t y0 = (rem / g.tiles_w) * M - 1, x0 = (rem % g.tiles_w) * M - 1;  // padding 1
-    const bool interior = y0 >= 0 && x0 >= 0 && y0 + K <= g.h && x0 + K <= g.w;
     const float* base = x + img * g.h * g.w * g.cin;
-#if HF_GEMM_LANES == 16
-    if (interior && wide) {
-      const int64_t col16 = col / 2;
-      const vf16u* xv = reinterpret_cast<const vf16u*>(base + (y0 * g.w + x0) * g.cin);
-      vf16u* out = reinterpret_cast<vf16u*>(v) + i * col16;
-      for (int64_t c = 0; c < col16; ++c) winograd_input_tile<M>(xv + c, g.w * col16, col16, out + c, plane / 2, t16);
+    // the patch rows [r0, r1) and columns [q0, q1) inside the image
+    const int r0 = static_cast<int>(std::max<int64_t>(0, -y0)), r1 = static_cast<int>(std::min<int64_t>(K, g.h - y0));
+    const int q0 = static_cast<int>(std::max<int64_t>(0, -x0)), q1 = static_cast<int>(std::min<int64_t>(K, g.w - x0));
+    if (r0 == 0 && q0 == 0 && r1 == K && q1 == K && whole) {
+      typedef float Vu __attribute__((vector_size(L * 4), aligned(4)));
+      const Vu* xv = reinterpret_cast<const Vu*>(base + (y0 * g.w + x0) * g.cin);
+      for (int64_t c = 0; c < vecs; ++c) winograd_input_tile<M>(xv + c, g.w * col, col, vv + i * col + c, plane, t);
       continue;
     }
-#endif
-    for (int64_t c = 0; c < col; ++c) {
-      vf8* out = vv + i * col + c;
-      if (interior && vector_rows) {  // the common case: transform straight from x
-        const vf8* xv = reinterpret_cast<const vf8*>(base) + (y0 * g.w + x0) * col + c;
-        winograd_input_tile<M>(xv, g.w * col, col, out, plane, t);
-        continue;
-      }
-      // otherwise copy the patch: zeros outside the image (the conv's padding) and past cin
-      const int lanes = static_cast<int>(std::min<int64_t>(8, g.cin - c * 8));
-      for (int r = 0; r < K; ++r) {
-        for (int q = 0; q < K; ++q) {
-          const int64_t yy = y0 + r, xx = x0 + q;
-          const float* px = base + (yy * g.w + xx) * g.cin + c * 8;
-          patch[r * K + q] = !(yy >= 0 && yy < g.h && xx >= 0 && xx < g.w) ? vf8{} : lanes == 8 ? load8(px) : load_n(px, lanes);
+    for (int p = 0; p < K * K; ++p) patch[p] = V{};
+    for (int64_t c = 0; c < vecs; ++c) {
+      const int lanes = static_cast<int>(std::min<int64_t>(L, g.cin - c * L));
+      for (int r = r0; r < r1; ++r) {
+        const float* px = base + ((y0 + r) * g.w + x0) * g.cin + c * L;
+        for (int q = q0; q < q1; ++q) {
+          if (lanes == L) {
+            std::memcpy(&patch[r * K + q], px + q * g.cin, sizeof(V));
+          } else {
+            V val = {};
+            for (int l = 0; l < lanes; ++l) val[l] = px[q * g.cin + l];
+            patch[r * K + q] = val;
+          }
         }
       }
-      winograd_input_tile<M>(patch, K, 1, out, plane, t);
+      winograd_input_tile<M>(patch, K, 1, vv + i * col + c, plane, t);
     }
   }
+}
+
+// V's rows past nt (up to ntp, a multiple of kMr) are zeroed, and channels past cin.
+template <int M>
+void input_transform(const float* x, const WinogradGeometry& g, int64_t t0, int64_t nt, int64_t ntp, float* v) {
+  constexpr int K = Winograd<M>::kTile;
+#if HF_GEMM_LANES == 16
+  if (g.cin % 16 == 0)
+    input_tiles<M, vf16>(x, g, t0, nt, ntp, v);
+  else
+#endif
+    input_tiles<M, vf8>(x, g, t0, nt, ntp, v);
+  const int64_t plane = plane_stride(ntp * g.cinp);
   for (int64_t i = nt; i < ntp; ++i)
-    for (int p = 0; p < K * K; ++p) std::memset(v + (p * plane + i * col) * 8, 0, g.cinp * sizeof(float));
+    for (int p = 0; p < K * K; ++p) std::memset(v + p * plane + i * g.cinp, 0, g.cinp * sizeof(float));
+}
+
+// Y = A^T Mt A of one tile for one channel vector (V: 8 or 16 lanes; Mt's (a, b) at m[(a * K + b) * vs]),
+// then y = act(Y + bias + residual) stored row by row: Y's rows are made one at a time from t = A^T Mt
+// (M x K) and stored at once, so no M x M array of outputs is live beside t (the version that kept
+// one spilled registers to the stack at AVX-512's 32). kRes and kRelu are template parameters and
+// full tiles (every tile of an image whose sides are multiples of M) take a fully unrolled path.
+// y and residual point at the tile's first pixel; rows are `row` floats apart, pixels `pix`.
+template <int M, bool kRes, bool kRelu, typename V>
+inline void output_tile_store(const V* m, int64_t vs, V b, const float* residual, float* y, int64_t row, int64_t pix,
+                              int rows, int cols) {
+  constexpr int K = Winograd<M>::kTile;
+  V t[M * K];
+  for (int c = 0; c < K; ++c) Winograd<M>::output(m + c * vs, K * vs, t + c, K);  // t = A^T Mt
+  auto store_row = [&](int r, int n) {
+    V o[M];
+    Winograd<M>::output(t + r * K, 1, o, 1);  // row r of t A
+    for (int q = 0; q < n; ++q) {
+      V val = o[q] + b;
+      if constexpr (kRes) {
+        V rv;
+        std::memcpy(&rv, residual + r * row + q * pix, sizeof(V));
+        val += rv;
+      }
+      if constexpr (kRelu) val = val < 0.f ? V{} : val;  // torch.relu keeps NaN: v < 0 is false for NaN
+      std::memcpy(y + r * row + q * pix, &val, sizeof(V));
+    }
+  };
+  if (rows == M && cols == M) {
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r) store_row(r, M);
+  } else {
+    for (int r = 0; r < rows; ++r) store_row(r, cols);
+  }
 }
 
 // Step 3: y for tiles [t0, t0 + nt) and channel vectors [c0, c1) from Mt[p][i][o], with bias,
-// residual and ReLU.
-template <int M>
+// residual (kRes) and ReLU (kRelu).
+template <int M, bool kRes, bool kRelu>
 void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, int64_t nt, int64_t ntp, int64_t c0,
-                      int64_t c1, const float* bias, const float* residual, bool relu, float* y) {
-  constexpr int K = Winograd<M>::kTile;
+                         int64_t c1, const float* bias, const float* residual, float* y) {
   const int64_t plane = plane_stride(ntp * g.coutp) / 8, col = g.coutp / 8;
   const vf8* mv = reinterpret_cast<const vf8*>(mt);
-  vf8 t[M * K], out[M * M];
 #if HF_GEMM_LANES == 16
-  // 16 channels at a time where they come in whole 16s (HRNet's all do); c0 and c1 are even (panels)
   const bool wide = g.cout % 16 == 0 && c0 % 2 == 0 && c1 % 2 == 0;
-  vf16 t16[M * K], out16[M * M];
 #endif
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t tile = t0 + i;
     const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
     const int64_t y0 = (rem / g.tiles_w) * M, x0 = (rem % g.tiles_w) * M;
     const int rows = static_cast<int>(std::min<int64_t>(M, g.h - y0)), cols = static_cast<int>(std::min<int64_t>(M, g.w - x0));
-    const int64_t offset = ((img * g.h + y0) * g.w + x0) * g.cout;
+    const int64_t offset = ((img * g.h + y0) * g.w + x0) * g.cout, row = g.w * g.cout;
+    const float* res = kRes ? residual + offset : nullptr;
 #if HF_GEMM_LANES == 16
     if (wide) {
-      const vf16u* mv16 = reinterpret_cast<const vf16u*>(mt);
+      const vf16* mv16 = reinterpret_cast<const vf16*>(mt);
       for (int64_t c = c0 / 2; c < c1 / 2; ++c) {
-        winograd_output_tile<M>(mv16 + i * (col / 2) + c, plane / 2, out16, rows, t16);
         const vf16 b = bias ? load16(bias + c * 16) : vf16{};
-        for (int r = 0; r < rows; ++r) {
-          for (int q = 0; q < cols; ++q) {
-            const int64_t at = offset + (r * g.w + q) * g.cout + c * 16;
-            vf16 val = out16[r * M + q] + b;
-            if (residual) val += load16(residual + at);
-            if (relu) val = val < 0.f ? vf16{} : val;  // keeps NaN, as below
-            store16(y + at, val);
-          }
-        }
+        output_tile_store<M, kRes, kRelu>(mv16 + i * (col / 2) + c, plane / 2, b, kRes ? res + c * 16 : nullptr,
+                                          y + offset + c * 16, row, g.cout, rows, cols);
       }
       continue;
     }
 #endif
     for (int64_t c = c0; c < std::min(c1, (g.cout + 7) / 8); ++c) {  // vectors past cout: padding only
       const int lanes = static_cast<int>(std::min<int64_t>(8, g.cout - c * 8));
-      winograd_output_tile<M>(mv + i * col + c, plane, out, rows, t);
       const vf8 b = !bias ? vf8{} : lanes == 8 ? load8(bias + c * 8) : load_n(bias + c * 8, lanes);
+      if (lanes == 8) {
+        output_tile_store<M, kRes, kRelu>(mv + i * col + c, plane, b, kRes ? res + c * 8 : nullptr, y + offset + c * 8,
+                                          row, g.cout, rows, cols);
+        continue;
+      }
+      // a last partial vector: through a local tile, whose lanes past cout are not stored
+      constexpr int K = Winograd<M>::kTile;
+      vf8 t[M * K], out[M * M];
+      winograd_output_tile<M>(mv + i * col + c, plane, out, rows, t);
       for (int r = 0; r < rows; ++r) {
         for (int q = 0; q < cols; ++q) {
           const int64_t at = offset + (r * g.w + q) * g.cout + c * 8;
           vf8 val = out[r * M + q] + b;
-          if (residual) val += lanes == 8 ? load8(residual + at) : load_n(residual + at, lanes);
-          // torch.relu keeps NaN: select on v < 0, which is false for NaN
-          if (relu) val = val < 0.f ? vf8{} : val;
-          if (lanes == 8)
-            store8(y + at, val);
-          else
-            store_n(y + at, val, lanes);
+          if (kRes) val += load_n(residual + at, lanes);
+          if (kRelu) val = val < 0.f ? vf8{} : val;
+          store_n(y + at, val, lanes);
         }
       }
     }
@@ -300,7 +338,10 @@ void winograd_task(const WinogradTask& k) {
     }
     j += pair;
   }
-  output_transform<M>(k.mbuf, g, k.t0, k.nt, k.ntp, k.j0 * kNr / 8, k.j1 * kNr / 8, k.bias, k.residual, k.relu, k.y);
+  const int64_t c0 = k.j0 * kNr / 8, c1 = k.j1 * kNr / 8;
+  const auto out = k.residual ? (k.relu ? &output_transform<M, true, true> : &output_transform<M, true, false>)
+                              : (k.relu ? &output_transform<M, false, true> : &output_transform<M, false, false>);
+  out(k.mbuf, g, k.t0, k.nt, k.ntp, c0, c1, k.bias, k.residual, k.y);
 }
 
 }  // namespace
