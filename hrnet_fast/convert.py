@@ -23,6 +23,7 @@ from hrnet_fast.fused.blocks import ChunkedStage, FusedBlock, block_depth, conv_
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
+from hrnet_fast.fused.hr_stage import FusedHRStage
 from hrnet_fast.fused.seg_head import FusedSegHead, SegForward, has_seg_structure, probe_seg_align_corners, why_not_seg_head
 from hrnet_fast.graphs import CUDAGraphForward
 from hrnet_fast.ops import _backend
@@ -99,12 +100,15 @@ class _Converter:
         model.forward = model._hrnet_fast_forward
 
     def chunk_stages(self, m: nn.Module) -> None:
-        """cpu: every Sequential of FusedBlocks outside the HR modules (stage 1) becomes a ChunkedStage."""
+        """cpu: every Sequential of FusedBlocks outside the HR modules (stage 1) becomes a ChunkedStage,
+        every Sequential of several FusedHRModules (stages 2-4) a FusedHRStage."""
         for child_name, child in list(m.named_children()):
             if isinstance(child, FusedHRModule):
                 continue  # branches: a few channels each, already small per image
             if isinstance(child, nn.Sequential) and len(child) and all(isinstance(b, FusedBlock) for b in child):
                 setattr(m, child_name, ChunkedStage(child))
+            elif isinstance(child, nn.Sequential) and len(child) > 1 and all(isinstance(b, FusedHRModule) for b in child):
+                setattr(m, child_name, FusedHRStage(child))
             else:
                 self.chunk_stages(child)
 

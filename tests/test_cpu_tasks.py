@@ -21,7 +21,10 @@ from hrnet_fast import _extension
 from hrnet_fast.fused import cpu_tasks
 from hrnet_fast.fused.blocks import ChunkedStage
 from hrnet_fast.fused.hr_module import FusedHRModule
+from hrnet_fast.fused.hr_stage import FusedHRStage
 from hrnet_fast.reference import tiny_pose_hrnet
+from hrnet_fast.reference.config import preset
+from hrnet_fast.reference.hrnet import PoseHighResolutionNet
 
 from conftest import randomize_bn
 
@@ -401,3 +404,42 @@ def test_stage_one_chunks_share_the_cache_budget(threads, monkeypatch):
         out, ref = fused(x), model(x)
     assert calls == [1] * 5
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def _multi_module_model() -> torch.nn.Module:
+    """Stages 3 and 4 of two HR modules each: what FusedHRStage chains across (tiny_pose_hrnet has one)."""
+    return randomize_bn(PoseHighResolutionNet(preset(4, 3, num_blocks=1, modules=(1, 2, 2)))).eval()
+
+
+@needs_openmp
+@pytest.mark.parametrize("batch", [1, 2])
+def test_stage_chains_cross_modules(threads, monkeypatch, batch):
+    """A stage of K HR modules waits K + 1 times with tasks (each module's outputs chained with the next
+    module's branches), not 2K, and gives the same bits as the modules run one after another."""
+    threads(2)
+    model = _multi_module_model()
+    fused = hrnet_fast.optimize(model, backend="cpu", tasks=True)
+    assert isinstance(fused.stage3, FusedHRStage) and isinstance(fused.stage4, FusedHRStage)
+    assert not isinstance(fused.stage2, FusedHRStage)  # a single module: nothing to chain across
+    assert not isinstance(hrnet_fast.optimize(model, backend="torch").stage3, FusedHRStage)
+    assert fused.state_dict().keys() == hrnet_fast.optimize(model, backend="torch").state_dict().keys()
+    widths: list[int] = []
+    real = cpu_tasks.run_chains
+
+    def spy(chains):
+        widths.append(len(chains))
+        return real(chains)
+
+    monkeypatch.setattr(cpu_tasks, "run_chains", spy)
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        on = fused(x)
+        # stage 1: its chunks (batch 2); stage 2: branches, outputs (2, 2); stage 3: branches,
+        # outputs + branches, outputs (3, 3, 3); stage 4: branches, outputs + branches, output 0 (4, 4, 1)
+        assert widths == [2] * (batch == 2) + [2, 2, 3, 3, 3, 4, 4, 1]
+        for m in fused.modules():
+            if isinstance(m, (FusedHRModule, ChunkedStage)):
+                m.tasks = False
+        off, ref = fused(x), model(x)
+    assert torch.equal(on, off)
+    assert (on - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()

@@ -176,7 +176,7 @@ def _probe_mode(m: nn.Module) -> tuple[str, bool] | str:
     return f"a probe input cannot tell its upsampling modes apart ({found})"
 
 
-def _steps(branch: nn.Module) -> list[nn.Module]:
+def branch_steps(branch: nn.Module) -> list[nn.Module]:
     """A branch as the steps of a task chain: a Sequential's children (blocks), else the branch."""
     return list(branch) if isinstance(branch, nn.Sequential) and len(branch) else [branch]
 
@@ -285,7 +285,7 @@ class FusedHRModule(nn.Module):
         block by block, then the outputs. The whole batch goes through every op: splitting it into
         parts as well measured no faster at batch 8 on 2 threads (0.88-1.04x), and each part's ops would
         hold the GIL for their own Python calls."""
-        x = cpu_tasks.run_chains([(_steps(branch), xi) for branch, xi in zip(self.branches, x)])
+        x = cpu_tasks.run_chains([(branch_steps(branch), xi) for branch, xi in zip(self.branches, x)])
         if self.n_out == 0:
             return x
         return cpu_tasks.run_chains([([lambda _, i=i: self._output(i, x)], None) for i in range(self.n_out)])
