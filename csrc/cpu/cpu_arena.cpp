@@ -14,8 +14,9 @@
 // torch's CPU allocator) only while an optimized model's forward runs: a block it handed out keeps
 // its deleter, so one freed later, anywhere, still comes back here. Allocations are reported to
 // torch's memory profiler as the default allocator's are. Free blocks are held until
-// cpu_arena_release(), never more of them than the most ever in use at once, nor past kMaxCached (a
-// block that would pass either is freed at once). Built for glibc (Linux); elsewhere never installed.
+// cpu_arena_release(), never more of them than the most ever in use at once, nor past kMaxCached: a
+// block freed when they are full takes the place of those that have waited longest (a block larger
+// than the whole budget is freed at once). Built for glibc (Linux); elsewhere never installed.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -24,6 +25,7 @@
 #include <cstdint>
 
 #include <algorithm>
+#include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -81,6 +83,7 @@ class Arena final : public c10::Allocator {
   // allocator before it made, freed by ideep through whichever allocator is installed) to that one.
   void take_back(void* p) {
     bool mine = false, keep = false;
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(p);
@@ -96,15 +99,35 @@ class Arena final : public c10::Allocator {
           c10::profiledCPUMemoryReporter().Delete(p);
           // Never more in blocks than the most ever in use at once: cached by exact size, the blocks
           // of every size at its own busiest moment would add up to more than the forward's peak
-          // (HRNetV2-W48 at 512x1024: 396 MiB held against a 227 MiB peak).
-          keep = cached_ + in_use_ + size <= peak_in_use_ && cached_ + size <= kMaxCached;
+          // (HRNetV2-W48 at 512x1024: 396 MiB held against a 227 MiB peak). Room is made by freeing
+          // the blocks that have waited longest: sizes the forward no longer asks for (the first
+          // forward's, whose oneDNN weight packing allocates what later ones never do) would
+          // otherwise fill the budget for good, and every later forward would fault its activations
+          // in afresh (W32 at batch 8: ~8,000 page faults a forward, 11-26 ms of system time).
+          const size_t limit = std::min(peak_in_use_ - std::min(peak_in_use_, in_use_), kMaxCached);
+          keep = size <= limit;
+          while (keep && cached_ + size > limit) {
+            const Block old = lru_.front();
+            lru_.pop_front();
+            auto range = free_.equal_range(old.size);
+            for (auto f = range.first; f != range.second; ++f) {
+              if (f->second->p == old.p) {
+                free_.erase(f);
+                break;
+              }
+            }
+            cached_ -= old.size;
+            evicted.push_back(old.p);
+          }
           if (keep) {
-            free_.emplace(size, p);
+            lru_.push_back({p, size});
+            free_.emplace(size, std::prev(lru_.end()));
             cached_ += size;
           }
         }
       }
     }
+    for (void* q : evicted) c10::free_cpu(q);
     if (!mine) {
       base()->raw_deleter()(p);
     } else if (!keep) {
@@ -133,6 +156,11 @@ class Arena final : public c10::Allocator {
     return static_cast<int64_t>(cached_);
   }
 
+  int64_t misses() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return misses_;
+  }
+
   bool installed() const { return c10::GetCPUAllocator() == this; }
 
   // Frees every free block; returns the bytes freed.
@@ -141,8 +169,9 @@ class Arena final : public c10::Allocator {
     size_t freed = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto& [size, p] : free_) blocks.push_back(p);
+      for (const Block& b : lru_) blocks.push_back(b.p);
       free_.clear();
+      lru_.clear();
       freed = cached_;
       cached_ = 0;
     }
@@ -160,18 +189,28 @@ class Arena final : public c10::Allocator {
   void* take_cached(size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = free_.find(size);
-    if (it == free_.end()) return nullptr;
-    void* p = it->second;
+    if (it == free_.end()) {
+      ++misses_;
+      return nullptr;
+    }
+    void* p = it->second->p;
+    lru_.erase(it->second);
     free_.erase(it);
     cached_ -= size;
     return p;
   }
 
+  struct Block {
+    void* p;
+    size_t size;
+  };
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;
+  std::list<Block> lru_;  // the free blocks, longest waiting first
+  std::multimap<size_t, std::list<Block>::iterator> free_;  // the same, by size
   std::unordered_map<void*, size_t> live_;
   size_t cached_ = 0;
   size_t in_use_ = 0, peak_in_use_ = 0;  // bytes of its blocks handed out now, and at most
+  int64_t misses_ = 0;  // blocks it had no free one of the size for (so allocated anew)
   int depth_ = 0;
   c10::Allocator* previous_ = nullptr;
 };
@@ -186,8 +225,10 @@ void release(void* p) { arena().take_back(p); }
 
 void cpu_arena_scope(bool enter) { arena().scope(enter); }
 
-// [bytes held in free blocks, 1 if installed as torch's CPU allocator now, else 0]
-std::vector<int64_t> cpu_arena_stats() { return {arena().cached_bytes(), arena().installed() ? 1 : 0}; }
+// [bytes held in free blocks, 1 if installed as torch's CPU allocator now else 0, blocks allocated anew so far]
+std::vector<int64_t> cpu_arena_stats() {
+  return {arena().cached_bytes(), arena().installed() ? 1 : 0, arena().misses()};
+}
 
 int64_t cpu_arena_release() { return arena().release_all(); }
 
@@ -198,7 +239,7 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // Install (enter=True) or uninstall the caching allocator around a forward; counted, so nested and
   // concurrent forwards keep it installed until the last one leaves.
   m.def("cpu_arena_scope(bool enter) -> ()", &hrnet_fast::cpu_arena_scope);
-  // [bytes held in free blocks, whether installed now]
+  // [bytes held in free blocks, whether installed now, blocks allocated anew (no free one of the size) so far]
   m.def("cpu_arena_stats() -> int[]", &hrnet_fast::cpu_arena_stats);
   // Frees the free blocks (as torch.cuda.empty_cache does for CUDA); returns the bytes freed.
   m.def("cpu_arena_release() -> int", &hrnet_fast::cpu_arena_release);
