@@ -443,3 +443,29 @@ def test_stage_chains_cross_modules(threads, monkeypatch, batch):
         off, ref = fused(x), model(x)
     assert torch.equal(on, off)
     assert (on - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+_POOL_PROBE = """
+import os, torch, hrnet_fast
+from hrnet_fast.fused import cpu_tasks
+torch.set_num_threads(2)
+a, b = torch.randn(6144, 64), torch.randn(64, 32)
+torch.mm(a, b)
+torch.relu(torch.randn(1 << 20))  # the caller's OpenMP (and MKL) threads exist
+before = len(os.listdir("/proc/self/task"))
+with torch.inference_mode():
+    cpu_tasks.run_chains([([lambda v: torch.mm(a, b)] * 3, 0), ([lambda v: torch.mm(a, b)] * 3, 1)])
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@needs_openmp
+@pytest.mark.skipif(not torch.backends.mkl.is_available() or not os.path.isdir("/proc/self/task"),
+                    reason="needs torch with MKL, and Linux's /proc to count threads")
+def test_task_worker_blas_starts_no_thread_pool():
+    """An sgemm (MKL: the fusions' low-resolution 1x1 convs) on a task worker runs in the worker's team of
+    one, so it starts no OpenMP thread pool for that worker: the chains add one thread, the pool's worker.
+    (MKL keeps a per-thread count of its own; left at torch's, the worker's team was 2, and with more
+    OpenMP threads than CPUs every idle OpenMP thread in the process slept after 100 spins from then on.)"""
+    out = subprocess.run([sys.executable, "-c", _POOL_PROBE], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == "1", out.stdout + out.stderr

@@ -15,6 +15,13 @@
 #include <omp.h>
 #endif
 
+#if AT_MKL_ENABLED() && defined(__GNUC__)
+// MKL's per-thread thread count, its C interface (mkl_service.h maps mkl_set_num_threads_local to it; the
+// lower-case symbol is the Fortran one, which takes a pointer). libtorch exports it where torch links
+// MKL; weak, so a build whose torch does not resolves it to null instead of failing to load.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+
 namespace hrnet_fast {
 namespace {
 
@@ -28,7 +35,19 @@ int64_t cpu_thread_team(int64_t threads) {
   // scratch for the team set here, then ran with torch's count, two threads sharing one slot.
   at::internal::lazy_init_num_threads();
   const int64_t previous = at::get_num_threads();
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  if (threads > 0) {
+    omp_set_num_threads(static_cast<int>(threads));
+#if AT_MKL_ENABLED() && defined(__GNUC__)
+    // MKL (torch's BLAS on x86: aten::mm, which the fusions' low-resolution 1x1 convs run) keeps a
+    // per-thread count of its own, which the lazy init above sets to torch's process-wide count. Left at
+    // that, a task worker's first sgemm started a GNU OpenMP team of that size, so a pool of threads for
+    // that worker; with more OpenMP threads than CPUs, libgomp spins 100 times instead of ~300,000 before
+    // sleeping, in every pool of the process, for good: W32 at batch 1 on 2 threads, run with tasks off,
+    // went from 63 to 94-126 ms a forward once a tasks forward had run in the process (its OpenMP
+    // thread slept and woke ~950 times a forward, 0 before). tests/test_cpu_tasks.py checks it.
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(static_cast<int>(threads));
+#endif
+  }
   return previous;
 #else
   return -1;

@@ -123,7 +123,7 @@ class _Run:
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
 
-    def _take(self, share: int) -> tuple[int, int] | None:
+    def _take(self, share: int, grow: bool) -> tuple[int, int] | None:
         """(the chain whose next step this worker runs, the threads to run it with), or None when
         there is nothing left for it. The threads are the worker's share, or every thread no running
         step holds when no other step is left for idle workers to take (the last chain's tail)."""
@@ -139,7 +139,7 @@ class _Run:
                         if n >= left:  # ties: the later chain (lower resolution)
                             best, left = c, n
                 if best is not None:
-                    team = share if others > 1 else max(share, self.threads - self.in_use)
+                    team = share if others > 1 or not grow else max(share, self.threads - self.in_use)
                     self.busy[best] = True
                     self.in_use += team
                     return best, team
@@ -147,12 +147,12 @@ class _Run:
                     return None
                 self.cond.wait()
 
-    def work(self, share: int) -> None:
+    def work(self, share: int, grow: bool = False) -> None:
         """One worker: steps until none is left, each with the OpenMP team _take gives it."""
         previous, current = torch.ops.hrnet_fast.cpu_thread_team(share), share
         try:
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
-                while (taken := self._take(share)) is not None:
+                while (taken := self._take(share, grow)) is not None:
                     c, team = taken
                     if team != current:
                         torch.ops.hrnet_fast.cpu_thread_team(team)
@@ -189,7 +189,7 @@ def run_chains(chains: Sequence[Chain]) -> list[Any]:
     shares = [threads // workers + (k < threads % workers) for k in range(workers)]
     futures: list[Future] = [_executor().submit(run.work, s) for s in shares[1:]]
     try:
-        run.work(shares[0])
+        run.work(shares[0], grow=True)
     finally:
         # The caller's loop ends only when every step is done or running on a started worker: a
         # worker still queued (a busy pool) is cancelled, one started finishes its step.
