@@ -18,7 +18,6 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 from torch.utils._pytree import tree_map
 
-from hrnet_fast.fused import cpu_tasks
 from hrnet_fast.fused.blocks import ChunkedStage, FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN
@@ -230,10 +229,9 @@ def optimize(
     cost; off without it, where that host cost outweighs the overlap (README, GPU table).
     tasks: (cpu backend) run independent work side by side on threads, each with a share of
     torch.get_num_threads(): an HR module's branches, then its fused outputs, and stage 1's chunks of
-    a batch (hrnet_fast.fused.cpu_tasks); outputs are bit-identical either way. None (default): for
-    the cpu backend, at each forward where torch has at most 2 threads (more make OpenMP's threads
-    sleep between ops: hrnet_fast.fused.cpu_tasks, "When"), and never where OpenMP's idle threads spin
-    without end (OMP_WAIT_POLICY=ACTIVE), where they compete with the task threads.
+    a batch (hrnet_fast.fused.cpu_tasks); outputs are bit-identical either way. None or False
+    (default): off, each op splitting its own work, which measured faster on 2 threads (batch 1 and 8)
+    and on 16 (README, "Threads").
     The compiled backends run channels_last inside; outputs come back in the layout eager would
     give (NCHW for an NCHW input). The cpu backend runs each forward with a caching CPU allocator: the
     blocks a forward frees (256 KiB or more) stay for the next one, up to the most ever in use at once;
@@ -266,8 +264,7 @@ def optimize(
         streams = cuda_graph
     if streams and device.type != "cuda":
         raise ValueError(f"streams=True runs branches on parallel CUDA streams, so it needs a model on a CUDA device, got {device}")
-    if tasks is None:  # None stays: decided at each forward (cpu_tasks.wanted)
-        tasks = None if chosen == "cpu" and not cpu_tasks.openmp_spins() else False
+    tasks = bool(tasks)
     if tasks and chosen != "cpu":
         raise ValueError(f"tasks=True shares the CPU's threads between branches, so it needs the cpu backend, got {chosen!r}")
 

@@ -272,7 +272,7 @@ def test_model_same_bits_with_tasks(threads, n_threads, batch):
 @needs_openmp
 def test_model_tasks_run_on_several_threads(threads, monkeypatch):
     threads(2)
-    _, fused = _fused()
+    _, fused = _fused(tasks=True)
     idents = set()
     real = FusedHRModule._output
 
@@ -298,11 +298,14 @@ def test_tasks_option():
 
 
 @needs_openmp
-@pytest.mark.parametrize("n_threads, fans_out", [(1, True), (2, True), (3, False), (4, False)])
-def test_default_fans_out_only_on_few_threads(threads, monkeypatch, n_threads, fans_out):
-    """optimize's default runs chains side by side only where no worker needs an OpenMP pool of its own."""
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+@pytest.mark.parametrize("tasks", [None, False])
+def test_default_runs_no_chains(threads, monkeypatch, n_threads, tasks):
+    """optimize's default (None or False) runs no chains side by side: each op splits its own work."""
     threads(n_threads)
-    model, fused = _fused()
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu", **({} if tasks is None else {"tasks": tasks}))
+    assert not any(m.tasks for m in fused.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
     widths: list[int] = []
     real = cpu_tasks.run_chains
 
@@ -314,10 +317,8 @@ def test_default_fans_out_only_on_few_threads(threads, monkeypatch, n_threads, f
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out, ref = fused(x), model(x)
-    assert bool(widths) is fans_out  # (on one thread run_chains runs them in turn)
+    assert widths == []
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-    assert cpu_tasks.wanted(True) and not cpu_tasks.wanted(False)
-    assert cpu_tasks.wanted(None) is (n_threads <= cpu_tasks.AUTO_MAX_THREADS)
 
 
 def test_tasks_survive_pickling():
@@ -334,7 +335,7 @@ def test_tasks_survive_pickling():
 def test_stage_one_chunks_side_by_side(threads, batch, expected):
     """Stage 1 (ChunkedStage) takes at least one chunk a thread where the batch allows."""
     threads(2)
-    model, fused = _fused()
+    model, fused = _fused(tasks=True)
     calls: list[int] = []
     fused.layer1[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     x = torch.randn(batch, 3, 64, 64)
@@ -342,25 +343,6 @@ def test_stage_one_chunks_side_by_side(threads, batch, expected):
         out, ref = fused(x), model(x)
     assert sorted(calls) == expected
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-
-
-@pytest.mark.parametrize(
-    "env, spins",
-    [({}, False), ({"OMP_WAIT_POLICY": "active"}, True), ({"OMP_WAIT_POLICY": "PASSIVE"}, False),
-     ({"GOMP_SPINCOUNT": "INFINITE"}, True), ({"GOMP_SPINCOUNT": "10000"}, False)],
-)
-def test_tasks_default_off_where_openmp_spins(monkeypatch, env, spins):
-    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    assert cpu_tasks.openmp_spins() is spins
-    model = randomize_bn(tiny_pose_hrnet()).eval()
-    default = hrnet_fast.optimize(model, backend="cpu")
-    # None: decided at each forward by the thread count (cpu_tasks.wanted)
-    assert all(m.tasks is (False if spins else None) for m in default.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
-    forced = hrnet_fast.optimize(model, backend="cpu", tasks=True)
-    assert all(m.tasks for m in forced.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
 
 
 _FORKED = """
@@ -394,7 +376,7 @@ def test_forked_child_gets_a_pool_of_its_own():
 def test_stage_one_chunks_share_the_cache_budget(threads, monkeypatch):
     """Chunks side by side split ChunkedStage's cache budget: a budget of 2 images, 2 threads -> 1-image chunks."""
     threads(2)
-    model, fused = _fused()
+    model, fused = _fused(tasks=True)
     per_image = 256 * 16 * 16 * 4  # the tiny net's stage-1 activation at a 64x64 input
     monkeypatch.setattr(ChunkedStage, "CHUNK_BYTES", 2 * per_image)
     calls: list[int] = []

@@ -123,8 +123,8 @@ def test_cpu_threads_table_efficiency_and_lead():
     assert "| 8 | 4 | 250.0 (80%) | 400.0 (62%) | 1.60x |" in text
 
 
-def test_cpu_threads_times_tasks_off_only_where_the_default_runs_them():
-    assert "hrnet_fast_cpu_serial" in cpu_threads.contenders_at(2).split(",")
+def test_cpu_threads_times_tasks_only_where_they_make_no_pools():
+    assert "hrnet_fast_cpu_tasks" in cpu_threads.contenders_at(2).split(",")
     assert cpu_threads.contenders_at(16).split(",") == ["hrnet_fast_cpu", "onnxruntime", "compile", "eager"]
 
 

@@ -142,7 +142,7 @@ CONTENDERS: dict[str, Callable[[Context], Prepared]] = {
     "eager": eager,
     "eager_cl": eager_channels_last,
     "hrnet_fast_cpu": _hrnet_fast("cpu"),
-    "hrnet_fast_cpu_serial": _hrnet_fast("cpu", tasks=False),  # every op splitting its own work, no tasks
+    "hrnet_fast_cpu_tasks": _hrnet_fast("cpu", tasks=True),  # branches side by side on threads (off by default)
     "hrnet_fast_cuda": _hrnet_fast("cuda"),
     "hrnet_fast_cuda_streams": _hrnet_fast("cuda", streams=True),
     "hrnet_fast_triton": _hrnet_fast("triton"),

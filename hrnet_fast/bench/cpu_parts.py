@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", nargs="+", default=["avx2", "avx512"], help="Winograd variants (those this CPU runs)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=3, help="timed forwards per configuration and round")
-    p.add_argument("--tasks", choices=("auto", "on", "off"), default="auto",
-                   help="optimize's tasks: its default (auto: up to 2 threads), or forced on or off")
+    p.add_argument("--tasks", choices=("on", "off"), default="off",
+                   help="optimize's tasks: off (its default: each op splits its own work) or on")
     p.add_argument("--profile", action="store_true",
                    help="also an op table (torch.profiler, one forward at the largest batch) at the two largest "
                         "thread counts, to see which ops lose where a part stops scaling")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to time: thread counts {args.threads} on {cores} cores, variants {args.isa}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    tasks = {"auto": None, "on": True, "off": False}[args.tasks]
+    tasks = args.tasks == "on"
     model = hrnet_fast.optimize(hrnet_fast.pose_hrnet_w32().eval(), backend="cpu", tasks=tasks)
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}

@@ -102,8 +102,8 @@ class ChunkedStage(nn.Sequential):
         for name, block in stage.named_children():
             self.add_module(name, block)
         self.max_channels = max(c.weight.shape[0] for c in self.modules() if isinstance(c, FusedConv))
-        # set by optimize: the chunks side by side on threads; None: where few threads (cpu_tasks.wanted)
-        self.tasks: bool | None = False
+        # set by optimize(tasks=True): the chunks side by side on threads
+        self.tasks = False
 
     def chunk(self, x: torch.Tensor, in_flight: int = 1) -> int:
         """Images per chunk for input `x` (at least 1), with `in_flight` chunks sharing the budget."""
@@ -119,7 +119,7 @@ class ChunkedStage(nn.Sequential):
         # chunks in flight sharing the cache budget: W32's stage 1 at batch 8 on 2 threads took 65-71 ms
         # in 1-image chunks against 70-79 in 2-image ones (README, "Threads").
         # may_fan_out first: under torch.compile the thread count is not looked up
-        fan_out = self.tasks is not False and n > 1 and cpu_tasks.may_fan_out() and cpu_tasks.wanted(self.tasks)
+        fan_out = bool(self.tasks) and n > 1 and cpu_tasks.may_fan_out()
         workers = min(n, cpu_tasks.team()) if fan_out else 1
         chunks = max(-(-n // self.chunk(x, workers)), workers)
         if chunks == 1:

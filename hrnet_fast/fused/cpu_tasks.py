@@ -5,8 +5,8 @@ a share of the caller's OpenMP threads.
 Why: every op of the cpu backend splits its own work between torch's threads, and at batch 1 most of
 HRNet's convs are too small to split well. W32's 64-channel 32x24 Winograd conv took 197 us on one
 thread and 146-178 us on two, while two such convs, each on one thread of its own, took 112-146 us a
-conv; a W32 forward with its branches side by side was 1.3-1.8x faster than with each conv split two
-ways (README, "Threads").
+conv. Off by default all the same (optimize's `tasks`, README "Threads"): the 1.3-1.8x that a W32
+forward gained from them on 2 threads was measured against ops slowed by them (see "When").
 
 How: `run_chains` hands the chains to min(threads, chains) workers: the calling thread and threads of
 a shared pool. Each worker sets its own OpenMP team (torch.ops.hrnet_fast.cpu_thread_team, a per-thread
@@ -17,15 +17,18 @@ Chains nest: a worker given several threads may fan out again. Outputs are bit-i
 the chains one after another: each step is the same op calls on the same inputs, and the cpu backend's
 kernels (ours and oneDNN's) give the same bits at any thread count (tests/test_cpu_tasks.py).
 
-When: optimize's default (a module's `tasks` None) fans out only while the caller has at most
-AUTO_MAX_THREADS threads, where every worker gets a team of one and so no OpenMP pool of its own. A
-worker with a team of several makes GNU OpenMP (torch's) start a thread pool for that worker; with
-those pools, OpenMP manages more threads than there are CPUs, and then every idle OpenMP thread spins
-100 times instead of ~3 ms before it sleeps, so nearly every parallel region of every op in the
-process (eager's too) waits for threads to wake up; and as teams grow and shrink, OpenMP ends and
-starts threads. On the GPU machine's 16 cores (Intel, 2026-11-26, benchmarks/GPU-NOTES.md) W32 at
-batch 1 with tasks took 42.7 ms at 16 threads and 62.0 at 8; each op splitting its own work, no
-tasks, with OpenMP's threads spinning, 28.3 and 33.8. Here, 2 threads: tasks 1.3-1.8x faster.
+When: only where asked for (optimize(tasks=True)). A worker with a team of several makes GNU OpenMP
+(torch's) start a thread pool for that worker; with those pools, OpenMP manages more threads than
+there are CPUs, and then every idle OpenMP thread spins 100 times instead of ~300,000 before it
+sleeps, so nearly every parallel region of every op in the process (eager's too) waits for threads to
+wake up, for as long as the process lives; and as teams grow and shrink, OpenMP ends and starts
+threads. So a worker's team is its share and never more (only the caller, whose pool exists anyway,
+takes idle workers' threads for a last step), and its MKL count too (cpu_thread_team): a worker's
+sgemm used to start a pool of torch's thread count even on a team of one. On the GPU machine's 16 cores
+(Intel, 2026-11-26, benchmarks/GPU-NOTES.md) W32 at batch 1 with tasks took 42.7 ms at 16 threads
+and 62.0 at 8; each op splitting its own work, no tasks, with OpenMP's threads spinning, 28.3 and
+33.8. Here, 2 threads, with that sgemm pool gone (2026-11-26 19:30 UTC, in turns in one process):
+tasks 1.23x slower than none at batch 1 (20 of 20 rounds) and 1.10x at batch 8 (10 of 10).
 
 Where not: ops on other threads would escape what is per thread here, so the chains run one after
 another in the caller under torch.compile, an active TorchDispatchMode or TorchFunctionMode (op
@@ -74,27 +77,6 @@ def team() -> int:
     its own (torch without OpenMP): the threads run_chains may share out."""
     n = int(torch.ops.hrnet_fast.cpu_thread_team(0))
     return max(n, 1)
-
-
-def openmp_spins() -> bool:
-    """Whether OpenMP's idle threads spin without end (OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT=INFINITE,
-    read by OpenMP when it loads). Then the threads of the caller's team that a task worker leaves
-    unused keep a core busy each, next to the workers: with them, W32 at batch 1 ran 0.91x as fast with
-    tasks as without in the bench, and eager beside them slowed down (README, "Whole model"), so
-    optimize leaves tasks off by default."""
-    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
-    spin = os.environ.get("GOMP_SPINCOUNT", "").strip().upper()
-    return policy == "ACTIVE" or spin in ("INFINITE", "INFINITY")
-
-
-# optimize's default fans out only up to this many threads (module docstring, "When")
-AUTO_MAX_THREADS = 2
-
-
-def wanted(setting: bool | None) -> bool:
-    """Whether a module whose `tasks` is `setting` fans out now: True and False as set; None (optimize's
-    default) where the caller's team is at most AUTO_MAX_THREADS."""
-    return setting if setting is not None else team() <= AUTO_MAX_THREADS
 
 
 def may_fan_out() -> bool:

@@ -227,9 +227,8 @@ class FusedHRModule(nn.Module):
         self.n_out = len(rows)
         # set by optimize(streams=True): branches, then outputs, on parallel CUDA streams
         self.streams = False
-        # set by optimize (cpu backend): branches, then outputs, side by side on threads; None: where
-        # few threads (cpu_tasks.wanted)
-        self.tasks: bool | None = False
+        # set by optimize(tasks=True) (cpu backend): branches, then outputs, side by side on threads
+        self.tasks = False
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("mode", "nearest")  # absent from states saved before bilinear fusion
@@ -273,7 +272,7 @@ class FusedHRModule(nn.Module):
             if self.n_out == 0:
                 return x
             return run_concurrently([lambda i=i: self._output(i, x) for i in range(self.n_out)], x[0].device)
-        if self.tasks is not False and x[0].device.type == "cpu" and cpu_tasks.may_fan_out() and cpu_tasks.wanted(self.tasks):
+        if self.tasks and x[0].device.type == "cpu" and cpu_tasks.may_fan_out():
             return self._forward_tasks(x)
         x = [branch(xi) for branch, xi in zip(self.branches, x)]
         if self.n_out == 0:  # a single branch: the official module returns it without fusing

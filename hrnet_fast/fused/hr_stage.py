@@ -35,7 +35,7 @@ class FusedHRStage(nn.Sequential):
         mods = list(self)
         if not mods or not all(isinstance(m, FusedHRModule) for m in mods) or x[0].device.type != "cpu":
             return False
-        if any(m.tasks is False or not cpu_tasks.wanted(m.tasks) for m in mods) or not cpu_tasks.may_fan_out():
+        if not all(m.tasks for m in mods) or not cpu_tasks.may_fan_out():
             return False
         return all(prev.n_out == nxt.num_branches for prev, nxt in zip(mods, mods[1:]))
 
