@@ -297,6 +297,19 @@ def test_tasks_option():
     assert not any(m.tasks for m in torch_model.modules() if isinstance(m, FusedHRModule))
 
 
+def _chain_widths(monkeypatch) -> list[int]:
+    """The number of chains of every run_chains call from now on (the list fills as the test runs)."""
+    widths: list[int] = []
+    real = cpu_tasks.run_chains
+
+    def spy(chains):
+        widths.append(len(chains))
+        return real(chains)
+
+    monkeypatch.setattr(cpu_tasks, "run_chains", spy)
+    return widths
+
+
 @needs_openmp
 @pytest.mark.parametrize("n_threads", [1, 2, 4])
 @pytest.mark.parametrize("tasks", [None, False])
@@ -306,14 +319,7 @@ def test_default_runs_no_chains(threads, monkeypatch, n_threads, tasks):
     model = randomize_bn(tiny_pose_hrnet()).eval()
     fused = hrnet_fast.optimize(model, backend="cpu", **({} if tasks is None else {"tasks": tasks}))
     assert not any(m.tasks for m in fused.modules() if isinstance(m, (FusedHRModule, ChunkedStage)))
-    widths: list[int] = []
-    real = cpu_tasks.run_chains
-
-    def spy(chains):
-        widths.append(len(chains))
-        return real(chains)
-
-    monkeypatch.setattr(cpu_tasks, "run_chains", spy)
+    widths = _chain_widths(monkeypatch)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out, ref = fused(x), model(x)
@@ -405,14 +411,7 @@ def test_stage_chains_cross_modules(threads, monkeypatch, batch):
     assert not isinstance(fused.stage2, FusedHRStage)  # a single module: nothing to chain across
     assert not isinstance(hrnet_fast.optimize(model, backend="torch").stage3, FusedHRStage)
     assert fused.state_dict().keys() == hrnet_fast.optimize(model, backend="torch").state_dict().keys()
-    widths: list[int] = []
-    real = cpu_tasks.run_chains
-
-    def spy(chains):
-        widths.append(len(chains))
-        return real(chains)
-
-    monkeypatch.setattr(cpu_tasks, "run_chains", spy)
+    widths = _chain_widths(monkeypatch)
     x = torch.randn(batch, 3, 64, 64)
     with torch.no_grad():
         on = fused(x)

@@ -107,8 +107,10 @@ class _Run:
 
     def _take(self, share: int, grow: bool) -> tuple[int, int] | None:
         """(the chain whose next step this worker runs, the threads to run it with), or None when
-        there is nothing left for it. The threads are the worker's share, or every thread no running
-        step holds when no other step is left for idle workers to take (the last chain's tail)."""
+        there is nothing left for it. The threads are the worker's share, or, for the caller (`grow`),
+        every thread no running step holds when no other step is left for idle workers to take (the
+        last chain's tail): a pool worker given more would start an OpenMP pool of its own (module
+        docstring, "When")."""
         with self.cond:
             while True:
                 if self.error is not None:
@@ -130,7 +132,8 @@ class _Run:
                 self.cond.wait()
 
     def work(self, share: int, grow: bool = False) -> None:
-        """One worker: steps until none is left, each with the OpenMP team _take gives it."""
+        """One worker: steps until none is left, each with the OpenMP team _take gives it (`grow`: the
+        caller's worker, which may take the idle workers' threads for a chain's tail)."""
         previous, current = torch.ops.hrnet_fast.cpu_thread_team(share), share
         try:
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
