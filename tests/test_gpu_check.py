@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from hrnet_fast import _extension
 from hrnet_fast.bench import cpu_threads, gpu_check
 
 
@@ -121,6 +122,22 @@ def test_cpu_threads_table_efficiency_and_lead():
     text = cpu_threads.table(rows)
     assert "| 8 | 1 | 800.0 (100%) | 1000.0 (100%) | 1.25x |" in text
     assert "| 8 | 4 | 250.0 (80%) | 400.0 (62%) | 1.60x |" in text
+
+
+@pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
+def test_tasks_contender_skipped_where_its_workers_would_make_pools(tmp_path):
+    """`hrnet-fast bench` times optimize(tasks=True) only where no task worker starts an OpenMP pool,
+    which would slow every contender timed after it in the process."""
+    from hrnet_fast.bench.contenders import CONTENDERS, Context, Skip
+    from hrnet_fast.reference import tiny_pose_hrnet
+
+    model = tiny_pose_hrnet().eval()
+    ctx = Context(model, model, torch.randn(1, 3, 64, 64), torch.float32, threads=4, workdir=tmp_path)
+    with pytest.raises(Skip, match="up to 2 threads only"):
+        CONTENDERS["hrnet_fast_cpu_tasks"](ctx)
+    ctx.threads = 2
+    out, ref = CONTENDERS["hrnet_fast_cpu_tasks"](ctx)(), model(ctx.x)
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
 def test_cpu_threads_times_tasks_only_where_they_make_no_pools():

@@ -79,6 +79,11 @@ def _hrnet_fast(backend: str, streams: bool = False, tasks: bool | None = None) 
         if backend == "triton" and dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skip("Triton on CPU runs only in its interpreter (TRITON_INTERPRET=1), far too slow for a whole model")
         import hrnet_fast
+        from hrnet_fast.fused.cpu_tasks import POOL_FREE_THREADS
+
+        if tasks and ctx.threads > POOL_FREE_THREADS:
+            raise Skip(f"tasks=True on {ctx.threads} threads gives task workers OpenMP pools of their own, which "
+                       f"would slow every contender timed after it here: timed at up to {POOL_FREE_THREADS} threads only")
 
         t0 = time.perf_counter()
         try:

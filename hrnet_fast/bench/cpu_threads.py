@@ -30,16 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CONTENDERS = "hrnet_fast_cpu,hrnet_fast_cpu_tasks,onnxruntime,compile,eager"
-# `hrnet_fast_cpu_tasks` (optimize(tasks=True)) is timed up to this many threads only: above, each task
-# worker has a team of several and so an OpenMP pool of its own, which slows every contender timed after
-# it in the process (hrnet_fast/fused/cpu_tasks.py, "When").
-TASKS_MAX_THREADS = 2
 
 
 def contenders_at(threads: int) -> str:
-    """The contenders at a thread count: `hrnet_fast_cpu_tasks` only up to TASKS_MAX_THREADS."""
+    """The contenders at a thread count: `hrnet_fast_cpu_tasks` (optimize(tasks=True)) only up to
+    cpu_tasks.POOL_FREE_THREADS, where its workers start no OpenMP pools (the bench would skip it above)."""
+    from hrnet_fast.fused.cpu_tasks import POOL_FREE_THREADS
+
     names = CONTENDERS.split(",")
-    return ",".join(n for n in names if n != "hrnet_fast_cpu_tasks" or threads <= TASKS_MAX_THREADS)
+    return ",".join(n for n in names if n != "hrnet_fast_cpu_tasks" or threads <= POOL_FREE_THREADS)
 
 
 def _bench(python: str, threads: int, batches: Sequence[int], contenders: str, out: Path, onnx_cache: str,

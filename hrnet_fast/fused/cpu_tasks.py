@@ -79,6 +79,11 @@ def team() -> int:
     return max(n, 1)
 
 
+# Up to this many threads every task worker's team is a single thread, so no worker starts an OpenMP
+# pool of its own (module docstring, "When"); above, some may, and then every op in the process slows.
+POOL_FREE_THREADS = 2
+
+
 def may_fan_out() -> bool:
     """Whether work may leave the calling thread (module docstring, "Where not")."""
     return not (
