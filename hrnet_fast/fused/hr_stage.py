@@ -1,5 +1,5 @@
 """FusedHRStage: a Sequential of FusedHRModules (an HRNet stage) whose task chains run across module
-boundaries on the cpu backend.
+boundaries on the cpu backend, with optimize(tasks=True) (off by default: hrnet_fast/fused/cpu_tasks.py).
 
 A module's forward with tasks (FusedHRModule._forward_tasks) runs its branches side by side, waits for
 all of them, then its fused outputs side by side, and waits again. But output i of one module is all
@@ -10,7 +10,8 @@ output runs chains of stride-2 3x3 convs). Outputs are bit-identical: every step
 on the same inputs. Children keep their names, so state_dict is the Sequential's.
 
 W32 on 2 threads here, in turns in one process against the modules' own tasks: 1.02-1.07x at batch 8
-(the outputs' stride-2 convs take milliseconds there), 1.00-1.01x at batch 1.
+(the outputs' stride-2 convs take milliseconds there), 1.00-1.01x at batch 1 (2026-11-26, both sides
+with the task workers' OpenMP pool that was fixed later that day).
 """
 from __future__ import annotations
 
