@@ -104,7 +104,7 @@ class Arena final : public c10::Allocator {
           // forward's, whose oneDNN weight packing allocates what later ones never do) would
           // otherwise fill the budget for good, and every later forward would fault its activations
           // in afresh (W32 at batch 8: ~8,000 page faults a forward, 11-26 ms of system time).
-          const size_t limit = std::min(peak_in_use_ - std::min(peak_in_use_, in_use_), kMaxCached);
+          const size_t limit = std::min(peak_in_use_ - in_use_, kMaxCached);  // in_use_ <= peak_in_use_ always
           keep = size <= limit;
           while (keep && cached_ + size > limit) {
             const Block old = lru_.front();

@@ -22,14 +22,13 @@ namespace HF_ISA_NS {
 namespace {  // internal to each variant's file: called directly, never through the PLT
 
 // 8 floats: GCC/Clang vector extensions compile to AVX2 (and FMA under -mfma) where available and
-// to correct scalar or SSE code elsewhere. vf8u is the unaligned-access alias for load8/store8; the
+// to correct scalar or SSE code elsewhere. vf8u is the unaligned-access alias for load8; the
 // transforms take vf8 pointers (a template drops the alias's alignment), so the V and Mt buffers, and
 // x where it is read as vectors in place (C_in a multiple of 8), are kept 32-byte aligned.
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf8u __attribute__((vector_size(32), aligned(4)));
 
 inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
-inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8u*>(p) = v; }
 // The first n < 8 lanes, for a channel count that is not a multiple of 8 (the rest read as 0).
 inline vf8 load_n(const float* p, int n) {
   vf8 v = {};
@@ -65,7 +64,6 @@ inline vfl load_fl(const float* p, int n) {
 typedef float vf16 __attribute__((vector_size(64)));
 typedef float vf16u __attribute__((vector_size(64), aligned(4)));
 inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16u*>(p); }
-inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16u*>(p) = v; }
 typedef vf16 vgemm;
 // Two panels a call where they pair: per k, 12 FMAs for 8 loads (6 broadcasts of A, 2 rows of B), so
 // the FMAs rather than the loads set the pace; 12 accumulators of the 32 registers.
