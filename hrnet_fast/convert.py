@@ -24,6 +24,7 @@ from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
 from hrnet_fast.fused.hr_stage import FusedHRStage
 from hrnet_fast.fused.seg_head import FusedSegHead, SegForward, has_seg_structure, probe_seg_align_corners, why_not_seg_head
+from hrnet_fast.cpu_graphs import CPUGraphForward
 from hrnet_fast.graphs import CUDAGraphForward
 from hrnet_fast.ops import _backend
 
@@ -211,6 +212,7 @@ def optimize(
     cuda_graph: bool = False,
     streams: bool | None = None,
     tasks: bool | None = None,
+    cpu_graph: bool | None = None,
 ) -> nn.Module:
     """A fused inference copy of `model` (which is left untouched) with the same outputs.
 
@@ -232,6 +234,9 @@ def optimize(
     a batch (hrnet_fast.fused.cpu_tasks); outputs are bit-identical either way. None or False
     (default): off, each op splitting its own work, which measured faster on 2 threads (batch 1 and 8)
     and on 16 (README, "Threads").
+    cpu_graph: (cpu backend) record the ops each input shape's forward dispatches and replay them from
+    C++ once two calls in a row agree, without the Python between them (hrnet_fast.cpu_graphs; bit-identical
+    outputs). None (default): on for the cpu backend without tasks, whose threads it cannot record.
     The compiled backends run channels_last inside; outputs come back in the layout eager would
     give (NCHW for an NCHW input). The cpu backend runs each forward with a caching CPU allocator: the
     blocks a forward frees (256 KiB or more) stay for the next one, up to the most ever in use at once;
@@ -267,6 +272,13 @@ def optimize(
     tasks = bool(tasks)
     if tasks and chosen != "cpu":
         raise ValueError(f"tasks=True shares the CPU's threads between branches, so it needs the cpu backend, got {chosen!r}")
+    if cpu_graph is None:
+        cpu_graph = chosen == "cpu" and not tasks
+    if cpu_graph and (chosen != "cpu" or tasks):
+        raise ValueError(
+            "cpu_graph=True replays the ops one thread dispatched, so it needs the cpu backend without tasks, "
+            f"got backend {chosen!r}, tasks={tasks}"
+        )
 
     fused = copy.deepcopy(model)
     converter = _Converter(chosen)
@@ -302,4 +314,6 @@ def optimize(
     fused.requires_grad_(False)
     if cuda_graph:
         CUDAGraphForward.attach(fused)
+    if cpu_graph:
+        CPUGraphForward.attach(fused)
     return fused

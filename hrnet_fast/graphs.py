@@ -51,6 +51,20 @@ def capture(fn: Callable[[], Any], warmup_calls: int = WARMUP_CALLS, pool: Any =
     return graph, out
 
 
+def keep_instance_forward(module: nn.Module) -> None:
+    """Before a graph forward takes `module.forward`: keep a forward the instance has of its own (one
+    optimize() gave it, fused/seg_head.py, or the caller's) as `_hrnet_fast_forward`, which it calls."""
+    own = module.__dict__.get("forward")
+    if own is not None and "_hrnet_fast_forward" not in module.__dict__:
+        module._hrnet_fast_forward = own
+
+
+def inner_forward(module: nn.Module) -> Callable[..., Any]:
+    """The forward a graph forward records or captures: the instance's own, else its class's."""
+    own = module.__dict__.get("_hrnet_fast_forward")
+    return own if own is not None else type(module).forward.__get__(module)
+
+
 def _key(args: tuple) -> tuple:
     return tuple(
         (tuple(a.shape), a.dtype, a.stride(), a.device) if isinstance(a, torch.Tensor) else ("const", repr(a))
@@ -93,6 +107,7 @@ class CUDAGraphForward:
     @classmethod
     def attach(cls, module: nn.Module) -> nn.Module:
         """Give `module` a graph-replaying forward; returns it."""
+        keep_instance_forward(module)
         module.forward = cls(module)  # an instance attribute: Module.__call__ finds it before the class's
         return module
 
@@ -101,9 +116,7 @@ class CUDAGraphForward:
         return (CUDAGraphForward, (self._module,))
 
     def _forward(self, *args: Any) -> Any:
-        # optimize() gives some models a forward of its own (the official seg_hrnet: fused/seg_head.py)
-        inner = self._module.__dict__.get("_hrnet_fast_forward")
-        return inner(*args) if inner is not None else type(self._module).forward(self._module, *args)
+        return inner_forward(self._module)(*args)
 
     def reset(self) -> None:
         """Drop every captured graph; the next call of each shape captures again."""

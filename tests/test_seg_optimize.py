@@ -95,7 +95,7 @@ def test_reference_seg_model(backend, align_corners, shape):
     assert sum(isinstance(m, FusedHRModule) for m in fused.modules()) == 3
     assert _modes(fused) == {("bilinear", align_corners)}
     assert isinstance(fused.last_layer, FusedSegHead) and fused.last_layer.align_corners == align_corners
-    assert "forward" not in fused.__dict__  # the reference's own forward hands its branches to the head
+    assert "_hrnet_fast_forward" not in fused.__dict__  # the reference's own forward hands its branches to the head
 
 
 def test_fused_head_writes_no_concatenation():
@@ -155,7 +155,7 @@ def test_official_seg_model(backend, align_corners):
     assert sum(isinstance(m, FusedHRModule) for m in fused.modules()) == 3
     assert _modes(fused) == {("bilinear", bool(align_corners))}  # found by probing: no attribute says so
     assert isinstance(fused.last_layer, FusedSegHead) and fused.last_layer.align_corners == bool(align_corners)
-    assert isinstance(fused.forward, SegForward)
+    assert isinstance(fused._hrnet_fast_forward, SegForward)  # what fused.forward (a CPU graph on cpu) runs
     model_forward = type(model).forward
     assert type(fused).forward is model_forward  # the class is untouched; only the copy's instance forward
 
@@ -185,7 +185,8 @@ def test_optimized_official_copies_and_pickles():
     with torch.no_grad():
         out = fused(x)
         for other in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
-            assert other.forward.model is other  # the replacement forward follows the copy
+            assert other._hrnet_fast_forward.model is other  # the replacement forward follows the copy
+            assert other.forward._module is other  # and so does the CPU graph forward around it
             assert torch.equal(other(x), out)
 
 

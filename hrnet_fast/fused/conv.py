@@ -6,7 +6,7 @@ import threading
 import torch
 from torch import nn
 
-from hrnet_fast import _extension
+from hrnet_fast import _extension, cpu_graphs
 from hrnet_fast.ops import _backend
 from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
@@ -119,6 +119,13 @@ class FusedConv(nn.Module):
                         packed.pop(next(iter(packed)))
                     w = packed[key] = prepack(self.weight, key, self.stride, self.padding)
         return w
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001  (nn.Module's signature)
+        # .to()/.float() replace the tensors without a registration hook: recorded CPU graphs would
+        # otherwise keep reading the old ones
+        out = super()._apply(fn, recurse)
+        cpu_graphs.bump_generation()
+        return out
 
     def __getstate__(self) -> dict:
         # a oneDNN tensor has no storage to copy or pickle: drop it, and pack again on the other side
