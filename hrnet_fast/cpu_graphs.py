@@ -32,15 +32,23 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from hrnet_fast.fused.conv import _MAX_PACKED_SHAPES
 from hrnet_fast.graphs import inner_forward, keep_instance_forward
 
-MAX_GRAPHS = 8
+# Input shapes with a graph or a recording (the first recorded dropped first): as many as a fused conv
+# keeps oneDNN-packed weights for, since a graph holds those of its shape.
+MAX_GRAPHS = _MAX_PACKED_SHAPES
 # Recordings of one shape tried before its forward stays in Python: two in a row must agree.
 MAX_RECORDINGS = 3
 
-_generation = [0]  # bumped whenever a module anywhere gets a tensor or a submodule set
+_generation = [0]  # bumped whenever a module of a graphed model gets a tensor or a submodule set
 _hooks_installed = False
 _recording = threading.local()
+
+
+# Set on every module of a graphed model: only a tensor or submodule set on one of those makes graphs
+# stale (other models built in the process, torch.compile's and the ONNX exporter's among them, do not).
+_MARK = "_hrnet_fast_graphed"
 
 
 def bump_generation(*_: Any) -> None:
@@ -48,15 +56,26 @@ def bump_generation(*_: Any) -> None:
     _generation[0] += 1
 
 
+def tensors_replaced(module: nn.Module, *_: Any) -> None:
+    """`module` got new tensors or submodules: graphs that may read the old ones go stale."""
+    if module.__dict__.get(_MARK, False):
+        bump_generation()
+
+
 def _install_hooks() -> None:
     global _hooks_installed
     if not _hooks_installed:
         from torch.nn.modules import module as M
 
-        M.register_module_buffer_registration_hook(bump_generation)
-        M.register_module_parameter_registration_hook(bump_generation)
-        M.register_module_module_registration_hook(bump_generation)
+        M.register_module_buffer_registration_hook(tensors_replaced)
+        M.register_module_parameter_registration_hook(tensors_replaced)
+        M.register_module_module_registration_hook(tensors_replaced)
         _hooks_installed = True
+
+
+def _mark(model: nn.Module) -> None:
+    for m in model.modules():  # copies and pickles keep the mark with the module's __dict__
+        m.__dict__[_MARK] = True  # not through setattr: that would be a registration of its own
 
 
 def _global_hooks() -> bool:
@@ -99,6 +118,7 @@ class CPUGraphForward:
     def attach(cls, module: nn.Module) -> nn.Module:
         """Give `module` a graph-replaying forward; returns it."""
         keep_instance_forward(module)
+        _mark(module)
         module.forward = cls(module)  # an instance attribute: Module.__call__ finds it before the class's
         return module
 
@@ -209,6 +229,7 @@ class CPUGraphForward:
                     entry.refused = why
             elif entry.graph is not None and not entry.ready and entry.graph.same_as(graph):
                 graph.watch([t for t in self._module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)])
+                _mark(self._module)  # submodules set since attach() too
                 entry.graph, entry.ready = graph, True
                 entry.outputs = (spec, [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])
             elif entry.tries >= MAX_RECORDINGS:

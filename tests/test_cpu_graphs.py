@@ -145,6 +145,25 @@ def test_a_replaced_tensor_or_module_reaches_the_replay():
     assert out.shape != before.shape
 
 
+def test_modules_built_elsewhere_leave_the_graphs_alone():
+    fast = hrnet_fast.optimize(_tiny(3), backend="cpu")
+    x = torch.randn(*X)
+    _warm(fast, x)
+    other = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3))  # registers modules, parameters, buffers
+    other.register_buffer("extra", torch.zeros(1))
+    assert _status(fast).startswith("replaying")
+    with torch.no_grad():
+        fast(x)
+    assert _status(fast).startswith("replaying")
+    new_head = nn.Conv2d(fast.final_layer.weight.shape[1], 5, 1)  # set into the model, then given a new weight
+    fast.final_layer = new_head
+    _warm(fast, x)
+    new_head.weight = nn.Parameter(torch.zeros_like(new_head.weight))
+    with torch.no_grad():
+        out = fast(x)
+    torch.testing.assert_close(out, new_head.bias.detach().view(1, -1, 1, 1).expand_as(out), rtol=0, atol=0)
+
+
 def test_a_cast_model_runs_its_python_forward():
     fast = hrnet_fast.optimize(_tiny(3), backend="cpu")
     _warm(fast, torch.randn(*X))

@@ -71,7 +71,9 @@ def eager_channels_last(ctx: Context) -> Prepared:
     return Prepared(model, (ctx.x.contiguous(memory_format=torch.channels_last),), torch_path=True)
 
 
-def _hrnet_fast(backend: str, streams: bool = False, tasks: bool | None = None) -> Callable[[Context], Prepared]:
+def _hrnet_fast(
+    backend: str, streams: bool = False, tasks: bool | None = None, cpu_graph: bool | None = None
+) -> Callable[[Context], Prepared]:
     def prepare(ctx: Context) -> Prepared:
         dev = ctx.device.type
         if backend in ("cpu", "cuda") and dev != backend:
@@ -88,7 +90,7 @@ def _hrnet_fast(backend: str, streams: bool = False, tasks: bool | None = None) 
         t0 = time.perf_counter()
         try:
             fast = hrnet_fast.optimize(ctx.model_fp32, backend=backend, dtype=None if ctx.dtype == torch.float32 else ctx.dtype,
-                            streams=streams, tasks=tasks)
+                            streams=streams, tasks=tasks, cpu_graph=cpu_graph)
         except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
             raise Skip(f"optimize(backend={backend!r}) failed: {_first_line(e)}") from None
         return Prepared(fast, (ctx.x,), torch_path=True, setup_s=time.perf_counter() - t0)
@@ -148,6 +150,7 @@ CONTENDERS: dict[str, Callable[[Context], Prepared]] = {
     "eager_cl": eager_channels_last,
     "hrnet_fast_cpu": _hrnet_fast("cpu"),
     "hrnet_fast_cpu_tasks": _hrnet_fast("cpu", tasks=True),  # branches side by side on threads (off by default)
+    "hrnet_fast_cpu_no_graph": _hrnet_fast("cpu", cpu_graph=False),  # every forward through the Python modules
     "hrnet_fast_cuda": _hrnet_fast("cuda"),
     "hrnet_fast_cuda_streams": _hrnet_fast("cuda", streams=True),
     "hrnet_fast_triton": _hrnet_fast("triton"),

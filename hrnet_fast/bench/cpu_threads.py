@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-CONTENDERS = "hrnet_fast_cpu,hrnet_fast_cpu_tasks,onnxruntime,compile,eager"
+# no_graph: the Python forward beside the CPU-graph replay, whose gain grows with the thread count
+CONTENDERS = "hrnet_fast_cpu,hrnet_fast_cpu_no_graph,hrnet_fast_cpu_tasks,onnxruntime,compile,eager"
 
 
 def contenders_at(threads: int) -> str:
