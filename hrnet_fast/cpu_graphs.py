@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from hrnet_fast.fused import staleness
 from hrnet_fast.fused.conv import _MAX_PACKED_SHAPES
 from hrnet_fast.graphs import inner_forward, keep_instance_forward
 
@@ -41,25 +42,8 @@ MAX_GRAPHS = _MAX_PACKED_SHAPES
 # Recordings of one shape tried before its forward stays in Python: two in a row must agree.
 MAX_RECORDINGS = 3
 
-_generation = [0]  # bumped whenever a module of a graphed model gets a tensor or a submodule set
 _hooks_installed = False
 _recording = threading.local()
-
-
-# Set on every module of a graphed model: only a tensor or submodule set on one of those makes graphs
-# stale (other models built in the process, torch.compile's and the ONNX exporter's among them, do not).
-_MARK = "_hrnet_fast_graphed"
-
-
-def bump_generation(*_: Any) -> None:
-    """Make every recorded graph stale (their next call records again)."""
-    _generation[0] += 1
-
-
-def tensors_replaced(module: nn.Module, *_: Any) -> None:
-    """`module` got new tensors or submodules: graphs that may read the old ones go stale."""
-    if module.__dict__.get(_MARK, False):
-        bump_generation()
 
 
 def _install_hooks() -> None:
@@ -67,15 +51,15 @@ def _install_hooks() -> None:
     if not _hooks_installed:
         from torch.nn.modules import module as M
 
-        M.register_module_buffer_registration_hook(tensors_replaced)
-        M.register_module_parameter_registration_hook(tensors_replaced)
-        M.register_module_module_registration_hook(tensors_replaced)
+        M.register_module_buffer_registration_hook(staleness.tensors_replaced)
+        M.register_module_parameter_registration_hook(staleness.tensors_replaced)
+        M.register_module_module_registration_hook(staleness.tensors_replaced)
         _hooks_installed = True
 
 
 def _mark(model: nn.Module) -> None:
     for m in model.modules():  # copies and pickles keep the mark with the module's __dict__
-        m.__dict__[_MARK] = True  # not through setattr: that would be a registration of its own
+        m.__dict__[staleness.MARK] = True  # not through setattr: that would be a registration of its own
 
 
 def _global_hooks() -> bool:
@@ -111,7 +95,7 @@ class CPUGraphForward:
         self._module = module
         self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self._lock = threading.Lock()
-        self._generation = _generation[0]
+        self._generation = staleness.generation[0]
         _install_hooks()
 
     @classmethod
@@ -176,9 +160,9 @@ class CPUGraphForward:
         key = self._key(args)
         if key is None:
             return self._forward(*args)
-        if self._generation != _generation[0]:
+        if self._generation != staleness.generation[0]:
             self.reset()
-            self._generation = _generation[0]
+            self._generation = staleness.generation[0]
         entry = self._graphs.get(key)
         if entry is not None and entry.ready:
             outs = entry.graph.run(self._tensors(args))

@@ -69,6 +69,27 @@ def randomize_openmmlab(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return model
 
 
+def in_threads(work, n: int) -> None:
+    """Run work(k) for k in range(n) on n threads at once; raise the first error any of them raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as e:  # noqa: BLE001  (re-raised by the calling thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 DELETE = object()  # set_field's value that removes the field
 
 

@@ -4,7 +4,6 @@ request, and safe with threads, exceptions and oneDNN's own (raw) allocations.""
 from __future__ import annotations
 
 import gc
-import threading
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from hrnet_fast.fused.blocks import ChunkedStage
 from hrnet_fast.profile import held_bytes
 from hrnet_fast.reference import tiny_pose_hrnet
 
-from conftest import randomize_bn
+from conftest import in_threads, randomize_bn
 
 pytestmark = pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
 
@@ -103,22 +102,13 @@ def test_exception_in_forward_uninstalls():
 
 def test_threads_share_the_model():
     _, fused, x, ref = _models()
-    errors: list[BaseException] = []
 
-    def work() -> None:
-        try:
-            for _ in range(4):
-                with torch.no_grad():
-                    _assert_close(fused(x), ref)
-        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
-            errors.append(e)
+    def work(_: int) -> None:
+        for _ in range(4):
+            with torch.no_grad():
+                _assert_close(fused(x), ref)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    in_threads(work, 3)
     assert not _stats()[1], "the last forward to leave uninstalls the arena"
 
 

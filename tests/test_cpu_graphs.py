@@ -2,8 +2,6 @@
 forward's bits for any input, follows weight changes, and is refused wherever it could differ."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ import hrnet_fast
 from hrnet_fast.cpu_graphs import CPUGraphForward
 from hrnet_fast.reference import tiny_pose_hrnet, tiny_seg_hrnet
 
-from conftest import randomize_bn
+from conftest import in_threads, randomize_bn
 
 X = (2, 3, 64, 64)
 
@@ -258,22 +256,13 @@ def test_threads_replay_one_graph_at_once():
     inputs = [torch.randn(*X) for _ in range(6)]
     with torch.no_grad():
         want = [plain(x) for x in inputs]
-    errors: list[BaseException] = []
 
     def work(k: int) -> None:
-        try:
-            with torch.no_grad():
-                for j in range(4):
-                    _same(fast(inputs[(k + j) % 6]), want[(k + j) % 6])
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        with torch.no_grad():
+            for j in range(4):
+                _same(fast(inputs[(k + j) % 6]), want[(k + j) % 6])
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    in_threads(work, 6)
 
 
 def test_graph_frees_each_slot_after_its_last_use():

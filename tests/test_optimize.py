@@ -15,7 +15,7 @@ from hrnet_fast.ops.winograd import choose_tile
 from hrnet_fast.profile import count_ops, held_bytes
 from hrnet_fast.reference import tiny_pose_hrnet
 
-from conftest import POSE_CASES, randomize_bn
+from conftest import POSE_CASES, in_threads, randomize_bn
 
 BACKENDS = [pytest.param("torch"), pytest.param("cpu")]
 
@@ -361,7 +361,6 @@ def test_a_cast_optimized_model_says_what_to_do():
 def test_threads_sharing_a_model_with_different_input_shapes():
     """Serving threads meet new shapes at once: no 'dictionary changed size', the cache stays bounded."""
     import sys
-    import threading
 
     model = _pair(4)
     fast = hrnet_fast.optimize(model, backend="cpu", winograd=False)
@@ -369,26 +368,17 @@ def test_threads_sharing_a_model_with_different_input_shapes():
     inputs = {s: torch.randn(1, 3, *s) for s in sizes}
     with torch.no_grad():
         want = {s: model(x) for s, x in inputs.items()}
-    errors: list[BaseException] = []
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
         def work(k: int) -> None:
-            try:
-                with torch.no_grad():
-                    for s in sizes[k:] + sizes[:k]:
-                        torch.testing.assert_close(fast(inputs[s]), want[s], rtol=1e-4, atol=1e-4)
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
+            with torch.no_grad():
+                for s in sizes[k:] + sizes[:k]:
+                    torch.testing.assert_close(fast(inputs[s]), want[s], rtol=1e-4, atol=1e-4)
 
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(work, 6)
     finally:
         sys.setswitchinterval(interval)
-    assert not errors, errors[0]
     assert all(len(m._packed) <= 4 for m in fast.modules() if isinstance(m, FusedConv) and m._packed is not None)
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from hrnet_fast import _extension
+from hrnet_fast.fused import staleness
 from hrnet_fast.ops import _backend
 from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
@@ -123,10 +124,8 @@ class FusedConv(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001  (nn.Module's signature)
         # .to()/.float() replace the tensors without a registration hook: recorded CPU graphs would
         # otherwise keep reading the old ones
-        from hrnet_fast.cpu_graphs import tensors_replaced  # a cycle at import time
-
         out = super()._apply(fn, recurse)
-        tensors_replaced(self)
+        staleness.tensors_replaced(self)
         return out
 
     def __getstate__(self) -> dict:
