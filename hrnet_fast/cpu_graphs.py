@@ -113,6 +113,10 @@ class CPUGraphForward:
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         return inner_forward(self._module)(*args, **kwargs)
 
+    @property
+    def __wrapped__(self) -> Any:  # inspect.signature(model.forward) shows the model's own
+        return inner_forward(self._module)
+
     def reset(self) -> None:
         """Drop every recorded graph; the next calls of each shape record again."""
         with self._lock:
@@ -152,6 +156,7 @@ class CPUGraphForward:
         if (
             kwargs
             or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
             or not torch.is_inference_mode_enabled()
             or getattr(_recording, "active", False)
             or _global_hooks()

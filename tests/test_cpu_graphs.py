@@ -237,6 +237,13 @@ def test_hooks_keep_the_python_forward():
     assert len(seen) == 3
 
 
+def test_forward_keeps_its_signature():
+    import inspect
+
+    fast = hrnet_fast.optimize(_tiny(6), backend="cpu")
+    assert list(inspect.signature(fast.forward).parameters) == ["x"]
+
+
 def test_grad_mode_and_tasks_run_python():
     model = _tiny(6)
     fast = hrnet_fast.optimize(model, backend="cpu")
