@@ -18,13 +18,13 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 from torch.utils._pytree import tree_map
 
+from hrnet_fast.cpu_graphs import CPUGraphForward
 from hrnet_fast.fused.blocks import ChunkedStage, FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
 from hrnet_fast.fused.hr_stage import FusedHRStage
 from hrnet_fast.fused.seg_head import FusedSegHead, SegForward, has_seg_structure, probe_seg_align_corners, why_not_seg_head
-from hrnet_fast.cpu_graphs import CPUGraphForward
 from hrnet_fast.graphs import CUDAGraphForward
 from hrnet_fast.ops import _backend
 
