@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals  # torch's global module hooks
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hrnet_fast.fused import staleness
@@ -49,11 +50,9 @@ _recording = threading.local()
 def _install_hooks() -> None:
     global _hooks_installed
     if not _hooks_installed:
-        from torch.nn.modules import module as M
-
-        M.register_module_buffer_registration_hook(staleness.tensors_replaced)
-        M.register_module_parameter_registration_hook(staleness.tensors_replaced)
-        M.register_module_module_registration_hook(staleness.tensors_replaced)
+        _module_globals.register_module_buffer_registration_hook(staleness.tensors_replaced)
+        _module_globals.register_module_parameter_registration_hook(staleness.tensors_replaced)
+        _module_globals.register_module_module_registration_hook(staleness.tensors_replaced)
         _hooks_installed = True
 
 
@@ -63,9 +62,7 @@ def _mark(model: nn.Module) -> None:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as M
-
-    return bool(M._global_forward_hooks or M._global_forward_pre_hooks)
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
 def _submodule_with_hooks(module: nn.Module) -> str | None:
@@ -184,7 +181,7 @@ class CPUGraphForward:
 
     @staticmethod
     def _tensors(args: tuple) -> list[torch.Tensor]:
-        if len(args) == 1:
+        if len(args) == 1 and type(args[0]) is torch.Tensor:  # as in _key: the common call
             return [args[0]]
         return [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
 

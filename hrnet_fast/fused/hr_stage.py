@@ -33,10 +33,10 @@ class FusedHRStage(nn.Sequential):
     def _pipelines(self, x: list[torch.Tensor]) -> bool:
         """Whether this forward runs the chains across modules (module docstring): on the cpu
         backend, with every module's tasks wanted, each module's outputs feeding the next's branches."""
-        mods = list(self)
-        if not mods or not all(isinstance(m, FusedHRModule) for m in mods) or x[0].device.type != "cpu":
+        mods = list(self)  # tasks first: off by default, so most forwards stop at the first check
+        if not mods or not all(isinstance(m, FusedHRModule) and m.tasks for m in mods) or x[0].device.type != "cpu":
             return False
-        if not all(m.tasks for m in mods) or not cpu_tasks.may_fan_out():
+        if not cpu_tasks.may_fan_out():
             return False
         return all(prev.n_out == nxt.num_branches for prev, nxt in zip(mods, mods[1:]))
 
