@@ -77,12 +77,25 @@ constexpr int kGemmPanels = 1;
 // b[v] + p * kNr (so a [k][16] panel is two 8-lane vectors b, b + 8, or one 16-lane one, and two
 // panels are two 16-lane ones); C rows at ldc, vector v at c + v * L. The micro-kernel of every variant:
 // 6x16 as two 8-lane vectors (AVX2, 12 accumulators of 16 registers), 6x16 or 6x32 at 16 lanes.
+// pf_n > 0: also prefetch into L2 (prefetcht1) pf_n rows of pf_lines 64-byte lines, pf_stride bytes
+// apart from pf, spread evenly over the k loop, so that a stream from memory overlaps the FMAs (the
+// next panel's dense weight: winograd_task).
 template <typename V, int NV>
 inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* const (&b)[NV], float* __restrict__ c,
-                      int64_t ldc, int64_t k) {
+                      int64_t ldc, int64_t k, const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_n = 0,
+                      int pf_lines = 1) {
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[kMr][NV] = {};
+  const int64_t every = pf_n > 0 ? std::max<int64_t>(1, k / pf_n) : k + 1;
+  int64_t countdown = 0, issued = 0;
   for (int64_t p = 0; p < k; ++p) {
+    if (pf_n > 0 && countdown-- == 0) {
+      countdown = every - 1;
+      if (issued < pf_n) {
+        for (int l = 0; l < pf_lines; ++l) __builtin_prefetch(pf + issued * pf_stride + l * 64, 0, 2);
+        ++issued;
+      }
+    }
     V w[NV];
     for (int v = 0; v < NV; ++v) std::memcpy(&w[v], b[v] + p * kNr, sizeof(V));  // unaligned loads
 #pragma GCC unroll 6
@@ -303,7 +316,12 @@ void winograd_task(const WinogradTask& k) {
   const WinogradGeometry& g = *k.g;
   input_transform<M>(k.x, g, k.t0, k.nt, k.ntp, k.vbuf);
   // all K*K positions of panel j (and, pair true, of panel j + 1, cin * kNr floats after it)
-  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, bool pair) {
+  // pf: the dense weight lines of the panels transformed next (rows of pf_lines lines at a stride of
+  // cout floats, pf_rows of them), prefetched into L2 a few at a time during these GEMMs
+  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, bool pair, const float* pf = nullptr,
+                   int64_t pf_rows = 0, int pf_lines = 1) {
+    const int64_t calls = K * K * (k.ntp / kMr), per = (pf_rows + calls - 1) / calls;
+    int64_t call = 0;
     for (int p = 0; p < K * K; ++p) {
       const float* vp = k.vbuf + p * plane_stride(k.ntp * g.cinp);
       float* mp = k.mbuf + p * plane_stride(k.ntp * g.coutp);
@@ -311,12 +329,16 @@ void winograd_task(const WinogradTask& k) {
       for (int64_t i = 0; i < k.ntp; i += kMr) {
         const float* a = vp + i * g.cinp;
         float* c = mp + i * g.coutp + j * kNr;
+        const int64_t r0 = std::min(pf_rows, call * per), n = std::min(pf_rows, r0 + per) - r0;
+        const char* pfc = pf ? reinterpret_cast<const char*>(pf + r0 * g.cout) : nullptr;
+        const int64_t pfs = g.cout * int64_t(sizeof(float));
+        ++call;
         if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
-          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + 8}, c, g.coutp, g.cin);
+          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + 8}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
         else if (pair)
-          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + g.cin * kNr}, c, g.coutp, g.cin);
+          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + g.cin * kNr}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
         else
-          micro_6xn<vgemm, 1>(a, g.cinp, {panel}, c, g.coutp, g.cin);
+          micro_6xn<vgemm, 1>(a, g.cinp, {panel}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
       }
     }
   };
@@ -332,7 +354,15 @@ void winograd_task(const WinogradTask& k) {
     } else {  // dense weight: transform these panels into the thread's buffer (L2), use them, move on
       const int64_t stride = plane_stride(kGemmPanels * g.cin * kNr);  // as the driver sized ubuf
       filter_panels<M>(k.w, g.cin, g.cout, j, j + 1 + pair, 0, g.cin, k.ubuf, stride, kFarPrefetch);
-      gemms(j, k.ubuf, stride, pair);
+      // The next panels' dense weight streams into L2 during these GEMMs, not after them in the
+      // transform: W32's 256-channel 8x6 conv at batch 1 (F(2x2), weights cold, 2 threads) took 262
+      // instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1 1.02-1.03x (paired,
+      // 100 rounds); the 128-channel 16x12 one and batch 8, where the GEMMs outweigh the weight, the same.
+      const int64_t next = j + 1 + pair;
+      if (next < k.j1)
+        gemms(j, k.ubuf, stride, pair, k.w + next * kNr, 9 * g.cin, pairs && next + 1 < k.j1 ? 2 : 1);
+      else
+        gemms(j, k.ubuf, stride, pair);
     }
     j += pair;
   }
