@@ -51,6 +51,13 @@ constexpr int64_t kSpillBlockBytes = 2 * 1024 * 1024;
 // than writing the whole transformed weight (4x the dense one: 21 MB for W48's 384-channel convs) to
 // scratch and reading it back.
 constexpr int64_t kDenseBlockBytes = 8 * 1024 * 1024;
+// A U this small (W32's 32- and 64-channel F(4x4) ones: 147 and 590 KB) is transformed by each thread
+// for itself when each has at least kOwnUTiles tiles (transforming it costs each thread about what the
+// GEMMs of ~10 tiles do; shared, it took a parallel region of its own, slower on 2 threads than on 1).
+// On 2 threads, W32 at batch 1: the 32- and 64-channel convs together 4-5% faster (with the channel
+// split below), per-call times summed over 30 forwards, four pairs of processes; batch 8 1% faster.
+constexpr int64_t kOwnUBytes = 640 * 1024;
+constexpr int64_t kOwnUTiles = 24;
 
 // u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
 template <int M>
@@ -75,7 +82,15 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // there, is done by each. Otherwise each thread takes whole blocks, as many as the others (with
   // 2 threads, 3 blocks would leave one idle a third of the time), splitting channels only when
   // there are fewer blocks than threads.
-  const bool weight_bound = weight_bytes > g.tiles * per_tile;
+  bool weight_bound = weight_bytes > g.tiles * per_tile;
+  // A dense weight's conv whose tiles make at most a block a thread (W32's 64-channel 32x24 conv at
+  // batch 1, the 128-channel 16x12 one at batch 8) is split by channels too, where every thread gets a
+  // panel: each then transforms only its own panels, in its own buffer, within the one parallel region,
+  // instead of all threads writing the whole U to shared scratch in a region of its own first (which
+  // took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29).
+  if (!u && !weight_bound && threads > 1 && blocks <= threads && panels >= threads &&
+      g.tiles * per_tile <= kDenseBlockBytes)
+    weight_bound = true;
   if (weight_bound) {
     splits = std::min(panels, threads);
     if (!u && g.tiles * per_tile <= kDenseBlockBytes) blocks = 1;
@@ -88,11 +103,15 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   if (!weight_bound && blocks < threads) splits = std::min(panels, (threads + blocks - 1) / blocks);
 
   // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
-  // one task (a single block), else once, up front, into shared scratch.
+  // one task (a single block). Else, where U is small and each thread has tiles enough to pay for
+  // transforming all of it (at least kOwnUTiles), each thread transforms the whole U into its own
+  // scratch as its tasks begin; else it is transformed once, up front, into shared scratch.
   const bool per_panel = !u && blocks == 1;
+  const bool own_u = !u && !per_panel && threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
   at::Tensor u_scratch;
   int64_t u_stride = g.coutp * g.cin;  // a packed transformed weight's
-  if (!u && !per_panel) {
+  if (own_u) u_stride = plane_stride(g.coutp * g.cin);
+  if (!u && !per_panel && !own_u) {
     u_stride = plane_stride(g.coutp * g.cin);
     u_scratch = at::empty({K * K * u_stride}, at::TensorOptions().dtype(at::kFloat));
     winograd_transform_all(w, g.cin, g.cout, M, u_scratch.data_ptr<float>(), u_stride);
@@ -102,7 +121,9 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // Each thread's V and Mt (and U panel), from torch's allocator so memory profiles see them
   // (at::empty is 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
   const int64_t vbuf_floats = K * K * plane_stride(tb * g.cinp), mbuf_floats = K * K * plane_stride(tb * g.coutp);
-  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(kernels.gemm_panels * g.cin * kNr) : 0;
+  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(kernels.gemm_panels * g.cin * kNr)
+                              : own_u   ? K * K * u_stride
+                                        : 0;
   const int64_t per_thread = vbuf_floats + mbuf_floats + ubuf_floats;  // each a multiple of 16 floats
   const int64_t slots = std::min(threads, blocks * splits);
   const at::Tensor scratch = at::empty({slots * per_thread}, at::TensorOptions().dtype(at::kFloat));
@@ -110,13 +131,18 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
     float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
     float* mbuf = vbuf + vbuf_floats;
-    float* ubuf = per_panel ? mbuf + mbuf_floats : nullptr;
+    float* ubuf = per_panel || own_u ? mbuf + mbuf_floats : nullptr;
+    const float* task_u = u;
+    if (own_u) {  // once per thread: parallel_for hands each thread one range of tasks
+      (M == 2 ? kernels.w2 : kernels.w4)(w, g.cin, g.cout, 0, g.cin, ubuf, u_stride);
+      task_u = ubuf;
+    }
     for (int64_t task = begin; task < end; ++task) {
       // part-major: a thread's contiguous range of tasks covers its share of channels, all blocks
       const int64_t part = task / blocks, blk = task % blocks;
       const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
       const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
-      run_task(WinogradTask{x, u, u_stride, w, ubuf, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
+      run_task(WinogradTask{x, task_u, u_stride, w, per_panel ? ubuf : nullptr, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
     }
   });
 }
