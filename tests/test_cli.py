@@ -66,7 +66,8 @@ def test_bench_end_to_end_tiny(tiny_yaml: Path, tmp_path: Path, capsys) -> None:
             assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and r["est_bytes"] > 0
             assert r["imgs_per_s"] == pytest.approx(batch * 1e3 / r["median_ms"])
             assert r["ops_per_forward"] > 50  # ~200 convs, BNs, ReLUs, adds, upsamples
-        assert eager["max_abs_err"] == 0 and eager["speedup_vs_eager"] == 1.0
+        assert eager["max_abs_err"] == 0 and eager["speedup_vs_eager"] == 1.0 and eager["paired_vs_eager"] == 1.0
+        assert cl["paired_vs_eager"] > 0 and "paired_vs_ort" not in cl  # no onnxruntime row to pair with
         assert cl["rel_err"] < 1e-4 and cl["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / cl["median_ms"])
         assert cl["ops_per_forward"] == eager["ops_per_forward"]
         assert "TRITON_INTERPRET=1" in rows["hrnet_fast_triton", batch]["skipped"]
@@ -261,3 +262,22 @@ def test_timing_summary_and_cpu_timer() -> None:
     times = timing.sample_cpu(lambda: (calls.append(1), time.sleep(0.004)), min_run_time=0.05, threads=1)
     assert times and all(4.0 <= t < 40.0 for t in times)
     assert len(calls) >= 1 + 10  # a warm-up call plus >= 50 ms of timed 4 ms calls
+
+
+def test_paired_ratios_are_medians_of_per_round_ratios() -> None:
+    """paired_vs_eager / paired_vs_ort: per round, the reference's median over the row's; then the median
+    of those over rounds (a row that failed mid-run pairs only the rounds it has)."""
+    def entry(name: str, rounds: list[float]) -> runner._Entry:
+        return runner._Entry({"contender": name}, fn=lambda: None, rounds=rounds)
+
+    eager = entry("eager", [100.0, 200.0, 150.0])
+    ort = entry("onnxruntime", [50.0, 80.0, 60.0])
+    ours = entry("hrnet_fast_cpu", [40.0, 50.0, 60.0])
+    short = entry("compile", [25.0])
+    skipped = runner._Entry({"contender": "hrnet_fast_cuda", "skipped": "no GPU"})
+    runner._paired([eager, ort, ours, short, skipped])
+    assert ours.row["paired_vs_eager"] == 2.5  # median of 100/40, 200/50, 150/60 = 2.5, 4.0, 2.5
+    assert ours.row["paired_vs_ort"] == 1.25  # median of 1.25, 1.6, 1.0
+    assert eager.row["paired_vs_eager"] == 1.0 and ort.row["paired_vs_ort"] == 1.0
+    assert short.row["paired_vs_eager"] == 4.0 and short.row["paired_vs_ort"] == 2.0  # round 1 only
+    assert "paired_vs_eager" not in skipped.row

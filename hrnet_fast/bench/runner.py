@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +37,8 @@ def rel_tol(dtype: torch.dtype, device: torch.device) -> float:
 # peak_mib: activations of one forward; held_mib: what the prepared model keeps (weights and caches);
 # rss_mib: the whole process after preparing this contender (all contenders so far add up in it)
 TABLE_COLUMNS = [
-    "contender", "batch", "median_ms", "iqr_ms", "runs", "speedup_vs_eager", "imgs_per_s",
+    "contender", "batch", "median_ms", "iqr_ms", "runs", "speedup_vs_eager", "paired_vs_eager", "paired_vs_ort",
+    "imgs_per_s",
     "max_abs_err", "rel_err", "check", "ops_per_forward", "est_mb", "peak_mib", "held_mib", "rss_mib", "setup_s",
     "skipped",
 ]
@@ -97,6 +99,7 @@ class _Entry:
     fn: Callable[[], Any] | None = None
     host_timed: bool = False
     times: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)  # the median of each round's calls (ms)
 
 
 def _peak_mib(prep: C.Prepared, device: torch.device) -> float:
@@ -170,13 +173,36 @@ def _time_interleaved(entries: list[_Entry], cfg: BenchConfig, device: torch.dev
             bar.set_postfix_str(f"round {r + 1}/{cfg.rounds}: {e.row['contender']}", refresh=False)
             if e.fn is not None:
                 try:
-                    e.times += _sample(e, device, cfg.min_run_time / cfg.rounds, cfg.threads)
+                    sampled = _sample(e, device, cfg.min_run_time / cfg.rounds, cfg.threads)
+                    e.times += sampled
+                    e.rounds.append(statistics.median(sampled))
                 except Exception as exc:  # noqa: BLE001
                     e.row["skipped"], e.fn = f"error while timing: {C._first_line(exc)}", None
             bar.update()
     for e in timed:
         if e.fn is not None and e.times:
             e.row.update(timing.summarize(e.times))
+    _paired(timed)
+
+
+# Contenders a row is compared with round by round, and the column each ratio goes to.
+PAIRED_WITH = {"eager": "paired_vs_eager", "onnxruntime": "paired_vs_ort"}
+
+
+def _paired(entries: list[_Entry]) -> None:
+    """Each timed row's speedup over eager and ONNX Runtime as the median over rounds of the ratio of
+    that round's medians. Both took their turns within seconds of each other, so a slow spell of the
+    machine (this project's 2-core VM moves 10-40% between minutes) falls on both: a steadier estimate
+    of the ratio than one of medians over the whole run (speedup_vs_eager)."""
+    by_name = {e.row["contender"]: e for e in entries if e.fn is not None and e.rounds}
+    for base, column in PAIRED_WITH.items():
+        ref = by_name.get(base)
+        if ref is None:
+            continue
+        for e in by_name.values():
+            n = min(len(ref.rounds), len(e.rounds))  # a row that failed mid-run has fewer rounds
+            if n:
+                e.row[column] = statistics.median(ref.rounds[i] / e.rounds[i] for i in range(n))
 
 
 def run(
