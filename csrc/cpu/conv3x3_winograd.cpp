@@ -52,12 +52,13 @@ constexpr int64_t kSpillBlockBytes = 2 * 1024 * 1024;
 // scratch and reading it back.
 constexpr int64_t kDenseBlockBytes = 8 * 1024 * 1024;
 // A U this small (W32's 32- and 64-channel F(4x4) ones: 147 and 590 KB) is transformed by each thread
-// for itself when each has at least kOwnUTiles tiles (transforming it costs each thread about what the
-// GEMMs of ~10 tiles do; shared, it took a parallel region of its own, slower on 2 threads than on 1).
-// On 2 threads, W32 at batch 1: the 32- and 64-channel convs together 4-5% faster (with the channel
-// split below), per-call times summed over 30 forwards, four pairs of processes; batch 8 1% faster.
+// for itself when each has at least kOwnUTiles tiles: transforming all of U costs a thread about what
+// the GEMMs of ~7 tiles do, so that much duplicated work stays under ~7% of a thread's share, while
+// shared it took a parallel region of its own, slower on 2 threads than on 1. On 2 threads, W32 at
+// batch 1: the 32- and 64-channel convs together 4-5% faster (with the channel split below), per-call
+// times summed over 30 forwards, four pairs of processes; batch 8 1% faster.
 constexpr int64_t kOwnUBytes = 640 * 1024;
-constexpr int64_t kOwnUTiles = 24;
+constexpr int64_t kOwnUTiles = 96;
 
 // u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
 template <int M>
