@@ -117,11 +117,12 @@ def test_cpu_threads_table_efficiency_and_lead():
     """Parallel efficiency t(1) * 1 / (T t(T)) and ONNX Runtime / ours, from hand-made rows."""
     rows = {
         1: [dict(batch=8, contender="hrnet_fast_cpu", median_ms=800.0), dict(batch=8, contender="onnxruntime", median_ms=1000.0)],
-        4: [dict(batch=8, contender="hrnet_fast_cpu", median_ms=250.0), dict(batch=8, contender="onnxruntime", median_ms=400.0)],
+        4: [dict(batch=8, contender="hrnet_fast_cpu", median_ms=250.0, paired_vs_ort=1.55),
+            dict(batch=8, contender="onnxruntime", median_ms=400.0)],
     }
     text = cpu_threads.table(rows)
-    assert "| 8 | 1 | 800.0 (100%) | 1000.0 (100%) | 1.25x |" in text
-    assert "| 8 | 4 | 250.0 (80%) | 400.0 (62%) | 1.60x |" in text
+    assert "| 8 | 1 | 800.0 (100%) | 1000.0 (100%) | 1.25x |" in text  # no paired ratio recorded
+    assert "| 8 | 4 | 250.0 (80%) | 400.0 (62%) | 1.60x (paired 1.55x) |" in text
 
 
 @pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")

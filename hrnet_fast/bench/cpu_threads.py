@@ -105,6 +105,9 @@ def table(rows: dict[int, list[dict]]) -> str:
     base_t = min(rows)
     ms = {(t, r["batch"], r["contender"]): r["median_ms"] for t, rs in rows.items() for r in rs if r.get("median_ms")}
     names = [c for c in CONTENDERS.split(",") if any(k[2] == c for k in ms)]
+    # the bench's round-by-round ratio (hrnet_fast.bench.runner._paired), where the run recorded it
+    paired = {(t, r["batch"]): r["paired_vs_ort"] for t, rs in rows.items() for r in rs
+              if r["contender"] == "hrnet_fast_cpu" and r.get("paired_vs_ort")}
     lines = [
         f"| batch | threads | {' | '.join(f'{c} ms (eff.)' for c in names)} | hrnet_fast vs ONNX Runtime |",
         "|" + "---|" * (len(names) + 3),
@@ -117,6 +120,8 @@ def table(rows: dict[int, list[dict]]) -> str:
                 cells.append("" if v is None else f"{v:.1f} ({v1 * base_t / (t * v):.0%})" if v1 else f"{v:.1f}")
             ours, ort = ms.get((t, b, "hrnet_fast_cpu")), ms.get((t, b, "onnxruntime"))
             lead = f"{ort / ours:.2f}x" if ours and ort else ""
+            if lead and (t, b) in paired:
+                lead += f" (paired {paired[t, b]:.2f}x)"
             lines.append(f"| {b} | {t} | {' | '.join(cells)} | {lead} |")
     return "\n".join(lines) + f"\n\neff.: parallel efficiency, t({base_t}) * {base_t} / (T * t(T)).\n"
 
