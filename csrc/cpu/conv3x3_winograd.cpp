@@ -132,7 +132,7 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
     float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
     float* mbuf = vbuf + vbuf_floats;
-    float* ubuf = per_panel || own_u ? mbuf + mbuf_floats : nullptr;
+    float* ubuf = mbuf + mbuf_floats;  // U panels (per_panel) or the whole U (own_u); else empty
     const float* task_u = u;
     if (own_u) {  // once per thread: parallel_for hands each thread one range of tasks
       (M == 2 ? kernels.w2 : kernels.w4)(w, g.cin, g.cout, 0, g.cin, ubuf, u_stride);

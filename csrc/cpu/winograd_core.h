@@ -321,6 +321,7 @@ void winograd_task(const WinogradTask& k) {
   auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, bool pair, const float* pf = nullptr,
                    int64_t pf_rows = 0, int pf_lines = 1) {
     const int64_t calls = K * K * (k.ntp / kMr), per = (pf_rows + calls - 1) / calls;
+    const int64_t pfs = g.cout * int64_t(sizeof(float));  // bytes between the rows
     int64_t call = 0;
     for (int p = 0; p < K * K; ++p) {
       const float* vp = k.vbuf + p * plane_stride(k.ntp * g.cinp);
@@ -329,10 +330,9 @@ void winograd_task(const WinogradTask& k) {
       for (int64_t i = 0; i < k.ntp; i += kMr) {
         const float* a = vp + i * g.cinp;
         float* c = mp + i * g.coutp + j * kNr;
-        const int64_t r0 = std::min(pf_rows, call * per), n = std::min(pf_rows, r0 + per) - r0;
+        // this call's share of the rows
+        const int64_t r0 = std::min(pf_rows, call++ * per), n = std::min(pf_rows, r0 + per) - r0;
         const char* pfc = pf ? reinterpret_cast<const char*>(pf + r0 * g.cout) : nullptr;
-        const int64_t pfs = g.cout * int64_t(sizeof(float));
-        ++call;
         if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
           micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + 8}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
         else if (pair)
