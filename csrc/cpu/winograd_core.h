@@ -310,11 +310,63 @@ void weight_transform(const float* w, int64_t cin, int64_t cout, int64_t ci0, in
   filter_panels<M>(w, cin, cout, 0, (cout + kNr - 1) / kNr, ci0, ci1, u, us);
 }
 
+// The 64-byte lines of [begin, end), prefetched into L2 (prefetcht1, or prefetchw where the lines
+// will be written) a share at a time: `steps` calls of step() cover the range.
+struct RangePrefetch {
+  const char* p = nullptr;
+  int64_t lines = 0, per = 0, done = 0;
+  bool write = false;
+  void plan(const float* begin, const float* end, int64_t steps, bool for_write = false) {
+    const auto a = reinterpret_cast<std::uintptr_t>(begin) & ~std::uintptr_t(63);
+    p = reinterpret_cast<const char*>(a);
+    lines = static_cast<int64_t>((reinterpret_cast<std::uintptr_t>(end) - a + 63) / 64);
+    per = (lines + steps - 1) / std::max<int64_t>(1, steps);
+    write = for_write;
+  }
+  void step() {
+    const int64_t end = std::min(lines, done + per);
+    if (write)
+      for (; done < end; ++done) __builtin_prefetch(p + done * 64, 1, 2);
+    else
+      for (; done < end; ++done) __builtin_prefetch(p + done * 64, 0, 2);
+  }
+};
+
 template <int M>
 void winograd_task(const WinogradTask& k) {
   constexpr int K = Winograd<M>::kTile;
   const WinogradGeometry& g = *k.g;
   input_transform<M>(k.x, g, k.t0, k.nt, k.ntp, k.vbuf);
+  // While the GEMMs run (compute-bound), what the steps around them will read from L3 or memory
+  // streams into L2: the residual and the output lines of this task's tiles, which the output
+  // transform reads and writes pixel by pixel after the GEMMs and otherwise waited for (W32's
+  // 32-channel 64x48 conv at batch 8 took 1.2x as long with its residual as without), and x's rows
+  // of the next block of tiles, the next task's input transform (the same thread's, mostly: tasks
+  // are handed out as contiguous ranges). Whole rows of pixels from the first tile's to the last's,
+  // so a little more than the tiles; residual and output only where the task makes every output
+  // channel (a share of them would fetch the other threads' lines too). W32 at batch 8, 2 threads:
+  // the whole model 1.02-1.04x (paired, in one process); its 64-channel 32x24 conv 1.1-1.15x, the
+  // 32-channel one 1.1-1.25x; batch 1 unchanged.
+  RangePrefetch streams[3];
+  {
+    const int64_t per_img = g.tiles_h * g.tiles_w;
+    auto img = [&](int64_t t) { return t / per_img; };
+    auto row = [&](int64_t t) { return (t % per_img) / g.tiles_w * M; };  // the tile's first output row
+    const int64_t first = k.t0, last = k.t0 + k.nt - 1;
+    const int64_t begin = (img(first) * g.h + row(first)) * g.w * g.cout;
+    const int64_t end = (img(last) * g.h + std::min<int64_t>(g.h, row(last) + M)) * g.w * g.cout;
+    const int64_t passes = (k.j1 - k.j0 + kGemmPanels - 1) / kGemmPanels;  // the fewest gemms() passes
+    const int64_t steps = passes * K * K * (k.ntp / kMr);
+    if (k.j0 == 0 && k.j1 * kNr >= g.cout) {
+      if (k.residual) streams[0].plan(k.residual + begin, k.residual + end, steps);
+      streams[1].plan(k.y + begin, k.y + end, steps, true);
+    }
+    if (k.t0 + k.nt < g.tiles) {  // the next block's input rows, padding row included
+      const int64_t nf = k.t0 + k.nt, nl = std::min(g.tiles, nf + k.nt) - 1;
+      const int64_t r0 = std::max<int64_t>(0, row(nf) - 1), r1 = std::min<int64_t>(g.h, row(nl) + M + 1);
+      streams[2].plan(k.x + (img(nf) * g.h + r0) * g.w * g.cin, k.x + (img(nl) * g.h + r1) * g.w * g.cin, steps);
+    }
+  }
   // all K*K positions of panel j (and, pair true, of panel j + 1, cin * kNr floats after it)
   // pf: the dense weight lines of the panels transformed next (rows of pf_lines lines at a stride of
   // cout floats, pf_rows of them), prefetched into L2 a few at a time during these GEMMs
@@ -333,6 +385,7 @@ void winograd_task(const WinogradTask& k) {
         // this call's share of the rows
         const int64_t r0 = std::min(pf_rows, call++ * per), n = std::min(pf_rows, r0 + per) - r0;
         const char* pfc = pf ? reinterpret_cast<const char*>(pf + r0 * g.cout) : nullptr;
+        for (RangePrefetch& s : streams) s.step();
         if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
           micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + 8}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
         else if (pair)
