@@ -332,7 +332,8 @@ def test_load_state_dict_takes_effect():
 
 
 def test_in_place_weight_edits_take_effect():
-    """An in-place edit of a Winograd conv and of a oneDNN-packed conv is seen by the next call."""
+    """An in-place edit of a Winograd conv, of a oneDNN-packed conv and of a 1x1 conv (our kernel, the
+    dense weight) is seen by the next call."""
     model = _pair(2)
     fast = hrnet_fast.optimize(model, backend="cpu")
     x = torch.randn(1, 3, 64, 64)
@@ -343,9 +344,12 @@ def test_in_place_weight_edits_take_effect():
         model.stage2[0].branches[0][0].conv1.weight.zero_()
         winograd_conv.weight.zero_()
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
-        fast.final_layer.weight.zero_()  # a 1x1 conv (oneDNN, packed per input shape): out == its bias
+        assert fast.transition1[1][0]._packed  # stride 2: oneDNN, packed per input shape
+        model.transition1[1][0][0].weight.zero_()
+        fast.transition1[1][0].weight.zero_()
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        fast.final_layer.weight.zero_()  # a 1x1 conv: out == its bias
         out = fast(x)
-    assert fast.final_layer._packed is not None
     torch.testing.assert_close(out, fast.final_layer.bias.view(1, -1, 1, 1).expand_as(out), rtol=0, atol=0)
 
 

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string_view>
 
+#include "cpu/conv1x1.h"
 #include "kernels/conv_bias_act.h"
 
 namespace hrnet_fast {
@@ -89,6 +90,10 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   std::optional<at::Tensor> b;
   if (bias) b = bias->is_contiguous() ? *bias : bias->contiguous();
   const c10::IntArrayRef dil(kDilation, 2);
+  if (conv1x1_applies(x, weight, stride, padding, residual)) {
+    at::Tensor out = conv1x1_nhwc(x, weight, b ? b->data_ptr<float>() : nullptr, residual, relu);
+    return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
+  }
 
   // oneDNN runs NHWC (and fuses the residual) when the weight is packed or either operand is
   // channels_last; mirrors aten's mkldnn_conv_use_channels_last.

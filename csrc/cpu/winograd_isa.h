@@ -50,11 +50,28 @@ constexpr int64_t plane_stride(int64_t floats) { return floats + 16; }
 // positions us floats apart in u.
 using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 
+// Rows [r0, r1) of a 1x1 stride-1 conv in NHWC, y = act(x W^T + bias + residual): x [rows][cin],
+// y and residual [rows][cout], wp the weight packed into 16-wide panels [coutp/16][cin][16] (the
+// channels past cout zero). conv1x1_core.h.
+struct Conv1x1Task {
+  const float* x;
+  const float* wp;
+  const float* bias;
+  const float* residual;
+  float* y;
+  int64_t cin, cout, coutp, r0, r1;
+  bool relu;
+};
+using Conv1x1Fn = void (*)(const Conv1x1Task&);
+// The widest C_in the 1x1 kernel takes (its short last group of rows is copied to the stack).
+constexpr int64_t kConv1x1MaxCin = 1024;
+
 // The task functions of one instruction set, for F(2x2) and F(4x4), and their filter transforms.
 struct WinogradKernels {
   WinogradTaskFn m2, m4;
   WinogradWeightFn w2, w4;
   int gemm_panels;  // 16-wide panels per GEMM call (2 where the GEMM is 16 lanes): a task's U buffer holds as many
+  Conv1x1Fn conv1x1;
 };
 
 // One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant

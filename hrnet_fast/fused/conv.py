@@ -13,6 +13,7 @@ from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
 from hrnet_fast.ops.winograd import choose_tile, why_not_winograd
 
+CONV1X1_MAX_CIN = 1024  # kConv1x1MaxCin (csrc/cpu/winograd_isa.h)
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
 # so threads sharing a model can meet new input shapes or reloaded weights at the same time.
@@ -62,8 +63,9 @@ class FusedConv(nn.Module):
         C_out. cpu (float32): for a 3x3 stride-1 conv when `use_winograd` (and the kernel is built with
         a vector variant this CPU runs: its portable build is for correctness, and slower than oneDNN
         there), Winograd, the weight stored [C_in, kH, kW, C_out] (seen through OIHW strides), the
-        layout the kernel's per-call transform reads as one stream; else reordered into oneDNN's
-        blocked layout (per input shape, on first use).
+        layout the kernel's per-call transform reads as one stream; a 1x1 stride-1 conv, dense, for
+        conv_bias_act's own 1x1 kernel (see _runs_conv1x1); else reordered into oneDNN's blocked
+        layout (per input shape, on first use).
         The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
@@ -83,11 +85,24 @@ class FusedConv(nn.Module):
                 winograd = True
                 if not self.weight.permute(1, 2, 3, 0).is_contiguous():
                     self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-            else:
+            elif not self._runs_conv1x1():
                 packed = {}  # filled by forward, once per input shape
         op = torch.ops.hrnet_fast.conv3x3_winograd.default if winograd else None
         # swapped in together at the end: a thread running forward meanwhile sees old or new caches
         self._packed, self._winograd, self._winograd_op, self._derived_from = packed, winograd, op, self._weight_state()
+
+    def _runs_conv1x1(self) -> bool:
+        """Whether conv_bias_act's own 1x1 kernel (csrc/cpu/conv1x1.cpp) runs this conv: 1x1, stride 1,
+        no padding, a vector variant of the CPU kernels in use. It takes the dense weight, so no
+        oneDNN-packed copy is made (on a channels_last input; oneDNN runs any other)."""
+        return (
+            tuple(self.weight.shape[2:]) == (1, 1)
+            and self.stride == [1, 1]
+            and self.padding == [0, 0]
+            and self.weight.shape[1] <= CONV1X1_MAX_CIN
+            and _extension.has_kernel("conv_bias_act", "CPU")
+            and torch.ops.hrnet_fast.cpu_isa() != "base"
+        )
 
     def _weight_state(self, w: torch.Tensor | None = None) -> tuple:
         w = self._buffers["weight"] if w is None else w

@@ -23,16 +23,17 @@
 
 HF_TARGET_BEGIN(HF_ISA_TARGET)
 #include "cpu/winograd_core.h"
+#include "cpu/conv1x1_core.h"
 HF_TARGET_END
 
 namespace hrnet_fast {
 WinogradKernels HF_ISA_ENTRY() {
   using namespace HF_ISA_NS;
-  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels};
+  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv1x1_rows};
 }
 }  // namespace hrnet_fast
 #else
 namespace hrnet_fast {
-WinogradKernels HF_ISA_ENTRY() { return {nullptr, nullptr, nullptr, nullptr, 1}; }  // not an x86-64 build: no such variant
+WinogradKernels HF_ISA_ENTRY() { return {nullptr, nullptr, nullptr, nullptr, 1, nullptr}; }  // not an x86-64 build: no such variant
 }  // namespace hrnet_fast
 #endif
