@@ -13,7 +13,7 @@
 #include <optional>
 #include <string_view>
 
-#include "cpu/conv1x1.h"
+#include "cpu/conv_gemm.h"
 #include "kernels/conv_bias_act.h"
 
 namespace hrnet_fast {
@@ -90,8 +90,8 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   std::optional<at::Tensor> b;
   if (bias) b = bias->is_contiguous() ? *bias : bias->contiguous();
   const c10::IntArrayRef dil(kDilation, 2);
-  if (conv1x1_applies(x, weight, stride, padding, residual)) {
-    at::Tensor out = conv1x1_nhwc(x, weight, b ? b->data_ptr<float>() : nullptr, residual, relu);
+  if (conv_gemm_applies(x, weight, stride, padding, residual)) {
+    at::Tensor out = conv_gemm(x, weight, b ? b->data_ptr<float>() : nullptr, stride[0], padding[0], residual, relu);
     return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
   }
 

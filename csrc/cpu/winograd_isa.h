@@ -50,28 +50,43 @@ constexpr int64_t plane_stride(int64_t floats) { return floats + 16; }
 // positions us floats apart in u.
 using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 
-// Rows [r0, r1) of a 1x1 stride-1 conv in NHWC, y = act(x W^T + bias + residual): x [rows][cin],
-// y and residual [rows][cout], wp the weight packed into 16-wide panels [coutp/16][cin][16] (the
-// channels past cout zero). conv1x1_core.h.
-struct Conv1x1Task {
+// A direct convolution in NHWC (conv_gemm_core.h): x [n][h][w][cin] -> y [n][ho][wo][cout], a kh x kw
+// window at `stride` with `pad` zeros on every side.
+struct ConvGemmGeometry {
+  int64_t n, h, w, cin, ho, wo, cout, kh, kw, stride, pad;
+};
+
+// Output rows (pixels) [r0, r1) of y = act(conv(x, W) + bias + residual): W as rows [kh][kw][cin] of
+// ldw floats (ldw >= C_out rounded up to 16; the columns past C_out are read, not stored), abuf the
+// calling thread's kMr x (kh * kw * cin) floats for gathered windows.
+struct ConvGemmTask {
+  const ConvGemmGeometry* g;
   const float* x;
-  const float* wp;
+  const float* w;
+  int64_t ldw;
   const float* bias;
   const float* residual;
   float* y;
-  int64_t cin, cout, coutp, r0, r1;
+  float* abuf;
+  int64_t r0, r1;
   bool relu;
 };
-using Conv1x1Fn = void (*)(const Conv1x1Task&);
-// The widest C_in the 1x1 kernel takes (its short last group of rows is copied to the stack).
-constexpr int64_t kConv1x1MaxCin = 1024;
+using ConvGemmFn = void (*)(const ConvGemmTask&);
+// The convs conv_gemm takes: at least kConvGemmMinCin input channels and at most kConvGemmMaxK taps x
+// input channels (K). Past that K a group's gathered windows (kMr x K floats) no longer fit L1 beside
+// the weight rows streaming through it, and oneDNN's blocked kernels were faster: W32's 3x3 stride-2
+// 256 -> 64 conv (K = 2304) 0.73-0.93x oneDNN's time, 128 -> 256 (K = 1152) 0.90-1.01x; the stem's
+// first conv (3 input channels, K = 27) 0.69-0.87x, each GEMM call too short for its 6 x 32 block.
+// Those with K <= 576 took 1.04-1.34x less time than oneDNN's (2 threads, batch 1 and 8).
+constexpr int64_t kConvGemmMinCin = 8;
+constexpr int64_t kConvGemmMaxK = 640;
 
 // The task functions of one instruction set, for F(2x2) and F(4x4), and their filter transforms.
 struct WinogradKernels {
   WinogradTaskFn m2, m4;
   WinogradWeightFn w2, w4;
   int gemm_panels;  // 16-wide panels per GEMM call (2 where the GEMM is 16 lanes): a task's U buffer holds as many
-  Conv1x1Fn conv1x1;
+  ConvGemmFn conv_gemm;
 };
 
 // One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant

@@ -13,7 +13,9 @@ from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
 from hrnet_fast.ops.winograd import choose_tile, why_not_winograd
 
-CONV1X1_MAX_CIN = 1024  # kConv1x1MaxCin (csrc/cpu/winograd_isa.h)
+# The convs conv_bias_act's own direct kernel takes (kConvGemmMinCin, kConvGemmMaxK in
+# csrc/cpu/winograd_isa.h, which says why): C_in of at least this, kH * kW * C_in of at most that.
+CONV_GEMM_MIN_CIN, CONV_GEMM_MAX_K = 8, 640
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
 # so threads sharing a model can meet new input shapes or reloaded weights at the same time.
@@ -63,9 +65,9 @@ class FusedConv(nn.Module):
         C_out. cpu (float32): for a 3x3 stride-1 conv when `use_winograd` (and the kernel is built with
         a vector variant this CPU runs: its portable build is for correctness, and slower than oneDNN
         there), Winograd, the weight stored [C_in, kH, kW, C_out] (seen through OIHW strides), the
-        layout the kernel's per-call transform reads as one stream; a 1x1 stride-1 conv, dense, for
-        conv_bias_act's own 1x1 kernel (see _runs_conv1x1); else reordered into oneDNN's blocked
-        layout (per input shape, on first use).
+        layout the kernel's per-call transform reads as one stream; where conv_bias_act's own direct
+        kernel takes the conv (see _runs_conv_gemm), stored [kH, kW, C_in, C_out], the rows it reads in
+        place; else reordered into oneDNN's blocked layout (per input shape, on first use).
         The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
@@ -85,21 +87,27 @@ class FusedConv(nn.Module):
                 winograd = True
                 if not self.weight.permute(1, 2, 3, 0).is_contiguous():
                     self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-            elif not self._runs_conv1x1():
+            elif self._runs_conv_gemm():
+                if not self.weight.permute(2, 3, 1, 0).is_contiguous():
+                    self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+            else:
                 packed = {}  # filled by forward, once per input shape
         op = torch.ops.hrnet_fast.conv3x3_winograd.default if winograd else None
         # swapped in together at the end: a thread running forward meanwhile sees old or new caches
         self._packed, self._winograd, self._winograd_op, self._derived_from = packed, winograd, op, self._weight_state()
 
-    def _runs_conv1x1(self) -> bool:
-        """Whether conv_bias_act's own 1x1 kernel (csrc/cpu/conv1x1.cpp) runs this conv: 1x1, stride 1,
-        no padding, a vector variant of the CPU kernels in use. It takes the dense weight, so no
-        oneDNN-packed copy is made (on a channels_last input; oneDNN runs any other)."""
+    def _runs_conv_gemm(self) -> bool:
+        """Whether conv_bias_act's own direct kernel (csrc/cpu/conv_gemm.cpp) runs this conv on a
+        channels_last input: the same stride and padding both ways, C_in and kH * kW * C_in within
+        its bounds, a vector variant of the CPU kernels in use. It reads the dense weight, so no
+        oneDNN-packed copy is made (oneDNN runs any other input)."""
+        k_h, k_w = self.weight.shape[2:]
+        c_in = self.weight.shape[1]
         return (
-            tuple(self.weight.shape[2:]) == (1, 1)
-            and self.stride == [1, 1]
-            and self.padding == [0, 0]
-            and self.weight.shape[1] <= CONV1X1_MAX_CIN
+            self.stride[0] == self.stride[1]
+            and self.padding[0] == self.padding[1]
+            and CONV_GEMM_MIN_CIN <= c_in
+            and k_h * k_w * c_in <= CONV_GEMM_MAX_K
             and _extension.has_kernel("conv_bias_act", "CPU")
             and torch.ops.hrnet_fast.cpu_isa() != "base"
         )

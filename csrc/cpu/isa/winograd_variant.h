@@ -23,13 +23,13 @@
 
 HF_TARGET_BEGIN(HF_ISA_TARGET)
 #include "cpu/winograd_core.h"
-#include "cpu/conv1x1_core.h"
+#include "cpu/conv_gemm_core.h"
 HF_TARGET_END
 
 namespace hrnet_fast {
 WinogradKernels HF_ISA_ENTRY() {
   using namespace HF_ISA_NS;
-  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv1x1_rows};
+  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv_gemm_rows};
 }
 }  // namespace hrnet_fast
 #else

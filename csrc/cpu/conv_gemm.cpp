@@ -1,0 +1,88 @@
+// conv_bias_act's own direct convolution on CPU, NHWC: a GEMM of the output pixels with the Winograd
+// kernel's micro-kernel (csrc/cpu/conv_gemm_core.h), bias, residual and ReLU applied to each 6 x 32
+// block while it is in L1, so the output is written once. Runs the convs that Winograd does not:
+// 1x1 (stage 1, the heads) and strided 3x3 (the stem, the transitions, the fusions' downsampling).
+//
+// Why not oneDNN's: its ReLU post-op turns NaN into 0, so conv_bias_act ran ReLU as a pass of its own
+// over the output, and its per-call set-up (descriptors, a workspace) costs tens of microseconds on the
+// calling thread while the others wait: W32 at batch 1 makes ~50 such calls. W32's stage-1 1x1 convs
+// at batch 8 took 51 ms of a 350 ms forward (torch.profiler, 2 threads); against oneDNN with its packed
+// weight, 2 threads, inputs cycling through more memory than the L3 holds, 64 -> 256 channels with the
+// residual took 1.25-1.42x less time, without it 1.02-1.17x, 256 -> 64 1.0-1.2x.
+#include "cpu/conv_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/cpu_isa.h"
+#include "cpu/winograd_isa.h"
+
+namespace hrnet_fast {
+
+bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
+                       c10::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
+  constexpr auto cl = at::MemoryFormat::ChannelsLast;
+  return !weight.is_mkldnn() && weight.layout() == at::kStrided && weight.scalar_type() == at::kFloat &&
+         stride[0] == stride[1] && padding[0] == padding[1] &&
+         weight.size(1) >= kConvGemmMinCin && weight.size(1) * weight.size(2) * weight.size(3) <= kConvGemmMaxK &&
+         x.is_contiguous(cl) &&
+         (!residual || residual->is_contiguous(cl)) && active_cpu_isa() != CpuIsa::base;
+}
+
+bool conv_gemm_weight_in_place(const at::Tensor& weight) {
+  return weight.size(0) % kNr == 0 && weight.permute({2, 3, 1, 0}).is_contiguous();
+}
+
+at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,
+                     const std::optional<at::Tensor>& residual, bool relu) {
+  ConvGemmGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, weight.size(0), weight.size(2), weight.size(3),
+                     stride, padding};
+  g.ho = (g.h + 2 * padding - g.kh) / stride + 1;
+  g.wo = (g.w + 2 * padding - g.kw) / stride + 1;
+  at::Tensor y = at::empty({g.n, g.cout, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t k = g.kh * g.kw * g.cin, coutp = (g.cout + kNr - 1) / kNr * kNr;
+  // The weight as rows [kh][kw][C_in] of C_out floats: read in place where it is stored so (HWIO, as
+  // optimize() keeps it) and C_out is whole panels; else copied into that layout, the columns padded
+  // to whole panels with zeros (K x C_out floats: a few microseconds for a 1x1 conv's).
+  const float* w = weight.data_ptr<float>();
+  int64_t ldw = g.cout;
+  at::Tensor packed;
+  if (!conv_gemm_weight_in_place(weight)) {
+    packed = at::empty({k * coutp}, x.options());
+    float* p = packed.data_ptr<float>();
+    const int64_t so = weight.stride(0), si = weight.stride(1), sy = weight.stride(2), sx = weight.stride(3);
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx)
+        for (int64_t i = 0; i < g.cin; ++i) {
+          float* row = p + ((ky * g.kw + kx) * g.cin + i) * coutp;
+          for (int64_t o = 0; o < coutp; ++o) row[o] = o < g.cout ? w[o * so + i * si + ky * sy + kx * sx] : 0.f;
+        }
+    w = p;
+    ldw = coutp;
+  }
+  const ConvGemmFn fn = winograd_kernels(active_cpu_isa()).conv_gemm;
+  const int64_t rows = g.n * g.ho * g.wo, groups = (rows + kMr - 1) / kMr;
+  // Each thread's kMr gathered windows (64-byte aligned slices of one allocation).
+  at::internal::lazy_init_num_threads();
+  const int64_t slots = at::get_num_threads(), per_thread = (kMr * k + 15) / 16 * 16;
+  const at::Tensor scratch = at::empty({slots * per_thread}, x.options());
+  float* const scratch_base = scratch.data_ptr<float>();
+  const ConvGemmTask task{&g, x.data_ptr<float>(), w, ldw, bias, residual ? residual->data_ptr<float>() : nullptr,
+                          y.data_ptr<float>(), nullptr, 0, 0, relu};
+  // 2 x kMr x K x C_out FLOP a group: groups of at least ~256 KFLOP a task
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 2 * kMr * k * coutp));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    ConvGemmTask t = task;
+    t.abuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
+    t.r0 = begin * kMr;
+    t.r1 = std::min(rows, end * kMr);
+    fn(t);
+  });
+  return y;
+}
+
+}  // namespace hrnet_fast

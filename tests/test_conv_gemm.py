@@ -1,0 +1,184 @@
+"""conv_bias_act's own direct convolution on CPU (csrc/cpu/conv_gemm.cpp): the calls it takes (a dense
+weight on a channels_last input, 8 to kConvGemmMaxK / (kH kW) input channels) run it in every vector
+variant this CPU has; its answers against the float64 reference (1x1 and strided 3x3, row counts that
+are not a multiple of the micro-kernel's 6, channel counts that are not a multiple of 8 or 16, windows
+leaving the image), NaN and infinities kept as eager keeps them, the weight read in place (HWIO) or
+copied with the same bits, which calls still go to oneDNN, and optimize() keeping no oneDNN-packed copy
+of the weights it runs."""
+from __future__ import annotations
+
+import pytest
+import references
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hrnet_fast import _extension
+from hrnet_fast.ops import conv_bias_act
+
+pytestmark = pytest.mark.skipif(not _extension.has_kernel("conv_bias_act", "CPU"), reason="needs the compiled extension")
+CL = torch.channels_last
+MIN_CIN, MAX_K = 8, 640  # kConvGemmMinCin, kConvGemmMaxK
+
+
+def _variants() -> list[str]:
+    """The vector variants this CPU runs (the portable one leaves 1x1 convs to oneDNN)."""
+    saved = torch.ops.hrnet_fast.cpu_isa()
+    runs = []
+    for isa in ("avx2", "avx512"):
+        try:
+            torch.ops.hrnet_fast.cpu_isa(isa)
+            runs.append(isa)
+        except RuntimeError:
+            pass
+    torch.ops.hrnet_fast.cpu_isa(saved)
+    return runs
+
+
+VARIANTS = _variants()
+
+
+@pytest.fixture(params=VARIANTS or [pytest.param("none", marks=pytest.mark.skip(reason="no vector variant runs here"))])
+def isa(request):
+    saved = torch.ops.hrnet_fast.cpu_isa()
+    torch.ops.hrnet_fast.cpu_isa(request.param)
+    yield request.param
+    torch.ops.hrnet_fast.cpu_isa(saved)
+
+
+def _inputs(n, cin, cout, h, w, res, bias, k=1, stride=1, pad=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g).contiguous(memory_format=CL)
+    wt = torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, generator=g) if bias else None
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    r = torch.randn(n, cout, ho, wo, generator=g).contiguous(memory_format=CL) if res else None
+    return x, wt, b, r
+
+
+def _runs_onednn(fn) -> bool:
+    """Whether fn() dispatched oneDNN's convolution (our 1x1 kernel calls no op)."""
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    return any("mkldnn::_convolution_pointwise" in e.name for e in p.events())
+
+
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w,k,stride,pad",
+    [
+        (1, 16, 4, 5, 6, 1, 1, 0),  # 30 rows: 5 whole groups; 4 channels: one partial vector
+        (2, 64, 256, 7, 5, 1, 1, 0),  # 70 rows: a short last group of 4; stage 1's widening conv
+        (1, 256, 64, 3, 7, 1, 1, 0),  # 21 rows; stage 1's narrowing conv
+        (3, 32, 17, 4, 3, 1, 1, 0),  # the pose head: 17 = a whole panel and one channel
+        (1, 8, 40, 1, 1, 1, 1, 0),  # one row; 40 = two panels and a half; the fewest input channels
+        (1, MAX_K, 24, 2, 3, 1, 1, 0),  # the widest K
+        (2, 32, 64, 9, 7, 3, 2, 1),  # the fusions' downsampling, odd sizes: windows leave every side
+        (1, 64, 48, 8, 6, 3, 2, 1),  # K = 576
+        (1, 16, 32, 5, 5, 3, 1, 1),  # 3x3 stride 1 (optimize() runs those on Winograd)
+        (1, 8, 16, 7, 6, 3, 2, 0),  # no padding
+        (2, 8, 16, 7, 7, 5, 2, 2),  # 5x5
+    ],
+)
+@pytest.mark.parametrize("res,relu,bias", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
+def test_matches_float64(isa, n, cin, cout, h, w, k, stride, pad, res, relu, bias):
+    x, wt, b, r = _inputs(n, cin, cout, h, w, res, bias, k, stride, pad)
+    out = conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu")
+    want = references.conv_bias_act(x, wt, b, stride, pad, r, relu)
+    assert out.is_contiguous(memory_format=CL) and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6 * (1 + want.abs().max().item()))
+    assert not _runs_onednn(lambda: conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu"))
+    # the weight stored HWIO (as optimize() keeps it) is read in place where C_out is whole panels of
+    # 16, else copied: either way the same sums in the same order
+    hwio = wt.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    assert torch.equal(conv_bias_act(x, hwio, b, stride, pad, r, relu, backend="cpu"), out)
+
+
+@pytest.mark.parametrize("k,stride,pad", [(1, 1, 0), (3, 2, 1)])
+def test_nan_and_inf_reach_the_output_as_in_eager(isa, k, stride, pad):
+    x, wt, b, r = _inputs(2, 32, 48, 8, 10, True, True, k, stride, pad, seed=1)
+    x[0, 3, 1, 2] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    r[0, 5, 3, 4] = float("nan")
+    r[1, 7, 2, 2] = float("-inf")
+    for relu in (True, False):
+        out = conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu")
+        eager = torch.nn.functional.conv2d(x, wt, b, stride, pad) + r
+        eager = eager.relu() if relu else eager
+        assert torch.equal(out.isnan(), eager.isnan()) and out.isnan().any()
+        assert torch.equal(out.isinf(), eager.isinf())
+        finite = eager.isfinite()
+        torch.testing.assert_close(out[finite], eager[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nchw_x", "nchw_residual", "fewer_than_min_cin", "wider_than_max_k", "stride_2x1", "padding_1x0", "packed_weight"],
+)
+def test_other_calls_go_to_onednn_with_the_same_answers(isa, case):
+    """What the kernel does not take still runs, on oneDNN, and agrees with float64."""
+    cin = {"fewer_than_min_cin": MIN_CIN - 5, "wider_than_max_k": MAX_K // 9 + 1}.get(case, 24)
+    x, wt, b, r = _inputs(1, cin, 20, 6, 5, False, True, 3, 1, 1, seed=2)
+    stride = (2, 1) if case == "stride_2x1" else (1, 1)
+    padding = (1, 0) if case == "padding_1x0" else (1, 1)
+    if case == "nchw_x":
+        x = x.contiguous()
+    ho, wo = (6 + 2 * padding[0] - 3) // stride[0] + 1, (5 + 2 * padding[1] - 3) // stride[1] + 1
+    r = torch.randn(1, 20, ho, wo).contiguous(memory_format=CL)
+    if case == "nchw_residual":
+        r = r.contiguous()
+    w = wt
+    if case == "packed_weight":
+        from hrnet_fast.ops.conv import prepack
+
+        w = prepack(wt, x.shape, stride, padding)
+    out = conv_bias_act(x, w, b, stride, padding, r, True, backend="cpu")
+    want = references.conv_bias_act(x, wt, b, stride, padding, r, True)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=5e-6 * (1 + want.abs().max().item()))
+    assert _runs_onednn(lambda: conv_bias_act(x, w, b, stride, padding, r, True, backend="cpu"))
+
+
+def test_optimize_keeps_no_packed_copy_of_the_weights_it_runs(isa):
+    """Every conv optimize() leaves to conv_bias_act on the cpu backend runs our kernel exactly where
+    FusedConv says so (and then keeps its weight dense, stored HWIO), oneDNN's with a packed weight
+    elsewhere; the model's answers and state_dict are the eager model's."""
+    import hrnet_fast
+    from hrnet_fast.fused.conv import FusedConv
+    from hrnet_fast.reference import tiny_pose_hrnet
+
+    model = tiny_pose_hrnet().eval()
+    fast = hrnet_fast.optimize(model, backend="cpu")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    convs = [m for m in fast.modules() if isinstance(m, FusedConv) and not m._winograd]
+    ours = [m for m in convs if m._runs_conv_gemm()]
+    assert ours and len(ours) < len(convs)  # the stem's first conv (3 input channels) stays on oneDNN
+    for m in convs:
+        if m in ours:
+            assert m._packed is None and m.weight.permute(2, 3, 1, 0).is_contiguous()
+        else:
+            assert m._packed  # packed for oneDNN on first use
+    # which kernel each conv's call takes, seen from the dispatcher: a 1x1 conv of stage 1, a strided
+    # 3x3 of a fusion, and the stem's first conv
+    stem = fast.conv1
+    inp = torch.randn(1, 3, 16, 16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        assert _runs_onednn(lambda: stem(inp))
+        for m in ours[:3] + ours[-3:]:
+            c_in = m.weight.shape[1]
+            probe = torch.randn(1, c_in, 8, 8).contiguous(memory_format=CL)
+            assert not _runs_onednn(lambda: m(probe))
+    ref_state = hrnet_fast.optimize(model, backend="torch").state_dict()
+    for key, value in fast.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], rtol=0, atol=0)
+
+
+def test_portable_variant_leaves_the_convs_to_onednn():
+    saved = torch.ops.hrnet_fast.cpu_isa()
+    try:
+        torch.ops.hrnet_fast.cpu_isa("base")
+        x, wt, b, r = _inputs(1, 16, 8, 3, 4, True, True)
+        assert _runs_onednn(lambda: conv_bias_act(x, wt, b, 1, 0, r, True, backend="cpu"))
+        out = conv_bias_act(x, wt, b, 1, 0, r, True, backend="cpu")
+        torch.testing.assert_close(out.double(), references.conv_bias_act(x, wt, b, 1, 0, r, True), rtol=0, atol=1e-5)
+    finally:
+        torch.ops.hrnet_fast.cpu_isa(saved)
