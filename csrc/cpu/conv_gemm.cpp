@@ -5,10 +5,10 @@
 //
 // Why not oneDNN's: its ReLU post-op turns NaN into 0, so conv_bias_act ran ReLU as a pass of its own
 // over the output, and its per-call set-up (descriptors, a workspace) costs tens of microseconds on the
-// calling thread while the others wait: W32 at batch 1 makes ~50 such calls. W32's stage-1 1x1 convs
-// at batch 8 took 51 ms of a 350 ms forward (torch.profiler, 2 threads); against oneDNN with its packed
-// weight, 2 threads, inputs cycling through more memory than the L3 holds, 64 -> 256 channels with the
-// residual took 1.25-1.42x less time, without it 1.02-1.17x, 256 -> 64 1.0-1.2x.
+// calling thread while the others wait: W32 at batch 1 makes ~50 such calls. Which convs it takes, and
+// why those: kConvGemmMaxK (csrc/cpu/winograd_isa.h). The whole W32 against the same model with every
+// such conv on oneDNN, forward by forward in one process (2 threads, 2026-11-27): 1.049x at batch 1
+// (55 of 60 faster), 1.056x at batch 8 (14 of 16).
 #include "cpu/conv_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -66,18 +66,20 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
   }
   const ConvGemmFn fn = winograd_kernels(active_cpu_isa()).conv_gemm;
   const int64_t rows = g.n * g.ho * g.wo, groups = (rows + kMr - 1) / kMr;
-  // Each thread's kMr gathered windows (64-byte aligned slices of one allocation).
+  // Each thread's kMr gathered windows and their outputs (64-byte aligned slices of one allocation).
   at::internal::lazy_init_num_threads();
-  const int64_t slots = at::get_num_threads(), per_thread = (kMr * k + 15) / 16 * 16;
+  const int64_t a_floats = (kMr * k + 15) / 16 * 16, per_thread = a_floats + kMr * coutp;
+  const int64_t slots = at::get_num_threads();
   const at::Tensor scratch = at::empty({slots * per_thread}, x.options());
   float* const scratch_base = scratch.data_ptr<float>();
   const ConvGemmTask task{&g, x.data_ptr<float>(), w, ldw, bias, residual ? residual->data_ptr<float>() : nullptr,
-                          y.data_ptr<float>(), nullptr, 0, 0, relu};
+                          y.data_ptr<float>(), nullptr, nullptr, 0, 0, relu};
   // 2 x kMr x K x C_out FLOP a group: groups of at least ~256 KFLOP a task
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 2 * kMr * k * coutp));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     ConvGemmTask t = task;
     t.abuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
+    t.cbuf = t.abuf + a_floats;
     t.r0 = begin * kMr;
     t.r1 = std::min(rows, end * kMr);
     fn(t);

@@ -57,8 +57,9 @@ struct ConvGemmGeometry {
 };
 
 // Output rows (pixels) [r0, r1) of y = act(conv(x, W) + bias + residual): W as rows [kh][kw][cin] of
-// ldw floats (ldw >= C_out rounded up to 16; the columns past C_out are read, not stored), abuf the
-// calling thread's kMr x (kh * kw * cin) floats for gathered windows.
+// ldw floats (ldw >= C_out rounded up to 16; the columns past C_out are read, not stored); abuf and
+// cbuf the calling thread's kMr x (kh * kw * cin) floats for gathered windows and kMr x (C_out rounded
+// up to 16) for the GEMM's output.
 struct ConvGemmTask {
   const ConvGemmGeometry* g;
   const float* x;
@@ -68,16 +69,17 @@ struct ConvGemmTask {
   const float* residual;
   float* y;
   float* abuf;
+  float* cbuf;
   int64_t r0, r1;
   bool relu;
 };
 using ConvGemmFn = void (*)(const ConvGemmTask&);
 // The convs conv_gemm takes: at least kConvGemmMinCin input channels and at most kConvGemmMaxK taps x
-// input channels (K). Past that K a group's gathered windows (kMr x K floats) no longer fit L1 beside
-// the weight rows streaming through it, and oneDNN's blocked kernels were faster: W32's 3x3 stride-2
-// 256 -> 64 conv (K = 2304) 0.73-0.93x oneDNN's time, 128 -> 256 (K = 1152) 0.90-1.01x; the stem's
-// first conv (3 input channels, K = 27) 0.69-0.87x, each GEMM call too short for its 6 x 32 block.
-// Those with K <= 576 took 1.04-1.34x less time than oneDNN's (2 threads, batch 1 and 8).
+// input channels (K). Against oneDNN with its packed weight (2 threads, batch 1 and 8, 2026-11-27):
+// W32's convs with K <= 576 (the fusions' strided 3x3 from 32 and 64 channels, the stem's second conv,
+// stage 1's 1x1s) took 0.98-1.16x less time; past that, even with K split into L1-sized slices, oneDNN's
+// blocked kernels were faster (K = 1152-2304: 0.88-0.95x; 720 -> 720 1x1: 0.88-0.97x), and on the
+// stem's first conv (3 input channels: K = 27, each GEMM call too short for its 6 x 32 block) 0.69-0.87x.
 constexpr int64_t kConvGemmMinCin = 8;
 constexpr int64_t kConvGemmMaxK = 640;
 
