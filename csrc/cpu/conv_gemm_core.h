@@ -50,15 +50,23 @@ inline void conv_gemm_gather(const ConvGemmTask& t, int64_t r, int rows, float* 
     }
     const int64_t p = r + i, img = p / (g.ho * g.wo), oy = p / g.wo % g.ho, ox = p % g.wo;
     const float* base = t.x + img * g.h * g.w * g.cin;
+    const int64_t ix0 = ox * g.stride - g.pad;
+    const bool inside_x = ix0 >= 0 && ix0 + g.kw <= g.w;
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const int64_t iy = oy * g.stride - g.pad + ky;
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t ix = ox * g.stride - g.pad + kx;
-        float* dst = row + (ky * g.kw + kx) * g.cin;
-        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w)
-          std::memset(dst, 0, sizeof(float) * g.cin);
-        else
-          std::memcpy(dst, base + (iy * g.w + ix) * g.cin, sizeof(float) * g.cin);
+      float* dst = row + ky * g.kw * g.cin;
+      if (iy < 0 || iy >= g.h) {
+        std::memset(dst, 0, sizeof(float) * g.kw * g.cin);
+      } else if (inside_x) {  // the window's row is kw pixels side by side in x: one copy
+        std::memcpy(dst, base + (iy * g.w + ix0) * g.cin, sizeof(float) * g.kw * g.cin);
+      } else {
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t ix = ix0 + kx;
+          if (ix < 0 || ix >= g.w)
+            std::memset(dst + kx * g.cin, 0, sizeof(float) * g.cin);
+          else
+            std::memcpy(dst + kx * g.cin, base + (iy * g.w + ix) * g.cin, sizeof(float) * g.cin);
+        }
       }
     }
   }

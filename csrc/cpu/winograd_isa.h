@@ -79,7 +79,8 @@ using ConvGemmFn = void (*)(const ConvGemmTask&);
 // W32's convs with K <= 576 (the fusions' strided 3x3 from 32 and 64 channels, the stem's second conv,
 // stage 1's 1x1s) took 0.98-1.16x less time; past that, even with K split into L1-sized slices, oneDNN's
 // blocked kernels were faster (K = 1152-2304: 0.88-0.95x; 720 -> 720 1x1: 0.88-0.97x), and on the
-// stem's first conv (3 input channels: K = 27, each GEMM call too short for its 6 x 32 block) 0.69-0.87x.
+// stem's first conv (3 input channels: K = 27, each GEMM call too short for its 6 x 32 block) 0.83-0.90x
+// (0.69-0.87x before a window's row of kW pixels was gathered in one copy).
 constexpr int64_t kConvGemmMinCin = 8;
 constexpr int64_t kConvGemmMaxK = 640;
 
