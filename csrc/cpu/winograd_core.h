@@ -75,11 +75,12 @@ constexpr int kGemmPanels = 1;
 
 // C[6][NV * L] = A[6][k] * B, L the lanes of V: A rows at stride lda; vector v of B's row p at
 // b[v] + p * ldb (ldb = kNr: a packed [k][16] panel is two 8-lane vectors b, b + 8, or one 16-lane
-// one, and two panels are two 16-lane ones; a direct conv's weight is read in place, ldb = C_out); C rows at ldc, vector v at c + v * L. The micro-kernel of every variant:
-// 6x16 as two 8-lane vectors (AVX2, 12 accumulators of 16 registers), 6x16 or 6x32 at 16 lanes.
-// kAccumulate: C += A B (C's block read first). pf_n > 0: also prefetch into L2 (prefetcht1) pf_n rows of pf_lines 64-byte lines, pf_stride bytes
-// apart from pf, spread evenly over the k loop, so that a stream from memory overlaps the FMAs (the
-// next panel's dense weight: winograd_task).
+// one, and two panels are two 16-lane ones; a direct conv's weight is read in place, ldb = C_out);
+// C rows at ldc, vector v at c + v * L. The micro-kernel of every variant: 6x16 as two 8-lane vectors
+// (AVX2, 12 accumulators of 16 registers), 6x16 or 6x32 at 16 lanes. kAccumulate: C += A B (C's block
+// read first). pf_n > 0: also prefetch into L2 (prefetcht1) pf_n rows of pf_lines 64-byte lines,
+// pf_stride bytes apart from pf, spread evenly over the k loop, so that a stream from memory overlaps
+// the FMAs (the next panel's dense weight: winograd_task).
 template <typename V, int NV, bool kAccumulate = false>
 inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* const (&b)[NV], float* __restrict__ c,
                       int64_t ldc, int64_t k, const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_n = 0,
