@@ -7,8 +7,9 @@
 // over the output, and its per-call set-up (descriptors, a workspace) costs tens of microseconds on the
 // calling thread while the others wait: W32 at batch 1 makes ~50 such calls. Which convs it takes, and
 // why those: kConvGemmMaxK (csrc/cpu/winograd_isa.h). The whole W32 against the same model with every
-// such conv on oneDNN, forward by forward in one process (2 threads, 2026-11-27): 1.049x at batch 1
-// (55 of 60 faster), 1.056x at batch 8 (14 of 16).
+// such conv on oneDNN (2 threads, 2026-11-27), forward by forward in one process with a second copy of
+// one of the two as a control (the copies 0.99-1.0x apart): 1.04x at batch 1 (41 of 50 faster),
+// 1.015-1.03x at batch 8; in separate processes batch 1 1.05-1.06x (three pairs).
 #include "cpu/conv_gemm.h"
 
 #include <ATen/Parallel.h>
