@@ -127,6 +127,11 @@ class _Run:
                         others += 1
                         if n >= left:  # ties: the later chain (lower resolution)
                             best, left = c, n
+                if best is not None and not grow and others == 1 and self.in_use == 0:
+                    # the last chain with steps left, and nothing running: the caller's worker takes it
+                    # with every thread (it is waiting, or about to ask); a pool worker would run it
+                    # on its share alone, which it could otherwise win by racing the caller to it
+                    return None
                 if best is not None:
                     team = share if others > 1 or not grow else max(share, self.threads - self.in_use)
                     self.busy[best] = True
