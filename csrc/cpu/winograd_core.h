@@ -90,22 +90,33 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
   if constexpr (kAccumulate)  // C += A B
     for (int r = 0; r < kMr; ++r)
       for (int v = 0; v < NV; ++v) std::memcpy(&acc[r][v], c + r * ldc + v * L, sizeof(V));
-  const int64_t every = pf_n > 0 ? std::max<int64_t>(1, k / pf_n) : k + 1;
-  int64_t countdown = 0, issued = 0;
-  for (int64_t p = 0; p < k; ++p) {
-    if (pf_n > 0 && countdown-- == 0) {
-      countdown = every - 1;
+  // The FMAs of k steps [p0, p1): nothing else in the loop, so its row pointers and counters stay in
+  // registers (with the prefetch bookkeeping in the same loop, GCC kept A's row pointers in vector
+  // registers and moved them back every step: 4 more instructions per 12 FMAs). Here, where a 512-bit
+  // FMA takes both 256-bit units, the spare issue slots hid them (the whole W32 the same, old and new
+  // builds in alternating processes); on cores with two 512-bit FMA units they compete with the FMAs.
+  auto steps = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      V w[NV];
+      for (int v = 0; v < NV; ++v) std::memcpy(&w[v], b[v] + p * ldb, sizeof(V));  // unaligned loads
+#pragma GCC unroll 6
+      for (int r = 0; r < kMr; ++r) {
+        const float ar = a[r * lda + p];
+        for (int v = 0; v < NV; ++v) acc[r][v] += ar * w[v];
+      }
+    }
+  };
+  if (pf_n <= 0) {
+    steps(0, k);
+  } else {  // one row of lines every `every` steps
+    const int64_t every = std::max<int64_t>(1, k / pf_n);
+    int64_t issued = 0;
+    for (int64_t p0 = 0; p0 < k; p0 += every) {
       if (issued < pf_n) {
         for (int l = 0; l < pf_lines; ++l) __builtin_prefetch(pf + issued * pf_stride + l * 64, 0, 2);
         ++issued;
       }
-    }
-    V w[NV];
-    for (int v = 0; v < NV; ++v) std::memcpy(&w[v], b[v] + p * ldb, sizeof(V));  // unaligned loads
-#pragma GCC unroll 6
-    for (int r = 0; r < kMr; ++r) {
-      const float ar = a[r * lda + p];
-      for (int v = 0; v < NV; ++v) acc[r][v] += ar * w[v];
+      steps(p0, std::min(k, p0 + every));
     }
   }
 #pragma GCC unroll 6
