@@ -23,6 +23,14 @@
 #include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
+namespace {
+
+// Whether conv_gemm reads `weight` in place (stored HWIO, C_out a multiple of 16), not a copy.
+bool weight_in_place(const at::Tensor& weight) {
+  return weight.size(0) % kNr == 0 && weight.permute({2, 3, 1, 0}).is_contiguous();
+}
+
+}  // namespace
 
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
@@ -32,10 +40,6 @@ bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntAr
          weight.size(1) >= kConvGemmMinCin && weight.size(1) * weight.size(2) * weight.size(3) <= kConvGemmMaxK &&
          x.is_contiguous(cl) &&
          (!residual || residual->is_contiguous(cl)) && active_cpu_isa() != CpuIsa::base;
-}
-
-bool conv_gemm_weight_in_place(const at::Tensor& weight) {
-  return weight.size(0) % kNr == 0 && weight.permute({2, 3, 1, 0}).is_contiguous();
 }
 
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,
@@ -52,7 +56,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
   const float* w = weight.data_ptr<float>();
   int64_t ldw = g.cout;
   at::Tensor packed;
-  if (!conv_gemm_weight_in_place(weight)) {
+  if (!weight_in_place(weight)) {
     packed = at::empty({k * coutp}, x.options());
     float* p = packed.data_ptr<float>();
     const int64_t so = weight.stride(0), si = weight.stride(1), sy = weight.stride(2), sx = weight.stride(3);

@@ -8,14 +8,10 @@
 namespace hrnet_fast {
 
 // Whether conv_gemm runs this call: a dense float32 weight of kConvGemmMinCin to kConvGemmMaxK / (kh kw)
-// input channels,
-// the same stride and padding both ways, x (and the residual) channels_last, and a vector variant of
-// the CPU kernels in use.
+// input channels, the same stride and padding both ways, x (and the residual) channels_last, and a
+// vector variant of the CPU kernels in use.
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual);
-
-// Whether conv_gemm reads `weight` in place (stored HWIO, C_out a multiple of 16), not a copy.
-bool conv_gemm_weight_in_place(const at::Tensor& weight);
 
 // act(conv2d(x, weight, stride, padding) + bias + residual), channels_last out (bias: C_out floats or null).
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,

@@ -72,12 +72,6 @@ inline void conv_gemm_gather(const ConvGemmTask& t, int64_t r, int rows, float* 
   }
 }
 
-// The 64-byte lines of [begin, end) into L2.
-inline void prefetch_lines(const float* begin, const float* end) {
-  const char* p = reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(begin) & ~std::uintptr_t(63));
-  for (; p < reinterpret_cast<const char*>(end); p += 64) __builtin_prefetch(p, 0, 2);
-}
-
 // How many groups of kMr rows ahead conv_gemm_rows prefetches the residual and output lines.
 constexpr int64_t kPrefetchGroups = 2;
 
@@ -121,16 +115,11 @@ void conv_gemm_rows(const ConvGemmTask& t) {
     }
     const int64_t ahead = r + kPrefetchGroups * kMr;
     if (ahead < t.r1) {
-      const int64_t lines = (std::min<int64_t>(kMr, t.r1 - ahead) * g.cout * 4 + 63) / 64;
-      const char* pf_y = reinterpret_cast<const char*>(t.y + ahead * g.cout);
-      const char* pf_res = t.residual ? reinterpret_cast<const char*>(t.residual + ahead * g.cout) : nullptr;
-      for (int64_t l = 0; l < lines; ++l) {
-        if (pf_res) __builtin_prefetch(pf_res + l * 64, 0, 2);
-        __builtin_prefetch(pf_y + l * 64, 1, 2);
-      }
+      const int64_t last = std::min(t.r1, ahead + kMr) - 1;
+      if (t.residual) prefetch_lines(t.residual + ahead * g.cout, t.residual + (last + 1) * g.cout);
+      prefetch_lines(t.y + ahead * g.cout, t.y + (last + 1) * g.cout, true);
       // and x's pixels there: the rows the GEMM reads in place 6 streams at a time, or the windows
       // the gather copies (W32's 256 -> 64 1x1 conv at batch 8: 0.76-0.82x oneDNN's time without, 1.08x with)
-      const int64_t last = std::min(t.r1, ahead + kMr) - 1;
       if (in_place) {
         prefetch_lines(t.x + ahead * g.cin, t.x + (last + 1) * g.cin);
       } else {

@@ -325,8 +325,16 @@ void weight_transform(const float* w, int64_t cin, int64_t cout, int64_t ci0, in
   filter_panels<M>(w, cin, cout, 0, (cout + kNr - 1) / kNr, ci0, ci1, u, us);
 }
 
-// The 64-byte lines of [begin, end), prefetched into L2 (prefetcht1, or prefetchw where the lines
-// will be written) a share at a time: `steps` calls of step() cover the range.
+// The 64-byte lines of [begin, end) into L2 at once (prefetcht1, or prefetchw where they will be written).
+inline void prefetch_lines(const float* begin, const float* end, bool write = false) {
+  const char* p = reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(begin) & ~std::uintptr_t(63));
+  if (write)
+    for (; p < reinterpret_cast<const char*>(end); p += 64) __builtin_prefetch(p, 1, 2);
+  else
+    for (; p < reinterpret_cast<const char*>(end); p += 64) __builtin_prefetch(p, 0, 2);
+}
+
+// The same, a share at a time: `steps` calls of step() cover the range.
 struct RangePrefetch {
   const char* p = nullptr;
   int64_t lines = 0, per = 0, done = 0;
