@@ -28,6 +28,7 @@ SHAPES = [
     (1, 3, 20, 4, 9),
     (2, 128, 128, 6, 5),
     (1, 256, 144, 3, 4),
+    (1, 40, 48, 6, 5),  # few tiles for the weight: dense panels transformed 32 input channels at a time
 ]
 
 

@@ -57,25 +57,34 @@ def test_default_is_the_best_variant_the_cpu_runs():
 
 @pytest.mark.parametrize("isa", VARIANTS)
 @pytest.mark.parametrize("m", [2, 4])
-def test_each_variant_matches_direct_convolution(isa, m, restore_isa):
+# odd channel counts: the vector tails; 2 images of 13x11: border tiles. 40 -> 48 channels on 6x5: few
+# tiles for the weight, so each thread transforms its own panels of the dense weight, 32 input
+# channels at a time (a slice of 8 last)
+@pytest.mark.parametrize("n,cin,cout,h,w", [(2, 19, 21, 13, 11), (1, 40, 48, 6, 5)])
+def test_each_variant_matches_direct_convolution(isa, m, n, cin, cout, h, w, restore_isa):
     if not _runs_here(isa):
         with pytest.raises(RuntimeError, match=f"cpu_isa\\(use\\)={isa} cannot run: this CPU does not report {isa}"):
             torch.ops.hrnet_fast.cpu_isa(isa)
         return
     assert torch.ops.hrnet_fast.cpu_isa(isa) == isa
     g = torch.Generator().manual_seed(3)
-    # odd channel counts: the vector tails; 2 images of 13x11: border tiles
-    x = torch.randn(2, 19, 13, 11, generator=g).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(21, 19, 3, 3, generator=g) / 13
-    b = torch.randn(21, generator=g)
-    r = torch.randn(2, 21, 13, 11, generator=g)
-    u = transform_weight(w, m)
-    torch.testing.assert_close(u.double(), transform_weight_reference(w.double(), m), rtol=0, atol=1e-6 * u.abs().max().item())
-    out = conv3x3_winograd(x, u, 21, b, r, relu=True)
-    want = (F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double()).relu()
+    x = torch.randn(n, cin, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin**0.5)
+    b = torch.randn(cout, generator=g)
+    r = torch.randn(n, cout, h, w, generator=g)
+    u = transform_weight(weight, m)
+    torch.testing.assert_close(u.double(), transform_weight_reference(weight.double(), m), rtol=0, atol=1e-6 * u.abs().max().item())
+    out = conv3x3_winograd(x, u, cout, b, r, relu=True)
+    want = (F.conv2d(x.double(), weight.double(), b.double(), padding=1) + r.double()).relu()
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5 * want.abs().max().item())
-    # the dense weight, transformed by the kernel per call: the same bits
-    assert torch.equal(conv3x3_winograd(x, w, 21, b, r, relu=True, tile=m), out)
+    # the dense weight, transformed by the kernel per call: the same bits, on 1 thread and on 2
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(conv3x3_winograd(x, weight, cout, b, r, relu=True, tile=m), out)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_unknown_variant_is_refused(restore_isa):

@@ -58,6 +58,19 @@ constexpr int64_t kDenseBlockBytes = 8 * 1024 * 1024;
 // batch 1: the 32- and 64-channel convs together 4-5% faster (with the channel split below), per-call
 // times summed over 30 forwards, four pairs of processes; batch 8 1% faster.
 constexpr int64_t kOwnUBytes = 640 * 1024;
+// A dense weight transformed panel by panel (per_panel below) is transformed and used kSliceChannels
+// input channels at a time where the Mt rows of the panels (which every slice's GEMMs read and add
+// to) take at most kSliceMtBytes: a block of a dozen tiles, the small branches at batch 1. A whole
+// panel's U (256 KB for 256 channels at F(2x2), 2.3x that at F(4x4)) shares L2 with V, Mt and the
+// next panel's dense weight on its way in, and part of it was read back from L3; a slice's is read
+// back while in L1 or L2. W32 at batch 1, weights cold, 2 threads, slicing switched call by call in
+// one process (the results are the same bits): the 256-channel 8x6 conv 1.21-1.29x faster, the
+// 128-channel 16x12 one 1.04-1.09x (16-48 channels a slice measured alike); the whole W32 at batch 1
+// 1.12x (40 of 40 forwards, an A/A control copy 0.99x apart), W48 1.15x. With more tiles (the
+// 64-channel 32x24 conv at batch 1, every batch-8 conv) slicing measured 0.8-1.0x: each slice then
+// reads and writes Mt rows that no longer fit.
+constexpr int64_t kSliceChannels = 32;
+constexpr int64_t kSliceMtBytes = 64 * 1024;
 constexpr int64_t kOwnUTiles = 96;
 
 // u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
@@ -108,6 +121,13 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // transforming all of it (at least kOwnUTiles), each thread transforms the whole U into its own
   // scratch as its tasks begin; else it is transformed once, up front, into shared scratch.
   const bool per_panel = !u && blocks == 1;
+  // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
+  // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
+  // else the whole panel at once.
+  const int64_t ntp_all = (g.tiles + kMr - 1) / kMr * kMr;
+  const bool sliced =
+      per_panel && K * K * ntp_all * kernels.gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
+  const int64_t slice = sliced ? std::min(kSliceChannels, g.cin) : g.cin;
   const bool own_u = !u && !per_panel && threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
   at::Tensor u_scratch;
   int64_t u_stride = g.coutp * g.cin;  // a packed transformed weight's
@@ -122,7 +142,7 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // Each thread's V and Mt (and U panel), from torch's allocator so memory profiles see them
   // (at::empty is 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
   const int64_t vbuf_floats = K * K * plane_stride(tb * g.cinp), mbuf_floats = K * K * plane_stride(tb * g.coutp);
-  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(kernels.gemm_panels * g.cin * kNr)
+  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(kernels.gemm_panels * slice * kNr)
                               : own_u   ? K * K * u_stride
                                         : 0;
   const int64_t per_thread = vbuf_floats + mbuf_floats + ubuf_floats;  // each a multiple of 16 floats
@@ -143,7 +163,8 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
       const int64_t part = task / blocks, blk = task % blocks;
       const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
       const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
-      run_task(WinogradTask{x, task_u, u_stride, w, per_panel ? ubuf : nullptr, bias, residual, relu, &g, y, vbuf, mbuf, t0, nt, ntp, j0, j1});
+      run_task(WinogradTask{x, task_u, u_stride, w, per_panel ? ubuf : nullptr, bias, residual, relu, &g, y, vbuf,
+                            mbuf, t0, nt, ntp, j0, j1, slice});
     }
   });
 }

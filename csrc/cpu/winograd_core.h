@@ -282,16 +282,17 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
 constexpr int64_t kFarPrefetch = 32;
 
 // U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of an IHWO weight
-// w [cin][3][3][cout] (channels past cout zero), into u: the 16 floats of (p, j, ci) at
-// u + p * us + ((j - j0) * cin + ci) * 16. Each (channel, panel) is 9 loads of one 64-byte line (a
+// w [..][3][3][cout] (channels past cout zero), into u: the 16 floats of (p, j, ci) at
+// u + p * us + ((j - j0) * rows + ci - row0) * 16 (rows: u's channels a panel, from channel row0;
+// C_in and 0 for a whole U). Each (channel, panel) is 9 loads of one 64-byte line (a
 // panel's lines are one stream at a stride of cout floats) and the transform kFilterLanes wide. A
 // whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
 // because U's rows of positions may be a multiple of 4 KiB apart and a line written in halves would
 // be evicted between them by the other positions' lines. `far`: prefetch distance into L2, in
 // channels (0: none; kFarPrefetch where the weight comes from memory once per call).
 template <int M>
-void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_t j1, int64_t ci0, int64_t ci1,
-                   float* u, int64_t us, int64_t far = 0) {
+void filter_panels(const float* w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0, int64_t ci1,
+                   float* u, int64_t us, int64_t far = 0, int64_t row0 = 0) {
   constexpr int K = Winograd<M>::kTile, kParts = kNr / kFilterLanes;
   vfl g[9], tile[kParts == 1 ? 1 : K * K * kParts];
   for (int64_t j = j0; j < j1; ++j) {
@@ -301,7 +302,7 @@ void filter_panels(const float* w, int64_t cin, int64_t cout, int64_t j0, int64_
         for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (18 + k) * cout);
       if (far && ci + far < ci1)  // and `far` channels ahead into L2 (prefetcht1)
         for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (9 * far + k) * cout, 0, 2);
-      vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * cin + ci) * kNr);
+      vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * rows + ci - row0) * kNr);
       for (int part = 0; part < kParts; ++part) {
         const int o = part * kFilterLanes;
         const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kFilterLanes, cout - j * kNr - o)));
@@ -379,7 +380,8 @@ void winograd_task(const WinogradTask& k) {
     const int64_t begin = (img(first) * g.h + row(first)) * g.w * g.cout;
     const int64_t end = (img(last) * g.h + std::min<int64_t>(g.h, row(last) + M)) * g.w * g.cout;
     const int64_t passes = (k.j1 - k.j0 + kGemmPanels - 1) / kGemmPanels;  // the fewest gemms() passes
-    const int64_t steps = passes * K * K * (k.ntp / kMr);
+    const int64_t slices = k.u ? 1 : (g.cin + k.slice - 1) / k.slice;       // a pass a slice
+    const int64_t steps = passes * slices * K * K * (k.ntp / kMr);
     if (k.j0 == 0 && k.j1 * kNr >= g.cout) {
       if (k.residual) streams[0].plan(k.residual + begin, k.residual + end, steps);
       streams[1].plan(k.y + begin, k.y + end, steps, true);
@@ -390,11 +392,21 @@ void winograd_task(const WinogradTask& k) {
       streams[2].plan(k.x + (img(nf) * g.h + r0) * g.w * g.cin, k.x + (img(nl) * g.h + r1) * g.w * g.cin, steps);
     }
   }
-  // all K*K positions of panel j (and, pair true, of panel j + 1, cin * kNr floats after it)
+  // micro_6xn on V's rows and Mt's, C = A B or (accumulate) C += A B
+  auto micro = [&]<int NV>(bool accumulate, const float* a, const float* const (&b)[NV], float* c, int64_t kn,
+                           const char* pf, int64_t pfs, int64_t n, int pf_lines) {
+    if (accumulate)
+      micro_6xn<vgemm, NV, true>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines);
+    else
+      micro_6xn<vgemm, NV>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines);
+  };
+  // all K*K positions of panel j (and, pair true, of panel j + 1, rows * kNr floats after it)
   // pf: the dense weight lines of the panels transformed next (rows of pf_lines lines at a stride of
   // cout floats, pf_rows of them), prefetched into L2 a few at a time during these GEMMs
-  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, bool pair, const float* pf = nullptr,
-                   int64_t pf_rows = 0, int pf_lines = 1) {
+  // k0, kn: the input channels [k0, k0 + kn) of a slice of U (rows a panel in panel0), added to C
+  // where k0 > 0
+  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, bool pair, int64_t k0, int64_t kn,
+                   int64_t rows, const float* pf = nullptr, int64_t pf_rows = 0, int pf_lines = 1) {
     const int64_t calls = K * K * (k.ntp / kMr), per = (pf_rows + calls - 1) / calls;
     const int64_t pfs = g.cout * int64_t(sizeof(float));  // bytes between the rows
     int64_t call = 0;
@@ -403,42 +415,55 @@ void winograd_task(const WinogradTask& k) {
       float* mp = k.mbuf + p * plane_stride(k.ntp * g.coutp);
       const float* panel = panel0 + p * panel_stride;
       for (int64_t i = 0; i < k.ntp; i += kMr) {
-        const float* a = vp + i * g.cinp;
+        const float* a = vp + i * g.cinp + k0;
         float* c = mp + i * g.coutp + j * kNr;
         // this call's share of the rows
         const int64_t r0 = std::min(pf_rows, call++ * per), n = std::min(pf_rows, r0 + per) - r0;
         const char* pfc = pf ? reinterpret_cast<const char*>(pf + r0 * g.cout) : nullptr;
         for (RangePrefetch& s : streams) s.step();
         if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
-          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + 8}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel, panel + 8}, c, kn, pfc, pfs, n, pf_lines);
         else if (pair)
-          micro_6xn<vgemm, 2>(a, g.cinp, {panel, panel + g.cin * kNr}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel, panel + rows * kNr}, c, kn, pfc, pfs, n, pf_lines);
         else
-          micro_6xn<vgemm, 1>(a, g.cinp, {panel}, c, g.coutp, g.cin, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel}, c, kn, pfc, pfs, n, pf_lines);
       }
     }
   };
   // Two panels at a time where the GEMM is 16 lanes wide (kGemmPanels; the last may be alone). A dense
   // weight's panels, transformed here, pair only while both fit half of a 1 MiB L2 beside V and Mt:
-  // W32's 128- and 256-channel F(4x4) panels take 295 and 590 KB each. (On the whole W32 here, pairing
-  // them anyway or never measured the same within the noise of one run each.)
-  const bool pairs = kGemmPanels == 2 && (k.u || 2 * K * K * g.cin * kNr * int64_t(sizeof(float)) <= 512 * 1024);
+  // W32's 128- and 256-channel F(4x4) panels take 295 and 590 KB each; a slice of them always does.
+  // (On the whole W32 here, pairing whole panels anyway or never measured the same within the noise
+  // of one run each.)
+  const bool pairs =
+      kGemmPanels == 2 && (k.u || 2 * K * K * k.slice * kNr * int64_t(sizeof(float)) <= 512 * 1024);
   for (int64_t j = k.j0; j < k.j1; j += 1) {
     const bool pair = pairs && j + 1 < k.j1;
     if (k.u) {
-      gemms(j, k.u + j * g.cin * kNr, k.u_stride, pair);
-    } else {  // dense weight: transform these panels into the thread's buffer (L2), use them, move on
-      const int64_t stride = plane_stride(kGemmPanels * g.cin * kNr);  // as the driver sized ubuf
-      filter_panels<M>(k.w, g.cin, g.cout, j, j + 1 + pair, 0, g.cin, k.ubuf, stride, kFarPrefetch);
-      // The next panels' dense weight streams into L2 during these GEMMs, not after them in the
-      // transform: W32's 256-channel 8x6 conv at batch 1 (F(2x2), weights cold, 2 threads) took 262
-      // instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1 1.02-1.03x (paired,
-      // 100 rounds); the 128-channel 16x12 one and batch 8, where the GEMMs outweigh the weight, the same.
-      const int64_t next = j + 1 + pair;
-      if (next < k.j1)
-        gemms(j, k.ubuf, stride, pair, k.w + next * kNr, 9 * g.cin, pairs && next + 1 < k.j1 ? 2 : 1);
+      gemms(j, k.u + j * g.cin * kNr, k.u_stride, pair, 0, g.cin, g.cin);
+      j += pair;
+      continue;
+    }
+    // Dense weight: transform these panels into the thread's buffer (L2), a slice of k.slice input
+    // channels at a time (the driver's choice), and use each slice at once, its GEMMs adding to Mt.
+    // The dense weight of the next slice (or panels) streams into L2 during the current slice's GEMMs,
+    // not after them in the transform: W32's 256-channel 8x6 conv at batch 1 (F(2x2), weights cold,
+    // 2 threads) took 262 instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1
+    // 1.02-1.03x (paired, 100 rounds); the 128-channel 16x12 one and batch 8, where the GEMMs outweigh
+    // the weight, the same.
+    const int64_t stride = plane_stride(kGemmPanels * k.slice * kNr);  // as the driver sized ubuf
+    const int64_t next = j + 1 + pair;
+    for (int64_t ci0 = 0; ci0 < g.cin; ci0 += k.slice) {
+      const int64_t ci1 = std::min(g.cin, ci0 + k.slice), kn = ci1 - ci0;
+      filter_panels<M>(k.w, k.slice, g.cout, j, next, ci0, ci1, k.ubuf, stride, kFarPrefetch, ci0);
+      if (ci1 < g.cin)  // this panel's next slice: rows ci1 * 9 on, at this panel's columns
+        gemms(j, k.ubuf, stride, pair, ci0, kn, k.slice, k.w + ci1 * 9 * g.cout + j * kNr,
+              9 * std::min(k.slice, g.cin - ci1), pair ? 2 : 1);
+      else if (next < k.j1)  // the next panels' first slice
+        gemms(j, k.ubuf, stride, pair, ci0, kn, k.slice, k.w + next * kNr, 9 * std::min(k.slice, g.cin),
+              pairs && next + 1 < k.j1 ? 2 : 1);
       else
-        gemms(j, k.ubuf, stride, pair);
+        gemms(j, k.ubuf, stride, pair, ci0, kn, k.slice);
     }
     j += pair;
   }

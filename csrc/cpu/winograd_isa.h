@@ -35,6 +35,7 @@ struct WinogradTask {
   float* vbuf;
   float* mbuf;
   int64_t t0, nt, ntp, j0, j1;
+  int64_t slice;  // a dense weight's input channels transformed at a time (per ubuf), C_in for all at once
 };
 
 using WinogradTaskFn = void (*)(const WinogradTask&);
