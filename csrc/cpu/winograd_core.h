@@ -430,13 +430,13 @@ void winograd_task(const WinogradTask& k) {
       }
     }
   };
-  // Two panels at a time where the GEMM is 16 lanes wide (kGemmPanels; the last may be alone). A dense
-  // weight's panels, transformed here, pair only while both fit half of a 1 MiB L2 beside V and Mt:
-  // W32's 128- and 256-channel F(4x4) panels take 295 and 590 KB each; a slice of them always does.
-  // (On the whole W32 here, pairing whole panels anyway or never measured the same within the noise
-  // of one run each.)
-  const bool pairs =
-      kGemmPanels == 2 && (k.u || 2 * K * K * k.slice * kNr * int64_t(sizeof(float)) <= 512 * 1024);
+  // Two panels at a time where the GEMM is 16 lanes wide (kGemmPanels; the last may be alone), a dense
+  // weight's too, though two whole F(4x4) panels of W32's 128 channels (590 KB) then share L2 with
+  // V and Mt: on an Intel Xeon (2 MB L2) that 16x12 conv at batch 8 took 1.14x as long unpaired
+  // (in turns in one process) and the whole W32 at batch 8 1.02-1.03x (15 and 14 of 16 forwards,
+  // an A/A control copy 1.01-1.015x apart), batch 1 the same; on the AMD EPYC (1 MB L2) pairing them
+  // or not measured the same within the noise of one whole-model run each.
+  const bool pairs = kGemmPanels == 2;
   for (int64_t j = k.j0; j < k.j1; j += 1) {
     const bool pair = pairs && j + 1 < k.j1;
     if (k.u) {
