@@ -63,14 +63,14 @@ constexpr int64_t kOwnUBytes = 640 * 1024;
 // to) take at most kSliceMtBytes: a block of a dozen tiles, the small branches at batch 1. A whole
 // panel's U (256 KB for 256 channels at F(2x2), 2.3x that at F(4x4)) shares L2 with V, Mt and the
 // next panel's dense weight on its way in, and part of it was read back from L3; a slice's is read
-// back while in L1 or L2. W32 at batch 1, weights cold, 2 threads of an Intel Xeon (AVX-512, 2 MB L2),
-// slicing switched call by call in one process (the results are the same bits): the 256-channel 8x6 conv 1.21-1.29x faster, the
-// 128-channel 16x12 one 1.04-1.09x (16-48 channels a slice measured alike); the whole W32 at batch 1
-// 1.12x (40 of 40 forwards, an A/A control copy 0.99x apart), W48 1.15x, where unsliced also meant
-// those panels unpaired (winograd_core.h); with them paired either way, W32 1.06-1.08x (28 and 29 of
-// 30). The AVX2 variant (one panel a call, half the U) measured the same either way (0.99x, 12 of 30).
-// With more tiles (the 64-channel 32x24 conv at batch 1, every batch-8 conv) slicing measured
-// 0.8-1.0x: each slice then reads and writes Mt rows that no longer fit.
+// back while in L1 or L2. W32 at batch 1, weights cold, 2 threads of an Intel Xeon (AVX-512, 2 MB
+// L2), slicing switched call by call in one process (the results are the same bits): the 256-channel
+// 8x6 conv 1.21-1.29x faster, the 128-channel 16x12 one 1.04-1.09x (16-48 channels a slice measured
+// alike); the whole W32 at batch 1 1.12x (40 of 40 forwards, an A/A control copy 0.99x apart), W48
+// 1.15x, where unsliced also meant those panels unpaired (winograd_core.h); with them paired either
+// way, W32 1.06-1.08x (28 and 29 of 30). The AVX2 variant (one panel a call, half the U) measured the
+// same either way (0.99x, 12 of 30). With more tiles (the 64-channel 32x24 conv at batch 1, every
+// batch-8 conv) slicing measured 0.8-1.0x: each slice then reads and writes Mt rows that no longer fit.
 constexpr int64_t kSliceChannels = 32;
 constexpr int64_t kSliceMtBytes = 64 * 1024;
 constexpr int64_t kOwnUTiles = 96;

@@ -81,7 +81,7 @@ constexpr int64_t kKc = 256;
 
 // C[0:kMr][panels j0..] (+)= A[:, kc:kc+kk] W[kc:kc+kk, :] for every panel (pair), C rows ldc apart.
 // At 16 lanes, four panels a call while four remain: a 6x64 block, each broadcast of A feeding 4 FMAs
-// instead of 2. On an Intel Xeon (two 512-bit FMA units) W32's 1x1 convs 1.0-1.25x faster alone, the
+// instead of 2. On an Intel Xeon (two 512-bit FMA units) W32's 1x1 convs 1.02-1.28x faster alone, the
 // whole W32 1.01x at batch 1 and 8 (20 of 30 and 12 of 16 forwards, switched in one process, an A/A
 // control copy 1.002-1.005x apart).
 template <bool kAccumulate>

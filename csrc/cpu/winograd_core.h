@@ -452,7 +452,7 @@ void winograd_task(const WinogradTask& k) {
     // channels at a time (the driver's choice), and use each slice at once, its GEMMs adding to Mt.
     // The dense weight of the next slice (or panels) streams into L2 during the current slice's GEMMs,
     // not after them in the transform: W32's 256-channel 8x6 conv at batch 1 (F(2x2), weights cold,
-    // 2 threads) took 262 instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1
+    // 2 threads of the AMD EPYC) took 262 instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1
     // 1.02-1.03x (paired, 100 rounds); the 128-channel 16x12 one and batch 8, where the GEMMs outweigh
     // the weight, the same.
     const int64_t stride = plane_stride(kGemmPanels * k.slice * kNr);  // as the driver sized ubuf
