@@ -34,3 +34,22 @@ def test_parts_in_order_and_adding_up_to_the_forward(optimized):
     assert all(v > 0 for v in parts.values())
     # from the model's own pre-hook to its forward hook: all but the call's way in and out
     assert 0.5 * wall_ms < sum(parts.values()) <= wall_ms
+
+
+@pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
+def test_main_puts_the_cpu_variant_back_and_records_it(tmp_path):
+    """main switches the Winograd variant per configuration; afterwards the CPU's own variant is active
+    again and is what the JSON's machine info names, while each row names the variant it timed."""
+    import json
+
+    from hrnet_fast.bench import cpu_parts
+
+    before = torch.ops.hrnet_fast.cpu_isa()
+    other = "avx2" if before == "avx512" else "base"  # a variant every CPU that runs `before` runs too
+    rc = cpu_parts.main(["--threads", "1", "--batch", "1", "--rounds", "1", "--runs", "1", "--isa", other,
+                         "--out", str(tmp_path)])
+    assert rc == 0
+    assert torch.ops.hrnet_fast.cpu_isa() == before
+    data = json.loads((tmp_path / "cpu_parts.json").read_text())
+    assert data["device"]["hrnet_fast_cpu_isa"] == before
+    assert [r["isa"] for r in data["rows"]] == [other]

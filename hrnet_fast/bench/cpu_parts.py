@@ -92,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
     threads = [t for t in args.threads if t <= cores]
+    # the variant in use before the timing switches between them, put back after it so that the JSON's
+    # machine info and anything run later in the process see the CPU's own choice
+    default_isa = torch.ops.hrnet_fast.cpu_isa()
+    try:
+        return _run(args, threads, cores, default_isa)
+    finally:
+        torch.ops.hrnet_fast.cpu_isa(default_isa)
+
+
+def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: str) -> int:
+    """main's work once the arguments are read: time, print, write; the variant switched per config."""
     isas = []
     for isa in args.isa:
         try:
@@ -123,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     if r or k >= 2:  # the first round's first two forwards warm up
                         samples[(t, isa, b)].append(clock.parts_ms())
             print(f"round {r + 1}/{args.rounds} done", flush=True)
+    torch.ops.hrnet_fast.cpu_isa(default_isa)  # the op table below, and the JSON, at the CPU's own variant
     rows = []
     for (t, isa, b), runs in samples.items():
         med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
