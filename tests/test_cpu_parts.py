@@ -38,18 +38,20 @@ def test_parts_in_order_and_adding_up_to_the_forward(optimized):
 
 @pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
 def test_main_puts_the_cpu_variant_back_and_records_it(tmp_path):
-    """main switches the Winograd variant per configuration; afterwards the CPU's own variant is active
-    again and is what the JSON's machine info names, while each row names the variant it timed."""
+    """main switches the Winograd variant (and thread count) per configuration; afterwards the CPU's own
+    variant and the caller's thread count are back, the JSON's machine info names that variant, and each
+    row names the variant it timed."""
     import json
 
     from hrnet_fast.bench import cpu_parts
 
-    before = torch.ops.hrnet_fast.cpu_isa()
+    before, threads = torch.ops.hrnet_fast.cpu_isa(), torch.get_num_threads()
     other = "avx2" if before == "avx512" else "base"  # a variant every CPU that runs `before` runs too
     rc = cpu_parts.main(["--threads", "1", "--batch", "1", "--rounds", "1", "--runs", "1", "--isa", other,
                          "--out", str(tmp_path)])
     assert rc == 0
     assert torch.ops.hrnet_fast.cpu_isa() == before
+    assert torch.get_num_threads() == threads  # the thread count it timed at (1) is not left behind
     data = json.loads((tmp_path / "cpu_parts.json").read_text())
     assert data["device"]["hrnet_fast_cpu_isa"] == before
     assert [r["isa"] for r in data["rows"]] == [other]

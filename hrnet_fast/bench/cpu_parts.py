@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
     threads = [t for t in args.threads if t <= cores]
-    # the variant in use before the timing switches between them, put back after it so that the JSON's
-    # machine info and anything run later in the process see the CPU's own choice
-    default_isa = torch.ops.hrnet_fast.cpu_isa()
+    # the variant and thread count in use before the timing switches between them, put back after it so
+    # that the JSON's machine info and anything run later in the process see the CPU's own choice
+    default_isa, default_threads = torch.ops.hrnet_fast.cpu_isa(), torch.get_num_threads()
     try:
         return _run(args, threads, cores, default_isa)
     finally:
         torch.ops.hrnet_fast.cpu_isa(default_isa)
+        torch.set_num_threads(default_threads)
 
 
 def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: str) -> int:
