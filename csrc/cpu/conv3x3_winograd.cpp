@@ -126,9 +126,8 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
   // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
   // else the whole panel at once.
-  const int64_t ntp_all = (g.tiles + kMr - 1) / kMr * kMr;
-  const bool sliced =
-      per_panel && K * K * ntp_all * kernels.gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
+  // (tb: all the tiles, padded to kMr, where per_panel makes them one block)
+  const bool sliced = per_panel && K * K * tb * kernels.gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
   const int64_t slice = sliced ? std::min(kSliceChannels, g.cin) : g.cin;
   const bool own_u = !u && !per_panel && threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
   at::Tensor u_scratch;
