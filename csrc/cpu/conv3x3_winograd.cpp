@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/tensor_view.h"
 #include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
@@ -135,7 +136,7 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   if (own_u) u_stride = plane_stride(g.coutp * g.cin);
   if (!u && !per_panel && !own_u) {
     u_stride = plane_stride(g.coutp * g.cin);
-    u_scratch = at::empty({K * K * u_stride}, at::TensorOptions().dtype(at::kFloat));
+    u_scratch = empty_float({K * K * u_stride});
     winograd_transform_all(w, g.cin, g.cout, M, u_scratch.data_ptr<float>(), u_stride);
     u = u_scratch.data_ptr<float>();
   }
@@ -148,7 +149,7 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
                                         : 0;
   const int64_t per_thread = vbuf_floats + mbuf_floats + ubuf_floats;  // each a multiple of 16 floats
   const int64_t slots = std::min(threads, blocks * splits);
-  const at::Tensor scratch = at::empty({slots * per_thread}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor scratch = empty_float({slots * per_thread});
   float* const scratch_base = scratch.data_ptr<float>();
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
     float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
@@ -214,12 +215,16 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   // The kernel works in NHWC; an NCHW x (or residual) is converted, and y is returned in x's format.
   at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (cin % 8 == 0 && reinterpret_cast<std::uintptr_t>(xc.data_ptr()) % 32) xc = xc.clone(at::MemoryFormat::ChannelsLast);
-  // a dense weight as IHWO [3][3][C_in][C_out] (a view when stored that way)
-  const at::Tensor wc = dense ? weight.permute({1, 2, 3, 0}).contiguous() : weight.contiguous();
+  // a dense weight as IHWO [3][3][C_in][C_out]: itself where stored that way (as optimize() keeps it),
+  // checked by its strides (tensor_view.h: a permuted view made on every call cost 5.7 us of W32's
+  // ~150 us calls at batch 1, its caches cold)
+  const at::Tensor wc = !dense                                                ? weight.contiguous()
+                        : dense_in_order(weight, std::array<int, 4>{1, 2, 3, 0}) ? weight
+                                                                                 : weight.permute({1, 2, 3, 0}).contiguous();
   std::optional<at::Tensor> bc, rc;
   if (bias) bc = bias->contiguous();
   if (residual) rc = residual->contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor y = at::empty(out_sizes, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = empty_float(out_sizes, at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 
   const int m = dense ? static_cast<int>(tile) : weight.size(0) == 16 ? 2 : 4;

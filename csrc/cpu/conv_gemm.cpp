@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/tensor_view.h"
 #include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
@@ -27,7 +28,7 @@ namespace {
 
 // Whether conv_gemm reads `weight` in place (stored HWIO, C_out a multiple of 16), not a copy.
 bool weight_in_place(const at::Tensor& weight) {
-  return weight.size(0) % kNr == 0 && weight.permute({2, 3, 1, 0}).is_contiguous();
+  return weight.size(0) % kNr == 0 && dense_in_order(weight, std::array<int, 4>{2, 3, 1, 0});
 }
 
 }  // namespace
@@ -48,7 +49,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
                      stride, padding};
   g.ho = (g.h + 2 * padding - g.kh) / stride + 1;
   g.wo = (g.w + 2 * padding - g.kw) / stride + 1;
-  at::Tensor y = at::empty({g.n, g.cout, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = empty_float({g.n, g.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
   const int64_t k = g.kh * g.kw * g.cin, coutp = (g.cout + kNr - 1) / kNr * kNr;
   // The weight as rows [kh][kw][C_in] of C_out floats: read in place where it is stored so (HWIO, as
   // optimize() keeps it) and C_out is whole panels; else copied into that layout, the columns padded
@@ -57,7 +58,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
   int64_t ldw = g.cout;
   at::Tensor packed;
   if (!weight_in_place(weight)) {
-    packed = at::empty({k * coutp}, x.options());
+    packed = empty_float({k * coutp});
     float* p = packed.data_ptr<float>();
     const int64_t so = weight.stride(0), si = weight.stride(1), sy = weight.stride(2), sx = weight.stride(3);
     for (int64_t ky = 0; ky < g.kh; ++ky)
@@ -75,7 +76,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
   at::internal::lazy_init_num_threads();
   const int64_t a_floats = (kMr * k + 15) / 16 * 16, per_thread = a_floats + kMr * coutp;
   const int64_t slots = at::get_num_threads();
-  const at::Tensor scratch = at::empty({slots * per_thread}, x.options());
+  const at::Tensor scratch = empty_float({slots * per_thread});
   float* const scratch_base = scratch.data_ptr<float>();
   const ConvGemmTask task{&g, x.data_ptr<float>(), w, ldw, bias, residual ? residual->data_ptr<float>() : nullptr,
                           y.data_ptr<float>(), nullptr, nullptr, 0, 0, relu};
