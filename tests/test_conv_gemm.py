@@ -70,6 +70,9 @@ def _runs_onednn(fn) -> bool:
         (1, 256, 64, 3, 7, 1, 1, 0),  # 21 rows; stage 1's narrowing conv
         (3, 32, 17, 4, 3, 1, 1, 0),  # the pose head: 17 = a whole panel and one channel
         (1, 8, 40, 1, 1, 1, 1, 0),  # one row; 40 = two panels and a half; the fewest input channels
+        (1, 64, 256, 13, 11, 1, 1, 0),  # 143 rows: blocks of 96 rows, the last one short, its last group of 5
+        (2, 32, 80, 9, 7, 1, 1, 0),  # 126 rows; 5 panels: a slice of four and a single one
+        (1, 24, 40, 10, 10, 1, 1, 0),  # 100 rows; 40 = a pair of panels and a partial one
         (1, MAX_K, 24, 2, 3, 1, 1, 0),  # the widest K
         (2, 32, 64, 9, 7, 3, 2, 1),  # the fusions' downsampling, odd sizes: windows leave every side
         (1, 64, 48, 8, 6, 3, 2, 1),  # K = 576

@@ -73,6 +73,14 @@ typedef vf8 vgemm;
 constexpr int kGemmPanels = 1;
 #endif
 
+// The epilogue micro_6xn can apply as it stores C (kEpilogue): C = act(A B + bias + residual), bias
+// (null: none) per column and residual (null: none) rows ldc floats apart, like C's.
+struct MicroEpilogue {
+  const float* bias;
+  const float* residual;
+  bool relu;
+};
+
 // C[6][NV * L] = A[6][k] * B, L the lanes of V: A rows at stride lda; vector v of B's row p at
 // b[v] + p * ldb (ldb = kNr: a packed [k][16] panel is two 8-lane vectors b, b + 8, or one 16-lane
 // one, and two panels are two 16-lane ones; a direct conv's weight is read in place, ldb = C_out);
@@ -80,11 +88,12 @@ constexpr int kGemmPanels = 1;
 // (AVX2, 12 accumulators of 16 registers), 6x16 or 6x32 at 16 lanes. kAccumulate: C += A B (C's block
 // read first). pf_n > 0: also prefetch into L2 (prefetcht1) pf_n rows of pf_lines 64-byte lines,
 // pf_stride bytes apart from pf, spread evenly over the k loop, so that a stream from memory overlaps
-// the FMAs (the next panel's dense weight: winograd_task).
-template <typename V, int NV, bool kAccumulate = false>
+// the FMAs (the next panel's dense weight: winograd_task). kEpilogue: store act(C + bias + residual)
+// (MicroEpilogue) straight from the registers.
+template <typename V, int NV, bool kAccumulate = false, bool kEpilogue = false>
 inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* const (&b)[NV], float* __restrict__ c,
                       int64_t ldc, int64_t k, const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_n = 0,
-                      int pf_lines = 1, int64_t ldb = kNr) {
+                      int pf_lines = 1, int64_t ldb = kNr, const MicroEpilogue& epi = {}) {
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[kMr][NV] = {};
   if constexpr (kAccumulate)  // C += A B
@@ -122,6 +131,25 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
       }
       steps(p0, std::min(k, p0 + every));
     }
+  }
+  if constexpr (kEpilogue) {
+    V bv[NV] = {};
+    if (epi.bias)
+      for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], epi.bias + v * L, sizeof(V));
+#pragma GCC unroll 6
+    for (int r = 0; r < kMr; ++r)
+      for (int v = 0; v < NV; ++v) {
+        V val = acc[r][v];
+        if (epi.bias) val += bv[v];  // not + 0: -0 stays -0, as the unfused epilogue leaves it
+        if (epi.residual) {
+          V rv;
+          std::memcpy(&rv, epi.residual + r * ldc + v * L, sizeof(V));
+          val += rv;
+        }
+        if (epi.relu) val = val < 0.f ? V{} : val;  // torch.relu keeps NaN: v < 0 is false for NaN
+        std::memcpy(c + r * ldc + v * L, &val, sizeof(V));
+      }
+    return;
   }
 #pragma GCC unroll 6
   for (int r = 0; r < kMr; ++r)
