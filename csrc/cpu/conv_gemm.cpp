@@ -14,7 +14,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -24,14 +23,8 @@
 #include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
-namespace {
 
-// Whether conv_gemm reads `weight` in place (stored HWIO, C_out a multiple of 16), not a copy.
-bool weight_in_place(const at::Tensor& weight) {
-  return weight.size(0) % kNr == 0 && dense_in_order(weight, std::array<int, 4>{2, 3, 1, 0});
-}
-
-}  // namespace
+bool conv_gemm_available() { return active_cpu_isa() != CpuIsa::base; }
 
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
@@ -40,36 +33,39 @@ bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntAr
          stride[0] == stride[1] && padding[0] == padding[1] &&
          weight.size(1) >= kConvGemmMinCin && weight.size(1) * weight.size(2) * weight.size(3) <= kConvGemmMaxK &&
          x.is_contiguous(cl) &&
-         (!residual || residual->is_contiguous(cl)) && active_cpu_isa() != CpuIsa::base;
+         (!residual || residual->is_contiguous(cl)) && conv_gemm_available();
 }
 
-at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,
-                     const std::optional<at::Tensor>& residual, bool relu) {
-  ConvGemmGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, weight.size(0), weight.size(2), weight.size(3),
-                     stride, padding};
-  g.ho = (g.h + 2 * padding - g.kh) / stride + 1;
-  g.wo = (g.w + 2 * padding - g.kw) / stride + 1;
-  at::Tensor y = empty_float({g.n, g.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
-  const int64_t k = g.kh * g.kw * g.cin, coutp = (g.cout + kNr - 1) / kNr * kNr;
-  // The weight as rows [kh][kw][C_in] of C_out floats: read in place where it is stored so (HWIO, as
-  // optimize() keeps it) and C_out is whole panels; else copied into that layout, the columns padded
-  // to whole panels with zeros (K x C_out floats: a few microseconds for a 1x1 conv's).
-  const float* w = weight.data_ptr<float>();
-  int64_t ldw = g.cout;
-  at::Tensor packed;
-  if (!weight_in_place(weight)) {
-    packed = empty_float({k * coutp});
-    float* p = packed.data_ptr<float>();
-    const int64_t so = weight.stride(0), si = weight.stride(1), sy = weight.stride(2), sx = weight.stride(3);
-    for (int64_t ky = 0; ky < g.kh; ++ky)
-      for (int64_t kx = 0; kx < g.kw; ++kx)
-        for (int64_t i = 0; i < g.cin; ++i) {
-          float* row = p + ((ky * g.kw + kx) * g.cin + i) * coutp;
-          for (int64_t o = 0; o < coutp; ++o) row[o] = o < g.cout ? w[o * so + i * si + ky * sy + kx * sx] : 0.f;
-        }
-    w = p;
-    ldw = coutp;
+const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw) {
+  const bool conv = weight.dim() == 4;
+  const int64_t cout = weight.size(0), cin = weight.size(1), kh = conv ? weight.size(2) : 1, kw = conv ? weight.size(3) : 1;
+  const bool in_place = cout % kNr == 0 && (conv ? dense_in_order(weight, std::array<int, 4>{2, 3, 1, 0})
+                                                 : dense_in_order(weight, std::array<int, 2>{1, 0}));
+  if (in_place) {
+    ldw = cout;
+    return weight.data_ptr<float>();
   }
+  // copied into that layout, the columns padded to whole panels with zeros (K x C_out floats: a few
+  // microseconds for a 1x1 conv's)
+  const int64_t k = kh * kw * cin, coutp = (cout + kNr - 1) / kNr * kNr;
+  packed = empty_float({k * coutp});
+  float* p = packed.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const int64_t so = weight.stride(0), si = weight.stride(1), sy = conv ? weight.stride(2) : 0,
+                sx = conv ? weight.stride(3) : 0;
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx)
+      for (int64_t i = 0; i < cin; ++i) {
+        float* row = p + ((ky * kw + kx) * cin + i) * coutp;
+        for (int64_t o = 0; o < coutp; ++o) row[o] = o < cout ? w[o * so + i * si + ky * sy + kx * sx] : 0.f;
+      }
+  ldw = coutp;
+  return p;
+}
+
+void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, int64_t ldw, const float* bias,
+                   const float* residual, bool relu, float* y) {
+  const int64_t k = g.kh * g.kw * g.cin, coutp = (g.cout + kNr - 1) / kNr * kNr;
   const ConvGemmFn fn = winograd_kernels(active_cpu_isa()).conv_gemm;
   const int64_t rows = g.n * g.ho * g.wo, groups = (rows + kMr - 1) / kMr;
   // Each thread's kMr gathered windows and their outputs (64-byte aligned slices of one allocation).
@@ -78,8 +74,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
   const int64_t slots = at::get_num_threads();
   const at::Tensor scratch = empty_float({slots * per_thread});
   float* const scratch_base = scratch.data_ptr<float>();
-  const ConvGemmTask task{&g, x.data_ptr<float>(), w, ldw, bias, residual ? residual->data_ptr<float>() : nullptr,
-                          y.data_ptr<float>(), nullptr, nullptr, 0, 0, relu};
+  const ConvGemmTask task{&g, x, w, ldw, bias, residual, y, nullptr, nullptr, 0, 0, relu};
   // 2 x kMr x K x C_out FLOP a group: groups of at least ~256 KFLOP a task
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 2 * kMr * k * coutp));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
@@ -90,6 +85,20 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
     t.r1 = std::min(rows, end * kMr);
     fn(t);
   });
+}
+
+at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,
+                     const std::optional<at::Tensor>& residual, bool relu) {
+  ConvGemmGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, weight.size(0), weight.size(2), weight.size(3),
+                     stride, padding};
+  g.ho = (g.h + 2 * padding - g.kh) / stride + 1;
+  g.wo = (g.w + 2 * padding - g.kw) / stride + 1;
+  at::Tensor y = empty_float({g.n, g.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
+  at::Tensor packed;
+  int64_t ldw = 0;
+  const float* w = conv_gemm_weight(weight, packed, ldw);
+  conv_gemm_run(g, x.data_ptr<float>(), w, ldw, bias, residual ? residual->data_ptr<float>() : nullptr, relu,
+                y.data_ptr<float>());
   return y;
 }
 

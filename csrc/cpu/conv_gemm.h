@@ -5,13 +5,27 @@
 
 #include <optional>
 
+#include "cpu/winograd_isa.h"
+
 namespace hrnet_fast {
+
+// Whether a vector variant of the CPU kernels is in use (conv_gemm's kernel exists in those only).
+bool conv_gemm_available();
 
 // Whether conv_gemm runs this call: a dense float32 weight of kConvGemmMinCin to kConvGemmMaxK / (kh kw)
 // input channels, the same stride and padding both ways, x (and the residual) channels_last, and a
 // vector variant of the CPU kernels in use.
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual);
+
+// The weight ([C_out, C_in, kh, kw], or [C_out, C_in] for a 1x1 conv) as conv_gemm_run reads it: rows
+// [kh][kw][C_in] of ldw floats. Its own storage where that is its layout (HWIO, as optimize() keeps
+// it) and C_out is whole panels of 16; else a copy in `packed`, the columns padded with zeros.
+const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw);
+
+// y = act(conv(x, w) + bias + residual), NHWC, on the calling thread's team (bias, residual: or null).
+void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, int64_t ldw, const float* bias,
+                   const float* residual, bool relu, float* y);
 
 // act(conv2d(x, weight, stride, padding) + bias + residual), channels_last out (bias: C_out floats or null).
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,

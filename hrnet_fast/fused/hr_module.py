@@ -222,7 +222,10 @@ class FusedHRModule(nn.Module):
             self.lowres_scale.append([up if up is not None and up.mode == "bilinear" else None for _, (_, _, up) in ups])
             folded = [fold_conv_bn(conv, bn) for _, (conv, bn, _) in ups]
             for k, (w, _) in enumerate(folded):
-                self.register_buffer(f"w_{i}_{k}", w.reshape(w.shape[0], w.shape[1]))
+                w = w.reshape(w.shape[0], w.shape[1])
+                if backend == "cpu":  # stored [C_k, C] (seen as [C, C_k]): the rows the CPU kernel's GEMM reads in place
+                    w = w.t().contiguous().t()
+                self.register_buffer(f"w_{i}_{k}", w)
             self.register_buffer(f"b_{i}", torch.stack([b for _, b in folded]).sum(0) if folded else None)
         self.n_out = len(rows)
         # set by optimize(streams=True): branches, then outputs, on parallel CUDA streams
