@@ -170,6 +170,11 @@ def test_optimize_keeps_no_packed_copy_of_the_weights_it_runs(isa):
             c_in = m.weight.shape[1]
             probe = torch.randn(1, c_in, 8, 8).contiguous(memory_format=CL)
             assert not _runs_onednn(lambda: m(probe))
+    # the fusions' 1x1 weights are stored [C_k, C], the rows their low-res GEMMs read in place
+    from hrnet_fast.fused.hr_module import FusedHRModule
+
+    fusion = [b for m in fast.modules() if isinstance(m, FusedHRModule) for k, b in m.named_buffers() if k.startswith("w_")]
+    assert fusion and all(w.dim() == 2 and w.t().is_contiguous() for w in fusion)
     ref_state = hrnet_fast.optimize(model, backend="torch").state_dict()
     for key, value in fast.state_dict().items():
         torch.testing.assert_close(value, ref_state[key], rtol=0, atol=0)

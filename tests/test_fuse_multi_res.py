@@ -81,6 +81,20 @@ def test_hrnet_fusion_shapes(branches, stage, i, channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("stage,i", FUSIONS)
+@pytest.mark.parametrize("branches", [W32, W48], ids=["w32", "w48"])
+def test_cpu_weights_stored_transposed_give_the_same_bits(branches, stage, i):
+    """optimize() keeps the cpu backend's fusion weights stored [C_k, C] (seen as [C, C_k]), which the
+    low-res GEMMs read in place where C is whole panels of 16 (W32's), else copy (W48's): the same
+    sums either way as for contiguous weights."""
+    base_shape, lows = fusion_case(branches, stage, i, batch=2)
+    base, lowres, weights, bias = make_inputs(base_shape, lows, channels_last=True)
+    out = fuse_multi_res(base, lowres, weights, bias, backend="cpu")
+    stored = [w.t().contiguous().t() for w in weights]
+    assert torch.equal(fuse_multi_res(base, lowres, stored, bias, backend="cpu"), out)
+    assert_close(out, exact(base, lowres, weights, bias))
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_hrnet_fusion_shape_triton(channels_last):
