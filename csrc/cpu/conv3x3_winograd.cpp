@@ -52,6 +52,13 @@ constexpr int64_t kSpillBlockBytes = 2 * 1024 * 1024;
 // than writing the whole transformed weight (4x the dense one: 21 MB for W48's 384-channel convs) to
 // scratch and reading it back.
 constexpr int64_t kDenseBlockBytes = 8 * 1024 * 1024;
+// A conv that is not weight-bound but has at most a block of tiles a thread is split by output channels
+// (see winograd_forward) only while its V and Mt, which each thread then holds for all the tiles, take
+// at most this much, about a 2 MB L2: W32's 64-channel 32x24 conv at batch 1 (0.9 MB) ran 1.35x faster
+// so than by tiles, but its 128-channel 16x12 one at batch 8 (3.5 MB) 1.03x slower (2 threads of an
+// Intel Xeon, the two splits in turns in one process), and the whole W32 at batch 8 with it split by
+// tiles took 0.977-0.981x the time in three pairs of processes (in one process, 1.017x: 9 of 12).
+constexpr int64_t kDenseSplitBytes = 2 * 1024 * 1024;
 // A U this small (W32's 32- and 64-channel F(4x4) ones: 147 and 590 KB) is transformed by each thread
 // for itself when each has at least kOwnUTiles tiles: transforming all of U costs a thread about what
 // the GEMMs of ~7 tiles do, so that much duplicated work stays under ~7% of a thread's share, while
@@ -101,12 +108,12 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   // there are fewer blocks than threads.
   bool weight_bound = weight_bytes > g.tiles * per_tile;
   // A dense weight's conv whose tiles make at most a block a thread (W32's 64-channel 32x24 conv at
-  // batch 1, the 128-channel 16x12 one at batch 8) is split by channels too, where every thread gets a
-  // panel: each then transforms only its own panels, in its own buffer, within the one parallel region,
+  // batch 1) is split by channels too, where every thread gets a panel and the tiles' V and Mt fit
+  // kDenseSplitBytes: each then transforms only its own panels, in its own buffer, within the one parallel region,
   // instead of all threads writing the whole U to shared scratch in a region of its own first (which
   // took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29).
   if (!u && !weight_bound && threads > 1 && blocks <= threads && panels >= threads &&
-      g.tiles * per_tile <= kDenseBlockBytes)
+      g.tiles * per_tile <= kDenseSplitBytes)
     weight_bound = true;
   if (weight_bound) {
     splits = std::min(panels, threads);
