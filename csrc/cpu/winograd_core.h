@@ -73,12 +73,15 @@ typedef vf8 vgemm;
 constexpr int kGemmPanels = 1;
 #endif
 
-// The epilogue micro_6xn can apply as it stores C (kEpilogue): C = act(A B + bias + residual), bias
-// (null: none) per column and residual (null: none) rows ldc floats apart, like C's.
+// The epilogue micro_6xn can apply as it stores C (kEpilogue): act(A B (+ C) + bias + residual), bias
+// (null: none) per column, stored to `out` (null: C itself) with the residual's rows (null: none)
+// ldo floats apart (ldc where out is null).
 struct MicroEpilogue {
   const float* bias;
   const float* residual;
   bool relu;
+  float* out = nullptr;
+  int64_t ldo = 0;
 };
 
 // C[6][NV * L] = A[6][k] * B, L the lanes of V: A rows at stride lda; vector v of B's row p at
@@ -133,6 +136,8 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
     }
   }
   if constexpr (kEpilogue) {
+    float* const out = epi.out ? epi.out : c;
+    const int64_t ldo = epi.out ? epi.ldo : ldc;
     V bv[NV] = {};
     if (epi.bias)
       for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], epi.bias + v * L, sizeof(V));
@@ -143,11 +148,11 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
         if (epi.bias) val += bv[v];  // not + 0: -0 stays -0, as the unfused epilogue leaves it
         if (epi.residual) {
           V rv;
-          std::memcpy(&rv, epi.residual + r * ldc + v * L, sizeof(V));
+          std::memcpy(&rv, epi.residual + r * ldo + v * L, sizeof(V));
           val += rv;
         }
         if (epi.relu) val = val < 0.f ? V{} : val;  // torch.relu keeps NaN: v < 0 is false for NaN
-        std::memcpy(c + r * ldc + v * L, &val, sizeof(V));
+        std::memcpy(out + r * ldo + v * L, &val, sizeof(V));
       }
     return;
   }
