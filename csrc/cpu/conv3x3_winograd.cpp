@@ -109,9 +109,9 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
   bool weight_bound = weight_bytes > g.tiles * per_tile;
   // A dense weight's conv whose tiles make at most a block a thread (W32's 64-channel 32x24 conv at
   // batch 1) is split by channels too, where every thread gets a panel and the tiles' V and Mt fit
-  // kDenseSplitBytes: each then transforms only its own panels, in its own buffer, within the one parallel region,
-  // instead of all threads writing the whole U to shared scratch in a region of its own first (which
-  // took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29).
+  // kDenseSplitBytes: each then transforms only its own panels, in its own buffer, within the one
+  // parallel region, instead of all threads writing the whole U to shared scratch in a region of its
+  // own first (which took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29).
   if (!u && !weight_bound && threads > 1 && blocks <= threads && panels >= threads &&
       g.tiles * per_tile <= kDenseSplitBytes)
     weight_bound = true;
@@ -225,9 +225,9 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   // a dense weight as IHWO [3][3][C_in][C_out]: itself where stored that way (as optimize() keeps it),
   // checked by its strides (tensor_view.h: a permuted view made on every call cost 5.7 us of W32's
   // ~150 us calls at batch 1, its caches cold)
-  const at::Tensor wc = !dense                                                ? weight.contiguous()
+  const at::Tensor wc = !dense ? weight.contiguous()
                         : dense_in_order(weight, std::array<int, 4>{1, 2, 3, 0}) ? weight
-                                                                                 : weight.permute({1, 2, 3, 0}).contiguous();
+                        : weight.permute({1, 2, 3, 0}).contiguous();
   std::optional<at::Tensor> bc, rc;
   if (bias) bc = bias->contiguous();
   if (residual) rc = residual->contiguous(at::MemoryFormat::ChannelsLast);

@@ -38,7 +38,8 @@ bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntAr
 
 const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw) {
   const bool conv = weight.dim() == 4;
-  const int64_t cout = weight.size(0), cin = weight.size(1), kh = conv ? weight.size(2) : 1, kw = conv ? weight.size(3) : 1;
+  const int64_t cout = weight.size(0), cin = weight.size(1);
+  const int64_t kh = conv ? weight.size(2) : 1, kw = conv ? weight.size(3) : 1;
   const bool in_place = cout % kNr == 0 && (conv ? dense_in_order(weight, std::array<int, 4>{2, 3, 1, 0})
                                                  : dense_in_order(weight, std::array<int, 2>{1, 0}));
   if (in_place) {

@@ -155,32 +155,15 @@ void conv_gemm_rows_blocked(const ConvGemmTask& t) {
         const float* a = t.x + r * k;
         if (rows == kMr && n == nj * kNr) {  // the epilogue straight from the registers
           const MicroEpilogue epi{t.bias ? t.bias + c0 : nullptr, t.residual ? t.residual + r * g.cout + c0 : nullptr,
-                                  t.relu};
-          float* c = t.y + r * g.cout + c0;
-          if constexpr (kGemmPanels == 1)
-            micro_6xn<vgemm, 2, false, true>(a, k, {b, b + 8}, c, g.cout, k, nullptr, 0, 0, 1, t.ldw, epi);
-          else if (nj == 4)
-            micro_6xn<vgemm, 4, false, true>(a, k, {b, b + kNr, b + 2 * kNr, b + 3 * kNr}, c, g.cout, k, nullptr, 0, 0,
-                                             1, t.ldw, epi);
-          else if (nj == 2)
-            micro_6xn<vgemm, 2, false, true>(a, k, {b, b + kNr}, c, g.cout, k, nullptr, 0, 0, 1, t.ldw, epi);
-          else
-            micro_6xn<vgemm, 1, false, true>(a, k, {b}, c, g.cout, k, nullptr, 0, 0, 1, t.ldw, epi);
+                                  t.relu, t.y + r * g.cout + c0, g.cout};
+          conv_gemm_panels<false, true>(a, k, b, t.ldw, k, nj, t.cbuf, nj * kNr, epi);
           continue;
         }
         if (rows < kMr) {
           conv_gemm_gather(t, r, rows, t.abuf);
           a = t.abuf;
         }
-        if constexpr (kGemmPanels == 1) {
-          micro_6xn<vgemm, 2>(a, k, {b, b + 8}, t.cbuf, nj * kNr, k, nullptr, 0, 0, 1, t.ldw);
-        } else if (nj == 4) {
-          micro_6xn<vgemm, 4>(a, k, {b, b + kNr, b + 2 * kNr, b + 3 * kNr}, t.cbuf, nj * kNr, k, nullptr, 0, 0, 1, t.ldw);
-        } else if (nj == 2) {
-          micro_6xn<vgemm, 2>(a, k, {b, b + kNr}, t.cbuf, nj * kNr, k, nullptr, 0, 0, 1, t.ldw);
-        } else {
-          micro_6xn<vgemm, 1>(a, k, {b}, t.cbuf, nj * kNr, k, nullptr, 0, 0, 1, t.ldw);
-        }
+        conv_gemm_panels<false>(a, k, b, t.ldw, k, nj, t.cbuf, nj * kNr);
         conv_gemm_epilogue(t.cbuf, nj * kNr, rows, static_cast<int>(n), t.bias ? t.bias + c0 : nullptr,
                            t.residual ? t.residual + r * g.cout + c0 : nullptr, t.y + r * g.cout + c0, g.cout, t.relu);
       }
