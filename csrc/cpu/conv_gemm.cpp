@@ -24,16 +24,17 @@
 
 namespace hrnet_fast {
 
-bool conv_gemm_available() { return active_cpu_isa() != CpuIsa::base; }
+bool conv_gemm_takes(int64_t cin, int64_t k) {
+  return cin >= kConvGemmMinCin && k <= kConvGemmMaxK && active_cpu_isa() != CpuIsa::base;
+}
 
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
   constexpr auto cl = at::MemoryFormat::ChannelsLast;
   return !weight.is_mkldnn() && weight.layout() == at::kStrided && weight.scalar_type() == at::kFloat &&
          stride[0] == stride[1] && padding[0] == padding[1] &&
-         weight.size(1) >= kConvGemmMinCin && weight.size(1) * weight.size(2) * weight.size(3) <= kConvGemmMaxK &&
-         x.is_contiguous(cl) &&
-         (!residual || residual->is_contiguous(cl)) && conv_gemm_available();
+         conv_gemm_takes(weight.size(1), weight.size(1) * weight.size(2) * weight.size(3)) && x.is_contiguous(cl) &&
+         (!residual || residual->is_contiguous(cl));
 }
 
 const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw) {

@@ -9,8 +9,9 @@
 
 namespace hrnet_fast {
 
-// Whether a vector variant of the CPU kernels is in use (conv_gemm's kernel exists in those only).
-bool conv_gemm_available();
+// Whether conv_gemm takes a conv of `cin` input channels and K = kh * kw * cin (kConvGemmMinCin,
+// kConvGemmMaxK), with a vector variant of the CPU kernels in use (its kernel exists in those only).
+bool conv_gemm_takes(int64_t cin, int64_t k);
 
 // Whether conv_gemm runs this call: a dense float32 weight of kConvGemmMinCin to kConvGemmMaxK / (kh kw)
 // input channels, the same stride and padding both ways, x (and the residual) channels_last, and a
