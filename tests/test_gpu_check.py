@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -144,6 +145,31 @@ def test_tasks_contender_skipped_where_its_workers_would_make_pools(tmp_path):
 def test_cpu_threads_times_tasks_only_where_they_make_no_pools():
     assert "hrnet_fast_cpu_tasks" in cpu_threads.contenders_at(2).split(",")
     assert cpu_threads.contenders_at(16).split(",") == ["hrnet_fast_cpu", "hrnet_fast_cpu_no_graph", "onnxruntime", "compile", "eager"]
+
+
+def test_cpu_threads_times_and_prewarms_compile_only_where_asked(monkeypatch, tmp_path):
+    """--compile-threads: torch.compile's cold compiles (one per thread count and batch) only at those counts."""
+    assert "compile" not in cpu_threads.contenders_at(4, compile_threads=[1, 16]).split(",")
+    assert "compile" in cpu_threads.contenders_at(16, compile_threads=[1, 16]).split(",")
+    assert "compile" in cpu_threads.contenders_at(4).split(",")
+    ran: list[list[str]] = []
+
+    def fake_run(cmd, **kw):
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(cpu_threads.subprocess, "run", fake_run)
+    cpu_threads.prewarm([1, 4, 16], [1, 8], str(tmp_path), sys.executable, tmp_path, compile_threads=[1, 16])
+    jobs = sorted((c[c.index("--contenders") + 1], int(c[c.index("--threads") + 1]), int(c[c.index("--batch") + 1]))
+                  for c in ran)
+    assert jobs == [("compile", 1, 1), ("compile", 1, 8), ("compile", 16, 1), ("compile", 16, 8),
+                    ("onnxruntime", 16, 1), ("onnxruntime", 16, 8)]
+    cmd = gpu_check.commands(tmp_path, sys.executable, workers=1, cpu_threads=[1, 4, 16], compile_threads=[1, 16])
+    argv = cmd["cpu_threads"][0]
+    assert argv[argv.index("--compile-threads") + 1 :] == ["1", "16"]
+    assert "--compile-threads" not in gpu_check.commands(tmp_path, sys.executable, workers=1)["cpu_threads"][0]
+    args = gpu_check.parse_args(["--out", "x", "--cpu-threads", "1,4,16", "--cpu-compile-threads", "1,16"])
+    assert args.cpu_compile_threads == [1, 16] and gpu_check.parse_args(["--out", "x"]).cpu_compile_threads is None
 
 
 def test_cpu_threads_leaves_out_more_threads_than_cores(tmp_path, capsys):

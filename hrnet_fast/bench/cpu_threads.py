@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,13 +33,16 @@ from pathlib import Path
 CONTENDERS = "hrnet_fast_cpu,hrnet_fast_cpu_no_graph,hrnet_fast_cpu_tasks,onnxruntime,compile,eager"
 
 
-def contenders_at(threads: int) -> str:
+def contenders_at(threads: int, compile_threads: Collection[int] | None = None) -> str:
     """The contenders at a thread count: `hrnet_fast_cpu_tasks` (optimize(tasks=True)) only up to
-    cpu_tasks.POOL_FREE_THREADS, where its workers start no OpenMP pools (the bench would skip it above)."""
+    cpu_tasks.POOL_FREE_THREADS, where its workers start no OpenMP pools (the bench would skip it above);
+    torch.compile only at the counts in `compile_threads` (None: every count), since each count is a
+    cold compile of its own."""
     from hrnet_fast.fused.cpu_tasks import POOL_FREE_THREADS
 
     names = CONTENDERS.split(",")
-    return ",".join(n for n in names if n != "hrnet_fast_cpu_tasks" or threads <= POOL_FREE_THREADS)
+    return ",".join(n for n in names if (n != "hrnet_fast_cpu_tasks" or threads <= POOL_FREE_THREADS)
+                    and (n != "compile" or compile_threads is None or threads in compile_threads))
 
 
 def _bench(python: str, threads: int, batches: Sequence[int], contenders: str, out: Path, onnx_cache: str,
@@ -49,12 +52,14 @@ def _bench(python: str, threads: int, batches: Sequence[int], contenders: str, o
             str(rounds), "--no-progress", "--out", str(out), "--onnx-cache", onnx_cache]
 
 
-def prewarm(threads: Sequence[int], batches: Sequence[int], onnx_cache: str, python: str, scratch: Path) -> None:
+def prewarm(threads: Sequence[int], batches: Sequence[int], onnx_cache: str, python: str, scratch: Path,
+            compile_threads: Collection[int] | None = None) -> None:
     """The one-off work of the timed runs done first, side by side: per batch the ONNX export into
     `onnx_cache`, per thread count and batch torch.compile's kernels into Inductor's cache (whose key
     holds the thread count). Throwaway bench runs whose timings are discarded; one that fails only
     leaves its work to the timed run."""
-    jobs = [("onnxruntime", max(threads), b) for b in batches] + [("compile", t, b) for t in threads for b in batches]
+    jobs = [("onnxruntime", max(threads), b) for b in batches] + [
+        ("compile", t, b) for t in threads for b in batches if compile_threads is None or t in compile_threads]
     # compile workers: a few per job, the jobs share the cores (the cache key leaves the count out)
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2"}
 
@@ -74,7 +79,7 @@ def prewarm(threads: Sequence[int], batches: Sequence[int], onnx_cache: str, pyt
 
 
 def run(out: Path, threads: Sequence[int], batches: Sequence[int], min_run_time: float, python: str,
-        warm: bool = True) -> dict[int, list[dict]]:
+        warm: bool = True, compile_threads: Collection[int] | None = None) -> dict[int, list[dict]]:
     """Rows of each thread count's bench run (thread counts past the core count are skipped)."""
     cores = os.cpu_count() or 1
     left_out = [t for t in threads if t > cores]
@@ -87,10 +92,10 @@ def run(out: Path, threads: Sequence[int], batches: Sequence[int], min_run_time:
     with tempfile.TemporaryDirectory(prefix="hrnet_fast_onnx_") as onnx_cache:
         if warm and threads:
             with tempfile.TemporaryDirectory(prefix="hrnet_fast_warm_") as scratch:
-                prewarm(threads, batches, onnx_cache, python, Path(scratch))
+                prewarm(threads, batches, onnx_cache, python, Path(scratch), compile_threads)
         for t in threads:
             folder = out / f"threads_{t}"
-            cmd = _bench(python, t, batches, contenders_at(t), folder, onnx_cache, min_run_time, 2)
+            cmd = _bench(python, t, batches, contenders_at(t, compile_threads), folder, onnx_cache, min_run_time, 2)
             print("cpu_threads:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
             (doc,) = [json.loads(p.read_text()) for p in folder.glob("model_*.json")]
@@ -133,11 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--compile-threads", type=int, nargs="*", default=None,
+                   help="thread counts at which torch.compile is timed (default: all): each is a cold compile")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false",
                    help="no side-by-side ONNX export and torch.compile runs before the timed ones")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    text = table(run(args.out, args.threads, args.batch, args.min_run_time, args.python, args.prewarm))
+    text = table(run(args.out, args.threads, args.batch, args.min_run_time, args.python, args.prewarm,
+                     args.compile_threads))
     (args.out / "cpu_threads.md").write_text(text)
     print(text)
     return 0

@@ -92,9 +92,10 @@ def _sanitizer() -> str | None:
     return str(cand) if cand.exists() else shutil.which("compute-sanitizer")
 
 
-def commands(out: Path, python: str, workers: int, cpu_threads: Sequence[int] = (1, 4, 8, 16)
-             ) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """The command line and extra environment of every step (cpu_threads: the CPU steps' thread counts)."""
+def commands(out: Path, python: str, workers: int, cpu_threads: Sequence[int] = (1, 4, 8, 16),
+             compile_threads: Sequence[int] | None = None) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The command line and extra environment of every step (cpu_threads: the CPU steps' thread counts;
+    compile_threads: those of them at which cpu_threads times torch.compile, None for all)."""
     py = [python]
     plugins = ["-p", "no:cacheprovider", "-p", "no:benchmark"]
     pytest = py + ["-m", "pytest", "-q", "-rfE", "-m", "cuda", "tests/test_cuda.py", *plugins]
@@ -137,7 +138,8 @@ def commands(out: Path, python: str, workers: int, cpu_threads: Sequence[int] = 
         "bench_seg": (bench_at("1") + ["--model", "seg_w48", "--dtype", "float16", "--contenders", BENCH_CONTENDERS,
                                        "--compile-mode", "reduce-overhead"], {}),
         "cpu_threads": (py + ["-m", "hrnet_fast.bench.cpu_threads", "--out", str(out / "cpu_threads"),
-                              "--threads", *map(str, cpu_threads), "--min-run-time", "0.8"], {}),
+                              "--threads", *map(str, cpu_threads), "--min-run-time", "0.8"]
+                        + ([] if compile_threads is None else ["--compile-threads", *map(str, compile_threads)]), {}),
         "cpu_parts": (py + ["-m", "hrnet_fast.bench.cpu_parts", "--out", str(out / "cpu_parts"), "--threads",
                             *map(str, cpu_threads), "--rounds", "2", "--profile"], {}),
     }
@@ -220,11 +222,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="the Python that has the CUDA torch (default: this one)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel test processes")
     p.add_argument("--cpu-threads", default="1,4,8,16", help="thread counts of cpu_threads and cpu_parts (default: 1,4,8,16)")
+    p.add_argument("--cpu-compile-threads", default=None,
+                   help="those of --cpu-threads at which cpu_threads times torch.compile, each a cold compile "
+                        "of ~45 s alone (default: all)")
     args = p.parse_args(argv)
-    try:
-        args.cpu_threads = [int(t) for t in args.cpu_threads.split(",") if t]
-    except ValueError:
-        p.error(f"--cpu-threads must be comma-separated integers, got {args.cpu_threads!r}")
+    for flag in ("cpu_threads", "cpu_compile_threads"):
+        value = getattr(args, flag)
+        try:
+            setattr(args, flag, None if value is None else [int(t) for t in value.split(",") if t])
+        except ValueError:
+            p.error(f"--{flag.replace('_', '-')} must be comma-separated integers, got {value!r}")
     if not args.cpu_threads or min(args.cpu_threads) < 1:
         p.error(f"--cpu-threads must name at least one count of 1 or more, got {args.cpu_threads}")
     skip = [s for s in args.skip.split(",") if s]
@@ -248,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = gpu_info(args.python)
     steps = [Step(name) for name in args.order]
     no_gpu = not (info.get("cuda_device") or {}).get("name")
-    cmds = commands(out, args.python, args.workers, args.cpu_threads)
+    cmds = commands(out, args.python, args.workers, args.cpu_threads, args.cpu_compile_threads)
     with open(out / "gpu_check.log", "w", encoding="utf-8") as log:
         log.write(json.dumps(info, indent=1) + "\n")
         for step in steps:
