@@ -126,6 +126,79 @@ def test_nan_propagates_through_its_tile_and_relu():
 # batch 1 and 8 (one block, per panel, though at batch 8 its V and Mt spill from L2); (1, 256, 256,
 # 40, 44) is weight-bound in F(4x4) with more V and Mt than one block may take (scratch), and not
 # weight-bound in F(2x2) (several blocks, scratch).
+def plan(x_size, c_out, m, threads, dense=True):
+    """conv3x3_winograd's split of a conv: (blocks, splits, tiles a block, per_panel, own_u)."""
+    return tuple(torch.ops.hrnet_fast.conv3x3_winograd_plan(list(x_size), c_out, m, dense, threads)[:5])
+
+
+# W32's branch convs at batch 1 and 8 with the tile optimize() picks (test_choose_tile): on 2 threads
+# the splits tuned there; on 16 threads tasks (blocks x splits) for every thread wherever the tiles allow,
+# the 64- and 128-channel convs at batch 1 split by tiles as well as panels (they made 8 tasks).
+@pytest.mark.parametrize(
+    "x_size,c_out,m,threads,want",
+    [
+        ((1, 32, 64, 48), 32, 4, 2, (4, 1, 48, False, True)),
+        ((1, 64, 32, 24), 64, 4, 2, (1, 2, 48, True, False)),
+        ((1, 128, 16, 12), 128, 4, 2, (1, 2, 12, True, False)),
+        ((1, 256, 8, 6), 256, 2, 2, (1, 2, 12, True, False)),
+        ((8, 32, 64, 48), 32, 4, 2, (29, 1, 54, False, True)),
+        ((8, 256, 8, 6), 256, 2, 2, (1, 2, 96, True, False)),
+        ((1, 32, 64, 48), 32, 4, 16, (16, 1, 12, False, False)),
+        ((1, 64, 32, 24), 64, 4, 16, (4, 4, 12, False, False)),
+        ((1, 128, 16, 12), 128, 4, 16, (2, 8, 6, True, False)),
+        ((1, 256, 8, 6), 256, 2, 16, (1, 16, 12, True, False)),
+        ((8, 64, 32, 24), 64, 4, 16, (16, 1, 24, False, False)),
+        ((8, 128, 16, 12), 128, 2, 16, (16, 1, 24, False, False)),
+    ],
+    ids=str,
+)
+def test_plan_of_w32s_convs(x_size, c_out, m, threads, want):
+    assert plan(x_size, c_out, m, threads) == want
+
+
+def test_plan_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="tile must be 2 or 4"):
+        plan((1, 8, 4, 4), 8, 3, 2)
+    with pytest.raises(RuntimeError, match=r"x_size must be \[N, C_in, H, W\]"):
+        plan((1, 8, 4), 8, 2, 2)
+
+
+# More threads than tasks: the tiles are split further (plan_winograd), and a dense weight transformed
+# panel by panel in one block (per_panel) is then so in each block of tiles (`wide`): W32's 128-channel
+# 16x12 conv at batch 1 on 16 threads, a one-panel conv on 16 and on 8; the 64-channel 32x24 one on 16
+# splits into more blocks of a shared U. Here the threads outnumber the cores: that costs time, not bits.
+@pytest.mark.parametrize("m", winograd.TILES)
+@pytest.mark.parametrize(
+    "shape,threads",
+    [((1, 128, 128, 16, 12), 16), ((1, 64, 64, 32, 24), 16), ((2, 16, 16, 24, 20), 16), ((1, 32, 16, 13, 11), 8)],
+    ids=str,
+)
+def test_dense_weight_split_by_tiles_to_fill_the_team(m, shape, threads):
+    n, cin, cout, h, w = shape
+    blocks, splits, _, per_panel, _ = plan((n, cin, h, w), cout, m, threads)
+    one_block = plan((n, cin, h, w), cout, m, 1)
+    assert blocks * splits > one_block[0] * one_block[1]  # split further than on one thread
+    x, weight, b, r = make(shape, seed=5)
+    x = x.contiguous(memory_format=CL)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = winograd.conv3x3_winograd(x, winograd.transform_weight(weight, m), cout, b, r, True)
+        got = winograd.conv3x3_winograd(x, ihwo(weight), cout, b, r, True, tile=m)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+    assert_close_to(got, reference(x, weight, b, r, True), m)
+
+
+def test_wide_split_keeps_per_panel_transforms():
+    """The cases above that reach the wide per-panel path (more than one block, each transforming
+    its own panels): so a change to it is seen by the bit comparison."""
+    assert plan((1, 128, 16, 12), 128, 4, 16)[::3] == (2, True)
+    assert plan((2, 16, 24, 20), 16, 4, 16)[::3] == (10, True)
+    assert plan((1, 32, 13, 11), 16, 2, 8)[::3] == (7, True)
+
+
 @pytest.mark.parametrize("m", winograd.TILES)
 @pytest.mark.parametrize(
     "shape", SHAPES + [(8, 64, 64, 16, 12), (4, 32, 32, 64, 48), (1, 64, 64, 32, 24), (1, 256, 256, 8, 6), (8, 256, 256, 8, 6), (1, 256, 256, 40, 44)], ids=str

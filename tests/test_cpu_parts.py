@@ -55,3 +55,40 @@ def test_main_puts_the_cpu_variant_back_and_records_it(tmp_path):
     data = json.loads((tmp_path / "cpu_parts.json").read_text())
     assert data["device"]["hrnet_fast_cpu_isa"] == before
     assert [r["isa"] for r in data["rows"]] == [other]
+
+
+def test_scaling_table_efficiency_and_time_lost():
+    """Hand-made op times: efficiency t(T0) T0 / (T t(T)), lost t(T) - t(T0) T0 / T, most lost first,
+    an op seen at one count only, and the totals."""
+    from hrnet_fast.bench.cpu_parts import scaling_table
+
+    conv, fuse, cat = ("hrnet_fast.conv", "1x8x4x4"), ("hrnet_fast.fuse", "1x8x4x4"), ("aten.cat", "")
+    times = {1: {conv: [4.0, 8.0], fuse: [2.0, 2.0]}, 4: {conv: [4.0, 4.0], fuse: [2.0, 0.5], cat: [1.0, 0.25]}}
+    text = scaling_table(times, {1: 12.0, 4: 6.0}, batch=1)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert rows[0] == "| hrnet_fast.conv | 1x8x4x4 | 4 | 8.00 (100%) | 4.00 (50%) | 2.00 |"
+    assert rows[1] == "| aten.cat |  | 1 |  | 0.25 (0%) | 0.25 |"
+    assert rows[2] == "| hrnet_fast.fuse | 1x8x4x4 | 2 | 2.00 (100%) | 0.50 (100%) | 0.00 |"
+    assert rows[3] == "| all ops | | | 10.00 (100%) | 4.75 (53%) | 2.25 |"
+    assert rows[4] == "| forward (wall) | | | 12.00 (100%) | 6.00 (50%) | 3.00 |"
+
+
+@pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
+def test_op_clock_times_each_call_of_the_forward():
+    """_op_times sees each hrnet_fast op the optimized forward calls, as often as hrnet_fast.profile's
+    op counter does, and its op times add up to no more than the wall time."""
+    from hrnet_fast.bench.cpu_parts import _op_times
+    from hrnet_fast.profile import count_ops
+
+    model = hrnet_fast.optimize(randomize_bn(tiny_pose_hrnet()).eval(), backend="cpu", cpu_graph=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        ops, wall = _op_times(model, x, forwards=2)
+        counted = count_ops(model, x)["by_op"]
+    ours = {}
+    for (name, _), (calls, _) in ops.items():
+        if name.startswith("hrnet_fast."):
+            ours[name.split(".")[1]] = ours.get(name.split(".")[1], 0) + calls
+    want = {name.split("::")[1].split(".")[0]: n for name, n in counted.items() if name.startswith("hrnet_fast::")}
+    assert ours == want and sum(want.values()) > 10
+    assert 0 < sum(ms for _, ms in ops.values()) <= wall

@@ -82,18 +82,32 @@ constexpr int64_t kOwnUBytes = 640 * 1024;
 constexpr int64_t kSliceChannels = 32;
 constexpr int64_t kSliceMtBytes = 64 * 1024;
 constexpr int64_t kOwnUTiles = 96;
+// The fewest tiles a block gets where the tiles are split only to give idle threads work (plan_winograd):
+// one micro-kernel row. A dense weight's panel transform costs about what its GEMMs for ~6 tiles do,
+// so a task of 6 tiles spends half its time transforming: W32's 128-channel 16x12 conv at batch 1 on
+// 16 threads (12 tiles, 8 panels) then runs 16 tasks of 6 tiles instead of 8 of 12, each 3/4 as long.
+constexpr int64_t kWideTiles = kMr;
 
-// u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
-template <int M>
-void winograd_forward(const float* x, const float* u, const float* w, const float* bias, const float* residual,
-                      bool relu, const WinogradGeometry& g, float* y) {
-  const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
-  const WinogradTaskFn run_task = M == 2 ? kernels.m2 : kernels.m4;
-  constexpr int K = M + 2;  // input tile size
-  // This library's own first-region set-up (csrc/cpu/cpu_thread_team.cpp) before the team is read:
-  // the scratch below has a slot per thread of the parallel_for's team, so the two must agree.
-  at::internal::lazy_init_num_threads();
-  const int64_t threads = at::get_num_threads(), panels = g.coutp / kNr;
+WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int m) {
+  WinogradGeometry g{n, h, w, cin, cout, (cin + 7) / 8 * 8, (cout + kNr - 1) / kNr * kNr, 0, 0, 0};
+  g.tiles_h = (h + m - 1) / m;
+  g.tiles_w = (w + m - 1) / m;
+  g.tiles = n * g.tiles_h * g.tiles_w;
+  return g;
+}
+
+// How a conv's work is shared between `threads`: blocks of tb tiles times splits shares of the output
+// panels, and where U comes from (see winograd_forward). dense: the weight is dense (transformed here).
+struct WinogradPlan {
+  int64_t blocks, splits, tb;
+  bool per_panel, own_u, sliced;
+  int64_t slice;
+};
+
+WinogradPlan plan_winograd(const WinogradGeometry& g, int M, bool dense, int64_t threads, int gemm_panels) {
+  const int K = M + 2;  // input tile size
+  const int64_t panels = g.coutp / kNr;
+  const bool u = !dense;  // as the driver's pointer: a packed U is given
   // Tiles per block: what the cache budget allows.
   const int64_t per_tile = K * K * (g.cinp + g.coutp) * int64_t(sizeof(float));
   const int64_t weight_bytes = K * K * g.cin * g.coutp * int64_t(sizeof(float));
@@ -122,22 +136,54 @@ void winograd_forward(const float* x, const float* u, const float* w, const floa
     if (g.tiles >= threads * kMr) blocks = std::max(blocks, threads);
     if (blocks >= threads) blocks = (blocks + threads - 1) / threads * threads;
   }
-  const int64_t tb = ((g.tiles + blocks - 1) / blocks + kMr - 1) / kMr * kMr;
+  int64_t tb = ((g.tiles + blocks - 1) / blocks + kMr - 1) / kMr * kMr;
   blocks = (g.tiles + tb - 1) / tb;
   if (!weight_bound && blocks < threads) splits = std::min(panels, (threads + blocks - 1) / blocks);
+  // Many threads, few tasks: where blocks x splits leaves threads idle (16 threads, W32 at batch 1:
+  // the 64-channel 32x24 conv made 2 blocks x 4 panel groups, the 128-channel 16x12 one 8 panels of
+  // one block), the tiles are split further, into blocks of at least kWideTiles, until the tasks fill
+  // the team (or the tiles run out). A dense weight transformed panel by panel in the tasks (one block) stays so (wide): each
+  // panel's filter transform is then done once a block, by threads that would otherwise wait.
+  bool wide = false;
+  if (blocks * splits < threads) {
+    const int64_t more = std::min((threads + splits - 1) / splits, g.tiles / kWideTiles);
+    if (more > blocks) {
+      wide = blocks == 1;
+      tb = ((g.tiles + more - 1) / more + kMr - 1) / kMr * kMr;
+      blocks = (g.tiles + tb - 1) / tb;
+    }
+  }
 
   // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
-  // one task (a single block). Else, where U is small and each thread has tiles enough to pay for
-  // transforming all of it (at least kOwnUTiles), each thread transforms the whole U into its own
-  // scratch as its tasks begin; else it is transformed once, up front, into shared scratch.
-  const bool per_panel = !u && blocks == 1;
+  // one task (a single block), or to one task a block where the tiles were split to fill the team
+  // (wide). Else, where U is small and each thread has tiles enough to pay for transforming all of
+  // it (at least kOwnUTiles), each thread transforms the whole U into its own scratch as its tasks
+  // begin; else it is transformed once, up front, into shared scratch.
+  const bool per_panel = !u && (blocks == 1 || wide);
   // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
   // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
   // else the whole panel at once.
-  // (tb: all the tiles, padded to kMr, where per_panel makes them one block)
-  const bool sliced = per_panel && K * K * tb * kernels.gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
+  // (tb: a block's tiles, padded to kMr)
+  const bool sliced = per_panel && K * K * tb * gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
   const int64_t slice = sliced ? std::min(kSliceChannels, g.cin) : g.cin;
   const bool own_u = !u && !per_panel && threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
+  return WinogradPlan{blocks, splits, tb, per_panel, own_u, sliced, slice};
+}
+
+// u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
+template <int M>
+void winograd_forward(const float* x, const float* u, const float* w, const float* bias, const float* residual,
+                      bool relu, const WinogradGeometry& g, float* y) {
+  const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
+  const WinogradTaskFn run_task = M == 2 ? kernels.m2 : kernels.m4;
+  constexpr int K = M + 2;  // input tile size
+  // This library's own first-region set-up (csrc/cpu/cpu_thread_team.cpp) before the team is read:
+  // the scratch below has a slot per thread of the parallel_for's team, so the two must agree.
+  at::internal::lazy_init_num_threads();
+  const int64_t threads = at::get_num_threads();
+  const WinogradPlan plan = plan_winograd(g, M, !u, threads, kernels.gemm_panels);
+  const int64_t blocks = plan.blocks, splits = plan.splits, tb = plan.tb, panels = g.coutp / kNr, slice = plan.slice;
+  const bool per_panel = plan.per_panel, own_u = plan.own_u;
   at::Tensor u_scratch;
   int64_t u_stride = g.coutp * g.cin;  // a packed transformed weight's
   if (own_u) u_stride = plane_stride(g.coutp * g.cin);
@@ -235,10 +281,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   if (y.numel() == 0) return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 
   const int m = dense ? static_cast<int>(tile) : weight.size(0) == 16 ? 2 : 4;
-  WinogradGeometry g{x.size(0), x.size(2), x.size(3), cin, cout, (cin + 7) / 8 * 8, (cout + kNr - 1) / kNr * kNr, 0, 0, 0};
-  g.tiles_h = (g.h + m - 1) / m;
-  g.tiles_w = (g.w + m - 1) / m;
-  g.tiles = g.n * g.tiles_h * g.tiles_w;
+  const WinogradGeometry g = winograd_geometry(x.size(0), x.size(2), x.size(3), cin, cout, m);
   const float* b = bc ? bc->data_ptr<float>() : nullptr;
   const float* r = rc ? rc->data_ptr<float>() : nullptr;
   const float* u = dense ? nullptr : wc.data_ptr<float>();
@@ -250,7 +293,28 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 }
 
+// conv3x3_winograd_plan: how conv3x3_winograd would share out a conv of x's sizes [N, C_in, H, W] on
+// `threads` threads, for tests and for reading a thread count's parallelism: [blocks, splits, tiles a
+// block, per_panel, own_u, sliced, input channels a slice, tiles].
+std::vector<int64_t> conv3x3_winograd_plan(c10::IntArrayRef x_size, int64_t out_channels, int64_t tile, bool dense,
+                                           int64_t threads) {
+  constexpr const char* op = "hrnet_fast::conv3x3_winograd_plan";
+  TORCH_CHECK(x_size.size() == 4 && out_channels > 0 && threads > 0, op, ": x_size must be [N, C_in, H, W], "
+              "out_channels and threads positive, got ", x_size, ", ", out_channels, ", ", threads);
+  TORCH_CHECK(tile == 2 || tile == 4, op, ": tile must be 2 or 4, got ", tile);
+  const WinogradGeometry g = winograd_geometry(x_size[0], x_size[2], x_size[3], x_size[1], out_channels,
+                                               static_cast<int>(tile));
+  const WinogradPlan p = plan_winograd(g, static_cast<int>(tile), dense, threads,
+                                       winograd_kernels(active_cpu_isa()).gemm_panels);
+  return {p.blocks, p.splits, p.tb, p.per_panel, p.own_u, p.sliced, p.slice, g.tiles};
+}
+
 }  // namespace
 }  // namespace hrnet_fast
 
 TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("conv3x3_winograd", &hrnet_fast::conv3x3_winograd_cpu); }
+
+TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
+  m.def("conv3x3_winograd_plan(int[] x_size, int out_channels, int tile, bool dense, int threads) -> int[]",
+        &hrnet_fast::conv3x3_winograd_plan);
+}

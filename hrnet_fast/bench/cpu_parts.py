@@ -7,6 +7,8 @@ One process, one optimize()d model; the configurations take turns over --rounds 
 is from the first call into it to the first call into the next (forward hooks on the top-level
 modules), so the parts add up to the forward. Printed: median ms per part, and each part's parallel
 efficiency against the smallest thread count, t(T0) * T0 / (T * t(T)). Also written as JSON to DIR.
+With --profile, the same op by op (scaling_table: each op call timed, at every thread count and batch),
+most time lost to imperfect scaling first, written to DIR/cpu_parts_ops.txt.
 """
 from __future__ import annotations
 
@@ -58,22 +60,84 @@ class PartClock:
         return out
 
 
-def profile_ops(model: torch.nn.Module, x: torch.Tensor, threads: list[int]) -> str:
-    """Per thread count, torch.profiler's table of one forward's ops by input shape, most self CPU time
-    first. Under the profiler task chains run one after another (cpu_tasks), so with tasks on this
-    shows each op split on its own."""
-    from torch.profiler import ProfilerActivity, profile
+class _OpClock:
+    """{(op, input shapes): [calls, ms]} of the ops a forward calls from Python, each timed around its
+    call (its parallel region's join included). A dispatch mode, not torch.profiler: under the profiler
+    stage 1's 1x1 convs took 2-14 ms a forward more at random (seen on 2 threads, 2026-11-27), which
+    this timing does not show."""
 
-    out = []
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                t0 = time.perf_counter()
+                out = func(*args, **(kwargs or {}))
+                dt = (time.perf_counter() - t0) * 1e3
+                shapes = ",".join("x".join(map(str, a.shape)) for a in args if isinstance(a, torch.Tensor))
+                cell = ops.setdefault((str(func.overloadpacket), shapes), [0.0, 0.0])
+                cell[0] += 1
+                cell[1] += dt
+                return out
+
+        self.mode = Mode()
+
+
+def _op_times(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> tuple[dict[tuple[str, str], list[float]], float]:
+    """{(op, input shapes): [calls, ms]} per forward (_OpClock), and the forwards' wall ms each."""
+    model(x)
+    clock = _OpClock()
+    with clock.mode:
+        t0 = time.perf_counter()
+        for _ in range(forwards):
+            model(x)
+        wall = (time.perf_counter() - t0) * 1e3 / forwards
+    return {k: [c / forwards, ms / forwards] for k, (c, ms) in clock.ops.items()}, wall
+
+
+def op_scaling(model: torch.nn.Module, x: torch.Tensor, threads: list[int], forwards: int = 3, rows: int = 20) -> str:
+    """Where the threads are lost, op by op, at batch x.shape[0]: scaling_table of each op's time at
+    every thread count (timed around each call, _OpClock)."""
+    times, walls = {}, {}
     with torch.inference_mode():
         for t in threads:
             torch.set_num_threads(t)
-            model(x)
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                model(x)
-            table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15)
-            out.append(f"\n{t} threads, batch {x.shape[0]}:\n{table}")
-    return "".join(out)
+            times[t], walls[t] = _op_times(model, x, forwards)
+    return scaling_table(times, walls, x.shape[0], rows)
+
+
+def scaling_table(times: dict[int, dict[tuple[str, str], list[float]]], walls: dict[int, float], batch: int,
+                  rows: int = 20) -> str:
+    """Markdown: each op's (by input shapes) ms per forward at every thread count with its parallel
+    efficiency against the smallest count T0, and the ms it loses at the largest T against perfect
+    scaling, t(T) - t(T0) T0 / T; most lost first, then all ops together and the forward's wall time
+    (the rest: Python, and the timing's own ~10 us a call)."""
+    threads = sorted(times)
+    t0, tn = threads[0], threads[-1]
+    keys = set().union(*times.values())
+
+    def ms(t: int, k: tuple[str, str]) -> float:
+        return times[t].get(k, [0.0, 0.0])[1]
+
+    def lost(k: tuple[str, str]) -> float:
+        return ms(tn, k) - ms(t0, k) * t0 / tn
+
+    def cells(values: dict[int, float]) -> str:
+        return " | ".join(f"{values[t]:.2f} ({values[t0] * t0 / (t * values[t]):.0%})" if values[t] > 0 else ""
+                          for t in threads)
+
+    lines = [f"\nbatch {batch}: ops by time lost at {tn} threads against perfect scaling from {t0}",
+             "| op | input shapes | calls | " + " | ".join(f"{t} thr ms (eff.)" for t in threads) + f" | lost at {tn} ms |",
+             "|" + "---|" * (len(threads) + 4)]
+    for k in sorted(keys, key=lost, reverse=True)[:rows]:
+        calls = max(times[t].get(k, [0.0])[0] for t in threads)
+        lines.append(f"| {k[0]} | {k[1][:60]} | {calls:g} | {cells({t: ms(t, k) for t in threads})} | {lost(k):.2f} |")
+    total = {t: sum(v[1] for v in times[t].values()) for t in threads}
+    lines.append(f"| all ops | | | {cells(total)} | {total[tn] - total[t0] * t0 / tn:.2f} |")
+    lines.append(f"| forward (wall) | | | {cells(walls)} | {walls[tn] - walls[t0] * t0 / tn:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", choices=("on", "off"), default="off",
                    help="optimize's tasks: off (its default: each op splits its own work) or on")
     p.add_argument("--profile", action="store_true",
-                   help="also an op table (torch.profiler, one forward at the largest batch) at the two largest "
-                        "thread counts, to see which ops lose where a part stops scaling")
+                   help="also the ops' scaling (each op call timed, a few forwards at each batch and thread count): "
+                        "each op's time at every count and what it loses against perfect scaling")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -151,7 +215,7 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
         base_ms = ref[(r["isa"], r["batch"])]
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
         print(f"| {r['batch']} | {r['isa']} | {r['threads']} | " + " | ".join(cells) + " |")
-    tables = profile_ops(model, xs[max(args.batch)], sorted(threads)[-2:]) if args.profile else ""
+    tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
