@@ -2,7 +2,8 @@
 # One call of the GPU machine (~9.5 minutes at most) for issue 13's 16-core questions, then the GPU tests:
 #   1. build (~25 s);
 #   2. `cpu_parts --profile` at 1, 8 and 16 threads, batch 1 and 8: per part and per op, where the
-#      scaling from 8 to 16 threads is lost (~60 s);
+#      scaling from 8 to 16 threads is lost, and the Winograd split's filling of idle threads on and off
+#      in turns (`--fill-team on off`: the sixteenth session's change, not yet timed on 16 cores) (~80 s);
 #   3. `cpu_threads` at 1, 16, 8 and 4 threads without torch.compile (its compiles took 2.5-4 minutes
 #      each there in run 8; its 1- and 16-thread rows are in benchmarks/results/gpu/cpu_16core_run8/):
 #      ~80 s of ONNX export, then ~190 s;
@@ -25,8 +26,8 @@ left() { echo $(( end - $(date +%s) )); }
     > "$work/machine.txt" 2>&1
 
 python3 -m hrnet_fast.bench.gpu_check --out "$work/cpu" --only build --budget-s 120
-timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads 1 8 16 --batch 1 8 --isa avx512 --rounds 2 --runs 2 \
-    --profile --out "$work/parts" > "$work/parts.log" 2>&1
+timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads 1 8 16 --batch 1 8 --isa avx512 --rounds 3 --runs 2 \
+    --fill-team on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
 echo "cpu_parts: exit $? ($(left) s left)"
 # the tests keep ~130 s of the budget
 timeout $(( $(left) - 130 )) python3 -m hrnet_fast.bench.cpu_threads --out "$work/cpu/cpu_threads" \

@@ -396,3 +396,43 @@ def test_non_finite_inputs_reach_a_superset_of_eagers_outputs(m, value, pos):
     allowed[rows.start : rows.stop, cols.start : cols.stop] = True
     assert not (bad_ours[0] & ~allowed).any(), "non-finite outside the tiles that read the pixel"
     torch.testing.assert_close(out[:, :, ~allowed], eager[:, :, ~allowed], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def fill_team_restored():
+    before = torch.ops.hrnet_fast.conv3x3_winograd_fill_team()
+    yield torch.ops.hrnet_fast.conv3x3_winograd_fill_team
+    torch.ops.hrnet_fast.conv3x3_winograd_fill_team(before)
+
+
+def test_fill_team_switch(fill_team_restored):
+    """conv3x3_winograd_fill_team(False) gives back the split without filling the team (8 tasks for W32's
+    128-channel 16x12 conv at batch 1 on 16 threads): another split, the same bits."""
+    switch = fill_team_restored
+    x, weight, b, r = make((1, 128, 128, 16, 12), seed=3)
+    x = x.contiguous(memory_format=CL)
+    before = torch.get_num_threads()
+    torch.set_num_threads(16)
+    try:
+        outs = {}
+        for on in (True, False):
+            assert switch(on) is on
+            outs[on] = (plan((1, 128, 16, 12), 128, 4, 16), winograd.conv3x3_winograd(x, ihwo(weight), 128, b, r, True, tile=4))
+    finally:
+        torch.set_num_threads(before)
+    assert outs[True][0][:2] == (2, 8) and outs[False][0][:2] == (1, 8)
+    assert torch.equal(outs[True][1], outs[False][1])
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fill_team_leaves_w32s_two_thread_splits(batch, fill_team_restored):
+    """On 2 threads (what the splits were tuned on) no W32 branch conv's split depends on the switch."""
+    switch = fill_team_restored
+    for c, h, w in ((32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6), (64, 64, 48)):
+        x_size = (batch, c, h, w)
+        m = winograd.choose_tile(x_size, c)
+        splits = set()
+        for on in (True, False):
+            switch(on)
+            splits.add(plan(x_size, c, m, 2))
+        assert len(splits) == 1, (x_size, splits)

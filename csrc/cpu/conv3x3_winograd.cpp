@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -88,6 +89,18 @@ constexpr int64_t kOwnUTiles = 96;
 // 16 threads (12 tiles, 8 panels) then runs 16 tasks of 6 tiles instead of 8 of 12, each 3/4 as long.
 constexpr int64_t kWideTiles = kMr;
 
+// Whether plan_winograd splits tiles further to give idle threads work (below); on unless switched
+// off by conv3x3_winograd_fill_team(False), for comparing the two splits in one process.
+std::atomic<bool>& fill_team() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+bool conv3x3_winograd_fill_team(std::optional<bool> use) {
+  if (use.has_value()) fill_team().store(*use);
+  return fill_team().load();
+}
+
 WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int m) {
   WinogradGeometry g{n, h, w, cin, cout, (cin + 7) / 8 * 8, (cout + kNr - 1) / kNr * kNr, 0, 0, 0};
   g.tiles_h = (h + m - 1) / m;
@@ -145,7 +158,7 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int M, bool dense, int64_t
   // the team (or the tiles run out). A dense weight transformed panel by panel in the tasks (one block) stays so (wide): each
   // panel's filter transform is then done once a block, by threads that would otherwise wait.
   bool wide = false;
-  if (blocks * splits < threads) {
+  if (fill_team().load(std::memory_order_relaxed) && blocks * splits < threads) {
     const int64_t more = std::min((threads + splits - 1) / splits, g.tiles / kWideTiles);
     if (more > blocks) {
       wide = blocks == 1;
@@ -317,4 +330,6 @@ TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("conv3x3_winograd", &hrnet_fast:
 TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   m.def("conv3x3_winograd_plan(int[] x_size, int out_channels, int tile, bool dense, int threads) -> int[]",
         &hrnet_fast::conv3x3_winograd_plan);
+  // whether the split fills the team (plan_winograd); `use` switches it, for comparisons
+  m.def("conv3x3_winograd_fill_team(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_fill_team);
 }

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", nargs="+", default=["avx2", "avx512"], help="Winograd variants (those this CPU runs)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=3, help="timed forwards per configuration and round")
+    p.add_argument("--fill-team", nargs="+", choices=("on", "off"), default=["on"],
+                   help="the Winograd split's filling of idle threads (conv3x3_winograd_fill_team): on (the "
+                        "default), off, or both, taking turns in this process")
     p.add_argument("--tasks", choices=("on", "off"), default="off",
                    help="optimize's tasks: off (its default: each op splits its own work) or on")
     p.add_argument("--profile", action="store_true",
@@ -159,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     # the variant and thread count in use before the timing switches between them, put back after it so
     # that the JSON's machine info and anything run later in the process see the CPU's own choice
     default_isa, default_threads = torch.ops.hrnet_fast.cpu_isa(), torch.get_num_threads()
+    default_fill = torch.ops.hrnet_fast.conv3x3_winograd_fill_team()
     try:
         return _run(args, threads, cores, default_isa)
     finally:
         torch.ops.hrnet_fast.cpu_isa(default_isa)
+        torch.ops.hrnet_fast.conv3x3_winograd_fill_team(default_fill)
         torch.set_num_threads(default_threads)
 
 
@@ -187,34 +192,38 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                                 cpu_graph=False)
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
-    configs = [(t, isa, b) for b in args.batch for t in threads for isa in isas]
+    fills = list(dict.fromkeys(args.fill_team))
+    configs = [(t, isa, b, f) for b in args.batch for t in threads for isa in isas for f in fills]
     samples: dict[tuple, list[dict[str, float]]] = {c: [] for c in configs}
     with torch.inference_mode():
         for r in range(args.rounds):
-            for t, isa, b in configs:
+            for t, isa, b, f in configs:
                 torch.set_num_threads(t)
                 torch.ops.hrnet_fast.cpu_isa(isa)
+                torch.ops.hrnet_fast.conv3x3_winograd_fill_team(f == "on")
                 for k in range(args.runs + (2 if r == 0 else 0)):
                     model(xs[b])
                     if r or k >= 2:  # the first round's first two forwards warm up
-                        samples[(t, isa, b)].append(clock.parts_ms())
+                        samples[(t, isa, b, f)].append(clock.parts_ms())
             print(f"round {r + 1}/{args.rounds} done", flush=True)
-    torch.ops.hrnet_fast.cpu_isa(default_isa)  # the op table below, and the JSON, at the CPU's own variant
+    # the op table below, and the JSON, at the CPU's own variant and the default split
+    torch.ops.hrnet_fast.cpu_isa(default_isa)
+    torch.ops.hrnet_fast.conv3x3_winograd_fill_team(True)
     rows = []
-    for (t, isa, b), runs in samples.items():
+    for (t, isa, b, f), runs in samples.items():
         med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
         med["total"] = statistics.median(sum(s.values()) for s in runs)
-        rows.append({"threads": t, "isa": isa, "batch": b, "ms": med})
+        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": f, "ms": med})
     base = min(threads)
-    ref = {(r["isa"], r["batch"]): r["ms"] for r in rows if r["threads"] == base}
+    ref = {(r["isa"], r["batch"], r["fill_team"]): r["ms"] for r in rows if r["threads"] == base}
     parts = list(rows[0]["ms"])
     print(f"\nW32 256x192 cpu backend (tasks {args.tasks}), median ms per part (parallel efficiency against {base} thread(s))")
-    print("| batch | isa | threads | " + " | ".join(parts) + " |")
-    print("|" + "---|" * (len(parts) + 3))
+    print("| batch | isa | fill | threads | " + " | ".join(parts) + " |")
+    print("|" + "---|" * (len(parts) + 4))
     for r in rows:
-        base_ms = ref[(r["isa"], r["batch"])]
+        base_ms = ref[(r["isa"], r["batch"], r["fill_team"])]
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
-        print(f"| {r['batch']} | {r['isa']} | {r['threads']} | " + " | ".join(cells) + " |")
+        print(f"| {r['batch']} | {r['isa']} | {r['fill_team']} | {r['threads']} | " + " | ".join(cells) + " |")
     tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
     if args.out:
