@@ -29,6 +29,10 @@ TORCH_LIBRARY(hrnet_fast, m) {
   m.def(
       "conv3x3_winograd(Tensor x, Tensor weight, int out_channels, Tensor? bias, Tensor? residual=None, "
       "bool relu=True, int tile=0) -> Tensor");
+  // n/2 ResNet BasicBlocks with identity shortcuts, x <- relu(conv(relu(conv(x, w[2k]) + b[2k]), w[2k+1]) +
+  // b[2k+1] + x), every conv 3x3 C -> C with its dense weight, by Winograd F(tile x tile, 3 x 3) as
+  // conv3x3_winograd: CPU only, in one parallel region.
+  m.def("winograd_blocks(Tensor x, Tensor[] weights, Tensor[] biases, int tile) -> Tensor");
   // G w G^T of a [C_out, C_in, 3, 3] weight, packed for conv3x3_winograd: [(m+2)^2, ceil(C_out/16), C_in, 16]
   m.def("winograd_weight(Tensor weight, int m) -> Tensor");
 }

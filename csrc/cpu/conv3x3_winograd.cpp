@@ -35,6 +35,7 @@
 
 #include "cpu/cpu_isa.h"
 #include "cpu/tensor_view.h"
+#include "cpu/winograd_driver.h"
 #include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
@@ -101,6 +102,8 @@ bool conv3x3_winograd_fill_team(std::optional<bool> use) {
   return fill_team().load();
 }
 
+}  // namespace
+
 WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int m) {
   WinogradGeometry g{n, h, w, cin, cout, (cin + 7) / 8 * 8, (cout + kNr - 1) / kNr * kNr, 0, 0, 0};
   g.tiles_h = (h + m - 1) / m;
@@ -109,16 +112,8 @@ WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin,
   return g;
 }
 
-// How a conv's work is shared between `threads`: blocks of tb tiles times splits shares of the output
-// panels, and where U comes from (see winograd_forward). dense: the weight is dense (transformed here).
-struct WinogradPlan {
-  int64_t blocks, splits, tb;
-  bool per_panel, own_u, sliced;
-  int64_t slice;
-};
-
-WinogradPlan plan_winograd(const WinogradGeometry& g, int M, bool dense, int64_t threads, int gemm_panels) {
-  const int K = M + 2;  // input tile size
+WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t threads, int gemm_panels) {
+  const int K = m + 2;  // input tile size
   const int64_t panels = g.coutp / kNr;
   const bool u = !dense;  // as the driver's pointer: a packed U is given
   // Tiles per block: what the cache budget allows.
@@ -183,57 +178,65 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int M, bool dense, int64_t
   return WinogradPlan{blocks, splits, tb, per_panel, own_u, sliced, slice};
 }
 
-// u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
-template <int M>
-void winograd_forward(const float* x, const float* u, const float* w, const float* bias, const float* residual,
-                      bool relu, const WinogradGeometry& g, float* y) {
-  const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
-  const WinogradTaskFn run_task = M == 2 ? kernels.m2 : kernels.m4;
-  constexpr int K = M + 2;  // input tile size
-  // This library's own first-region set-up (csrc/cpu/cpu_thread_team.cpp) before the team is read:
-  // the scratch below has a slot per thread of the parallel_for's team, so the two must agree.
-  at::internal::lazy_init_num_threads();
-  const int64_t threads = at::get_num_threads();
-  const WinogradPlan plan = plan_winograd(g, M, !u, threads, kernels.gemm_panels);
-  const int64_t blocks = plan.blocks, splits = plan.splits, tb = plan.tb, panels = g.coutp / kNr, slice = plan.slice;
-  const bool per_panel = plan.per_panel, own_u = plan.own_u;
-  at::Tensor u_scratch;
-  int64_t u_stride = g.coutp * g.cin;  // a packed transformed weight's
-  if (own_u) u_stride = plane_stride(g.coutp * g.cin);
-  if (!u && !per_panel && !own_u) {
-    u_stride = plane_stride(g.coutp * g.cin);
-    u_scratch = empty_float({K * K * u_stride});
-    winograd_transform_all(w, g.cin, g.cout, M, u_scratch.data_ptr<float>(), u_stride);
-    u = u_scratch.data_ptr<float>();
-  }
-
+WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads)
+    : g_(g), m_(m), dense_(dense), kernels_(winograd_kernels(active_cpu_isa())),
+      plan_(plan_winograd(g, m, dense, threads, kernels_.gemm_panels)) {
+  const int K = m + 2;  // input tile size
+  u_stride_ = g.coutp * g.cin;  // a packed transformed weight's
+  if (plan_.own_u || shared_u()) u_stride_ = plane_stride(g.coutp * g.cin);
   // Each thread's V and Mt (and U panel), from torch's allocator so memory profiles see them
   // (at::empty is 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
-  const int64_t vbuf_floats = K * K * plane_stride(tb * g.cinp), mbuf_floats = K * K * plane_stride(tb * g.coutp);
-  const int64_t ubuf_floats = per_panel ? K * K * plane_stride(kernels.gemm_panels * slice * kNr)
-                              : own_u   ? K * K * u_stride
-                                        : 0;
-  const int64_t per_thread = vbuf_floats + mbuf_floats + ubuf_floats;  // each a multiple of 16 floats
-  const int64_t slots = std::min(threads, blocks * splits);
-  const at::Tensor scratch = empty_float({slots * per_thread});
-  float* const scratch_base = scratch.data_ptr<float>();
-  at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
-    float* vbuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
-    float* mbuf = vbuf + vbuf_floats;
-    float* ubuf = mbuf + mbuf_floats;  // U panels (per_panel) or the whole U (own_u); else empty
-    const float* task_u = u;
-    if (own_u) {  // once per thread: parallel_for hands each thread one range of tasks
-      (M == 2 ? kernels.w2 : kernels.w4)(w, g.cin, g.cout, 0, g.cin, ubuf, u_stride);
-      task_u = ubuf;
-    }
-    for (int64_t task = begin; task < end; ++task) {
-      // part-major: a thread's contiguous range of tasks covers its share of channels, all blocks
-      const int64_t part = task / blocks, blk = task % blocks;
-      const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
-      const int64_t t0 = blk * tb, nt = std::min(tb, g.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
-      run_task(WinogradTask{x, task_u, u_stride, w, per_panel ? ubuf : nullptr, bias, residual, relu, &g, y, vbuf,
-                            mbuf, t0, nt, ntp, j0, j1, slice});
-    }
+  vbuf_floats_ = K * K * plane_stride(plan_.tb * g.cinp);
+  mbuf_floats_ = K * K * plane_stride(plan_.tb * g.coutp);
+  const int64_t ubuf_floats = plan_.per_panel ? K * K * plane_stride(kernels_.gemm_panels * plan_.slice * kNr)
+                              : plan_.own_u   ? K * K * u_stride_
+                                              : 0;
+  per_thread_ = vbuf_floats_ + mbuf_floats_ + ubuf_floats;  // each a multiple of 16 floats
+  slots_ = std::min(threads, tasks());
+  scratch_ = empty_float({slots_ * per_thread_});
+}
+
+const float* WinogradRunner::transform_shared_u(const float* w) {
+  if (!u_scratch_.defined()) u_scratch_ = empty_float({(m_ + 2) * (m_ + 2) * u_stride_});
+  winograd_transform_all(w, g_.cin, g_.cout, m_, u_scratch_.data_ptr<float>(), u_stride_);
+  return u_scratch_.data_ptr<float>();
+}
+
+void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const float* w,
+                         const float* bias, const float* residual, bool relu, float* y) const {
+  const WinogradTaskFn run_task = m_ == 2 ? kernels_.m2 : kernels_.m4;
+  const int64_t blocks = plan_.blocks, splits = plan_.splits, tb = plan_.tb, panels = g_.coutp / kNr;
+  float* vbuf = scratch_.data_ptr<float>() + std::min<int64_t>(slot, slots_ - 1) * per_thread_;
+  float* mbuf = vbuf + vbuf_floats_;
+  float* ubuf = mbuf + mbuf_floats_;  // U panels (per_panel) or the whole U (own_u); else empty
+  const float* task_u = u;
+  if (plan_.own_u) {  // once per range of tasks, so once per thread
+    (m_ == 2 ? kernels_.w2 : kernels_.w4)(w, g_.cin, g_.cout, 0, g_.cin, ubuf, u_stride_);
+    task_u = ubuf;
+  }
+  for (int64_t task = begin; task < end; ++task) {
+    // part-major: a thread's contiguous range of tasks covers its share of channels, all blocks
+    const int64_t part = task / blocks, blk = task % blocks;
+    const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
+    const int64_t t0 = blk * tb, nt = std::min(tb, g_.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
+    run_task(WinogradTask{x, task_u, u_stride_, w, plan_.per_panel ? ubuf : nullptr, bias, residual, relu, &g_, y,
+                          vbuf, mbuf, t0, nt, ntp, j0, j1, plan_.slice});
+  }
+}
+
+namespace {
+
+// u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
+void winograd_forward(const float* x, const float* u, const float* w, const float* bias, const float* residual,
+                      bool relu, const WinogradGeometry& g, int m, float* y) {
+  // This library's own first-region set-up (csrc/cpu/cpu_thread_team.cpp) before the team is read:
+  // the scratch has a slot per thread of the parallel_for's team, so the two must agree.
+  at::internal::lazy_init_num_threads();
+  WinogradRunner runner(g, m, u == nullptr, at::get_num_threads());
+  if (runner.shared_u()) u = runner.transform_shared_u(w);
+  // parallel_for hands each thread one contiguous range of tasks, as run() needs
+  at::parallel_for(0, runner.tasks(), 1, [&](int64_t begin, int64_t end) {
+    runner.run(at::get_thread_num(), begin, end, x, u, w, bias, residual, relu, y);
   });
 }
 
@@ -299,10 +302,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   const float* r = rc ? rc->data_ptr<float>() : nullptr;
   const float* u = dense ? nullptr : wc.data_ptr<float>();
   const float* w = dense ? wc.data_ptr<float>() : nullptr;
-  if (m == 2)
-    winograd_forward<2>(xc.data_ptr<float>(), u, w, b, r, relu, g, y.data_ptr<float>());
-  else
-    winograd_forward<4>(xc.data_ptr<float>(), u, w, b, r, relu, g, y.data_ptr<float>());
+  winograd_forward(xc.data_ptr<float>(), u, w, b, r, relu, g, m, y.data_ptr<float>());
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 }
 

@@ -1,5 +1,6 @@
 """FusedBlock: a ResNet BasicBlock or Bottleneck as 2 or 3 conv_bias_act calls, the last adding the shortcut.
-ChunkedStage: a Sequential of them run a few images at a time on the CPU."""
+ChunkedStage: a Sequential of them run a few images at a time on the CPU.
+WinogradBlocks: a Sequential of BasicBlocks (an HRNet branch) as one winograd_blocks call on the CPU."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 from hrnet_fast.fused import cpu_tasks
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN, fold_conv_bn
+from hrnet_fast.ops.winograd import choose_tile
 
 # Attributes a block may carry that must be absent or identities for the plain conv-bn-relu semantics.
 _OPTIONAL_EXTRAS = ("se", "aa", "drop_block", "drop_path", "attn")
@@ -130,3 +132,49 @@ class ChunkedStage(nn.Sequential):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("tasks", False)  # absent from states saved before task parallelism
         super().__setstate__(state)
+
+
+class WinogradBlocks(nn.Sequential):
+    """A Sequential of FusedBlocks that are BasicBlocks with identity shortcuts (an HRNet branch), on the
+    cpu backend: where all their convs run Winograd (FusedConv.pack) on a float32 CPU input, the whole
+    chain is one winograd_blocks call, the same bits as block by block but planned, allocated and started
+    on the threads once (csrc/cpu/winograd_blocks.cpp); else (torch.compile, another input, convs that run
+    elsewhere) block by block. Children keep their names, so state_dict is the Sequential's."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        for name, block in seq.named_children():
+            self.add_module(name, block)
+        # False: always block by block (for comparing the two in one process)
+        self.one_op = True
+
+    @staticmethod
+    def applies(seq: nn.Module) -> bool:
+        """Whether `seq` is a non-empty Sequential of cpu-backend FusedBlocks with two convs and no downsample."""
+        return (
+            isinstance(seq, nn.Sequential)
+            and len(seq) > 0
+            and all(isinstance(b, FusedBlock) and len(b.convs) == 1 and b.downsample is None and b.last.backend == "cpu"
+                    for b in seq)
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("one_op", True)
+        super().__setstate__(state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.one_op or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
+            return super().forward(x)
+        weights, biases = [], []
+        c = x.shape[1]
+        for block in self:
+            for conv in (block.convs[0], block.last):
+                conv._refresh()  # the derived weights up to date, as FusedConv.forward keeps them
+                w = conv._buffers["weight"]
+                if not conv._winograd or not conv.relu or w.shape[0] != c or w.shape[1] != c:
+                    return super().forward(x)
+                weights.append(w)
+                biases.append(conv._buffers["bias"])
+        return torch.ops.hrnet_fast.winograd_blocks(x, weights, biases, choose_tile(x.shape, c))
+

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrnet_fast.fused import cpu_tasks
-from hrnet_fast.fused.blocks import conv_bn_pair, fused_conv
+from hrnet_fast.fused.blocks import WinogradBlocks, conv_bn_pair, fused_conv
 from hrnet_fast.fused.folding import fold_conv_bn
 from hrnet_fast.fused.streams import run_concurrently
 from hrnet_fast.ops import _backend
@@ -196,6 +196,8 @@ class FusedHRModule(nn.Module):
         super().__init__()
         self.num_branches = int(m.num_branches)
         self.mode, self.align_corners = mode, bool(align_corners)
+        if backend == "cpu":  # a branch of BasicBlocks as one op (WinogradBlocks), where its convs run Winograd
+            branches = nn.ModuleList([WinogradBlocks(b) if WinogradBlocks.applies(b) else b for b in branches])
         self.branches = branches
         self.backend = backend
         self._fuse = _backend.kernel("fuse_multi_res", backend)  # looked up once, not per call

@@ -1,0 +1,57 @@
+// The Winograd driver's pieces that more than one op uses (csrc/cpu/conv3x3_winograd.cpp, which defines
+// them, and csrc/cpu/winograd_blocks.cpp): a conv's geometry, how its work is split between threads,
+// and the running of one thread's share of a conv.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "cpu/winograd_isa.h"
+
+namespace hrnet_fast {
+
+WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int m);
+
+// How a conv's work is shared between threads: blocks of tb tiles times splits shares of the output
+// panels (tasks = blocks * splits, part-major), and where each task's U comes from: transformed from
+// the dense weight panel by panel inside the task (per_panel, slice input channels at a time where
+// sliced), by each thread for itself into its scratch (own_u), or else once up front into shared
+// scratch (a dense weight) or read packed (a transformed one).
+struct WinogradPlan {
+  int64_t blocks, splits, tb;
+  bool per_panel, own_u, sliced;
+  int64_t slice;
+};
+
+WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t threads, int gemm_panels);
+
+// One conv shape's plan and thread scratch, made once and used for one conv or for several of that
+// shape in turn (winograd_blocks: a chain of convs in one parallel region). run() does tasks [begin,
+// end) of one conv with the scratch of `slot` (< slots()); a thread must take one contiguous range of
+// tasks per conv (own_u transforms U once per range). A dense weight whose plan wants U transformed up
+// front (shared_u()) needs that U from the caller (transform_shared_u, before the tasks).
+class WinogradRunner {
+ public:
+  WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads);
+  const WinogradPlan& plan() const { return plan_; }
+  int64_t tasks() const { return plan_.blocks * plan_.splits; }
+  int64_t slots() const { return slots_; }
+  bool shared_u() const { return dense_ && !plan_.per_panel && !plan_.own_u; }
+  // U of dense weight w, into scratch this runner holds, across the threads (a parallel region of its
+  // own); returns it, for run()'s u
+  const float* transform_shared_u(const float* w);
+  void run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const float* w, const float* bias,
+           const float* residual, bool relu, float* y) const;
+
+ private:
+  WinogradGeometry g_;
+  int m_;
+  bool dense_;
+  WinogradKernels kernels_;
+  WinogradPlan plan_;
+  int64_t u_stride_, vbuf_floats_, mbuf_floats_, per_thread_, slots_;
+  at::Tensor scratch_, u_scratch_;
+};
+
+}  // namespace hrnet_fast

@@ -1,0 +1,165 @@
+"""winograd_blocks (csrc/cpu/winograd_blocks.cpp, hrnet_fast/ops/basic_blocks.py): a chain of BasicBlocks
+in one op gives the bits of the conv3x3_winograd calls it replaces, on every thread count and split; its
+checks, fake and autograd; and WinogradBlocks, the branch module optimize() makes of it."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import hrnet_fast
+import hrnet_fast.profile
+from hrnet_fast import _extension
+from hrnet_fast.fused.blocks import WinogradBlocks
+from hrnet_fast.ops import winograd, winograd_blocks
+from hrnet_fast.ops.basic_blocks import winograd_blocks_reference as reference
+from hrnet_fast.reference import tiny_pose_hrnet
+
+from conftest import randomize_bn
+
+pytestmark = pytest.mark.skipif(not _extension.has_kernel("winograd_blocks", "CPU"), reason="needs the compiled extension")
+CL = torch.channels_last
+
+
+def make(n, c, h, w, blocks, seed=0, ihwo=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
+    ws = [torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5) for _ in range(2 * blocks)]
+    if ihwo:  # stored [C_in, 3, 3, C_out], as optimize() keeps them
+        ws = [w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2) for w in ws]
+    bs = [torch.randn(c, generator=g) * 0.1 for _ in range(2 * blocks)]
+    return x, ws, bs
+
+
+def with_threads(threads, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+# W32's four branches at batch 1 (four blocks each), its 128-channel one at batch 8 (on 2 threads its U is
+# transformed up front into shared scratch, a region a conv), odd sizes and channel counts, one block.
+@pytest.mark.parametrize(
+    "shape", [(1, 32, 64, 48, 4), (1, 64, 32, 24, 4), (1, 128, 16, 12, 4), (1, 256, 8, 6, 4), (8, 128, 16, 12, 1),
+              (2, 24, 13, 11, 3), (1, 16, 5, 7, 1)], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3, 16])
+def test_same_bits_as_the_conv_calls(shape, threads):
+    n, c, h, w, blocks = shape
+    x, ws, bs = make(n, c, h, w, blocks)
+    m = winograd.choose_tile(x.shape, c)
+    got, want = with_threads(threads, lambda: (winograd_blocks(x, ws, bs, m), reference(x, ws, bs, m)))
+    assert got.is_contiguous(memory_format=CL)
+    assert torch.equal(got, want)
+
+
+def test_a_split_with_shared_u_is_covered():
+    """The (8, 128, 16, 12) case above on 2 threads takes the path whose U is transformed up front."""
+    blocks, splits, _, per_panel, own_u = torch.ops.hrnet_fast.conv3x3_winograd_plan(
+        [8, 128, 16, 12], 128, winograd.choose_tile((8, 128, 16, 12), 128), True, 2)[:5]
+    assert not per_panel and not own_u and blocks * splits > 1
+
+
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_any_tile_nchw_and_oihw(tile):
+    """Either tile, an NCHW input (NCHW output) and OIHW-stored weights give the calls' bits too."""
+    x, ws, bs = make(2, 16, 9, 10, 2, seed=3, ihwo=False)
+    x = x.contiguous()
+    got = winograd_blocks(x, ws, bs, tile)
+    assert got.is_contiguous() and torch.equal(got, reference(x, ws, bs, tile))
+
+
+def test_matches_direct_convolution():
+    x, ws, bs = make(1, 16, 12, 12, 2, seed=4)
+    want = x.double()
+    for k in range(0, 4, 2):
+        h = torch.relu(nn.functional.conv2d(want, ws[k].double(), bs[k].double(), padding=1))
+        want = torch.relu(nn.functional.conv2d(h, ws[k + 1].double(), bs[k + 1].double(), padding=1) + want)
+    got = winograd_blocks(x, ws, bs, 4)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_bad_input_says_what_was_expected():
+    x, ws, bs = make(1, 16, 8, 8, 1)
+    with pytest.raises(ValueError, match="two a block"):
+        winograd_blocks(x, ws[:1], bs[:1], 4)
+    with pytest.raises(ValueError, match=r"weights\[1\] must be a 3x3 weight \[16, 16, 3, 3\]"):
+        winograd_blocks(x, [ws[0], torch.randn(8, 16, 3, 3)], bs, 4)
+    with pytest.raises(ValueError, match="tile must be one of"):
+        winograd_blocks(x, ws, bs, 3)
+    with pytest.raises(ValueError, match="float32 CPU only"):
+        winograd_blocks(x.double(), [w.double() for w in ws], [b.double() for b in bs], 4)
+    with pytest.raises(RuntimeError, match=r"biases\[0\] must be a float32 CPU tensor of shape \[16\]"):
+        torch.ops.hrnet_fast.winograd_blocks(x, ws, [torch.randn(8), bs[1]], 4)
+    with pytest.raises(RuntimeError, match="an even number"):
+        torch.ops.hrnet_fast.winograd_blocks(x, ws[:1], bs[:1], 4)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+def test_opcheck(grad):
+    x, ws, bs = make(1, 16, 8, 8, 2, seed=5)
+    args = (x, ws, bs, 4)
+    if grad:
+        args = (x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws], [b.clone().requires_grad_() for b in bs], 4)
+    torch.library.opcheck(torch.ops.hrnet_fast.winograd_blocks.default, args)
+
+
+def test_gradients_are_the_calls_gradients():
+    x, ws, bs = make(1, 16, 8, 8, 2, seed=6)
+    dy = torch.randn(1, 16, 8, 8)
+    grads = []
+    for fn in (winograd_blocks, reference):
+        leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for t in (*ws, *bs)]
+        fn(leaves[0], leaves[1:5], leaves[5:], 2).backward(dy)
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def _blocks(model):
+    return [m for m in model.modules() if isinstance(m, WinogradBlocks)]
+
+
+@pytest.mark.parametrize("winograd_on", [True, False], ids=["winograd", "no_winograd"])
+def test_optimize_runs_branches_as_one_op(winograd_on):
+    """optimize() makes each BasicBlock branch a WinogradBlocks: one winograd_blocks call a branch where its
+    convs run Winograd (block by block otherwise), the same state_dict keys, the same bits as block by block."""
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    one = hrnet_fast.optimize(model, backend="cpu", winograd=winograd_on)
+    each = hrnet_fast.optimize(model, backend="cpu", winograd=winograd_on)
+    for m in _blocks(each):
+        m.one_op = False
+    assert _blocks(one) and list(one.state_dict()) == list(each.state_dict())
+    # the branches' keys are the Sequential's (WinogradBlocks keeps its children's names)
+    assert any(k.startswith("stage2.0.branches.0.0.") for k in one.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        out, out_each, ref = one(x), each(x), model(x)
+    assert torch.equal(out, out_each)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    counts = hrnet_fast.profile.count_ops(one, x)["by_op"]
+    assert (counts.get("hrnet_fast::winograd_blocks", 0) > 0) == winograd_on
+
+
+def test_branch_follows_reloaded_weights_and_pickles():
+    """A branch run as one op reads the weights the model holds now (load_state_dict of another optimized
+    model's), and a pickled copy (one_op kept) gives the same output."""
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fast = hrnet_fast.optimize(model, backend="cpu")
+    other = randomize_bn(tiny_pose_hrnet(), seed=7).eval()
+    x0 = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        fast(x0)  # the CPU graph and the derived weights made for the old weights
+    fast.load_state_dict(hrnet_fast.optimize(other, backend="cpu").state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        ref, out = other(x), fast(x)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    copy = pickle.loads(pickle.dumps(fast))
+    assert _blocks(copy) and all(m.one_op for m in _blocks(copy))
+    with torch.inference_mode():
+        assert torch.equal(copy(x), out)
