@@ -2,8 +2,9 @@
 # One call of the GPU machine (~9.5 minutes at most) for issue 13's 16-core questions, then the GPU tests:
 #   1. build (~25 s);
 #   2. `cpu_parts --profile` at 1, 8 and 16 threads, batch 1 and 8: per part and per op, where the
-#      scaling from 8 to 16 threads is lost, and the Winograd split's filling of idle threads on and off
-#      in turns (`--fill-team on off`: the sixteenth session's change, not yet timed on 16 cores) (~80 s);
+#      scaling from 8 to 16 threads is lost, with the sixteenth session's two changes for many threads on
+#      and off in turns (not yet timed on 16 cores): the Winograd split's filling of idle threads
+#      (`--fill-team on off`) and each branch as one winograd_blocks call (`--one-op on off`) (~100 s);
 #   3. `cpu_threads` at 1, 16, 8 and 4 threads without torch.compile (its compiles took 2.5-4 minutes
 #      each there in run 8; its 1- and 16-thread rows are in benchmarks/results/gpu/cpu_16core_run8/):
 #      ~80 s of ONNX export, then ~190 s;
@@ -27,7 +28,7 @@ left() { echo $(( end - $(date +%s) )); }
 
 python3 -m hrnet_fast.bench.gpu_check --out "$work/cpu" --only build --budget-s 120
 timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads 1 8 16 --batch 1 8 --isa avx512 --rounds 3 --runs 2 \
-    --fill-team on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
+    --fill-team on off --one-op on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
 echo "cpu_parts: exit $? ($(left) s left)"
 # the tests keep ~130 s of the budget
 timeout $(( $(left) - 130 )) python3 -m hrnet_fast.bench.cpu_threads --out "$work/cpu/cpu_threads" \

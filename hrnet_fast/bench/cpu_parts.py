@@ -24,6 +24,7 @@ import torch
 
 import hrnet_fast
 from hrnet_fast.bench.model import randomize
+from hrnet_fast.fused.blocks import WinogradBlocks
 
 PARTS = {"conv1": "stem", "layer1": "stage1", "transition1": "stage2", "stage2": "stage2", "transition2": "stage3",
          "stage3": "stage3", "transition3": "stage4", "stage4": "stage4", "final_layer": "head"}
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fill-team", nargs="+", choices=("on", "off"), default=["on"],
                    help="the Winograd split's filling of idle threads (conv3x3_winograd_fill_team): on (the "
                         "default), off, or both, taking turns in this process")
+    p.add_argument("--one-op", nargs="+", choices=("on", "off"), default=["on"],
+                   help="each branch's BasicBlocks as one winograd_blocks call (WinogradBlocks.one_op): on (the "
+                        "default), off (block by block), or both, taking turns in this process")
     p.add_argument("--tasks", choices=("on", "off"), default="off",
                    help="optimize's tasks: off (its default: each op splits its own work) or on")
     p.add_argument("--profile", action="store_true",
@@ -192,15 +196,18 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                                 cpu_graph=False)
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
-    fills = list(dict.fromkeys(args.fill_team))
+    fills = [(f, o) for f in dict.fromkeys(args.fill_team) for o in dict.fromkeys(args.one_op)]
     configs = [(t, isa, b, f) for b in args.batch for t in threads for isa in isas for f in fills]
+    branches = [m for m in model.modules() if isinstance(m, WinogradBlocks)]
     samples: dict[tuple, list[dict[str, float]]] = {c: [] for c in configs}
     with torch.inference_mode():
         for r in range(args.rounds):
             for t, isa, b, f in configs:
                 torch.set_num_threads(t)
                 torch.ops.hrnet_fast.cpu_isa(isa)
-                torch.ops.hrnet_fast.conv3x3_winograd_fill_team(f == "on")
+                torch.ops.hrnet_fast.conv3x3_winograd_fill_team(f[0] == "on")
+                for m in branches:
+                    m.one_op = f[1] == "on"
                 for k in range(args.runs + (2 if r == 0 else 0)):
                     model(xs[b])
                     if r or k >= 2:  # the first round's first two forwards warm up
@@ -209,21 +216,23 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
     # the op table below, and the JSON, at the CPU's own variant and the default split
     torch.ops.hrnet_fast.cpu_isa(default_isa)
     torch.ops.hrnet_fast.conv3x3_winograd_fill_team(True)
+    for m in branches:
+        m.one_op = True
     rows = []
     for (t, isa, b, f), runs in samples.items():
         med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
         med["total"] = statistics.median(sum(s.values()) for s in runs)
-        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": f, "ms": med})
+        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": f[0], "one_op": f[1], "ms": med})
     base = min(threads)
-    ref = {(r["isa"], r["batch"], r["fill_team"]): r["ms"] for r in rows if r["threads"] == base}
+    ref = {(r["isa"], r["batch"], r["fill_team"], r["one_op"]): r["ms"] for r in rows if r["threads"] == base}
     parts = list(rows[0]["ms"])
     print(f"\nW32 256x192 cpu backend (tasks {args.tasks}), median ms per part (parallel efficiency against {base} thread(s))")
-    print("| batch | isa | fill | threads | " + " | ".join(parts) + " |")
-    print("|" + "---|" * (len(parts) + 4))
+    print("| batch | isa | fill | one op | threads | " + " | ".join(parts) + " |")
+    print("|" + "---|" * (len(parts) + 5))
     for r in rows:
-        base_ms = ref[(r["isa"], r["batch"], r["fill_team"])]
+        base_ms = ref[(r["isa"], r["batch"], r["fill_team"], r["one_op"])]
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
-        print(f"| {r['batch']} | {r['isa']} | {r['fill_team']} | {r['threads']} | " + " | ".join(cells) + " |")
+        print(f"| {r['batch']} | {r['isa']} | {r['fill_team']} | {r['one_op']} | {r['threads']} | " + " | ".join(cells) + " |")
     tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
     if args.out:
