@@ -142,17 +142,19 @@ def plan(x_size, c_out, m, threads, dense=True):
         ((1, 128, 16, 12), 128, 4, 2, (1, 2, 12, True, False)),
         ((1, 256, 8, 6), 256, 2, 2, (1, 2, 12, True, False)),
         ((8, 32, 64, 48), 32, 4, 2, (29, 1, 54, False, True)),
-        ((8, 256, 8, 6), 256, 2, 2, (1, 2, 96, True, False)),
+        ((8, 256, 8, 6), 256, 4, 2, (1, 2, 36, True, False)),
         ((1, 32, 64, 48), 32, 4, 16, (16, 1, 12, False, False)),
         ((1, 64, 32, 24), 64, 4, 16, (4, 4, 12, False, False)),
         ((1, 128, 16, 12), 128, 4, 16, (2, 8, 6, True, False)),
         ((1, 256, 8, 6), 256, 2, 16, (1, 16, 12, True, False)),
         ((8, 64, 32, 24), 64, 4, 16, (16, 1, 24, False, False)),
-        ((8, 128, 16, 12), 128, 2, 16, (16, 1, 24, False, False)),
+        ((8, 128, 16, 12), 128, 4, 16, (16, 1, 6, False, False)),
+        ((8, 256, 8, 6), 256, 4, 16, (1, 16, 36, True, False)),
     ],
     ids=str,
 )
 def test_plan_of_w32s_convs(x_size, c_out, m, threads, want):
+    assert winograd.choose_tile(x_size, c_out) == m
     assert plan(x_size, c_out, m, threads) == want
 
 
