@@ -150,8 +150,9 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // Many threads, few tasks: where blocks x splits leaves threads idle (16 threads, W32 at batch 1:
   // the 64-channel 32x24 conv made 2 blocks x 4 panel groups, the 128-channel 16x12 one 8 panels of
   // one block), the tiles are split further, into blocks of at least kWideTiles, until the tasks fill
-  // the team (or the tiles run out). A dense weight transformed panel by panel in the tasks (one block) stays so (wide): each
-  // panel's filter transform is then done once a block, by threads that would otherwise wait.
+  // the team (or the tiles run out). A dense weight transformed panel by panel in the tasks (one
+  // block) stays so (wide): each panel's filter transform is then done once a block, by threads that
+  // would otherwise wait.
   bool wide = false;
   if (fill_team().load(std::memory_order_relaxed) && blocks * splits < threads) {
     const int64_t more = std::min((threads + splits - 1) / splits, g.tiles / kWideTiles);

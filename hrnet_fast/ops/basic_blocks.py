@@ -22,7 +22,9 @@ from hrnet_fast.ops.winograd import TILES, conv3x3_winograd
 OP = "winograd_blocks"
 
 
-def winograd_blocks(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], tile: int) -> torch.Tensor:
+def winograd_blocks(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], tile: int
+) -> torch.Tensor:
     """len(weights) // 2 BasicBlocks on x (see the module docstring); the output's memory format follows x's."""
     check_4d("x", x)
     c = x.shape[1]
@@ -45,7 +47,9 @@ def winograd_blocks(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Se
     return torch.ops.hrnet_fast.winograd_blocks(x, list(weights), list(biases), tile)
 
 
-def winograd_blocks_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], tile: int) -> torch.Tensor:
+def winograd_blocks_reference(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], tile: int
+) -> torch.Tensor:
     """The blocks as conv3x3_winograd calls (the same bits as the op; differentiable through its autograd)."""
     c = x.shape[1]
     for k in range(0, len(weights), 2):
