@@ -163,3 +163,26 @@ def test_branch_follows_reloaded_weights_and_pickles():
     assert _blocks(copy) and all(m.one_op for m in _blocks(copy))
     with torch.inference_mode():
         assert torch.equal(copy(x), out)
+
+
+@pytest.mark.parametrize("shape", [(0, 16, 8, 8, 1), (1, 16, 1, 1, 2), (3, 16, 2, 9, 2)], ids=str)
+@pytest.mark.parametrize("threads", [1, 5])
+def test_edge_shapes(shape, threads):
+    """An empty batch, a 1x1 image, images narrower than a tile: the calls' bits on any thread count."""
+    n, c, h, w, blocks = shape
+    x, ws, bs = make(n, c, h, w, blocks, seed=9)
+    for tile in winograd.TILES:
+        got, want = with_threads(threads, lambda: (winograd_blocks(x, ws, bs, tile), reference(x, ws, bs, tile)))
+        assert got.shape == (n, c, h, w) and torch.equal(got, want)
+
+
+def test_strided_view_and_nan():
+    """A strided view of an input (copied to channels_last first) and a NaN pixel: as the calls."""
+    _, ws, bs = make(1, 16, 10, 10, 1, seed=10)
+    x = torch.randn(1, 32, 10, 10)[:, ::2]
+    assert torch.equal(winograd_blocks(x, ws, bs, 4), reference(x, ws, bs, 4))
+    x = x.contiguous()
+    x[0, 3, 2, 2] = float("nan")
+    got, want = winograd_blocks(x, ws, bs, 4), reference(x, ws, bs, 4)
+    assert got.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
