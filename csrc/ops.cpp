@@ -33,6 +33,9 @@ TORCH_LIBRARY(hrnet_fast, m) {
   // b[2k+1] + x), every conv 3x3 C -> C with its dense weight, by Winograd F(tile x tile, 3 x 3) as
   // conv3x3_winograd: CPU only, in one parallel region.
   m.def("winograd_blocks(Tensor x, Tensor[] weights, Tensor[] biases, int tile) -> Tensor");
+  // an HR module's branches, branch b the winograd_blocks chain of xs[b] with the next convs[b] weights and
+  // biases and its tile: side by side on shares of the threads where each gets at least 2. CPU only.
+  m.def("winograd_branches(Tensor[] xs, Tensor[] weights, Tensor[] biases, int[] convs, int[] tiles) -> Tensor[]");
   // G w G^T of a [C_out, C_in, 3, 3] weight, packed for conv3x3_winograd: [(m+2)^2, ceil(C_out/16), C_in, 16]
   m.def("winograd_weight(Tensor weight, int m) -> Tensor");
 }

@@ -142,7 +142,8 @@ def test_optimize_runs_branches_as_one_op(winograd_on):
     assert torch.equal(out, out_each)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     counts = hrnet_fast.profile.count_ops(one, x)["by_op"]
-    assert (counts.get("hrnet_fast::winograd_blocks", 0) > 0) == winograd_on
+    ours = counts.get("hrnet_fast::winograd_blocks", 0) + counts.get("hrnet_fast::winograd_branches", 0)
+    assert (ours > 0) == winograd_on
 
 
 def test_branch_follows_reloaded_weights_and_pickles():
@@ -186,3 +187,79 @@ def test_strided_view_and_nan():
     got, want = winograd_blocks(x, ws, bs, 4), reference(x, ws, bs, 4)
     assert got.isnan().any() and torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+# winograd_branches: an HR module's branches in one op, side by side on shares of the threads where each
+# gets two or more (here threads outnumber the cores: that costs time, not bits).
+def make_branches(n, shapes, blocks=2, seed=0):
+    xs, ws, bs = [], [], []
+    for k, (c, h, w) in enumerate(shapes):
+        x, w_, b_ = make(n, c, h, w, blocks, seed=seed + k)
+        xs.append(x)
+        ws.append(w_)
+        bs.append(b_)
+    return xs, ws, bs, [winograd.choose_tile(x.shape, x.shape[1]) for x in xs]
+
+
+W32_B1 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
+
+
+@pytest.fixture
+def side_by_side_restored():
+    before = torch.ops.hrnet_fast.winograd_branches_side_by_side()
+    yield torch.ops.hrnet_fast.winograd_branches_side_by_side
+    torch.ops.hrnet_fast.winograd_branches_side_by_side(before)
+
+
+@pytest.mark.parametrize(
+    "n,shapes", [(1, W32_B1), (1, W32_B1[:3]), (2, [(16, 16, 12), (32, 8, 6)]), (8, [(16, 8, 8), (128, 1, 1)])], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
+def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored):
+    """On 2 threads the branches run one after another; on 4 and more side by side (2 branches on 4
+    threads, 4 on 8 and 16, 3 on 16 as 6 + 5 + 5), where (8, 128, 1, 1) and (8, 16, 8, 8) on few threads
+    transform U up front and so run one after another. The bits of one winograd_blocks call a branch,
+    with side by side switched on or off."""
+    xs, ws, bs, tiles = make_branches(n, shapes)
+    want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
+    for on in (True, False):
+        side_by_side_restored(on)
+        got = with_threads(threads, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_branches_bad_input():
+    xs, ws, bs, tiles = make_branches(1, [(16, 8, 8), (32, 4, 4)])
+    with pytest.raises(ValueError, match="one a branch"):
+        hrnet_fast.ops.winograd_branches(xs, ws[:1], bs, tiles)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be a 3x3 weight \[32, 32, 3, 3\]"):
+        hrnet_fast.ops.winograd_branches(xs, [ws[0], ws[0]], bs, tiles)
+    flat_w, flat_b = [w for b in ws for w in b], [b for bb in bs for b in bb]
+    with pytest.raises(RuntimeError, match="sum\\(convs\\)"):
+        torch.ops.hrnet_fast.winograd_branches(xs, flat_w[:-1], flat_b, [4, 4], tiles)
+    with pytest.raises(RuntimeError, match="two a block"):
+        torch.ops.hrnet_fast.winograd_branches(xs, flat_w, flat_b, [3, 5], tiles)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+def test_branches_opcheck(grad):
+    xs, ws, bs, tiles = make_branches(1, [(16, 8, 8), (32, 4, 4)], blocks=1, seed=2)
+    flat_w, flat_b = [w for b in ws for w in b], [b for bb in bs for b in bb]
+    if grad:
+        xs = [x.clone().requires_grad_() for x in xs]
+        flat_w = [w.clone().requires_grad_() for w in flat_w]
+        flat_b = [b.clone().requires_grad_() for b in flat_b]
+    torch.library.opcheck(torch.ops.hrnet_fast.winograd_branches.default, (xs, flat_w, flat_b, [2, 2], tiles))
+
+
+def test_optimize_runs_a_modules_branches_as_one_op():
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fast = hrnet_fast.optimize(model, backend="cpu")
+    each = hrnet_fast.optimize(model, backend="cpu")
+    for m in _blocks(each):
+        m.one_op = False
+    x = torch.randn(1, 3, 64, 64)
+    for threads in (2, 8):
+        with torch.inference_mode():
+            out, want = with_threads(threads, lambda: (fast(x), each(x)))
+        assert torch.equal(out, want)
+    assert hrnet_fast.profile.count_ops(fast, x)["by_op"].get("hrnet_fast::winograd_branches", 0) > 0

@@ -162,10 +162,12 @@ class WinogradBlocks(nn.Sequential):
         state.setdefault("one_op", True)
         super().__setstate__(state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def op_args(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        """(weights, biases, tile) of the winograd_blocks call that runs this chain on `x`, or None where
+        it runs block by block."""
         if (not self.one_op or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
                 or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
-            return super().forward(x)
+            return None
         weights, biases = [], []
         c = x.shape[1]
         for block in self:
@@ -173,8 +175,13 @@ class WinogradBlocks(nn.Sequential):
                 conv._refresh()  # the derived weights up to date, as FusedConv.forward keeps them
                 w = conv._buffers["weight"]
                 if not conv._winograd or not conv.relu or w.shape[0] != c or w.shape[1] != c:
-                    return super().forward(x)
+                    return None
                 weights.append(w)
                 biases.append(conv._buffers["bias"])
-        return torch.ops.hrnet_fast.winograd_blocks(x, weights, biases, choose_tile(x.shape, c))
+        return weights, biases, choose_tile(x.shape, c)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self.op_args(x)
+        if args is None:
+            return super().forward(x)
+        return torch.ops.hrnet_fast.winograd_blocks(x, *args)

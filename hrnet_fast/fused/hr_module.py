@@ -279,10 +279,23 @@ class FusedHRModule(nn.Module):
             return run_concurrently([lambda i=i: self._output(i, x) for i in range(self.n_out)], x[0].device)
         if self.tasks and x[0].device.type == "cpu" and cpu_tasks.may_fan_out():
             return self._forward_tasks(x)
-        x = [branch(xi) for branch, xi in zip(self.branches, x)]
+        x = self._branches(x)
         if self.n_out == 0:  # a single branch: the official module returns it without fusing
             return x
         return [self._output(i, x) for i in range(self.n_out)]
+
+    def _branches(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each branch on its input: on the cpu backend, where every branch is a WinogradBlocks that runs as
+        one op, all of them as one winograd_branches call (side by side on shares of the threads where each
+        gets two or more; csrc/cpu/winograd_branches.cpp), else branch by branch."""
+        if self.backend == "cpu" and len(x) > 1 and all(isinstance(b, WinogradBlocks) for b in self.branches):
+            args = [b.op_args(xi) for b, xi in zip(self.branches, x)]
+            if all(a is not None for a in args):
+                weights, biases, tiles = zip(*args)
+                return list(torch.ops.hrnet_fast.winograd_branches(
+                    x, [w for ws in weights for w in ws], [b for bs in biases for b in bs], [len(ws) for ws in weights],
+                    list(tiles)))
+        return [branch(xi) for branch, xi in zip(self.branches, x)]
 
     def _forward_tasks(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
         """forward with the work side by side on threads (hrnet_fast.fused.cpu_tasks): the branches

@@ -10,7 +10,7 @@ from hrnet_fast.ops.conv import conv_bias_act
 from hrnet_fast.ops.fusion import fuse_multi_res
 from hrnet_fast.ops.reference import conv_bias_act_reference, fuse_multi_res_reference
 from hrnet_fast.ops.winograd import conv3x3_winograd
-from hrnet_fast.ops.basic_blocks import winograd_blocks
+from hrnet_fast.ops.basic_blocks import winograd_blocks, winograd_branches
 
 __all__ = ["conv3x3_winograd", "conv_bias_act", "conv_bias_act_reference", "fuse_multi_res", "fuse_multi_res_reference",
-           "winograd_blocks"]
+           "winograd_blocks", "winograd_branches"]

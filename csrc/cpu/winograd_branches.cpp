@@ -1,0 +1,172 @@
+// winograd_branches on CPU: an HR module's branches, each a chain of BasicBlocks as winograd_blocks runs
+// it, side by side on shares of the threads: one parallel region, each branch's threads a sub-team of
+// it with a barrier of its own between that branch's convs (WinogradChain, csrc/cpu/winograd_chain.h).
+//
+// Why: on 16 threads W32 at batch 1 stopped gaining after 8 (README, "Threads"): a branch conv at
+// batch 1 has 12 to 192 tiles, too little to split 16 ways well, while its module has 2 to 4 such
+// branches of about equal work that need not wait for each other. Split between branches, each conv runs
+// on 4 threads instead of 16. Only where every branch gets at least 2 threads (threads >= 2 x branches):
+// on fewer, branches side by side on one thread each measured slower than each op split two ways
+// (README, "Threads: branches side by side"), so there the branches run one after another, each on all
+// the threads, as winograd_blocks. No OpenMP team but the calling thread's: the sub-teams are ranges of
+// its threads (a task worker making its own team would start an OpenMP pool of its own, README,
+// "On 16 cores, tasks lost"). The results are the same bits as one winograd_blocks call a branch.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <numeric>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "cpu/winograd_chain.h"
+
+namespace hrnet_fast {
+namespace {
+
+// Whether branches may run side by side (on by default; off for comparing in one process)
+std::atomic<bool>& side_by_side() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+bool winograd_branches_side_by_side(std::optional<bool> use) {
+  if (use.has_value()) side_by_side().store(*use);
+  return side_by_side().load();
+}
+
+// A sub-team's barrier: the last of its n threads to arrive starts the next generation. Spins, then
+// yields (threads may outnumber cores: tests run 16 on 2).
+struct alignas(64) SubTeamBarrier {
+  std::atomic<int> arrived{0};
+  std::atomic<int> generation{0};
+  int n = 1;
+  void wait() {
+    const int g = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == g; ++spins) {
+      if (spins < 2048)
+        _mm_pause();
+      else
+        std::this_thread::yield();
+    }
+  }
+};
+
+// threads split between branches in proportion to their work (at least one each), largest remainders first
+std::vector<int64_t> split_team(int64_t threads, const std::vector<double>& work) {
+  const double total = std::accumulate(work.begin(), work.end(), 0.0);
+  const int64_t b = static_cast<int64_t>(work.size());
+  std::vector<int64_t> team(b, 1);
+  std::vector<double> want(b);
+  int64_t left = threads - b;
+  for (int64_t i = 0; i < b; ++i) {
+    want[i] = total > 0 ? (threads * work[i] / total) - 1.0 : 0.0;
+    const int64_t whole = std::min<int64_t>(left, std::max<int64_t>(0, static_cast<int64_t>(want[i])));
+    team[i] += whole;
+    left -= whole;
+    want[i] -= static_cast<double>(whole);
+  }
+  std::vector<int64_t> order(b);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return want[p] > want[q]; });
+  for (int64_t k = 0; left > 0; k = (k + 1) % b, --left) ++team[order[k]];
+  return team;
+}
+
+std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList weights, at::TensorList biases,
+                                              at::IntArrayRef convs, at::IntArrayRef tiles) {
+  constexpr const char* op = "hrnet_fast::winograd_branches (cpu)";
+  const int64_t branches = static_cast<int64_t>(xs.size());
+  TORCH_CHECK(branches >= 1 && static_cast<int64_t>(convs.size()) == branches &&
+                  static_cast<int64_t>(tiles.size()) == branches,
+              op, ": xs, convs and tiles must be one a branch (at least one), got ", branches, ", ", convs.size(),
+              " and ", tiles.size());
+  int64_t total = 0;
+  for (int64_t c : convs) {
+    TORCH_CHECK(c >= 2 && c % 2 == 0, op, ": convs must be two a block for each branch, got ", convs);
+    total += c;
+  }
+  TORCH_CHECK(total == static_cast<int64_t>(weights.size()) && weights.size() == biases.size(), op,
+              ": weights and biases must hold sum(convs) = ", total, " each, got ", weights.size(), " and ",
+              biases.size());
+  at::internal::lazy_init_num_threads();  // this library's first-region set-up before the team is read
+  const int64_t threads = at::get_num_threads();
+  const bool nested = at::in_parallel_region() || omp_in_parallel();
+  std::vector<int64_t> team;
+  if (side_by_side().load() && branches > 1 && threads >= 2 * branches && !nested) {
+    std::vector<double> work(branches);  // multiply-adds of the branch's direct convs, proportionally
+    for (int64_t b = 0; b < branches; ++b)
+      work[b] = static_cast<double>(xs[b].numel()) * static_cast<double>(xs[b].dim() == 4 ? xs[b].size(1) : 0) *
+                static_cast<double>(convs[b]);
+    team = split_team(threads, work);
+  }
+  auto make = [&](bool shared) {
+    std::vector<WinogradChain> chains;
+    chains.reserve(branches);
+    for (int64_t b = 0, off = 0; b < branches; off += convs[b], ++b)
+      chains.emplace_back(op, xs[b], weights.slice(off, convs[b]), biases.slice(off, convs[b]), tiles[b],
+                          shared ? team[b] : threads);
+    return chains;
+  };
+  std::vector<WinogradChain> chains = make(!team.empty());
+  // side by side only where every chain runs in one region (no U transformed up front in a region of its own)
+  const bool apart = !team.empty() && std::none_of(chains.begin(), chains.end(), [](const WinogradChain& c) {
+    return c.empty() || c.runner().shared_u();
+  });
+  if (!apart) {
+    if (!team.empty()) chains = make(false);
+    for (WinogradChain& chain : chains) run_chain(chain);
+  } else {
+    std::vector<int64_t> first(branches + 1, 0);  // branch b's threads: [first[b], first[b + 1])
+    for (int64_t b = 0; b < branches; ++b) first[b + 1] = first[b] + team[b];
+    std::vector<SubTeamBarrier> barriers(branches);
+    for (int64_t b = 0; b < branches; ++b) barriers[b].n = static_cast<int>(team[b]);
+    std::atomic<bool> short_team{false};
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      const int64_t tid = omp_get_thread_num();
+      if (omp_get_num_threads() != threads) {
+        // a smaller team than asked for (an OpenMP thread limit): one thread runs everything
+        if (tid == 0) short_team.store(true);
+      } else {
+        const int64_t b = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
+        const int64_t local = tid - first[b], size = team[b];
+        const WinogradChain& chain = chains[b];
+        const int64_t tasks = chain.runner().tasks(), chunk = (tasks + size - 1) / size;
+        const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
+        for (int64_t i = 0; i < chain.convs(); ++i) {
+          if (begin < end) chain.run(i, local, begin, end);
+          barriers[b].wait();
+        }
+      }
+    }
+    if (short_team.load())
+      for (const WinogradChain& chain : chains)
+        for (int64_t i = 0; i < chain.convs(); ++i) chain.run(i, 0, 0, chain.runner().tasks());
+  }
+  std::vector<at::Tensor> out;
+  out.reserve(branches);
+  for (const WinogradChain& chain : chains) out.push_back(chain.result());
+  return out;
+}
+
+}  // namespace
+}  // namespace hrnet_fast
+
+TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("winograd_branches", &hrnet_fast::winograd_branches_cpu); }
+
+TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
+  // whether winograd_branches may run branches side by side on shares of the threads; `use` switches it
+  m.def("winograd_branches_side_by_side(bool? use=None) -> bool", &hrnet_fast::winograd_branches_side_by_side);
+}
