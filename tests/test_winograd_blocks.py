@@ -19,7 +19,9 @@ from hrnet_fast.reference import tiny_pose_hrnet
 
 from conftest import randomize_bn
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("winograd_blocks", "CPU"), reason="needs the compiled extension")
+pytestmark = pytest.mark.skipif(
+    not _extension.has_kernel("winograd_blocks", "CPU"), reason="needs the compiled extension"
+)
 CL = torch.channels_last
 
 
@@ -104,7 +106,8 @@ def test_opcheck(grad):
     x, ws, bs = make(1, 16, 8, 8, 2, seed=5)
     args = (x, ws, bs, 4)
     if grad:
-        args = (x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws], [b.clone().requires_grad_() for b in bs], 4)
+        leaves = [w.clone().requires_grad_() for w in ws], [b.clone().requires_grad_() for b in bs]
+        args = (x.clone().requires_grad_(), *leaves, 4)
     torch.library.opcheck(torch.ops.hrnet_fast.winograd_blocks.default, args)
 
 
@@ -212,7 +215,10 @@ def side_by_side_restored():
 
 
 @pytest.mark.parametrize(
-    "n,shapes", [(1, W32_B1), (1, W32_B1[:3]), (2, [(16, 16, 12), (32, 8, 6)]), (8, [(16, 8, 8), (128, 1, 1)])], ids=str)
+    "n,shapes",
+    [(1, W32_B1), (1, W32_B1[:3]), (2, [(16, 16, 12), (32, 8, 6)]), (8, [(16, 8, 8), (128, 1, 1)])],
+    ids=str,
+)
 @pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
 def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored):
     """On 2 threads the branches run one after another; on 4 and more side by side (2 branches on 4

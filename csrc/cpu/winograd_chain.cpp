@@ -41,7 +41,8 @@ WinogradChain::WinogradChain(const char* op, const at::Tensor& x, at::TensorList
   }
   fmt_ = x.suggest_memory_format();
   xc_ = x.contiguous(at::MemoryFormat::ChannelsLast);
-  if (c % 8 == 0 && reinterpret_cast<std::uintptr_t>(xc_.data_ptr()) % 32) xc_ = xc_.clone(at::MemoryFormat::ChannelsLast);
+  if (c % 8 == 0 && reinterpret_cast<std::uintptr_t>(xc_.data_ptr()) % 32)
+    xc_ = xc_.clone(at::MemoryFormat::ChannelsLast);
   const std::vector<int64_t> sizes = {x.size(0), c, x.size(2), x.size(3)};
   // block k reads `in` (its input and shortcut) and writes `out`, never the same buffer: other threads'
   // tiles still read `in` (their halos, the shortcut) while a thread writes its part of `out`
@@ -78,7 +79,8 @@ void run_chain(WinogradChain& chain) {
     // U transformed up front into shared scratch: a region of its own each conv, as conv3x3_winograd
     for (int64_t i = 0; i < n; ++i) {
       const float* u = runner.transform_shared_u(chain.weight(i));
-      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { chain.run(i, at::get_thread_num(), begin, end, u); });
+      at::parallel_for(0, tasks, 1,
+                       [&](int64_t begin, int64_t end) { chain.run(i, at::get_thread_num(), begin, end, u); });
     }
   } else if (runner.slots() == 1 || at::in_parallel_region() || omp_in_parallel()) {
     for (int64_t i = 0; i < n; ++i) chain.run(i, 0, 0, tasks);

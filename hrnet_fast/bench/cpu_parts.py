@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the Winograd split's filling of idle threads (conv3x3_winograd_fill_team): on (the "
                         "default), off, or both, taking turns in this process")
     p.add_argument("--one-op", nargs="+", choices=("on", "off"), default=["on"],
-                   help="each branch's BasicBlocks as one winograd_blocks call (WinogradBlocks.one_op): on (the "
-                        "default), off (block by block), or both, taking turns in this process")
+                   help="each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one "
+                        "winograd_branches call): on (the default), off (block by block), or both, in turns")
+    p.add_argument("--side-by-side", nargs="+", choices=("on", "off"), default=["on"],
+                   help="a module's branches side by side on sub-teams of the threads where each gets two or more "
+                        "(winograd_branches_side_by_side): on (the default), off, or both, in turns")
     p.add_argument("--tasks", choices=("on", "off"), default="off",
                    help="optimize's tasks: off (its default: each op splits its own work) or on")
     p.add_argument("--profile", action="store_true",
@@ -167,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     # that the JSON's machine info and anything run later in the process see the CPU's own choice
     default_isa, default_threads = torch.ops.hrnet_fast.cpu_isa(), torch.get_num_threads()
     default_fill = torch.ops.hrnet_fast.conv3x3_winograd_fill_team()
+    default_side = torch.ops.hrnet_fast.winograd_branches_side_by_side()
     try:
         return _run(args, threads, cores, default_isa)
     finally:
         torch.ops.hrnet_fast.cpu_isa(default_isa)
         torch.ops.hrnet_fast.conv3x3_winograd_fill_team(default_fill)
+        torch.ops.hrnet_fast.winograd_branches_side_by_side(default_side)
         torch.set_num_threads(default_threads)
 
 
@@ -196,7 +201,8 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                                 cpu_graph=False)
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
-    fills = [(f, o) for f in dict.fromkeys(args.fill_team) for o in dict.fromkeys(args.one_op)]
+    fills = [(f, o, s) for f in dict.fromkeys(args.fill_team) for o in dict.fromkeys(args.one_op)
+             for s in dict.fromkeys(args.side_by_side)]
     configs = [(t, isa, b, f) for b in args.batch for t in threads for isa in isas for f in fills]
     branches = [m for m in model.modules() if isinstance(m, WinogradBlocks)]
     samples: dict[tuple, list[dict[str, float]]] = {c: [] for c in configs}
@@ -208,6 +214,7 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                 torch.ops.hrnet_fast.conv3x3_winograd_fill_team(f[0] == "on")
                 for m in branches:
                     m.one_op = f[1] == "on"
+                torch.ops.hrnet_fast.winograd_branches_side_by_side(f[2] == "on")
                 for k in range(args.runs + (2 if r == 0 else 0)):
                     model(xs[b])
                     if r or k >= 2:  # the first round's first two forwards warm up
@@ -216,23 +223,27 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
     # the op table below, and the JSON, at the CPU's own variant and the default split
     torch.ops.hrnet_fast.cpu_isa(default_isa)
     torch.ops.hrnet_fast.conv3x3_winograd_fill_team(True)
+    torch.ops.hrnet_fast.winograd_branches_side_by_side(True)
     for m in branches:
         m.one_op = True
     rows = []
     for (t, isa, b, f), runs in samples.items():
         med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
         med["total"] = statistics.median(sum(s.values()) for s in runs)
-        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": f[0], "one_op": f[1], "ms": med})
+        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": f[0], "one_op": f[1], "side_by_side": f[2],
+                     "ms": med})
     base = min(threads)
-    ref = {(r["isa"], r["batch"], r["fill_team"], r["one_op"]): r["ms"] for r in rows if r["threads"] == base}
+    variant = ("isa", "batch", "fill_team", "one_op", "side_by_side")
+    ref = {tuple(r[k] for k in variant): r["ms"] for r in rows if r["threads"] == base}
     parts = list(rows[0]["ms"])
     print(f"\nW32 256x192 cpu backend (tasks {args.tasks}), median ms per part (parallel efficiency against {base} thread(s))")
-    print("| batch | isa | fill | one op | threads | " + " | ".join(parts) + " |")
-    print("|" + "---|" * (len(parts) + 5))
+    print("| batch | isa | fill | one op | side by side | threads | " + " | ".join(parts) + " |")
+    print("|" + "---|" * (len(parts) + 6))
     for r in rows:
-        base_ms = ref[(r["isa"], r["batch"], r["fill_team"], r["one_op"])]
+        base_ms = ref[tuple(r[k] for k in variant)]
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
-        print(f"| {r['batch']} | {r['isa']} | {r['fill_team']} | {r['one_op']} | {r['threads']} | " + " | ".join(cells) + " |")
+        print(f"| {r['batch']} | {r['isa']} | {r['fill_team']} | {r['one_op']} | {r['side_by_side']} | {r['threads']} | "
+              + " | ".join(cells) + " |")
     tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
     if args.out:

@@ -80,9 +80,8 @@ def winograd_branches(
     for x, w, b, t in zip(xs, weights, biases, tiles):  # each branch as winograd_blocks checks it
         _check_blocks(x, w, b, t)
     _extension.require(BRANCHES_OP, "CPU")
-    return torch.ops.hrnet_fast.winograd_branches(
-        list(xs), [w for ws in weights for w in ws], [b for bs in biases for b in bs], [len(ws) for ws in weights], list(tiles)
-    )
+    flat_w, flat_b = [w for ws in weights for w in ws], [b for bs in biases for b in bs]
+    return torch.ops.hrnet_fast.winograd_branches(list(xs), flat_w, flat_b, [len(ws) for ws in weights], list(tiles))
 
 
 def winograd_branches_reference(xs, weights, biases, tiles) -> list[torch.Tensor]:
@@ -146,4 +145,6 @@ if _extension.is_built():
     torch.library.register_fake(f"hrnet_fast::{OP}")(fake)
     torch.library.register_autograd(f"hrnet_fast::{OP}", backward, setup_context=setup_context)
     torch.library.register_fake(f"hrnet_fast::{BRANCHES_OP}")(fake_branches)
-    torch.library.register_autograd(f"hrnet_fast::{BRANCHES_OP}", backward_branches, setup_context=setup_context_branches)
+    torch.library.register_autograd(
+        f"hrnet_fast::{BRANCHES_OP}", backward_branches, setup_context=setup_context_branches
+    )
