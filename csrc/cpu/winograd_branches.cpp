@@ -111,53 +111,56 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
                 static_cast<double>(convs[b]);
     team = split_team(threads, work);
   }
-  auto make = [&](bool shared) {
-    std::vector<WinogradChain> chains;
-    chains.reserve(branches);
-    for (int64_t b = 0, off = 0; b < branches; off += convs[b], ++b)
-      chains.emplace_back(op, xs[b], weights.slice(off, convs[b]), biases.slice(off, convs[b]), tiles[b],
-                          shared ? team[b] : threads);
-    return chains;
+  auto chain = [&](int64_t b, int64_t team_size) {
+    const int64_t off = std::accumulate(convs.begin(), convs.begin() + b, int64_t{0});
+    return WinogradChain(op, xs[b], weights.slice(off, convs[b]), biases.slice(off, convs[b]), tiles[b], team_size);
   };
-  std::vector<WinogradChain> chains = make(!team.empty());
+  std::vector<WinogradChain> chains;
+  if (!team.empty())
+    for (int64_t b = 0; b < branches; ++b) chains.push_back(chain(b, team[b]));
   // side by side only where every chain runs in one region (no U transformed up front in a region of its own)
   const bool apart = !team.empty() && std::none_of(chains.begin(), chains.end(), [](const WinogradChain& c) {
     return c.empty() || c.runner().shared_u();
   });
-  if (!apart) {
-    if (!team.empty()) chains = make(false);
-    for (WinogradChain& chain : chains) run_chain(chain);
-  } else {
-    std::vector<int64_t> first(branches + 1, 0);  // branch b's threads: [first[b], first[b + 1])
-    for (int64_t b = 0; b < branches; ++b) first[b + 1] = first[b] + team[b];
-    std::vector<SubTeamBarrier> barriers(branches);
-    for (int64_t b = 0; b < branches; ++b) barriers[b].n = static_cast<int>(team[b]);
-    std::atomic<bool> short_team{false};
-#pragma omp parallel num_threads(static_cast<int>(threads))
-    {
-      const int64_t tid = omp_get_thread_num();
-      if (omp_get_num_threads() != threads) {
-        // a smaller team than asked for (an OpenMP thread limit): one thread runs everything
-        if (tid == 0) short_team.store(true);
-      } else {
-        const int64_t b = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
-        const int64_t local = tid - first[b], size = team[b];
-        const WinogradChain& chain = chains[b];
-        const int64_t tasks = chain.runner().tasks(), chunk = (tasks + size - 1) / size;
-        const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
-        for (int64_t i = 0; i < chain.convs(); ++i) {
-          if (begin < end) chain.run(i, local, begin, end);
-          barriers[b].wait();
-        }
-      }
-    }
-    if (short_team.load())
-      for (const WinogradChain& chain : chains)
-        for (int64_t i = 0; i < chain.convs(); ++i) chain.run(i, 0, 0, chain.runner().tasks());
-  }
   std::vector<at::Tensor> out;
   out.reserve(branches);
-  for (const WinogradChain& chain : chains) out.push_back(chain.result());
+  if (!apart) {
+    // one after another, each on all the threads, one chain's buffers alive at a time (as winograd_blocks)
+    chains.clear();
+    for (int64_t b = 0; b < branches; ++b) {
+      WinogradChain c = chain(b, threads);
+      run_chain(c);
+      out.push_back(c.result());
+    }
+    return out;
+  }
+  std::vector<int64_t> first(branches + 1, 0);  // branch b's threads: [first[b], first[b + 1])
+  for (int64_t b = 0; b < branches; ++b) first[b + 1] = first[b] + team[b];
+  std::vector<SubTeamBarrier> barriers(branches);
+  for (int64_t b = 0; b < branches; ++b) barriers[b].n = static_cast<int>(team[b]);
+  std::atomic<bool> short_team{false};
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t tid = omp_get_thread_num();
+    if (omp_get_num_threads() != threads) {
+      // a smaller team than asked for (an OpenMP thread limit): one thread runs everything
+      if (tid == 0) short_team.store(true);
+    } else {
+      const int64_t b = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
+      const int64_t local = tid - first[b], size = team[b];
+      const WinogradChain& mine = chains[b];
+      const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
+      const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
+      for (int64_t i = 0; i < mine.convs(); ++i) {
+        if (begin < end) mine.run(i, local, begin, end);
+        barriers[b].wait();
+      }
+    }
+  }
+  if (short_team.load())
+    for (const WinogradChain& c : chains)
+      for (int64_t i = 0; i < c.convs(); ++i) c.run(i, 0, 0, c.runner().tasks());
+  for (const WinogradChain& c : chains) out.push_back(c.result());
   return out;
 }
 
