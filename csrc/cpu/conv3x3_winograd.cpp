@@ -28,12 +28,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/cpu_switch.h"
 #include "cpu/tensor_view.h"
 #include "cpu/winograd_driver.h"
 #include "cpu/winograd_isa.h"
@@ -92,15 +92,9 @@ constexpr int64_t kWideTiles = kMr;
 
 // Whether plan_winograd splits tiles further to give idle threads work (below); on unless switched
 // off by conv3x3_winograd_fill_team(False), for comparing the two splits in one process.
-std::atomic<bool>& fill_team() {
-  static std::atomic<bool> on{true};
-  return on;
-}
+CpuSwitch fill_team;
 
-bool conv3x3_winograd_fill_team(std::optional<bool> use) {
-  if (use.has_value()) fill_team().store(*use);
-  return fill_team().load();
-}
+bool conv3x3_winograd_fill_team(std::optional<bool> use) { return fill_team.set(use); }
 
 }  // namespace
 
@@ -154,7 +148,7 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // block) stays so (wide): each panel's filter transform is then done once a block, by threads that
   // would otherwise wait.
   bool wide = false;
-  if (fill_team().load(std::memory_order_relaxed) && blocks * splits < threads) {
+  if (fill_team.on() && blocks * splits < threads) {
     const int64_t more = std::min((threads + splits - 1) / splits, g.tiles / kWideTiles);
     if (more > blocks) {
       wide = blocks == 1;

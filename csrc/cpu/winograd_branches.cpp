@@ -25,21 +25,16 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/cpu_switch.h"
 #include "cpu/winograd_chain.h"
 
 namespace hrnet_fast {
 namespace {
 
 // Whether branches may run side by side (on by default; off for comparing in one process)
-std::atomic<bool>& side_by_side() {
-  static std::atomic<bool> on{true};
-  return on;
-}
+CpuSwitch side_by_side;
 
-bool winograd_branches_side_by_side(std::optional<bool> use) {
-  if (use.has_value()) side_by_side().store(*use);
-  return side_by_side().load();
-}
+bool winograd_branches_side_by_side(std::optional<bool> use) { return side_by_side.set(use); }
 
 // A sub-team's barrier: the last of its n threads to arrive starts the next generation. Spins, then
 // yields (threads may outnumber cores: tests run 16 on 2).
@@ -104,7 +99,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   const int64_t threads = at::get_num_threads();
   const bool nested = at::in_parallel_region() || omp_in_parallel();
   std::vector<int64_t> team;
-  if (side_by_side().load() && branches > 1 && threads >= 2 * branches && !nested) {
+  if (side_by_side.on() && branches > 1 && threads >= 2 * branches && !nested) {
     std::vector<double> work(branches);  // multiply-adds of the branch's direct convs, proportionally
     for (int64_t b = 0; b < branches; ++b)
       work[b] = static_cast<double>(xs[b].numel()) * static_cast<double>(xs[b].dim() == 4 ? xs[b].size(1) : 0) *

@@ -1,0 +1,25 @@
+// A process-wide on/off setting of a CPU kernel's choice (on by default), read on every call and flipped
+// by an op of its own, so that the two ways can be compared forward by forward in one process: the
+// Winograd split's filling of the team (conv3x3_winograd_fill_team), branches side by side
+// (winograd_branches_side_by_side).
+#pragma once
+
+#include <atomic>
+#include <optional>
+
+namespace hrnet_fast {
+
+class CpuSwitch {
+ public:
+  bool on() const { return on_.load(std::memory_order_relaxed); }
+  // the op: `use` sets it; returns the setting now
+  bool set(std::optional<bool> use) {
+    if (use.has_value()) on_.store(*use);
+    return on_.load();
+  }
+
+ private:
+  std::atomic<bool> on_{true};
+};
+
+}  // namespace hrnet_fast
