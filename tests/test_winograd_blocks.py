@@ -222,9 +222,9 @@ def side_by_side_restored():
 @pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
 def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored):
     """On 2 threads the branches run one after another; on 4 and more side by side (2 branches on 4
-    threads, 4 on 8 and 16, 3 on 16 as 6 + 5 + 5), where (8, 128, 1, 1) and (8, 16, 8, 8) on few threads
-    transform U up front and so run one after another. The bits of one winograd_blocks call a branch,
-    with side by side switched on or off."""
+    threads, 4 on 8 and 16, 3 on 16 as 6 + 5 + 5), where a branch whose U is transformed up front (W32's
+    32-channel one at batch 1 on a sub-team of 2 to 8) has its sub-team transform it a share each. The
+    bits of one winograd_blocks call a branch, with side by side switched on or off."""
     xs, ws, bs, tiles = make_branches(n, shapes)
     want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
     for on in (True, False):

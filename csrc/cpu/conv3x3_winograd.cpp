@@ -189,12 +189,19 @@ WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int
   per_thread_ = vbuf_floats_ + mbuf_floats_ + ubuf_floats;  // each a multiple of 16 floats
   slots_ = std::min(threads, tasks());
   scratch_ = empty_float({slots_ * per_thread_});
+  if (shared_u()) u_scratch_ = empty_float({K * K * u_stride_});
 }
 
 const float* WinogradRunner::transform_shared_u(const float* w) {
-  if (!u_scratch_.defined()) u_scratch_ = empty_float({(m_ + 2) * (m_ + 2) * u_stride_});
   winograd_transform_all(w, g_.cin, g_.cout, m_, u_scratch_.data_ptr<float>(), u_stride_);
   return u_scratch_.data_ptr<float>();
+}
+
+const float* WinogradRunner::transform_shared_u_part(const float* w, int64_t part, int64_t parts) const {
+  const int64_t ci0 = g_.cin * part / parts, ci1 = g_.cin * (part + 1) / parts;
+  float* u = u_scratch_.data_ptr<float>();
+  if (ci0 < ci1) (m_ == 2 ? kernels_.w2 : kernels_.w4)(w, g_.cin, g_.cout, ci0, ci1, u, u_stride_);
+  return u;
 }
 
 void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const float* w,

@@ -10,7 +10,9 @@
 // (README, "Threads: branches side by side"), so there the branches run one after another, each on all
 // the threads, as winograd_blocks. No OpenMP team but the calling thread's: the sub-teams are ranges of
 // its threads (a task worker making its own team would start an OpenMP pool of its own, README,
-// "On 16 cores, tasks lost"). The results are the same bits as one winograd_blocks call a branch.
+// "On 16 cores, tasks lost"). A branch whose U is transformed up front (W32's 32-channel one at batch 1
+// on sub-teams of 2 to 8) has its sub-team transform it, a share of the input channels each, and meet
+// before the tasks. The results are the same bits as one winograd_blocks call a branch.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <immintrin.h>
@@ -113,9 +115,8 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   std::vector<WinogradChain> chains;
   if (!team.empty())
     for (int64_t b = 0; b < branches; ++b) chains.push_back(chain(b, team[b]));
-  // side by side only where every chain runs in one region (no U transformed up front in a region of its own)
   const bool apart = !team.empty() && std::none_of(chains.begin(), chains.end(), [](const WinogradChain& c) {
-    return c.empty() || c.runner().shared_u();
+    return c.empty();
   });
   std::vector<at::Tensor> out;
   out.reserve(branches);
@@ -144,17 +145,24 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
       const int64_t b = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
       const int64_t local = tid - first[b], size = team[b];
       const WinogradChain& mine = chains[b];
+      const bool shared_u = mine.runner().shared_u();
       const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
       const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
       for (int64_t i = 0; i < mine.convs(); ++i) {
-        if (begin < end) mine.run(i, local, begin, end);
+        const float* u = nullptr;
+        if (shared_u) {  // U transformed up front: the sub-team a share of its input channels each, then met
+          u = mine.transform_u_part(i, local, size);
+          barriers[b].wait();
+        }
+        if (begin < end) mine.run(i, local, begin, end, u);
         barriers[b].wait();
       }
     }
   }
   if (short_team.load())
     for (const WinogradChain& c : chains)
-      for (int64_t i = 0; i < c.convs(); ++i) c.run(i, 0, 0, c.runner().tasks());
+      for (int64_t i = 0; i < c.convs(); ++i)
+        c.run(i, 0, 0, c.runner().tasks(), c.runner().shared_u() ? c.transform_u_part(i, 0, 1) : nullptr);
   for (const WinogradChain& c : chains) out.push_back(c.result());
   return out;
 }

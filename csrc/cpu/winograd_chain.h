@@ -31,6 +31,10 @@ class WinogradChain {
   // transformed up front (shared_u()), else null
   void run(int64_t i, int64_t slot, int64_t begin, int64_t end, const float* u = nullptr) const;
   const float* weight(int64_t i) const { return w_[i]; }
+  // part `part` of `parts` of conv i's U, where the runner wants it transformed up front (shared_u())
+  const float* transform_u_part(int64_t i, int64_t part, int64_t parts) const {
+    return runner_->transform_shared_u_part(w_[i], part, parts);
+  }
   // the last block's output, in x's memory format
   at::Tensor result() const;
 

@@ -30,7 +30,7 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
 // shape in turn (winograd_blocks: a chain of convs in one parallel region). run() does tasks [begin,
 // end) of one conv with the scratch of `slot` (< slots()); a thread must take one contiguous range of
 // tasks per conv (own_u transforms U once per range). A dense weight whose plan wants U transformed up
-// front (shared_u()) needs that U from the caller (transform_shared_u, before the tasks).
+// front (shared_u()) needs that U from the caller (transform_shared_u or its parts, before the tasks).
 class WinogradRunner {
  public:
   WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads);
@@ -41,6 +41,9 @@ class WinogradRunner {
   // U of dense weight w, into scratch this runner holds, across the threads (a parallel region of its
   // own); returns it, for run()'s u
   const float* transform_shared_u(const float* w);
+  // part `part` of `parts` of that (input channels split evenly), for a caller already in a parallel
+  // region whose threads each do a part, then meet at a barrier before run()
+  const float* transform_shared_u_part(const float* w, int64_t part, int64_t parts) const;
   void run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const float* w, const float* bias,
            const float* residual, bool relu, float* y) const;
 
