@@ -201,36 +201,38 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                                 cpu_graph=False)
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
-    fills = [(f, o, s) for f in dict.fromkeys(args.fill_team) for o in dict.fromkeys(args.one_op)
-             for s in dict.fromkeys(args.side_by_side)]
-    configs = [(t, isa, b, f) for b in args.batch for t in threads for isa in isas for f in fills]
+    # (fill_team, one_op, side_by_side): the switches for many threads, each "on" or "off"
+    switches = [(f, o, s) for f in dict.fromkeys(args.fill_team) for o in dict.fromkeys(args.one_op)
+                for s in dict.fromkeys(args.side_by_side)]
+    configs = [(t, isa, b, sw) for b in args.batch for t in threads for isa in isas for sw in switches]
     branches = [m for m in model.modules() if isinstance(m, WinogradBlocks)]
+
+    def switch(fill_team: str, one_op: str, side_by_side: str) -> None:
+        torch.ops.hrnet_fast.conv3x3_winograd_fill_team(fill_team == "on")
+        torch.ops.hrnet_fast.winograd_branches_side_by_side(side_by_side == "on")
+        for m in branches:
+            m.one_op = one_op == "on"
+
     samples: dict[tuple, list[dict[str, float]]] = {c: [] for c in configs}
     with torch.inference_mode():
         for r in range(args.rounds):
-            for t, isa, b, f in configs:
+            for t, isa, b, sw in configs:
                 torch.set_num_threads(t)
                 torch.ops.hrnet_fast.cpu_isa(isa)
-                torch.ops.hrnet_fast.conv3x3_winograd_fill_team(f[0] == "on")
-                for m in branches:
-                    m.one_op = f[1] == "on"
-                torch.ops.hrnet_fast.winograd_branches_side_by_side(f[2] == "on")
+                switch(*sw)
                 for k in range(args.runs + (2 if r == 0 else 0)):
                     model(xs[b])
                     if r or k >= 2:  # the first round's first two forwards warm up
-                        samples[(t, isa, b, f)].append(clock.parts_ms())
+                        samples[(t, isa, b, sw)].append(clock.parts_ms())
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     # the op table below, and the JSON, at the CPU's own variant and the default split
     torch.ops.hrnet_fast.cpu_isa(default_isa)
-    torch.ops.hrnet_fast.conv3x3_winograd_fill_team(True)
-    torch.ops.hrnet_fast.winograd_branches_side_by_side(True)
-    for m in branches:
-        m.one_op = True
+    switch("on", "on", "on")
     rows = []
-    for (t, isa, b, f), runs in samples.items():
+    for (t, isa, b, (fill, one_op, side)), runs in samples.items():
         med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
         med["total"] = statistics.median(sum(s.values()) for s in runs)
-        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": f[0], "one_op": f[1], "side_by_side": f[2],
+        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": fill, "one_op": one_op, "side_by_side": side,
                      "ms": med})
     base = min(threads)
     variant = ("isa", "batch", "fill_team", "one_op", "side_by_side")

@@ -31,6 +31,7 @@ from hrnet_fast.fused.blocks import WinogradBlocks, conv_bn_pair, fused_conv
 from hrnet_fast.fused.folding import fold_conv_bn
 from hrnet_fast.fused.streams import run_concurrently
 from hrnet_fast.ops import _backend
+from hrnet_fast.ops.basic_blocks import call_branches
 
 
 def is_hr_module(m: nn.Module) -> bool:
@@ -291,10 +292,7 @@ class FusedHRModule(nn.Module):
         if self.backend == "cpu" and len(x) > 1 and all(isinstance(b, WinogradBlocks) for b in self.branches):
             args = [b.op_args(xi) for b, xi in zip(self.branches, x)]
             if all(a is not None for a in args):
-                weights, biases, tiles = zip(*args)
-                return list(torch.ops.hrnet_fast.winograd_branches(
-                    x, [w for ws in weights for w in ws], [b for bs in biases for b in bs], [len(ws) for ws in weights],
-                    list(tiles)))
+                return call_branches(x, *zip(*args))
         return [branch(xi) for branch, xi in zip(self.branches, x)]
 
     def _forward_tasks(self, x: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -80,8 +80,13 @@ def winograd_branches(
     for x, w, b, t in zip(xs, weights, biases, tiles):  # each branch as winograd_blocks checks it
         _check_blocks(x, w, b, t)
     _extension.require(BRANCHES_OP, "CPU")
+    return call_branches(xs, weights, biases, tiles)
+
+
+def call_branches(xs, weights, biases, tiles) -> list[torch.Tensor]:
+    """The winograd_branches op on per-branch lists, without the checks (the fused module's hot path)."""
     flat_w, flat_b = [w for ws in weights for w in ws], [b for bs in biases for b in bs]
-    return torch.ops.hrnet_fast.winograd_branches(list(xs), flat_w, flat_b, [len(ws) for ws in weights], list(tiles))
+    return list(torch.ops.hrnet_fast.winograd_branches(list(xs), flat_w, flat_b, [len(ws) for ws in weights], list(tiles)))
 
 
 def winograd_branches_reference(xs, weights, biases, tiles) -> list[torch.Tensor]:
