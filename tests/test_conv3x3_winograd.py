@@ -121,8 +121,9 @@ def test_nan_propagates_through_its_tile_and_relu():
 # Dense-weight paths: every shape above transforms panel by panel inside the tasks (one block of
 # tiles); (8, 64, 64, 16, 12) has several blocks at every thread count and transforms once into
 # shared scratch on one thread and on 2 and 3 (at most 48 tiles a thread); (4, 32, 32, 64, 48) into
-# each thread's own scratch on 2 and 3 (a small U, 96 tiles a thread or more); (1, 64, 64, 32, 24), W32's 64-channel branch at batch 1, makes 2 blocks, split by
-# channels on 2 and 3 threads (a block a thread at most, a panel each at least); (1, 256, 256, 8, 6) and (8, 256, 256, 8, 6) are W32's weight-bound 8x6 branch at
+# each thread's own scratch on 2 and 3 (a small U, 96 tiles a thread or more); (1, 64, 64, 32, 24), W32's 64-channel branch at batch 1, makes 2 blocks,
+# a block a thread on 2 threads, each transforming every panel (24 tiles a thread), and is split by
+# channels on 3 (a block a thread at most, a panel each at least, 16 tiles a thread); (1, 256, 256, 8, 6) and (8, 256, 256, 8, 6) are W32's weight-bound 8x6 branch at
 # batch 1 and 8 (one block, per panel, though at batch 8 its V and Mt spill from L2); (1, 256, 256,
 # 40, 44) is weight-bound in F(4x4) with more V and Mt than one block may take (scratch), and not
 # weight-bound in F(2x2) (several blocks, scratch).
@@ -138,7 +139,8 @@ def plan(x_size, c_out, m, threads, dense=True):
     "x_size,c_out,m,threads,want",
     [
         ((1, 32, 64, 48), 32, 4, 2, (4, 1, 48, False, True)),
-        ((1, 64, 32, 24), 64, 4, 2, (1, 2, 48, True, False)),
+        ((1, 64, 32, 24), 64, 4, 2, (2, 1, 24, True, False)),
+        ((1, 64, 32, 24), 64, 4, 3, (1, 3, 48, True, False)),
         ((1, 128, 16, 12), 128, 4, 2, (1, 2, 12, True, False)),
         ((1, 256, 8, 6), 256, 2, 2, (1, 2, 12, True, False)),
         ((8, 32, 64, 48), 32, 4, 2, (29, 1, 54, False, True)),

@@ -221,7 +221,8 @@ def side_by_side_restored():
 )
 @pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
 def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored):
-    """On 2 threads the branches run one after another; on 4 and more side by side (2 branches on 4
+    """On 2 threads the first two branches side by side on a thread each where their convs are small (all
+    four cases here), the others after them on both; on 4 and more side by side (2 branches on 4
     threads, 4 on 8 and 16, 3 on 16 as 6 + 5 + 5), where a branch whose U is transformed up front (W32's
     32-channel one at batch 1 on a sub-team of 2 to 8) has its sub-team transform it a share each. The
     bits of one winograd_blocks call a branch, with side by side switched on or off."""
@@ -231,6 +232,33 @@ def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_sid
         side_by_side_restored(on)
         got = with_threads(threads, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def branch_teams(n, shapes, threads):
+    sizes = [[n, c, h, w] for c, h, w in shapes]
+    return torch.ops.hrnet_fast.winograd_branches_plan(sizes, [8] * len(shapes), threads)
+
+
+def test_branch_teams(side_by_side_restored):
+    """Where the branches run side by side and on how many threads (0: after those, on all of them).
+    On 2 threads the first two, a thread each, while each conv of theirs is at most 80 M multiply-adds
+    (W32 at batch 1: 28 M; batch 2: 57 M; batch 4: 113 M, left one after another); on 3, one after
+    another; from 2 a branch, shares of the threads by work."""
+    assert branch_teams(1, W32_B1, 2) == [1, 1, 0, 0]
+    assert branch_teams(2, W32_B1[:2], 2) == [1, 1]
+    assert branch_teams(4, W32_B1, 2) == [0, 0, 0, 0]
+    assert branch_teams(1, W32_B1[:3], 3) == [0, 0, 0]
+    assert branch_teams(1, W32_B1, 4) == [0, 0, 0, 0]
+    assert branch_teams(1, W32_B1[:2], 4) == [2, 2]
+    assert branch_teams(1, W32_B1, 8) == [2, 2, 2, 2]
+    assert branch_teams(1, W32_B1[:3], 16) == [6, 5, 5]
+    assert branch_teams(1, W32_B1[:1], 2) == [0]
+    side_by_side_restored(False)
+    assert branch_teams(1, W32_B1, 2) == [0, 0, 0, 0] and branch_teams(1, W32_B1, 8) == [0, 0, 0, 0]
+    with pytest.raises(RuntimeError, match=r"each x size must be \[N, C, H, W\]"):
+        torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4]], [2], 2)
+    with pytest.raises(RuntimeError, match="one a branch"):
+        torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4, 4]], [2, 2], 2)
 
 
 def test_branches_bad_input():

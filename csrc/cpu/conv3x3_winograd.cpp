@@ -61,6 +61,15 @@ constexpr int64_t kDenseBlockBytes = 8 * 1024 * 1024;
 // Intel Xeon, the two splits in turns in one process), and the whole W32 at batch 8 with it split by
 // tiles took 0.977-0.981x the time in three pairs of processes (in one process, 1.017x: 9 of 12).
 constexpr int64_t kDenseSplitBytes = 2 * 1024 * 1024;
+// ...unless each thread would get at least this many tiles of its own: then each takes one block of
+// tiles and transforms every weight panel itself, panel by panel (the filter transform done once a
+// thread instead of once), because in a chain of convs (winograd_branches, winograd_blocks) a
+// channel split makes each thread's input transform read every channel of x, half of them written
+// by the other thread and fetched from its cache: the input transform took 18% of the 64-channel
+// branch's time on 2 threads split by channels, 7% by tiles. W32 at batch 1, 2 threads of an Intel
+// Xeon, the splits in turns in one process: that branch (8 convs) 1.076x faster by tiles (60 of 60),
+// the whole model 1.025x (32 of 40). The 1.35x above was a lone conv, its x read by both threads.
+constexpr int64_t kTileSplitTiles = 24;
 // A U this small (W32's 32- and 64-channel F(4x4) ones: 147 and 590 KB) is transformed by each thread
 // for itself when each has at least kOwnUTiles tiles: transforming all of U costs a thread about what
 // the GEMMs of ~7 tiles do, so that much duplicated work stays under ~7% of a thread's share, while
@@ -127,10 +136,15 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // batch 1) is split by channels too, where every thread gets a panel and the tiles' V and Mt fit
   // kDenseSplitBytes: each then transforms only its own panels, in its own buffer, within the one
   // parallel region, instead of all threads writing the whole U to shared scratch in a region of its
-  // own first (which took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29).
+  // own first (which took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29);
+  // but where the threads get kTileSplitTiles tiles each, by tiles, a block a thread, each thread
+  // transforming every panel for its block (own_panels).
+  bool own_panels = false;
   if (!u && !weight_bound && threads > 1 && blocks <= threads && panels >= threads &&
-      g.tiles * per_tile <= kDenseSplitBytes)
-    weight_bound = true;
+      g.tiles * per_tile <= kDenseSplitBytes) {
+    own_panels = g.tiles >= threads * kTileSplitTiles;
+    weight_bound = !own_panels;
+  }
   if (weight_bound) {
     splits = std::min(panels, threads);
     if (!u && g.tiles * per_tile <= kDenseBlockBytes) blocks = 1;
@@ -159,10 +173,10 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
 
   // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
   // one task (a single block), or to one task a block where the tiles were split to fill the team
-  // (wide). Else, where U is small and each thread has tiles enough to pay for transforming all of
+  // (wide) or a block is a thread's (own_panels). Else, where U is small and each thread has tiles enough to pay for transforming all of
   // it (at least kOwnUTiles), each thread transforms the whole U into its own scratch as its tasks
   // begin; else it is transformed once, up front, into shared scratch.
-  const bool per_panel = !u && (blocks == 1 || wide);
+  const bool per_panel = !u && (blocks == 1 || wide || own_panels);
   // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
   // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
   // else the whole panel at once.

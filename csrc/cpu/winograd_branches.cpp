@@ -5,10 +5,12 @@
 // Why: on 16 threads W32 at batch 1 stopped gaining after 8 (README, "Threads"): a branch conv at
 // batch 1 has 12 to 192 tiles, too little to split 16 ways well, while its module has 2 to 4 such
 // branches of about equal work that need not wait for each other. Split between branches, each conv runs
-// on 4 threads instead of 16. Only where every branch gets at least 2 threads (threads >= 2 x branches):
-// on fewer, branches side by side on one thread each measured slower than each op split two ways
-// (README, "Threads: branches side by side"), so there the branches run one after another, each on all
-// the threads, as winograd_blocks. No OpenMP team but the calling thread's: the sub-teams are ranges of
+// on 4 threads instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all
+// of them so; on 2 threads, where the convs are small (W32 at batch 1 and 2), the first two branches on
+// a thread each and the others after them on both (kPairMacs); otherwise the branches run one after
+// another, each on all the threads, as winograd_blocks. (Python-level tasks running blocks side by side
+// on a thread each measured slower than each op split two ways: README, "Threads: branches side by
+// side"; within one region, with no op between a branch's convs, two small branches gain.) No OpenMP team but the calling thread's: the sub-teams are ranges of
 // its threads (a task worker making its own team would start an OpenMP pool of its own, README,
 // "On 16 cores, tasks lost"). A branch whose U is transformed up front (W32's 32-channel one at batch 1
 // on sub-teams of 2 to 8) has its sub-team transform it, a share of the input channels each, and meet
@@ -32,6 +34,17 @@
 
 namespace hrnet_fast {
 namespace {
+
+// On 2 threads (fewer than two a branch), the first two branches run side by side on a thread each where
+// neither branch's convs take more than this many multiply-adds, and the others after them on both
+// threads: at batch 1 a conv split two ways loses a quarter of its time to the split (the two threads
+// meet after every conv, and each reads the channels of x the other wrote from the other's cache;
+// W32's 64-channel branch alone: 1178 us on one thread, 880 on two), more than running two branches of
+// about equal work at once loses to their difference (32 and 64 channels: 1335 and 1178 us). W32
+// (28 M multiply-adds a conv at batch 1, 2 threads of an Intel Xeon, the two ways in turns in one
+// process): batch 1 1.057x faster (36 of 40), batch 2 1.061x (10 of 12), batch 4 (113 M) 1.002x
+// (7 of 12), batch 8 0.983x (3 of 8).
+constexpr double kPairMacs = 80e6;
 
 // Whether branches may run side by side (on by default; off for comparing in one process)
 CpuSwitch side_by_side;
@@ -81,6 +94,35 @@ std::vector<int64_t> split_team(int64_t threads, const std::vector<double>& work
   return team;
 }
 
+// Branch b's threads when its chain runs side by side with others (team[b]), or 0: after those, on
+// all the threads. macs: multiply-adds of one of the branch's direct convs.
+std::vector<int64_t> branch_teams(const std::vector<double>& macs, at::IntArrayRef convs, int64_t threads) {
+  const int64_t branches = static_cast<int64_t>(macs.size());
+  std::vector<int64_t> team(branches, 0);
+  if (!side_by_side.on() || branches < 2) return team;
+  if (threads >= 2 * branches) {
+    std::vector<double> work(branches);
+    for (int64_t b = 0; b < branches; ++b) work[b] = macs[b] * static_cast<double>(convs[b]);
+    return split_team(threads, work);
+  }
+  if (threads == 2 && std::max(macs[0], macs[1]) <= kPairMacs) team[0] = team[1] = 1;
+  return team;
+}
+
+// winograd_branches_plan: branch_teams for inputs of these sizes ([N, C, H, W] each), for tests
+std::vector<int64_t> winograd_branches_plan(const std::vector<std::vector<int64_t>>& x_sizes, at::IntArrayRef convs,
+                                            int64_t threads) {
+  constexpr const char* op = "hrnet_fast::winograd_branches_plan";
+  TORCH_CHECK(x_sizes.size() == convs.size() && threads > 0, op, ": x_sizes and convs must be one a branch and "
+              "threads positive, got ", x_sizes.size(), ", ", convs.size(), ", ", threads);
+  std::vector<double> macs;
+  for (const auto& s : x_sizes) {
+    TORCH_CHECK(s.size() == 4, op, ": each x size must be [N, C, H, W], got ", s);
+    macs.push_back(static_cast<double>(s[0]) * s[1] * s[1] * s[2] * s[3] * 9);
+  }
+  return branch_teams(macs, convs, threads);
+}
+
 std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList weights, at::TensorList biases,
                                               at::IntArrayRef convs, at::IntArrayRef tiles) {
   constexpr const char* op = "hrnet_fast::winograd_branches (cpu)";
@@ -100,70 +142,69 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   at::internal::lazy_init_num_threads();  // this library's first-region set-up before the team is read
   const int64_t threads = at::get_num_threads();
   const bool nested = at::in_parallel_region() || omp_in_parallel();
-  std::vector<int64_t> team;
-  if (side_by_side.on() && branches > 1 && threads >= 2 * branches && !nested) {
-    std::vector<double> work(branches);  // multiply-adds of the branch's direct convs, proportionally
-    for (int64_t b = 0; b < branches; ++b)
-      work[b] = static_cast<double>(xs[b].numel()) * static_cast<double>(xs[b].dim() == 4 ? xs[b].size(1) : 0) *
-                static_cast<double>(convs[b]);
-    team = split_team(threads, work);
-  }
+  std::vector<double> macs(branches);
+  for (int64_t b = 0; b < branches; ++b)
+    macs[b] = static_cast<double>(xs[b].numel()) * static_cast<double>(xs[b].dim() == 4 ? xs[b].size(1) : 0) * 9;
+  const std::vector<int64_t> team = nested ? std::vector<int64_t>(branches, 0) : branch_teams(macs, convs, threads);
   auto chain = [&](int64_t b, int64_t team_size) {
     const int64_t off = std::accumulate(convs.begin(), convs.begin() + b, int64_t{0});
     return WinogradChain(op, xs[b], weights.slice(off, convs[b]), biases.slice(off, convs[b]), tiles[b], team_size);
   };
-  std::vector<WinogradChain> chains;
-  if (!team.empty())
-    for (int64_t b = 0; b < branches; ++b) chains.push_back(chain(b, team[b]));
-  const bool apart = !team.empty() && std::none_of(chains.begin(), chains.end(), [](const WinogradChain& c) {
-    return c.empty();
-  });
-  std::vector<at::Tensor> out;
-  out.reserve(branches);
-  if (!apart) {
-    // one after another, each on all the threads, one chain's buffers alive at a time (as winograd_blocks)
-    chains.clear();
-    for (int64_t b = 0; b < branches; ++b) {
-      WinogradChain c = chain(b, threads);
-      run_chain(c);
-      out.push_back(c.result());
-    }
-    return out;
+  std::vector<int64_t> apart;  // the branches side by side, in order
+  for (int64_t b = 0; b < branches; ++b)
+    if (team[b] > 0) apart.push_back(b);
+  std::vector<WinogradChain> chains;  // theirs
+  for (int64_t b : apart) chains.push_back(chain(b, team[b]));
+  if (std::any_of(chains.begin(), chains.end(), [](const WinogradChain& c) { return c.empty(); })) {
+    chains.clear();  // an empty input among them: all one after another
+    apart.clear();
   }
-  std::vector<int64_t> first(branches + 1, 0);  // branch b's threads: [first[b], first[b + 1])
-  for (int64_t b = 0; b < branches; ++b) first[b + 1] = first[b] + team[b];
-  std::vector<SubTeamBarrier> barriers(branches);
-  for (int64_t b = 0; b < branches; ++b) barriers[b].n = static_cast<int>(team[b]);
-  std::atomic<bool> short_team{false};
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    const int64_t tid = omp_get_thread_num();
-    if (omp_get_num_threads() != threads) {
-      // a smaller team than asked for (an OpenMP thread limit): one thread runs everything
-      if (tid == 0) short_team.store(true);
-    } else {
-      const int64_t b = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
-      const int64_t local = tid - first[b], size = team[b];
-      const WinogradChain& mine = chains[b];
-      const bool shared_u = mine.runner().shared_u();
-      const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
-      const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
-      for (int64_t i = 0; i < mine.convs(); ++i) {
-        const float* u = nullptr;
-        if (shared_u) {  // U transformed up front: the sub-team a share of its input channels each, then met
-          u = mine.transform_u_part(i, local, size);
-          barriers[b].wait();
+  std::vector<at::Tensor> out(branches);
+  if (!apart.empty()) {
+    const int64_t n = static_cast<int64_t>(apart.size());
+    std::vector<int64_t> first(n + 1, 0);  // chain k's threads: [first[k], first[k + 1])
+    for (int64_t k = 0; k < n; ++k) first[k + 1] = first[k] + team[apart[k]];
+    std::vector<SubTeamBarrier> barriers(n);
+    for (int64_t k = 0; k < n; ++k) barriers[k].n = static_cast<int>(team[apart[k]]);
+    std::atomic<bool> short_team{false};
+#pragma omp parallel num_threads(static_cast<int>(first[n]))
+    {
+      const int64_t tid = omp_get_thread_num();
+      if (omp_get_num_threads() != first[n]) {
+        // a smaller team than asked for (an OpenMP thread limit): one thread runs everything
+        if (tid == 0) short_team.store(true);
+      } else {
+        const int64_t k = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
+        const int64_t local = tid - first[k], size = first[k + 1] - first[k];
+        const WinogradChain& mine = chains[k];
+        const bool shared_u = mine.runner().shared_u();
+        const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
+        const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
+        for (int64_t i = 0; i < mine.convs(); ++i) {
+          const float* u = nullptr;
+          if (shared_u) {  // U transformed up front: the sub-team a share of its input channels each, then met
+            u = mine.transform_u_part(i, local, size);
+            barriers[k].wait();
+          }
+          if (begin < end) mine.run(i, local, begin, end, u);
+          barriers[k].wait();
         }
-        if (begin < end) mine.run(i, local, begin, end, u);
-        barriers[b].wait();
       }
     }
+    if (short_team.load())
+      for (const WinogradChain& c : chains)
+        for (int64_t i = 0; i < c.convs(); ++i)
+          c.run(i, 0, 0, c.runner().tasks(), c.runner().shared_u() ? c.transform_u_part(i, 0, 1) : nullptr);
+    for (int64_t k = 0; k < n; ++k) out[apart[k]] = chains[k].result();
+    chains.clear();
   }
-  if (short_team.load())
-    for (const WinogradChain& c : chains)
-      for (int64_t i = 0; i < c.convs(); ++i)
-        c.run(i, 0, 0, c.runner().tasks(), c.runner().shared_u() ? c.transform_u_part(i, 0, 1) : nullptr);
-  for (const WinogradChain& c : chains) out.push_back(c.result());
+  // the rest one after another, each on all the threads, one chain's buffers alive at a time (as winograd_blocks)
+  for (int64_t b = 0; b < branches; ++b) {
+    if (out[b].defined()) continue;
+    WinogradChain c = chain(b, threads);
+    run_chain(c);
+    out[b] = c.result();
+  }
   return out;
 }
 
@@ -175,4 +216,7 @@ TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("winograd_branches", &hrnet_fast
 TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // whether winograd_branches may run branches side by side on shares of the threads; `use` switches it
   m.def("winograd_branches_side_by_side(bool? use=None) -> bool", &hrnet_fast::winograd_branches_side_by_side);
+  // the threads each branch would run side by side on (0: after those, on all of them)
+  m.def("winograd_branches_plan(int[][] x_sizes, int[] convs, int threads) -> int[]",
+        &hrnet_fast::winograd_branches_plan);
 }
