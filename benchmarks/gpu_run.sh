@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call of the GPU machine (~9.5 minutes at most) for issue 13's 16-core questions, then the GPU tests:
 #   1. build (~25 s);
-#   2. `cpu_parts --profile` at 1, 8 and 16 threads, batch 1 and 8: per part and per op, where the
-#      scaling from 8 to 16 threads is lost, with the sixteenth session's changes for many threads on and
-#      off in turns (none yet timed on 16 cores): the Winograd split's filling of idle threads
-#      (`--fill-team on off`) and a module's branches side by side on sub-teams of the threads
-#      (`--side-by-side on off`, winograd_branches) (~100 s);
+#   2. `cpu_parts --profile` at 8 and 16 threads, batch 1 and 8: per part and per op, where the
+#      scaling from 8 to 16 threads is lost, with the sixteenth and seventeenth sessions' changes for
+#      many threads on and off in turns (none yet timed on 16 cores): the Winograd split's filling of idle
+#      threads (`--fill-team on off`), its block of tiles a thread with every panel's transform instead of
+#      a U shared by all threads (`--own-panels on off`: W32's 64-channel convs at batch 8 on 16 threads)
+#      and a module's branches side by side on sub-teams of the threads (`--side-by-side on off`,
+#      winograd_branches) (~60 s; the 1-thread times are in step 3);
 #   3. `cpu_threads` at 1, 16, 8 and 4 threads without torch.compile (its compiles took 2.5-4 minutes
 #      each there in run 8; its 1- and 16-thread rows are in benchmarks/results/gpu/cpu_16core_run8/):
 #      ~80 s of ONNX export, then ~190 s;
@@ -28,8 +30,8 @@ left() { echo $(( end - $(date +%s) )); }
     > "$work/machine.txt" 2>&1
 
 python3 -m hrnet_fast.bench.gpu_check --out "$work/cpu" --only build --budget-s 120
-timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads 1 8 16 --batch 1 8 --isa avx512 --rounds 3 --runs 2 \
-    --fill-team on off --side-by-side on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
+timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads 8 16 --batch 1 8 --isa avx512 --rounds 3 --runs 2 \
+    --fill-team on off --own-panels on off --side-by-side on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
 echo "cpu_parts: exit $? ($(left) s left)"
 # the tests keep ~130 s of the budget
 timeout $(( $(left) - 130 )) python3 -m hrnet_fast.bench.cpu_threads --out "$work/cpu/cpu_threads" \
@@ -41,5 +43,5 @@ tar czf "$OUT/gpu_run.tgz" -C /tmp gpu_run
 cp "$work/machine.txt" "$OUT/" 2>/dev/null
 echo "===== machine"; grep -E "Model name|^Model:|^L2|^L3|^CPU\(s\)" "$work/machine.txt"; tail -2 "$work/machine.txt"
 echo "===== tests"; grep -E "FAILED|ERROR|passed|failed" "$work/gpu/gpu_check.log" | tail -15
-echo "===== parts"; grep -E "^\| (batch|1 |8 |hrnet|aten|all|forward)" "$work/parts.log" | cut -c1-170 | head -80
+echo "===== parts"; grep -E "^\| (batch|1 |8 |hrnet|aten|all|forward)" "$work/parts.log" | cut -c1-170 | head -110
 echo "===== cpu_threads"; cat "$work/cpu/cpu_threads/cpu_threads.md" 2>/dev/null || tail -20 "$work/cpu_threads.log"

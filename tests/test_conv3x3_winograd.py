@@ -149,7 +149,8 @@ def plan(x_size, c_out, m, threads, dense=True):
         ((1, 64, 32, 24), 64, 4, 16, (4, 4, 12, False, False)),
         ((1, 128, 16, 12), 128, 4, 16, (2, 8, 6, True, False)),
         ((1, 256, 8, 6), 256, 2, 16, (1, 16, 12, True, False)),
-        ((8, 64, 32, 24), 64, 4, 16, (16, 1, 24, False, False)),
+        ((8, 64, 32, 24), 64, 4, 16, (16, 1, 24, True, False)),
+        ((8, 128, 16, 12), 128, 4, 2, (2, 1, 48, True, False)),
         ((8, 128, 16, 12), 128, 4, 16, (16, 1, 6, False, False)),
         ((8, 256, 8, 6), 256, 4, 16, (1, 16, 36, True, False)),
     ],
@@ -440,3 +441,37 @@ def test_fill_team_leaves_w32s_two_thread_splits(batch, fill_team_restored):
             switch(on)
             splits.add(plan(x_size, c, m, 2))
         assert len(splits) == 1, (x_size, splits)
+
+
+@pytest.fixture
+def own_panels_restored():
+    before = torch.ops.hrnet_fast.conv3x3_winograd_own_panels()
+    yield torch.ops.hrnet_fast.conv3x3_winograd_own_panels
+    torch.ops.hrnet_fast.conv3x3_winograd_own_panels(before)
+
+
+@pytest.mark.parametrize(
+    "x_size,threads,on,off",
+    [((8, 128, 16, 12), 2, (2, 1, 48, True, False), (2, 1, 48, False, False)),  # else U shared
+     ((1, 64, 32, 24), 2, (2, 1, 24, True, False), (1, 2, 48, True, False))],  # else split by channels
+    ids=str,
+)
+def test_own_panels_switch(x_size, threads, on, off, own_panels_restored):
+    """conv3x3_winograd_own_panels(False) gives back the split without a block of tiles a thread, each
+    transforming every panel: W32's 128-channel conv at batch 8 then transforms U once into shared
+    scratch, its 64-channel one at batch 1 is split by channels. Another split, the same bits."""
+    switch = own_panels_restored
+    c = x_size[1]
+    x, weight, b, r = make((x_size[0], c, c, *x_size[2:]), seed=7)
+    x = x.contiguous(memory_format=CL)
+    outs = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for state in (True, False):
+            assert switch(state) is state
+            outs[state] = (plan(x_size, c, 4, threads), winograd.conv3x3_winograd(x, ihwo(weight), c, b, r, True, tile=4))
+    finally:
+        torch.set_num_threads(before)
+    assert outs[True][0] == on and outs[False][0] == off
+    assert torch.equal(outs[True][1], outs[False][1])

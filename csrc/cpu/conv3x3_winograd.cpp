@@ -61,14 +61,19 @@ constexpr int64_t kDenseBlockBytes = 8 * 1024 * 1024;
 // Intel Xeon, the two splits in turns in one process), and the whole W32 at batch 8 with it split by
 // tiles took 0.977-0.981x the time in three pairs of processes (in one process, 1.017x: 9 of 12).
 constexpr int64_t kDenseSplitBytes = 2 * 1024 * 1024;
-// ...unless each thread would get at least this many tiles of its own: then each takes one block of
-// tiles and transforms every weight panel itself, panel by panel (the filter transform done once a
-// thread instead of once), because in a chain of convs (winograd_branches, winograd_blocks) a
-// channel split makes each thread's input transform read every channel of x, half of them written
-// by the other thread and fetched from its cache: the input transform took 18% of the 64-channel
-// branch's time on 2 threads split by channels, 7% by tiles. W32 at batch 1, 2 threads of an Intel
-// Xeon, the splits in turns in one process: that branch (8 convs) 1.076x faster by tiles (60 of 60),
-// the whole model 1.025x (32 of 40). The 1.35x above was a lone conv, its x read by both threads.
+// A conv that is not weight-bound with at most a block of tiles a thread, where each thread would get
+// at least this many tiles, takes a block a thread instead, each thread transforming every weight
+// panel for its block, panel by panel (the filter transform done once a thread instead of once):
+// - rather than split by channels (above): in a chain of convs (winograd_branches, winograd_blocks),
+//   a channel split makes each thread's input transform read every channel of x, half of them
+//   written by the other thread and fetched from its cache: the input transform took 18% of W32's
+//   64-channel branch's time at batch 1 on 2 threads split by channels, 7% by tiles. That branch (8
+//   convs) 1.076x faster by tiles (60 of 60), the whole W32 at batch 1 1.025x (32 of 40). The 1.35x
+//   above was a lone conv, its x read by both threads.
+// - rather than transform U once into shared scratch: each thread then read the half of U the other
+//   wrote from the other's cache. W32's 128-channel 16x12 branch at batch 8, 2.4 MB of U a conv:
+//   1.122x faster (20 of 20), the whole W32 at batch 8 1.012x (7 of 10).
+// (2 threads of an Intel Xeon, each pair of splits in turns in one process, the same bits.)
 constexpr int64_t kTileSplitTiles = 24;
 // A U this small (W32's 32- and 64-channel F(4x4) ones: 147 and 590 KB) is transformed by each thread
 // for itself when each has at least kOwnUTiles tiles: transforming all of U costs a thread about what
@@ -105,6 +110,13 @@ CpuSwitch fill_team;
 
 bool conv3x3_winograd_fill_team(std::optional<bool> use) { return fill_team.set(use); }
 
+// Whether plan_winograd gives a thread a block of its own and every panel's transform for it where
+// the threads have kTileSplitTiles tiles each (own_panels); switched off by
+// conv3x3_winograd_own_panels(False), for comparing in one process at thread counts not measured.
+CpuSwitch own_panels_switch;
+
+bool conv3x3_winograd_own_panels(std::optional<bool> use) { return own_panels_switch.set(use); }
+
 }  // namespace
 
 WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int m) {
@@ -136,15 +148,12 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // batch 1) is split by channels too, where every thread gets a panel and the tiles' V and Mt fit
   // kDenseSplitBytes: each then transforms only its own panels, in its own buffer, within the one
   // parallel region, instead of all threads writing the whole U to shared scratch in a region of its
-  // own first (which took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29);
-  // but where the threads get kTileSplitTiles tiles each, by tiles, a block a thread, each thread
-  // transforming every panel for its block (own_panels).
-  bool own_panels = false;
-  if (!u && !weight_bound && threads > 1 && blocks <= threads && panels >= threads &&
-      g.tiles * per_tile <= kDenseSplitBytes) {
-    own_panels = g.tiles >= threads * kTileSplitTiles;
-    weight_bound = !own_panels;
-  }
+  // own first (which took 35 us of the 64-channel conv's 129 on 2 threads, longer than on one: 29).
+  // But where the threads get kTileSplitTiles tiles each, such a conv is split by tiles, a block a
+  // thread, each thread transforming every panel for its block (own_panels), with no U shared.
+  const bool few_blocks = !u && !weight_bound && threads > 1 && blocks <= threads;
+  const bool own_panels = few_blocks && own_panels_switch.on() && g.tiles >= threads * kTileSplitTiles;
+  if (few_blocks && !own_panels && panels >= threads && g.tiles * per_tile <= kDenseSplitBytes) weight_bound = true;
   if (weight_bound) {
     splits = std::min(panels, threads);
     if (!u && g.tiles * per_tile <= kDenseBlockBytes) blocks = 1;
@@ -348,4 +357,6 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
         &hrnet_fast::conv3x3_winograd_plan);
   // whether the split fills the team (plan_winograd); `use` switches it, for comparisons
   m.def("conv3x3_winograd_fill_team(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_fill_team);
+  // whether the split gives each thread a block of tiles and every panel's transform (own_panels)
+  m.def("conv3x3_winograd_own_panels(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_own_panels);
 }

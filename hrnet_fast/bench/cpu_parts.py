@@ -13,6 +13,7 @@ most time lost to imperfect scaling first, written to DIR/cpu_parts_ops.txt.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -25,6 +26,15 @@ import torch
 import hrnet_fast
 from hrnet_fast.bench.model import randomize
 from hrnet_fast.fused.blocks import WinogradBlocks
+
+# The run-time on/off settings for many threads that --fill-team, --own-panels and --side-by-side compare:
+# (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
+SWITCHES = {
+    "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
+    "own_panels": ("own panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_own_panels(v)),
+    "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
+}
+NAMES = ("fill_team", "own_panels", "one_op", "side_by_side")  # the columns, in order
 
 PARTS = {"conv1": "stem", "layer1": "stage1", "transition1": "stage2", "stage2": "stage2", "transition2": "stage3",
          "stage3": "stage3", "transition3": "stage4", "stage4": "stage4", "final_layer": "head"}
@@ -151,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fill-team", nargs="+", choices=("on", "off"), default=["on"],
                    help="the Winograd split's filling of idle threads (conv3x3_winograd_fill_team): on (the "
                         "default), off, or both, taking turns in this process")
+    p.add_argument("--own-panels", nargs="+", choices=("on", "off"), default=["on"],
+                   help="a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles "
+                        "or more (conv3x3_winograd_own_panels): on (the default), off, or both, in turns")
     p.add_argument("--one-op", nargs="+", choices=("on", "off"), default=["on"],
                    help="each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one "
                         "winograd_branches call): on (the default), off (block by block), or both, in turns")
@@ -169,14 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     # the variant and thread count in use before the timing switches between them, put back after it so
     # that the JSON's machine info and anything run later in the process see the CPU's own choice
     default_isa, default_threads = torch.ops.hrnet_fast.cpu_isa(), torch.get_num_threads()
-    default_fill = torch.ops.hrnet_fast.conv3x3_winograd_fill_team()
-    default_side = torch.ops.hrnet_fast.winograd_branches_side_by_side()
+    defaults = {name: op() for name, (_, op) in SWITCHES.items()}
     try:
         return _run(args, threads, cores, default_isa)
     finally:
         torch.ops.hrnet_fast.cpu_isa(default_isa)
-        torch.ops.hrnet_fast.conv3x3_winograd_fill_team(default_fill)
-        torch.ops.hrnet_fast.winograd_branches_side_by_side(default_side)
+        for name, (_, op) in SWITCHES.items():
+            op(defaults[name])
         torch.set_num_threads(default_threads)
 
 
@@ -201,17 +213,17 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                                 cpu_graph=False)
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
-    # (fill_team, one_op, side_by_side): the switches for many threads, each "on" or "off"
-    switches = [(f, o, s) for f in dict.fromkeys(args.fill_team) for o in dict.fromkeys(args.one_op)
-                for s in dict.fromkeys(args.side_by_side)]
+    # the switches' settings to compare, one tuple of "on"/"off" in NAMES' order each
+    switches = list(itertools.product(*(dict.fromkeys(getattr(args, name)) for name in NAMES)))
     configs = [(t, isa, b, sw) for b in args.batch for t in threads for isa in isas for sw in switches]
     branches = [m for m in model.modules() if isinstance(m, WinogradBlocks)]
 
-    def switch(fill_team: str, one_op: str, side_by_side: str) -> None:
-        torch.ops.hrnet_fast.conv3x3_winograd_fill_team(fill_team == "on")
-        torch.ops.hrnet_fast.winograd_branches_side_by_side(side_by_side == "on")
+    def switch(*settings: str) -> None:
+        for name, on in zip(NAMES, settings):
+            if name in SWITCHES:
+                SWITCHES[name][1](on == "on")
         for m in branches:
-            m.one_op = one_op == "on"
+            m.one_op = settings[NAMES.index("one_op")] == "on"
 
     samples: dict[tuple, list[dict[str, float]]] = {c: [] for c in configs}
     with torch.inference_mode():
@@ -227,24 +239,24 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     # the op table below, and the JSON, at the CPU's own variant and the default split
     torch.ops.hrnet_fast.cpu_isa(default_isa)
-    switch("on", "on", "on")
+    switch(*["on"] * len(NAMES))
     rows = []
-    for (t, isa, b, (fill, one_op, side)), runs in samples.items():
+    for (t, isa, b, sw), runs in samples.items():
         med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
         med["total"] = statistics.median(sum(s.values()) for s in runs)
-        rows.append({"threads": t, "isa": isa, "batch": b, "fill_team": fill, "one_op": one_op, "side_by_side": side,
-                     "ms": med})
+        rows.append({"threads": t, "isa": isa, "batch": b, **dict(zip(NAMES, sw)), "ms": med})
     base = min(threads)
-    variant = ("isa", "batch", "fill_team", "one_op", "side_by_side")
+    variant = ("isa", "batch", *NAMES)
     ref = {tuple(r[k] for k in variant): r["ms"] for r in rows if r["threads"] == base}
     parts = list(rows[0]["ms"])
     print(f"\nW32 256x192 cpu backend (tasks {args.tasks}), median ms per part (parallel efficiency against {base} thread(s))")
-    print("| batch | isa | fill | one op | side by side | threads | " + " | ".join(parts) + " |")
-    print("|" + "---|" * (len(parts) + 6))
+    heads = [SWITCHES[n][0] if n in SWITCHES else n.replace("_", " ") for n in NAMES]
+    print("| batch | isa | " + " | ".join(heads) + " | threads | " + " | ".join(parts) + " |")
+    print("|" + "---|" * (len(parts) + len(NAMES) + 3))
     for r in rows:
         base_ms = ref[tuple(r[k] for k in variant)]
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
-        print(f"| {r['batch']} | {r['isa']} | {r['fill_team']} | {r['one_op']} | {r['side_by_side']} | {r['threads']} | "
+        print(f"| {r['batch']} | {r['isa']} | " + " | ".join(r[n] for n in NAMES) + f" | {r['threads']} | "
               + " | ".join(cells) + " |")
     tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
