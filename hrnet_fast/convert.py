@@ -5,7 +5,9 @@ and MMPose's backbone all convert: HR modules (branches, fuse_layers, num_branch
 bilinear fusion, the mode read off the modules or probed: fused/hr_module.py), the segmentation head
 (fused/seg_head.py), residual blocks
 (conv1/bn1/conv2/bn2[/conv3/bn3][, downsample]), Sequential(Conv2d, BatchNorm2d[, ReLU]), conv{k}/bn{k}
-attribute pairs (stems), and any other plain Conv2d (heads).
+attribute pairs (stems), and any other plain Conv2d (heads). A ReLU module the forward calls only
+right after such folded pairs (the pose stems' `relu`, found by tracing the forward with torch.fx)
+runs in the convs' epilogue.
 """
 from __future__ import annotations
 
@@ -38,6 +40,38 @@ def _why_not_fusable_conv(conv: nn.Conv2d) -> str | None:
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "grouped, dilated, string-padded or non-zero-padded conv"
     return None
+
+
+def relus_after_convs(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
+    """{ReLU module name: the (conv, BN) pairs it follows} for each ReLU module that `model`'s forward calls only on
+    the output of a conv -> BatchNorm pair that nothing else reads (the pose nets' stem `relu`, after
+    bn1 and after bn2), read off a torch.fx trace of the forward; {} where the forward does not trace.
+    Such a ReLU can run in the convs' epilogue instead, the module left an Identity."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any forward FX cannot trace keeps its ReLUs
+        return {}
+    modules = dict(model.named_modules())
+
+    def call_of(node: object, kind: type | tuple[type, ...]) -> torch.fx.Node | None:
+        ok = (isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), kind)
+              and len(node.args) == 1 and not node.kwargs and len(node.users) == 1)
+        return node if ok else None
+
+    found: dict[str, list[tuple[str, str]]] = {}
+    refused: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.ReLU):
+            continue
+        bn = call_of(node.args[0] if len(node.args) == 1 and not node.kwargs else None, FOLDABLE_BN)
+        conv = call_of(bn.args[0], nn.Conv2d) if bn is not None else None
+        if conv is None:
+            refused.add(node.target)
+        else:
+            found.setdefault(node.target, []).append((conv.target, bn.target))
+    return {name: convs for name, convs in found.items() if name not in refused}
 
 
 class _Converter:
@@ -130,6 +164,24 @@ class _Converter:
             if isinstance(conv, nn.Conv2d) and isinstance(bn, FOLDABLE_BN) and _why_not_fusable_conv(conv) is None:
                 setattr(m, f"conv{k}", fused_conv(conv, bn, False, self.backend))
                 setattr(m, f"bn{k}", nn.Identity())
+
+
+def _fold_relus(fused: nn.Module, relus: dict[str, list[tuple[str, str]]]) -> None:
+    """Each ReLU module of `relus` (relus_after_convs, found before conversion) that is still there,
+    where every conv it follows became a FusedConv without ReLU and its BN was folded into it (an
+    Identity now): the convs apply the ReLU and the module becomes an Identity (the pose stems: two
+    fewer passes over the stem's output)."""
+    modules = dict(fused.named_modules())
+    for name, pairs in relus.items():
+        targets = [modules.get(conv) for conv, _ in pairs]
+        folded = all(isinstance(t, FusedConv) and not t.relu for t in targets) and all(
+            isinstance(modules.get(bn), nn.Identity) for _, bn in pairs)
+        if not isinstance(modules.get(name), nn.ReLU) or not folded:
+            continue
+        for t in targets:
+            t.relu = True
+        parent, _, attr = name.rpartition(".")
+        setattr(fused.get_submodule(parent) if parent else fused, attr, nn.Identity())
 
 
 class _ForwardScope:
@@ -282,9 +334,11 @@ def optimize(
 
     fused = copy.deepcopy(model)
     converter = _Converter(chosen)
+    relus = relus_after_convs(fused)
     with torch.no_grad():
         converter.convert_seg_head(fused)
         fused = converter.convert(fused, "")
+        _fold_relus(fused, relus)
         if chosen == "cpu":
             converter.chunk_stages(fused)
     leftovers = [(n, f"{type(m).__name__} left unfolded") for n, m in fused.named_modules() if isinstance(m, FOLDABLE_BN)]
