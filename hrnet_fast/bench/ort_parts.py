@@ -35,15 +35,21 @@ from hrnet_fast.bench.model import randomize
 STEM = ("bn1", "relu", "conv2", "bn2")
 
 
-def module_of_values(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+def module_of_values(model: nn.Module, x: torch.Tensor, output_names: tuple[str, ...] = ("y",)) -> dict[str, str]:
     """{value name in the exported graph: dotted path of the module that made it} for `model` on `x`,
-    from torch.export after the exporter's decompositions (whose node names the ONNX graph keeps)."""
+    from torch.export after the exporter's decompositions (whose node names the ONNX graph keeps; the
+    outputs take the names the export gave them, contenders._export_into's "y")."""
     ep = torch.export.export(copy.deepcopy(model), (x,), strict=False).run_decompositions()
     out = {}
     for node in ep.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack:
             out[node.name] = list(stack.values())[-1][0]
+        if node.op == "output":
+            results = [a for a in torch.utils._pytree.tree_leaves(node.args) if isinstance(a, torch.fx.Node)]
+            for name, value in zip(output_names, results):
+                if value.name in out:
+                    out[name] = out[value.name]
     return out
 
 
