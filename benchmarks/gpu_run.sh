@@ -8,6 +8,7 @@
 #      a U shared by all threads (`--own-panels on off`: W32's 64-channel convs at batch 8 on 16 threads)
 #      and a module's branches side by side on sub-teams of the threads (`--side-by-side on off`,
 #      winograd_branches) (~60 s; the 1-thread times are in step 3);
+#   2b. `ort_parts` at 16 threads, batch 1 and 8: ONNX Runtime's time per part beside ours (~60 s);
 #   3. `cpu_threads` at 1, 16, 8 and 4 threads without torch.compile (its compiles took 2.5-4 minutes
 #      each there in run 8; its 1- and 16-thread rows are in benchmarks/results/gpu/cpu_16core_run8/):
 #      ~80 s of ONNX export, then ~190 s;
@@ -33,6 +34,8 @@ python3 -m hrnet_fast.bench.gpu_check --out "$work/cpu" --only build --budget-s 
 timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads 8 16 --batch 1 8 --isa avx512 --rounds 3 --runs 2 \
     --fill-team on off --own-panels on off --side-by-side on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
 echo "cpu_parts: exit $? ($(left) s left)"
+timeout 90 python3 -m hrnet_fast.bench.ort_parts --threads 16 --batch 1 8 --rounds 3 > "$work/ort_parts.log" 2>&1
+echo "ort_parts: exit $? ($(left) s left)"
 # the tests keep ~130 s of the budget
 timeout $(( $(left) - 130 )) python3 -m hrnet_fast.bench.cpu_threads --out "$work/cpu/cpu_threads" \
     --threads 1 16 8 4 --compile-threads --min-run-time 0.5 > "$work/cpu_threads.log" 2>&1
@@ -44,4 +47,5 @@ cp "$work/machine.txt" "$OUT/" 2>/dev/null
 echo "===== machine"; grep -E "Model name|^Model:|^L2|^L3|^CPU\(s\)" "$work/machine.txt"; tail -2 "$work/machine.txt"
 echo "===== tests"; grep -E "FAILED|ERROR|passed|failed" "$work/gpu/gpu_check.log" | tail -15
 echo "===== parts"; grep -E "^\| (batch|1 |8 |hrnet|aten|all|forward)" "$work/parts.log" | cut -c1-170 | head -110
+echo "===== ort_parts"; grep -E "^(\||W32)" "$work/ort_parts.log" | head -30
 echo "===== cpu_threads"; cat "$work/cpu/cpu_threads/cpu_threads.md" 2>/dev/null || tail -20 "$work/cpu_threads.log"
