@@ -31,6 +31,20 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+def restoring(switch: str):
+    """A fixture handing out the CPU switch op torch.ops.hrnet_fast.<switch> (an on/off setting of a
+    kernel's choice: `op(bool)` sets it, `op()` reads it), its setting put back after the test."""
+
+    @pytest.fixture
+    def fixture():
+        op = getattr(torch.ops.hrnet_fast, switch)
+        before = op()
+        yield op
+        op(before)
+
+    return fixture
+
+
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BatchNorm non-trivial running stats and affine terms, so folding is really exercised."""
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,9 @@ import torch
 
 from hrnet_fast import _extension
 from hrnet_fast.ops import conv_bias_act_reference, winograd
+
+from conftest import restoring
+
 CL = torch.channels_last
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("conv3x3_winograd", "CPU"), reason="C++ extension not built")
@@ -403,11 +406,7 @@ def test_non_finite_inputs_reach_a_superset_of_eagers_outputs(m, value, pos):
     torch.testing.assert_close(out[:, :, ~allowed], eager[:, :, ~allowed], rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def fill_team_restored():
-    before = torch.ops.hrnet_fast.conv3x3_winograd_fill_team()
-    yield torch.ops.hrnet_fast.conv3x3_winograd_fill_team
-    torch.ops.hrnet_fast.conv3x3_winograd_fill_team(before)
+fill_team_restored = restoring("conv3x3_winograd_fill_team")
 
 
 def test_fill_team_switch(fill_team_restored):
@@ -443,11 +442,7 @@ def test_fill_team_leaves_w32s_two_thread_splits(batch, fill_team_restored):
         assert len(splits) == 1, (x_size, splits)
 
 
-@pytest.fixture
-def own_panels_restored():
-    before = torch.ops.hrnet_fast.conv3x3_winograd_own_panels()
-    yield torch.ops.hrnet_fast.conv3x3_winograd_own_panels
-    torch.ops.hrnet_fast.conv3x3_winograd_own_panels(before)
+own_panels_restored = restoring("conv3x3_winograd_own_panels")
 
 
 @pytest.mark.parametrize(

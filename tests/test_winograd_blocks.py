@@ -17,7 +17,7 @@ from hrnet_fast.ops import winograd, winograd_blocks
 from hrnet_fast.ops.basic_blocks import winograd_blocks_reference as reference
 from hrnet_fast.reference import tiny_pose_hrnet
 
-from conftest import randomize_bn
+from conftest import randomize_bn, restoring
 
 pytestmark = pytest.mark.skipif(
     not _extension.has_kernel("winograd_blocks", "CPU"), reason="needs the compiled extension"
@@ -208,11 +208,7 @@ def make_branches(n, shapes, blocks=2, seed=0):
 W32_B1 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
 
 
-@pytest.fixture
-def side_by_side_restored():
-    before = torch.ops.hrnet_fast.winograd_branches_side_by_side()
-    yield torch.ops.hrnet_fast.winograd_branches_side_by_side
-    torch.ops.hrnet_fast.winograd_branches_side_by_side(before)
+side_by_side_restored = restoring("winograd_branches_side_by_side")
 
 
 @pytest.mark.parametrize(
