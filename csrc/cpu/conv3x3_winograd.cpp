@@ -182,9 +182,10 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
 
   // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
   // one task (a single block), or to one task a block where the tiles were split to fill the team
-  // (wide) or a block is a thread's (own_panels). Else, where U is small and each thread has tiles enough to pay for transforming all of
-  // it (at least kOwnUTiles), each thread transforms the whole U into its own scratch as its tasks
-  // begin; else it is transformed once, up front, into shared scratch.
+  // (wide) or a block is a thread's (own_panels). Else, where U is small and each thread has tiles
+  // enough to pay for transforming all of it (at least kOwnUTiles), each thread transforms the whole
+  // U into its own scratch as its tasks begin; else it is transformed once, up front, into shared
+  // scratch.
   const bool per_panel = !u && (blocks == 1 || wide || own_panels);
   // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
   // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
