@@ -45,11 +45,12 @@ def with_threads(threads, fn):
 
 
 # W32's four branches at batch 1 (four blocks each), its 128-channel one at batch 8 (on 2 threads a block of
-# tiles a thread, each transforming every panel), W48's 96-channel one at batch 1 (on 2 threads its U
-# transformed up front into shared scratch, a region a conv), odd sizes and channel counts, one block.
+# tiles a thread, each transforming every panel; on 16, 4 x 4 tasks of a block and 2 panels), W48's
+# 96-channel one at batch 1 (a block a thread on 2) and 8 (on 2 threads its U transformed up front into
+# shared scratch, a region a conv), odd sizes and channel counts, one block.
 @pytest.mark.parametrize(
     "shape", [(1, 32, 64, 48, 4), (1, 64, 32, 24, 4), (1, 128, 16, 12, 4), (1, 256, 8, 6, 4), (8, 128, 16, 12, 1),
-              (1, 96, 32, 24, 1), (2, 24, 13, 11, 3), (1, 16, 5, 7, 1)], ids=str)
+              (1, 96, 32, 24, 1), (8, 96, 32, 24, 1), (2, 24, 13, 11, 3), (1, 16, 5, 7, 1)], ids=str)
 @pytest.mark.parametrize("threads", [1, 2, 3, 16])
 def test_same_bits_as_the_conv_calls(shape, threads):
     n, c, h, w, blocks = shape
@@ -61,9 +62,9 @@ def test_same_bits_as_the_conv_calls(shape, threads):
 
 
 def test_a_split_with_shared_u_is_covered():
-    """The (1, 96, 32, 24) case above on 2 threads takes the path whose U is transformed up front."""
+    """The (8, 96, 32, 24) case above on 2 threads takes the path whose U is transformed up front."""
     blocks, splits, _, per_panel, own_u = torch.ops.hrnet_fast.conv3x3_winograd_plan(
-        [1, 96, 32, 24], 96, winograd.choose_tile((1, 96, 32, 24), 96), True, 2)[:5]
+        [8, 96, 32, 24], 96, winograd.choose_tile((8, 96, 32, 24), 96), True, 2)[:5]
     assert not per_panel and not own_u and blocks * splits > 1
 
 

@@ -180,20 +180,43 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
     }
   }
 
+  // A U that would be shared (none of the ways below to transform it per thread or per panel) by
+  // blocks of fewer than kTileSplitTiles tiles: each thread would read all of U, most of it from the
+  // other cores' caches, for a few tiles' GEMMs (W32's 128-channel 16x12 conv at batch 8 on 16 threads:
+  // 2.4 MB of U for 6 tiles a thread). Where blocks of kTileSplitTiles times groups of panels give the
+  // team a task each at most and fill it, that split instead, each task transforming its own panels
+  // for its block (panel_groups): 4 x 4 tasks of 24 tiles and 2 panels there. Not measured on more
+  // than 2 threads; on 2 it changes only convs such as W48's 96-channel 32x24 one at batch 1 (a block
+  // a thread: that branch alone 1.43x faster, 40 of 40, though in the model it runs on one thread, in
+  // a pair: winograd_branches). Switched with own_panels.
+  bool panel_groups = false;
+  const bool own_u_fits = threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
+  if (!u && own_panels_switch.on() && threads > 1 && !weight_bound && !own_panels && !wide && blocks > 1 &&
+      !own_u_fits && tb < kTileSplitTiles) {
+    const int64_t groups = std::max<int64_t>(1, g.tiles / kTileSplitTiles);
+    const int64_t parts = std::min(panels, (threads + groups - 1) / groups);
+    if (groups <= threads && groups * parts >= threads) {
+      tb = ((g.tiles + groups - 1) / groups + kMr - 1) / kMr * kMr;
+      blocks = (g.tiles + tb - 1) / tb;
+      splits = parts;
+      panel_groups = true;
+    }
+  }
+
   // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
   // one task (a single block), or to one task a block where the tiles were split to fill the team
-  // (wide) or a block is a thread's (own_panels). Else, where U is small and each thread has tiles
+  // (wide) or a block is a thread's (own_panels), or to panel_groups' tasks. Else, where U is small and each thread has tiles
   // enough to pay for transforming all of it (at least kOwnUTiles), each thread transforms the whole
   // U into its own scratch as its tasks begin; else it is transformed once, up front, into shared
   // scratch.
-  const bool per_panel = !u && (blocks == 1 || wide || own_panels);
+  const bool per_panel = !u && (blocks == 1 || wide || own_panels || panel_groups);
   // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
   // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
   // else the whole panel at once.
   // (tb: a block's tiles, padded to kMr)
   const bool sliced = per_panel && K * K * tb * gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
   const int64_t slice = sliced ? std::min(kSliceChannels, g.cin) : g.cin;
-  const bool own_u = !u && !per_panel && threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
+  const bool own_u = !u && !per_panel && own_u_fits;
   return WinogradPlan{blocks, splits, tb, per_panel, own_u, sliced, slice};
 }
 
