@@ -239,12 +239,13 @@ def branch_teams(n, shapes, threads):
 
 def test_branch_teams(side_by_side_restored):
     """Where the branches run side by side and on how many threads (0: after those, on all of them).
-    On 2 threads the first two, a thread each, while each conv of theirs is at most 80 M multiply-adds
-    (W32 at batch 1: 28 M; batch 2: 57 M; batch 4: 113 M, left one after another); on 3, one after
-    another; from 2 a branch, shares of the threads by work."""
+    On 2 threads the first two, a thread each, while each conv of theirs is at most 60 M multiply-adds
+    (W32 at batch 1: 28 M; batch 2: 57 M; batch 4: 113 M and W48 at batch 1: 64 M, left one after
+    another); on 3, one after another; from 2 a branch, shares of the threads by work."""
     assert branch_teams(1, W32_B1, 2) == [1, 1, 0, 0]
     assert branch_teams(2, W32_B1[:2], 2) == [1, 1]
     assert branch_teams(4, W32_B1, 2) == [0, 0, 0, 0]
+    assert branch_teams(1, [(48, 64, 48), (96, 32, 24)], 2) == [0, 0]  # W48
     assert branch_teams(1, W32_B1[:3], 3) == [0, 0, 0]
     assert branch_teams(1, W32_B1, 4) == [0, 0, 0, 0]
     assert branch_teams(1, W32_B1[:2], 4) == [2, 2]

@@ -42,9 +42,9 @@ namespace {
 // W32's 64-channel branch alone: 1178 us on one thread, 880 on two), more than running two branches of
 // about equal work at once loses to their difference (32 and 64 channels: 1335 and 1178 us). W32
 // (28 M multiply-adds a conv at batch 1, 2 threads of an Intel Xeon, the two ways in turns in one
-// process): batch 1 1.057x faster (36 of 40), batch 2 1.061x (10 of 12), batch 4 (113 M) 1.002x
-// (7 of 12), batch 8 0.983x (3 of 8).
-constexpr double kPairMacs = 80e6;
+// process): batch 1 1.057x faster (36 of 40), batch 2 (57 M) 1.061x (10 of 12), batch 4 (113 M)
+// 1.002x (7 of 12), batch 8 0.983x (3 of 8); W48 at batch 1 (64 M) 1.004x (17 of 30).
+constexpr double kPairMacs = 60e6;
 
 // Whether branches may run side by side (on by default; off for comparing in one process)
 CpuSwitch side_by_side;
