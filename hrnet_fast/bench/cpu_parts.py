@@ -35,6 +35,14 @@ SWITCHES = {
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
 }
 NAMES = ("fill_team", "own_panels", "one_op", "side_by_side")  # the columns, in order
+WHAT = {
+    "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
+    "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
+                  "more (conv3x3_winograd_own_panels)",
+    "one_op": "each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one winograd_branches "
+              "call; off: block by block)",
+    "side_by_side": "a module's branches side by side on sub-teams of the threads (winograd_branches_side_by_side)",
+}
 
 PARTS = {"conv1": "stem", "layer1": "stage1", "transition1": "stage2", "stage2": "stage2", "transition2": "stage3",
          "stage3": "stage3", "transition3": "stage4", "stage4": "stage4", "final_layer": "head"}
@@ -158,18 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", nargs="+", default=["avx2", "avx512"], help="Winograd variants (those this CPU runs)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=3, help="timed forwards per configuration and round")
-    p.add_argument("--fill-team", nargs="+", choices=("on", "off"), default=["on"],
-                   help="the Winograd split's filling of idle threads (conv3x3_winograd_fill_team): on (the "
-                        "default), off, or both, taking turns in this process")
-    p.add_argument("--own-panels", nargs="+", choices=("on", "off"), default=["on"],
-                   help="a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles "
-                        "or more (conv3x3_winograd_own_panels): on (the default), off, or both, in turns")
-    p.add_argument("--one-op", nargs="+", choices=("on", "off"), default=["on"],
-                   help="each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one "
-                        "winograd_branches call): on (the default), off (block by block), or both, in turns")
-    p.add_argument("--side-by-side", nargs="+", choices=("on", "off"), default=["on"],
-                   help="a module's branches side by side on sub-teams of the threads where each gets two or more "
-                        "(winograd_branches_side_by_side): on (the default), off, or both, in turns")
+    for name in NAMES:  # each "on", "off" or both, taking turns in this process
+        p.add_argument(f"--{name.replace('_', '-')}", nargs="+", choices=("on", "off"), default=["on"],
+                       help=f"{WHAT[name]}: on (the default), off, or both, in turns")
     p.add_argument("--tasks", choices=("on", "off"), default="off",
                    help="optimize's tasks: off (its default: each op splits its own work) or on")
     p.add_argument("--profile", action="store_true",
