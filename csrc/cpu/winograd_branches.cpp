@@ -94,6 +94,12 @@ std::vector<int64_t> split_team(int64_t threads, const std::vector<double>& work
   return team;
 }
 
+// Multiply-adds of one direct 3x3 C -> C conv on an input of `size` [N, C, H, W] (0 for another rank:
+// the chain's own checks refuse it).
+double conv_macs(c10::IntArrayRef size) {
+  return size.size() == 4 ? static_cast<double>(size[0]) * size[1] * size[1] * size[2] * size[3] * 9 : 0.0;
+}
+
 // Branch b's threads when its chain runs side by side with others (team[b]), or 0: after those, on
 // all the threads. macs: multiply-adds of one of the branch's direct convs.
 std::vector<int64_t> branch_teams(const std::vector<double>& macs, at::IntArrayRef convs, int64_t threads) {
@@ -118,7 +124,7 @@ std::vector<int64_t> winograd_branches_plan(const std::vector<std::vector<int64_
   std::vector<double> macs;
   for (const auto& s : x_sizes) {
     TORCH_CHECK(s.size() == 4, op, ": each x size must be [N, C, H, W], got ", s);
-    macs.push_back(static_cast<double>(s[0]) * s[1] * s[1] * s[2] * s[3] * 9);
+    macs.push_back(conv_macs(s));
   }
   return branch_teams(macs, convs, threads);
 }
@@ -144,7 +150,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   const bool nested = at::in_parallel_region() || omp_in_parallel();
   std::vector<double> macs(branches);
   for (int64_t b = 0; b < branches; ++b)
-    macs[b] = static_cast<double>(xs[b].numel()) * static_cast<double>(xs[b].dim() == 4 ? xs[b].size(1) : 0) * 9;
+    macs[b] = conv_macs(xs[b].sizes());
   const std::vector<int64_t> team = nested ? std::vector<int64_t>(branches, 0) : branch_teams(macs, convs, threads);
   auto chain = [&](int64_t b, int64_t team_size) {
     const int64_t off = std::accumulate(convs.begin(), convs.begin() + b, int64_t{0});
