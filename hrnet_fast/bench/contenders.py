@@ -135,9 +135,6 @@ def onnxruntime(ctx: Context) -> Prepared:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = ctx.threads
     so.inter_op_num_threads = 1
-    # Its pool's threads stop spinning when a run returns (they still spin within one): left spinning,
-    # they take the cores from whichever contender is timed next in this process
-    so.add_session_config_entry("session.force_spinning_stop", "1")
     sess = ort.InferenceSession(str(path), so, providers=providers)
     name = sess.get_inputs()[0].name
     x_np = x_cpu.numpy()
