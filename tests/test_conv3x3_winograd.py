@@ -138,8 +138,8 @@ def plan(x_size, c_out, m, threads, dense=True):
 # W32's branch convs at batch 1 and 8 with the tile optimize() picks (test_choose_tile): on 2 threads
 # the splits tuned there; on 16 threads tasks (blocks x splits) for every thread wherever the tiles allow,
 # the 64- and 128-channel convs at batch 1 split by tiles as well as panels (they made 8 tasks), and
-# no U shared where blocks of 24 tiles times groups of panels fill the team (panel groups: the
-# 32-channel conv at batch 1, the 128-channel one at batch 8).
+# no U shared where blocks of 24 tiles times groups of panels fill the team and U is over 640 KB
+# (panel groups: the 128-channel conv at batch 8); the 32- and 64-channel convs' smaller U shared.
 @pytest.mark.parametrize(
     "x_size,c_out,m,threads,want",
     [
@@ -150,11 +150,11 @@ def plan(x_size, c_out, m, threads, dense=True):
         ((1, 256, 8, 6), 256, 2, 2, (1, 2, 12, True, False)),
         ((8, 32, 64, 48), 32, 4, 2, (29, 1, 54, False, True)),
         ((8, 256, 8, 6), 256, 4, 2, (1, 2, 36, True, False)),
-        ((1, 32, 64, 48), 32, 4, 16, (8, 2, 24, True, False)),
+        ((1, 32, 64, 48), 32, 4, 16, (16, 1, 12, False, False)),
         ((1, 64, 32, 24), 64, 4, 16, (4, 4, 12, False, False)),
         ((1, 128, 16, 12), 128, 4, 16, (2, 8, 6, True, False)),
         ((1, 256, 8, 6), 256, 2, 16, (1, 16, 12, True, False)),
-        ((8, 64, 32, 24), 64, 4, 16, (16, 1, 24, True, False)),
+        ((8, 64, 32, 24), 64, 4, 16, (16, 1, 24, False, False)),
         ((8, 128, 16, 12), 128, 4, 2, (2, 1, 48, True, False)),
         ((8, 128, 16, 12), 128, 4, 16, (4, 4, 24, True, False)),
         ((8, 256, 8, 6), 256, 4, 16, (1, 16, 36, True, False)),
@@ -451,14 +451,16 @@ own_panels_restored = restoring("conv3x3_winograd_own_panels")
     "x_size,threads,on,off",
     [((8, 128, 16, 12), 2, (2, 1, 48, True, False), (2, 1, 48, False, False)),  # else U shared
      ((1, 64, 32, 24), 2, (2, 1, 24, True, False), (1, 2, 48, True, False)),  # else split by channels
-     ((8, 128, 16, 12), 8, (4, 2, 24, True, False), (8, 1, 12, False, False))],  # panel groups, else U shared
+     ((8, 128, 16, 12), 8, (4, 2, 24, True, False), (8, 1, 12, False, False)),  # panel groups, else U shared
+     ((1, 32, 64, 48), 8, (8, 1, 24, False, False), (8, 1, 24, False, False))],  # small U: shared either way
     ids=str,
 )
 def test_own_panels_switch(x_size, threads, on, off, own_panels_restored):
     """conv3x3_winograd_own_panels(False) gives back the split without a block of tiles a thread (or a
     group of panels of a block: panel groups), each transforming its panels: W32's 128-channel conv at
     batch 8 then transforms U once into shared scratch, its 64-channel one at batch 1 is split by
-    channels. Another split, the same bits."""
+    channels. On more than 2 threads a U of at most 640 KB (its 32-channel conv at batch 1) is shared
+    either way. Another split, the same bits."""
     switch = own_panels_restored
     c = x_size[1]
     x, weight, b, r = make((x_size[0], c, c, *x_size[2:]), seed=7)

@@ -152,7 +152,15 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // But where the threads get kTileSplitTiles tiles each, such a conv is split by tiles, a block a
   // thread, each thread transforming every panel for its block (own_panels), with no U shared.
   const bool few_blocks = !u && !weight_bound && threads > 1 && blocks <= threads;
-  const bool own_panels = few_blocks && own_panels_switch.on() && g.tiles >= threads * kTileSplitTiles;
+  // On more than 2 threads only for a U above kOwnUBytes (here and for panel_groups below): a small U
+  // shared is cheap to read (it stays in the caches), while each thread transforming all of it costs
+  // what ~7 tiles' GEMMs do, a fixed cost a thread however few tiles each gets. On the 16-core machine
+  // (W32, each way in turns in one process, 6 forwards each, sub-teams of 4-8 threads side by side):
+  // batch 1 on 16 threads 21.9 ms with a thread or task its own panels of the 32- and 64-channel
+  // (147 and 590 KB of U) convs, 19.1 without; on 8 threads 30.7 and 29.1; batch 8 on 16 threads,
+  // where the 128-channel convs' 2.4 MB U is the one it changes, 81.1 with and 83.0 without.
+  const bool own_splits = own_panels_switch.on() && (threads <= 2 || weight_bytes > kOwnUBytes);
+  const bool own_panels = few_blocks && own_splits && g.tiles >= threads * kTileSplitTiles;
   if (few_blocks && !own_panels && panels >= threads && g.tiles * per_tile <= kDenseSplitBytes) weight_bound = true;
   if (weight_bound) {
     splits = std::min(panels, threads);
@@ -191,7 +199,7 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // Switched with own_panels.
   bool panel_groups = false;
   const bool own_u_fits = threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
-  if (!u && own_panels_switch.on() && threads > 1 && !weight_bound && !own_panels && !wide && blocks > 1 &&
+  if (!u && own_splits && threads > 1 && !weight_bound && !own_panels && !wide && blocks > 1 &&
       !own_u_fits && tb < kTileSplitTiles) {
     const int64_t groups = std::max<int64_t>(1, g.tiles / kTileSplitTiles);
     const int64_t parts = std::min(panels, (threads + groups - 1) / groups);
