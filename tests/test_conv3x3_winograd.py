@@ -476,3 +476,33 @@ def test_own_panels_switch(x_size, threads, on, off, own_panels_restored):
         torch.set_num_threads(before)
     assert outs[True][0] == on and outs[False][0] == off
     assert torch.equal(outs[True][1], outs[False][1])
+
+
+four_panels_restored = restoring("conv3x3_winograd_four_panels")
+
+
+# Four weight panels a GEMM call (where the GEMM is 16 lanes) where U is whole before the tasks: a
+# given U, and a dense weight's U transformed up front (shared on 1 thread, each thread's own on 2);
+# output channels making three, four, five (four and one) and six (four and two) panels. The same bits
+# as two panels a call, and the reference's answer.
+@pytest.mark.parametrize("cout", [48, 64, 80, 96])
+@pytest.mark.parametrize("given_u", [True, False], ids=["given U", "dense"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_four_panels_a_call(cout, given_u, threads, four_panels_restored):
+    switch = four_panels_restored
+    x, weight, b, r = make((4, 24, cout, 32, 24), seed=11)
+    x = x.contiguous(memory_format=CL)
+    w = winograd.transform_weight(weight, 4) if given_u else ihwo(weight)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if not given_u:  # U transformed before the tasks (shared, or each thread's own), not per panel
+            assert plan((4, 24, 32, 24), cout, 4, threads)[3:] == (False, threads == 2)
+        outs = {}
+        for state in (True, False):
+            assert switch(state) is state
+            outs[state] = winograd.conv3x3_winograd(x, w, cout, b, r, True, **({} if given_u else {"tile": 4}))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[True], outs[False])
+    assert_close_to(outs[True], reference(x, weight, b, r, True), 4)

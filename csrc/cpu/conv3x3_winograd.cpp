@@ -103,6 +103,15 @@ constexpr int64_t kOwnUTiles = 96;
 // so a task of 6 tiles spends half its time transforming: W32's 128-channel 16x12 conv at batch 1 on
 // 16 threads (12 tiles, 8 panels) then runs 16 tasks of 6 tiles instead of 8 of 12, each 3/4 as long.
 constexpr int64_t kWideTiles = kMr;
+// Four 16-wide panels a GEMM call where the GEMM is 16 lanes and U is whole before the tasks (given,
+// shared or the thread's own; winograd_task): per k, 24 FMAs for 10 loads and one loop's bookkeeping
+// instead of 12 for 8, 24 of the 32 registers accumulating. Lone convs on 2 threads of an Intel Xeon,
+// in turns with two panels a call (the same bits): 64 channels at batch 8 (32x24) 1.047-1.049x (22
+// and 26 of 30), 96 channels (four, then two) 1.049-1.073x, 48 (three) 1.094-1.109x (28-29 of 30);
+// W32 at batch 8 1.017-1.022x (9 of 12, 10 of 16), batch 1 the same. Not where U is transformed panel
+// by panel in the tasks (per_panel): four panels there (the transform's buffer twice as large, one
+// weight stream for twice the GEMMs) took 1.08x as long for the 128-channel 16x12 conv at batch 1 and
+// 1.17x for the 64-channel 32x24 one (the 256-channel 8x6 one at batch 8 the same).
 
 // Whether plan_winograd splits tiles further to give idle threads work (below); on unless switched
 // off by conv3x3_winograd_fill_team(False), for comparing the two splits in one process.
@@ -116,6 +125,12 @@ bool conv3x3_winograd_fill_team(std::optional<bool> use) { return fill_team.set(
 CpuSwitch own_panels_switch;
 
 bool conv3x3_winograd_own_panels(std::optional<bool> use) { return own_panels_switch.set(use); }
+
+// Whether a GEMM call takes four panels where U is whole (above); off: two, as before, for comparing
+// in one process (conv3x3_winograd_four_panels(False)).
+CpuSwitch four_panels;
+
+bool conv3x3_winograd_four_panels(std::optional<bool> use) { return four_panels.set(use); }
 
 }  // namespace
 
@@ -238,7 +253,8 @@ WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int
   // (at::empty is 64-byte aligned, as the transforms' vector accesses need; per-thread slices keep that).
   vbuf_floats_ = K * K * plane_stride(plan_.tb * g.cinp);
   mbuf_floats_ = K * K * plane_stride(plan_.tb * g.coutp);
-  const int64_t ubuf_floats = plan_.per_panel ? K * K * plane_stride(kernels_.gemm_panels * plan_.slice * kNr)
+  group_ = kernels_.gemm_panels == 2 && four_panels.on() && !plan_.per_panel ? 4 : kernels_.gemm_panels;
+  const int64_t ubuf_floats = plan_.per_panel ? K * K * plane_stride(group_ * plan_.slice * kNr)
                               : plan_.own_u   ? K * K * u_stride_
                                               : 0;
   per_thread_ = vbuf_floats_ + mbuf_floats_ + ubuf_floats;  // each a multiple of 16 floats
@@ -277,7 +293,7 @@ void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* 
     const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
     const int64_t t0 = blk * tb, nt = std::min(tb, g_.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
     run_task(WinogradTask{x, task_u, u_stride_, w, plan_.per_panel ? ubuf : nullptr, bias, residual, relu, &g_, y,
-                          vbuf, mbuf, t0, nt, ntp, j0, j1, plan_.slice});
+                          vbuf, mbuf, t0, nt, ntp, j0, j1, plan_.slice, group_});
   }
 }
 
@@ -391,4 +407,6 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   m.def("conv3x3_winograd_fill_team(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_fill_team);
   // whether the split gives each thread a block of tiles and every panel's transform (own_panels)
   m.def("conv3x3_winograd_own_panels(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_own_panels);
+  // whether a GEMM call takes four weight panels where U is whole before the tasks (else two)
+  m.def("conv3x3_winograd_four_panels(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_four_panels);
 }

@@ -66,7 +66,8 @@ typedef float vf16u __attribute__((vector_size(64), aligned(4)));
 inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16u*>(p); }
 typedef vf16 vgemm;
 // Two panels a call where they pair: per k, 12 FMAs for 8 loads (6 broadcasts of A, 2 rows of B), so
-// the FMAs rather than the loads set the pace; 12 accumulators of the 32 registers.
+// the FMAs rather than the loads set the pace; 12 accumulators of the 32 registers. The Winograd GEMMs
+// take four where the driver says so (WinogradTask::group: where U is whole, csrc/cpu/conv3x3_winograd.cpp).
 constexpr int kGemmPanels = 2;
 #else
 typedef vf8 vgemm;
@@ -437,13 +438,15 @@ void winograd_task(const WinogradTask& k) {
     else
       micro_6xn<vgemm, NV>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines);
   };
-  // all K*K positions of panel j (and, pair true, of panel j + 1, rows * kNr floats after it)
+  // all K*K positions of panels [j, j + group) (group 1 to 4, at most k.group; panel j + q rows * kNr * q
+  // floats after panel j)
   // pf: the dense weight lines of the panels transformed next (rows of pf_lines lines at a stride of
   // cout floats, pf_rows of them), prefetched into L2 a few at a time during these GEMMs
   // k0, kn: the input channels [k0, k0 + kn) of a slice of U (rows a panel in panel0), added to C
   // where k0 > 0
-  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, bool pair, int64_t k0, int64_t kn,
+  auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, int group, int64_t k0, int64_t kn,
                    int64_t rows, const float* pf = nullptr, int64_t pf_rows = 0, int pf_lines = 1) {
+    const int64_t q = rows * kNr;  // floats between panels
     const int64_t calls = K * K * (k.ntp / kMr), per = (pf_rows + calls - 1) / calls;
     const int64_t pfs = g.cout * int64_t(sizeof(float));  // bytes between the rows
     int64_t call = 0;
@@ -460,8 +463,12 @@ void winograd_task(const WinogradTask& k) {
         for (RangePrefetch& s : streams) s.step();
         if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
           micro(k0 > 0, a, {panel, panel + 8}, c, kn, pfc, pfs, n, pf_lines);
-        else if (pair)
-          micro(k0 > 0, a, {panel, panel + rows * kNr}, c, kn, pfc, pfs, n, pf_lines);
+        else if (group == 4)
+          micro(k0 > 0, a, {panel, panel + q, panel + 2 * q, panel + 3 * q}, c, kn, pfc, pfs, n, pf_lines);
+        else if (group == 3)
+          micro(k0 > 0, a, {panel, panel + q, panel + 2 * q}, c, kn, pfc, pfs, n, pf_lines);
+        else if (group == 2)
+          micro(k0 > 0, a, {panel, panel + q}, c, kn, pfc, pfs, n, pf_lines);
         else
           micro(k0 > 0, a, {panel}, c, kn, pfc, pfs, n, pf_lines);
       }
@@ -473,12 +480,13 @@ void winograd_task(const WinogradTask& k) {
   // (in turns in one process) and the whole W32 at batch 8 1.02-1.03x (15 and 14 of 16 forwards,
   // an A/A control copy 1.01-1.015x apart), batch 1 the same; on the AMD EPYC (1 MB L2) pairing them
   // or not measured the same within the noise of one whole-model run each.
-  const bool pairs = kGemmPanels == 2;
-  for (int64_t j = k.j0; j < k.j1; j += 1) {
-    const bool pair = pairs && j + 1 < k.j1;
+  // (and up to four where k.group says so)
+  const int most = kGemmPanels == 1 ? 1 : k.group;
+  for (int64_t j = k.j0; j < k.j1;) {
+    const int group = static_cast<int>(std::min<int64_t>(most, k.j1 - j));
     if (k.u) {
-      gemms(j, k.u + j * g.cin * kNr, k.u_stride, pair, 0, g.cin, g.cin);
-      j += pair;
+      gemms(j, k.u + j * g.cin * kNr, k.u_stride, group, 0, g.cin, g.cin);
+      j += group;
       continue;
     }
     // Dense weight: transform these panels into the thread's buffer (L2), a slice of k.slice input
@@ -488,21 +496,21 @@ void winograd_task(const WinogradTask& k) {
     // 2 threads of the AMD EPYC) took 262 instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1
     // 1.02-1.03x (paired, 100 rounds); the 128-channel 16x12 one and batch 8, where the GEMMs outweigh
     // the weight, the same.
-    const int64_t stride = plane_stride(kGemmPanels * k.slice * kNr);  // as the driver sized ubuf
-    const int64_t next = j + 1 + pair;
+    const int64_t stride = plane_stride(most * k.slice * kNr);  // as the driver sized ubuf
+    const int64_t next = j + group;
     for (int64_t ci0 = 0; ci0 < g.cin; ci0 += k.slice) {
       const int64_t ci1 = std::min(g.cin, ci0 + k.slice), kn = ci1 - ci0;
       filter_panels<M>(k.w, k.slice, g.cout, j, next, ci0, ci1, k.ubuf, stride, kFarPrefetch, ci0);
       if (ci1 < g.cin)  // this panel's next slice: rows ci1 * 9 on, at this panel's columns
-        gemms(j, k.ubuf, stride, pair, ci0, kn, k.slice, k.w + ci1 * 9 * g.cout + j * kNr,
-              9 * std::min(k.slice, g.cin - ci1), pair ? 2 : 1);
+        gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + ci1 * 9 * g.cout + j * kNr,
+              9 * std::min(k.slice, g.cin - ci1), group);
       else if (next < k.j1)  // the next panels' first slice
-        gemms(j, k.ubuf, stride, pair, ci0, kn, k.slice, k.w + next * kNr, 9 * std::min(k.slice, g.cin),
-              pairs && next + 1 < k.j1 ? 2 : 1);
+        gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + next * kNr, 9 * std::min(k.slice, g.cin),
+              static_cast<int>(std::min<int64_t>(most, k.j1 - next)));
       else
-        gemms(j, k.ubuf, stride, pair, ci0, kn, k.slice);
+        gemms(j, k.ubuf, stride, group, ci0, kn, k.slice);
     }
-    j += pair;
+    j += group;
   }
   const int64_t c0 = k.j0 * kNr / 8, c1 = k.j1 * kNr / 8;
   const auto out = k.residual ? (k.relu ? &output_transform<M, true, true> : &output_transform<M, true, false>)

@@ -53,6 +53,7 @@ class WinogradRunner {
   bool dense_;
   WinogradKernels kernels_;
   WinogradPlan plan_;
+  int group_;  // the tasks' WinogradTask::group
   int64_t u_stride_, vbuf_floats_, mbuf_floats_, per_thread_, slots_;
   at::Tensor scratch_, u_scratch_;
 };

@@ -36,6 +36,7 @@ struct WinogradTask {
   float* mbuf;
   int64_t t0, nt, ntp, j0, j1;
   int64_t slice;  // a dense weight's input channels transformed at a time (per ubuf), C_in for all at once
+  int group;      // 16-wide panels a GEMM call takes at most (and ubuf holds a slice of): 1, 2 or 4
 };
 
 using WinogradTaskFn = void (*)(const WinogradTask&);
@@ -89,7 +90,7 @@ constexpr int64_t kConvGemmMaxK = 640;
 struct WinogradKernels {
   WinogradTaskFn m2, m4;
   WinogradWeightFn w2, w4;
-  int gemm_panels;  // 16-wide panels per GEMM call (2 where the GEMM is 16 lanes): a task's U buffer holds as many
+  int gemm_panels;  // 16-wide panels per GEMM call (2 where the GEMM is 16 lanes; 4 where U is whole: WinogradRunner)
   ConvGemmFn conv_gemm;
 };
 

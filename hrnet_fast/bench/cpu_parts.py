@@ -27,18 +27,21 @@ import hrnet_fast
 from hrnet_fast.bench.model import randomize
 from hrnet_fast.fused.blocks import WinogradBlocks
 
-# The run-time on/off settings for many threads that --fill-team, --own-panels and --side-by-side compare:
+# The run-time on/off settings that --fill-team, --own-panels, --four-panels and --side-by-side compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
     "own_panels": ("own panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_own_panels(v)),
+    "four_panels": ("four panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_four_panels(v)),
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
 }
-NAMES = ("fill_team", "own_panels", "one_op", "side_by_side")  # the columns, in order
+NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
     "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
                   "more (conv3x3_winograd_own_panels)",
+    "four_panels": "four weight panels a Winograd GEMM call where U is whole before the tasks, else two "
+                   "(conv3x3_winograd_four_panels)",
     "one_op": "each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one winograd_branches "
               "call; off: block by block)",
     "side_by_side": "a module's branches side by side on sub-teams of the threads (winograd_branches_side_by_side)",
