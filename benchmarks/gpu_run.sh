@@ -3,12 +3,11 @@
 #   1. build (~25 s); `cpu_probe`: 1-16 single-threaded processes at once, a GEMM's and an add's
 #      summed rates (are the 16 CPUs 16 cores, and where does memory bandwidth stop) (~25 s);
 #   2. `cpu_parts --profile` at 8 and 16 threads, batch 1 and 8: per part and per op, where the
-#      scaling from 8 to 16 threads is lost, with the sixteenth and seventeenth sessions' changes for
-#      many threads on and off in turns (none yet timed on 16 cores): the Winograd split's filling of idle
-#      threads (`--fill-team on off`), its block of tiles a thread with every panel's transform instead of
-#      a U shared by all threads (`--own-panels on off`: W32's 64-channel convs at batch 8 on 16 threads)
-#      and a module's branches side by side on sub-teams of the threads (`--side-by-side on off`,
-#      winograd_branches) (~60 s; the 1-thread times are in step 3);
+#      scaling from 8 to 16 threads is lost, with the eighteenth session's changes on and off in turns:
+#      a thread's own panels (`--own-panels on off`: since run 9 only W32's 128-channel convs at batch 8
+#      on more than 2 threads) and four weight panels a Winograd GEMM call (`--four-panels on off`);
+#      branches side by side and the filling of idle threads stay on (run 9: side by side 1.35x on 16
+#      threads, fill level) (~60 s; the 1-thread times are in step 3);
 #   2b. `ort_parts` at 16 threads, batch 1 and 8: ONNX Runtime's time per part beside ours (~60 s);
 #   3. `cpu_threads` at 16, 1, 8 and 4 threads without torch.compile (the rows for the efficiency first) (its compiles took 2.5-4 minutes
 #      each there in run 8; its 1- and 16-thread rows are in benchmarks/results/gpu/cpu_16core_run8/):
@@ -36,7 +35,7 @@ python3 -m hrnet_fast.bench.gpu_check --out "$work/cpu" --only build --budget-s 
 timeout 60 python3 -m hrnet_fast.bench.cpu_probe --procs ${PROBE_PROCS:-1 4 8 12 16} > "$work/probe.log" 2>&1
 echo "cpu_probe: exit $? ($(left) s left)"
 timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads ${PARTS_THREADS:-8 16} --batch 1 8 --isa avx512 --rounds 3 --runs 2 \
-    --fill-team on off --own-panels on off --side-by-side on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
+    --own-panels on off --four-panels on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
 echo "cpu_parts: exit $? ($(left) s left)"
 timeout 90 python3 -m hrnet_fast.bench.ort_parts --threads ${ORT_THREADS:-16} --batch 1 8 --rounds 3 > "$work/ort_parts.log" 2>&1
 echo "ort_parts: exit $? ($(left) s left)"

@@ -80,6 +80,11 @@ constexpr int64_t kPrefetchGroups = 2;
 constexpr int64_t kKc = 256;
 
 // C[0:kMr][panels j0..] (+)= A[:, kc:kc+kk] W[kc:kc+kk, :] for every panel (pair), C rows ldc apart.
+// The panels of a call are adjacent columns of W's rows, so micro_6xn is told so (kBStep): one pointer
+// and constant offsets instead of a pointer a panel, which left GCC short of registers in its loop (a
+// stride moved from a vector register and the loop bound compared on the stack every step). The 1x1
+// convs alone 1.06-1.11x faster on one thread; W32 1.028x at batch 8, 1.016x at batch 1 (switched in
+// one process, 12 and 30 rounds, the same bits).
 // At 16 lanes, four panels a call while four remain: a 6x64 block, each broadcast of A feeding 4 FMAs
 // instead of 2. On an Intel Xeon (two 512-bit FMA units) W32's 1x1 convs 1.02-1.28x faster alone, the
 // whole W32 1.01x at batch 1 and 8 (20 of 30 and 12 of 16 forwards, switched in one process, an A/A
@@ -99,13 +104,13 @@ inline void conv_gemm_panels(const float* a, int64_t lda, const float* w, int64_
            epi.ldo};
     }
     if constexpr (kGemmPanels == 1) {
-      micro_6xn<vgemm, 2, kAccumulate, kEpilogue>(a, lda, {b, b + 8}, cj, ldc, kk, nullptr, 0, 0, 1, ldw, e);
+      micro_6xn<vgemm, 2, kAccumulate, kEpilogue, 8>(a, lda, {b, b + 8}, cj, ldc, kk, nullptr, 0, 0, 1, ldw, e);
     } else if (j + 3 < panels) {  // four panels, 24 of the 32 vector registers accumulating (see above)
-      micro_6xn<vgemm, 4, kAccumulate, kEpilogue>(a, lda, {b, b + kNr, b + 2 * kNr, b + 3 * kNr}, cj, ldc, kk, nullptr,
-                                                  0, 0, 1, ldw, e);
+      micro_6xn<vgemm, 4, kAccumulate, kEpilogue, kNr>(a, lda, {b, b + kNr, b + 2 * kNr, b + 3 * kNr}, cj, ldc, kk,
+                                                       nullptr, 0, 0, 1, ldw, e);
       j += 3;
     } else if (j + 1 < panels) {
-      micro_6xn<vgemm, 2, kAccumulate, kEpilogue>(a, lda, {b, b + kNr}, cj, ldc, kk, nullptr, 0, 0, 1, ldw, e);
+      micro_6xn<vgemm, 2, kAccumulate, kEpilogue, kNr>(a, lda, {b, b + kNr}, cj, ldc, kk, nullptr, 0, 0, 1, ldw, e);
       ++j;
     } else {
       micro_6xn<vgemm, 1, kAccumulate, kEpilogue>(a, lda, {b}, cj, ldc, kk, nullptr, 0, 0, 1, ldw, e);

@@ -93,8 +93,9 @@ struct MicroEpilogue {
 // read first). pf_n > 0: also prefetch into L2 (prefetcht1) pf_n rows of pf_lines 64-byte lines,
 // pf_stride bytes apart from pf, spread evenly over the k loop, so that a stream from memory overlaps
 // the FMAs (the next panel's dense weight: winograd_task). kEpilogue: store act(C + bias + residual)
-// (MicroEpilogue) straight from the registers.
-template <typename V, int NV, bool kAccumulate = false, bool kEpilogue = false>
+// (MicroEpilogue) straight from the registers. kBStep > 0: B's vectors are kBStep floats apart in its
+// rows (b[1..] unused: conv_gemm's adjacent panels).
+template <typename V, int NV, bool kAccumulate = false, bool kEpilogue = false, int kBStep = 0>
 inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* const (&b)[NV], float* __restrict__ c,
                       int64_t ldc, int64_t k, const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_n = 0,
                       int pf_lines = 1, int64_t ldb = kNr, const MicroEpilogue& epi = {}) {
@@ -115,7 +116,8 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
   auto steps = [&](int64_t p0, int64_t p1) __attribute__((always_inline)) {
     for (int64_t p = p0; p < p1; ++p) {
       V w[NV];
-      for (int v = 0; v < NV; ++v) std::memcpy(&w[v], b[v] + p * ldb, sizeof(V));  // unaligned loads
+      for (int v = 0; v < NV; ++v)  // unaligned loads
+        std::memcpy(&w[v], (kBStep > 0 ? b[0] + v * kBStep : b[v]) + p * ldb, sizeof(V));
 #pragma GCC unroll 6
       for (int r = 0; r < kMr; ++r) {
         const float ar = a[r * lda + p];
