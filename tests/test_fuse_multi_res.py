@@ -81,6 +81,26 @@ def test_hrnet_fusion_shapes(branches, stage, i, channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+# The row pass is split into at least as many tasks as threads where the rows allow (16 threads:
+# W32's batch-1 fusions, 16 to 64 rows): any split gives the same bits as one thread's. Here the threads
+# outnumber the cores: that costs time, not bits.
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("stage,i", [(4, 0), (4, 1), (4, 2)])
+def test_cpu_any_thread_count_gives_the_same_bits(stage, i, mode):
+    base_shape, lows = fusion_case(W32, stage, i)
+    base, lowres, weights, bias = make_inputs(base_shape, lows, channels_last=True)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 5, 16):
+            torch.set_num_threads(threads)
+            outs.append(fuse_multi_res(base, lowres, weights, bias, mode=mode, backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert_close(outs[0], fuse_multi_res_reference(base, lowres, weights, bias, mode=mode))
+
+
 @pytest.mark.parametrize("stage,i", FUSIONS)
 @pytest.mark.parametrize("branches", [W32, W48], ids=["w32", "w48"])
 def test_cpu_weights_stored_transposed_give_the_same_bits(branches, stage, i):
