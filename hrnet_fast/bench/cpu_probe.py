@@ -1,7 +1,7 @@
 """What a CPU's cores can give at all: N processes at once, one thread each, each running an fp32 GEMM
 (compute) and then an elementwise add over large tensors (memory bandwidth); their rates summed.
 
-    python -m hrnet_fast.bench.cpu_probe [--procs 1 2 4 8 16]
+    python -m hrnet_fast.bench.cpu_probe [--procs 1 2 4 8 16] [--seconds 1.5]
 
 Separate single-threaded processes, so no library's threading is measured: if the GEMM's sum stops
 growing from 8 to 16 processes, the 16 logical CPUs are 8 cores' SMT siblings (a hypervisor's lscpu
@@ -15,42 +15,45 @@ import argparse
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 GEMM_N = 1024            # an n x n x n product: 12 MB of operands, compute-bound on any core
 ADD_MIB = 64             # MiB per tensor of out = a + b, beyond any core's share of the caches
-PHASE_S = 1.5
 
 
-def _rate(fn, flop_or_bytes: float, start: float) -> float:
-    """Work per second of fn() repeated from time `start` for PHASE_S seconds."""
+def rate(fn: Callable[[], object], work: float, start: float, seconds: float) -> float:
+    """Work per second of fn() (`work` units a call) called over and over from time `start` (waited
+    for) until `seconds` have passed."""
     while time.time() < start:
         time.sleep(0.001)
     n = 0
-    while time.time() < start + PHASE_S:
+    while time.time() < start + seconds:
         fn()
         n += 1
-    return flop_or_bytes * n / (time.time() - start)
+    return work * n / (time.time() - start)
 
 
-def _worker(start: float, results: "mp.Queue[tuple[float, float]]") -> None:
+def _worker(seconds: float, ready: "mp.synchronize.Barrier", results: "mp.Queue[tuple[float, float]]") -> None:
     torch.set_num_threads(1)
     a, b, c = (torch.randn(GEMM_N, GEMM_N) for _ in range(3))
     n = ADD_MIB * 2**20 // 4
     x, y, z = torch.ones(n), torch.ones(n), torch.empty(n)
-    gemm = _rate(lambda: torch.mm(a, b, out=c), 2 * GEMM_N**3, start)
-    add = _rate(lambda: torch.add(x, y, out=z), 3 * n * 4, start + PHASE_S + 0.3)
+    ready.wait()  # every process set up: the phases start together
+    start = time.time()
+    gemm = rate(lambda: torch.mm(a, b, out=c), 2 * GEMM_N**3, start, seconds)
+    add = rate(lambda: torch.add(x, y, out=z), 3 * n * 4, start + seconds + 0.3, seconds)
     results.put((gemm, add))
 
 
-def probe(procs: int) -> tuple[float, float]:
-    """(GFLOP/s, GB/s) summed over `procs` single-threaded processes running at once."""
-    ctx = mp.get_context("fork")
-    results = ctx.Queue()
-    start = time.time() + 1.0 + 0.05 * procs  # every process set up before the clock starts
-    workers = [ctx.Process(target=_worker, args=(start, results)) for _ in range(procs)]
+def probe(procs: int, seconds: float = 1.5) -> tuple[float, float]:
+    """(GFLOP/s, GB/s) summed over `procs` single-threaded processes running at once, each phase
+    `seconds` long."""
+    # spawned, not forked: a fork of a process whose OpenMP pool has run can hang in the child
+    ctx = mp.get_context("spawn")
+    results, ready = ctx.Queue(), ctx.Barrier(procs)
+    workers = [ctx.Process(target=_worker, args=(seconds, ready, results)) for _ in range(procs)]
     for w in workers:
         w.start()
     rates = [results.get() for _ in workers]
@@ -62,13 +65,13 @@ def probe(procs: int) -> tuple[float, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--seconds", type=float, default=1.5, help="each phase's length (GEMM, then add)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)  # before any fork: no thread pool to inherit
     print(f"{os.cpu_count()} logical CPUs; torch {torch.__version__}; single-threaded processes at once")
     print("| processes | GEMM GFLOP/s | per process | add GB/s | per process |")
     print("|--:|--:|--:|--:|--:|")
     for n in args.procs:
-        g, b = probe(n)
+        g, b = probe(n, args.seconds)
         print(f"| {n} | {g:.0f} | {g / n:.0f} | {b:.1f} | {b / n:.1f} |", flush=True)
     return 0
 
