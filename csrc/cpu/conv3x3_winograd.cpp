@@ -208,10 +208,10 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // other cores' caches, for a few tiles' GEMMs (W32's 128-channel 16x12 conv at batch 8 on 16 threads:
   // 2.4 MB of U for 6 tiles a thread). Where blocks of kTileSplitTiles times groups of panels give the
   // team a task each at most and fill it, that split instead, each task transforming its own panels
-  // for its block (panel_groups): 4 x 4 tasks of 24 tiles and 2 panels there. Not measured on more
-  // than 2 threads; on 2 it changes only convs such as W48's 96-channel 32x24 one at batch 1 (a block
-  // a thread: that branch alone 1.43x faster, 40 of 40; the whole W48 at batch 1 1.060x, 30 of 30).
-  // Switched with own_panels.
+  // for its block (panel_groups): 4 x 4 tasks of 24 tiles and 2 panels there (on 16 threads measured
+  // only together with own_panels, above); on 2 threads it changes only convs such as W48's
+  // 96-channel 32x24 one at batch 1 (a block a thread: that branch alone 1.43x faster, 40 of 40; the
+  // whole W48 at batch 1 1.060x, 30 of 30). Switched with own_panels.
   bool panel_groups = false;
   const bool own_u_fits = threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
   if (!u && own_splits && threads > 1 && !weight_bound && !own_panels && !wide && blocks > 1 &&
@@ -228,10 +228,10 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
 
   // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
   // one task (a single block), or to one task a block where the tiles were split to fill the team
-  // (wide) or a block is a thread's (own_panels), or to panel_groups' tasks. Else, where U is small and each thread has tiles
-  // enough to pay for transforming all of it (at least kOwnUTiles), each thread transforms the whole
-  // U into its own scratch as its tasks begin; else it is transformed once, up front, into shared
-  // scratch.
+  // (wide) or a block is a thread's (own_panels), or to panel_groups' tasks. Else, where U is small
+  // and each thread has tiles enough to pay for transforming all of it (at least kOwnUTiles), each
+  // thread transforms the whole U into its own scratch as its tasks begin; else it is transformed
+  // once, up front, into shared scratch.
   const bool per_panel = !u && (blocks == 1 || wide || own_panels || panel_groups);
   // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
   // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;

@@ -1,7 +1,8 @@
 // A process-wide on/off setting of a CPU kernel's choice (on by default), read on every call and flipped
 // by an op of its own, so that the two ways can be compared forward by forward in one process: the
 // Winograd split's filling of the team (conv3x3_winograd_fill_team) and its block of tiles a thread
-// (conv3x3_winograd_own_panels), branches side by side (winograd_branches_side_by_side).
+// (conv3x3_winograd_own_panels), its GEMMs' four panels a call (conv3x3_winograd_four_panels), branches
+// side by side (winograd_branches_side_by_side).
 #pragma once
 
 #include <atomic>

@@ -115,6 +115,18 @@ def compiled(ctx: Context) -> Prepared:
     return prepared
 
 
+def ort_session_options(threads: int) -> Any:
+    """The ONNX Runtime contender's session options: all graph optimisations, `threads` intra-op threads,
+    one node at a time (its parallel executor measured slower on W32: README, "Threads")."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return so
+
+
 def onnxruntime(ctx: Context) -> Prepared:
     """ONNX Runtime on the exported eager model: all graph optimisations, intra-op threads = --threads."""
     try:
@@ -131,11 +143,7 @@ def onnxruntime(ctx: Context) -> Prepared:
     x_cpu = ctx.x.detach().cpu()
     t0 = time.perf_counter()
     path = _onnx_export(ctx.model_fp32, x_cpu, ctx.workdir, ctx.onnx_cache)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = ctx.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=providers)
+    sess = ort.InferenceSession(str(path), ort_session_options(ctx.threads), providers=providers)
     name = sess.get_inputs()[0].name
     x_np = x_cpu.numpy()
 

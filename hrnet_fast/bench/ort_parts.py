@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import hrnet_fast
-from hrnet_fast.bench.contenders import _export_into
+from hrnet_fast.bench.contenders import _export_into, ort_session_options
 from hrnet_fast.bench.cpu_parts import PARTS, PartClock
 from hrnet_fast.bench.model import randomize
 
@@ -71,10 +71,7 @@ def ort_module_ms(path: Path, x: torch.Tensor, threads: int, runs: int, modules:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+        so = ort_session_options(threads)  # as the bench runs it, profiled
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ort")
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
