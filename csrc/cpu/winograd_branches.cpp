@@ -4,10 +4,11 @@
 //
 // Why: on 16 threads W32 at batch 1 stopped gaining after 8 (README, "Threads"): a branch conv at
 // batch 1 has 12 to 192 tiles, too little to split 16 ways well, while its module has 2 to 4 such
-// branches of about equal work that need not wait for each other. Split between branches, each conv runs
-// on 4 threads instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all
-// of them so; on 2 threads, where the convs are small (W32 at batch 1 and 2), the first two branches on
-// a thread each and the others after them on both (kPairMacs); otherwise the branches run one after
+// branches that need not wait for each other. Split between branches, each conv runs on 4 threads
+// instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all of them so,
+// the threads shared first by multiply-adds, then by what each branch took (csrc/cpu/branch_balance.h);
+// on 2 threads, where the convs are small (W32 at batch 1 and 2), the first two branches on a thread
+// each and the others after them on both (kPairMacs); otherwise the branches run one after
 // another, each on all the threads, as winograd_blocks. (Python-level tasks running blocks side by side
 // on a thread each measured slower than each op split two ways: README, "Threads: branches side by
 // side"; within one region, with no op between a branch's convs, two small branches gain.) No OpenMP
@@ -24,12 +25,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <numeric>
 #include <optional>
 #include <thread>
 #include <vector>
 
+#include "cpu/branch_balance.h"
 #include "cpu/cpu_switch.h"
 #include "cpu/winograd_chain.h"
 
@@ -73,27 +76,6 @@ struct alignas(64) SubTeamBarrier {
     }
   }
 };
-
-// threads split between branches in proportion to their work (at least one each), largest remainders first
-std::vector<int64_t> split_team(int64_t threads, const std::vector<double>& work) {
-  const double total = std::accumulate(work.begin(), work.end(), 0.0);
-  const int64_t b = static_cast<int64_t>(work.size());
-  std::vector<int64_t> team(b, 1);
-  std::vector<double> want(b);
-  int64_t left = threads - b;
-  for (int64_t i = 0; i < b; ++i) {
-    want[i] = total > 0 ? (threads * work[i] / total) - 1.0 : 0.0;
-    const int64_t whole = std::min<int64_t>(left, std::max<int64_t>(0, static_cast<int64_t>(want[i])));
-    team[i] += whole;
-    left -= whole;
-    want[i] -= static_cast<double>(whole);
-  }
-  std::vector<int64_t> order(b);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return want[p] > want[q]; });
-  for (int64_t k = 0; left > 0; k = (k + 1) % b, --left) ++team[order[k]];
-  return team;
-}
 
 // Multiply-adds of one direct 3x3 C -> C conv on an input of `size` [N, C, H, W] (0 for another rank:
 // the chain's own checks refuse it).
@@ -152,7 +134,20 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   std::vector<double> macs(branches);
   for (int64_t b = 0; b < branches; ++b)
     macs[b] = conv_macs(xs[b].sizes());
-  const std::vector<int64_t> team = nested ? std::vector<int64_t>(branches, 0) : branch_teams(macs, convs, threads);
+  std::vector<int64_t> team = nested ? std::vector<int64_t>(branches, 0) : branch_teams(macs, convs, threads);
+  // Where every branch has threads of its own, their split is measured (csrc/cpu/branch_balance.h):
+  // this set of branches' search, keyed by the thread count and each branch's shape, convs and tile.
+  std::vector<int64_t> key;
+  const bool balanced = branches >= 2 && threads >= 2 * branches && team[0] > 0;
+  if (balanced) {
+    key.push_back(threads);
+    for (int64_t b = 0; b < branches; ++b) {
+      key.insert(key.end(), xs[b].sizes().begin(), xs[b].sizes().end());
+      key.push_back(convs[b]);
+      key.push_back(tiles[b]);
+    }
+    team = balanced_teams(key, threads, team);
+  }
   auto chain = [&](int64_t b, int64_t team_size) {
     const int64_t off = std::accumulate(convs.begin(), convs.begin() + b, int64_t{0});
     return WinogradChain(op, xs[b], weights.slice(off, convs[b]), biases.slice(off, convs[b]), tiles[b], team_size);
@@ -174,6 +169,8 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
     std::vector<SubTeamBarrier> barriers(n);
     for (int64_t k = 0; k < n; ++k) barriers[k].n = static_cast<int>(team[apart[k]]);
     std::atomic<bool> short_team{false};
+    std::vector<double> elapsed(n, 0.0);  // each chain's time from here to its last barrier, in us
+    const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(static_cast<int>(first[n]))
     {
       const int64_t tid = omp_get_thread_num();
@@ -196,12 +193,16 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
           if (begin < end) mine.run(i, local, begin, end, u);
           barriers[k].wait();
         }
+        if (local == 0)
+          elapsed[k] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
       }
     }
     if (short_team.load())
       for (const WinogradChain& c : chains)
         for (int64_t i = 0; i < c.convs(); ++i)
           c.run(i, 0, 0, c.runner().tasks(), c.runner().shared_u() ? c.transform_u_part(i, 0, 1) : nullptr);
+    else if (balanced)
+      record_branch_times(key, team, elapsed);
     for (int64_t k = 0; k < n; ++k) out[apart[k]] = chains[k].result();
     chains.clear();
   }

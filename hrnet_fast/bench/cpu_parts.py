@@ -25,17 +25,18 @@ import torch
 
 import hrnet_fast
 from hrnet_fast.bench.model import randomize
-from hrnet_fast.fused.blocks import WinogradBlocks
+from hrnet_fast.fused.blocks import ChunkedStage, WinogradBlocks
 
-# The run-time on/off settings that --fill-team, --own-panels, --four-panels and --side-by-side compare:
+# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side and --balance compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
     "own_panels": ("own panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_own_panels(v)),
     "four_panels": ("four panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_four_panels(v)),
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
+    "balance": ("balance", lambda v=None: torch.ops.hrnet_fast.winograd_branches_balance(v)),
 }
-NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side")  # the columns, in order
+NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
     "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
@@ -45,7 +46,11 @@ WHAT = {
     "one_op": "each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one winograd_branches "
               "call; off: block by block)",
     "side_by_side": "a module's branches side by side on sub-teams of the threads (winograd_branches_side_by_side)",
+    "balance": "their threads shared by what each branch took, searched over the first calls (winograd_branches_balance; "
+               "off: by multiply-adds)",
 }
+
+WARMUP = 8  # forwards before the first round's timed ones, per configuration
 
 PARTS = {"conv1": "stem", "layer1": "stage1", "transition1": "stage2", "stage2": "stage2", "transition2": "stage3",
          "stage3": "stage3", "transition3": "stage4", "stage4": "stage4", "final_layer": "head"}
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in NAMES:  # each "on", "off" or both, taking turns in this process
         p.add_argument(f"--{name.replace('_', '-')}", nargs="+", choices=("on", "off"), default=["on"],
                        help=f"{WHAT[name]}: on (the default), off, or both, in turns")
+    p.add_argument("--chunk-mib", type=int, nargs="+", default=None,
+                   help="stage 1's chunk budget (ChunkedStage.CHUNK_BYTES, in MiB; default its own), one or more in turns")
     p.add_argument("--tasks", choices=("on", "off"), default="off",
                    help="optimize's tasks: off (its default: each op splits its own work) or on")
     p.add_argument("--profile", action="store_true",
@@ -216,16 +223,23 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
     clock = PartClock(model)
     xs = {b: torch.randn(b, 3, 256, 192) for b in args.batch}
     # the switches' settings to compare, one tuple of "on"/"off" in NAMES' order each
-    switches = list(itertools.product(*(dict.fromkeys(getattr(args, name)) for name in NAMES)))
+    # and stage 1's chunk budgets (MiB) as the last setting
+    stages = [m for m in model.modules() if isinstance(m, ChunkedStage)]
+    chunks = list(dict.fromkeys(args.chunk_mib or [ChunkedStage.CHUNK_BYTES >> 20]))
+    switches = list(itertools.product(*(dict.fromkeys(getattr(args, name)) for name in NAMES), chunks))
     configs = [(t, isa, b, sw) for b in args.batch for t in threads for isa in isas for sw in switches]
     branches = [m for m in model.modules() if isinstance(m, WinogradBlocks)]
 
-    def switch(*settings: str) -> None:
+    def switch(*settings: str | int) -> None:
         for name, on in zip(NAMES, settings):
             if name in SWITCHES:
                 SWITCHES[name][1](on == "on")
         for m in branches:
             m.one_op = settings[NAMES.index("one_op")] == "on"
+        for m in stages:  # an instance's own budget, or the class's where it is the default
+            m.__dict__.pop("CHUNK_BYTES", None)
+            if int(settings[len(NAMES)]) << 20 != ChunkedStage.CHUNK_BYTES:
+                m.CHUNK_BYTES = int(settings[len(NAMES)]) << 20
 
     samples: dict[tuple, list[dict[str, float]]] = {c: [] for c in configs}
     with torch.inference_mode():
@@ -234,32 +248,38 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                 torch.set_num_threads(t)
                 torch.ops.hrnet_fast.cpu_isa(isa)
                 switch(*sw)
-                for k in range(args.runs + (2 if r == 0 else 0)):
+                # the first round's first forwards warm up: one-off costs, and the branches' split searched
+                # (BranchBalance: at most 8 calls of a module's shapes; stage 2 is one module)
+                warm = WARMUP if r == 0 else 0
+                for k in range(args.runs + warm):
                     model(xs[b])
-                    if r or k >= 2:  # the first round's first two forwards warm up
+                    if k >= warm:
                         samples[(t, isa, b, sw)].append(clock.parts_ms())
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     # the op table below, and the JSON, at the CPU's own variant and the default split
     torch.ops.hrnet_fast.cpu_isa(default_isa)
-    switch(*["on"] * len(NAMES))
+    switch(*["on"] * len(NAMES), ChunkedStage.CHUNK_BYTES >> 20)
     rows = []
     for (t, isa, b, sw), runs in samples.items():
         med = {part: statistics.median(s[part] for s in runs) for part in runs[0]}
         med["total"] = statistics.median(sum(s.values()) for s in runs)
-        rows.append({"threads": t, "isa": isa, "batch": b, **dict(zip(NAMES, sw)), "ms": med})
+        rows.append({"threads": t, "isa": isa, "batch": b, **dict(zip(NAMES, sw)), "chunk_mib": sw[-1], "ms": med})
     base = min(threads)
-    variant = ("isa", "batch", *NAMES)
+    variant = ("isa", "batch", *NAMES, "chunk_mib")
     ref = {tuple(r[k] for k in variant): r["ms"] for r in rows if r["threads"] == base}
     parts = list(rows[0]["ms"])
     print(f"\nW32 256x192 cpu backend (tasks {args.tasks}), median ms per part (parallel efficiency against {base} thread(s))")
-    heads = [SWITCHES[n][0] if n in SWITCHES else n.replace("_", " ") for n in NAMES]
+    heads = [SWITCHES[n][0] if n in SWITCHES else n.replace("_", " ") for n in NAMES] + ["chunk MiB"]
     print("| batch | isa | " + " | ".join(heads) + " | threads | " + " | ".join(parts) + " |")
-    print("|" + "---|" * (len(parts) + len(NAMES) + 3))
+    print("|" + "---|" * (len(parts) + len(NAMES) + 4))
     for r in rows:
         base_ms = ref[tuple(r[k] for k in variant)]
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
-        print(f"| {r['batch']} | {r['isa']} | " + " | ".join(r[n] for n in NAMES) + f" | {r['threads']} | "
+        print(f"| {r['batch']} | {r['isa']} | " + " | ".join(r[n] for n in NAMES) + f" | {r['chunk_mib']} | {r['threads']} | "
               + " | ".join(cells) + " |")
+    print("\nThe branches' splits searched (threads, then per branch N, C, H, W, convs, tile: the splits tried "
+          "with their median slowest branch in us):")
+    print("\n".join(torch.ops.hrnet_fast.winograd_branches_balanced()))
     tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
     if args.out:

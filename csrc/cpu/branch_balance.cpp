@@ -1,0 +1,167 @@
+// The threads' split between branches side by side (winograd_branches): csrc/cpu/branch_balance.h.
+#include "cpu/branch_balance.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <optional>
+#include <sstream>
+
+#include "cpu/cpu_switch.h"
+
+namespace hrnet_fast {
+
+std::vector<int64_t> split_team(int64_t threads, const std::vector<double>& work) {
+  // a thread at a time to the branch that would take longest (work / threads), the first such on ties:
+  // the split whose slowest branch is fastest where time is work / threads
+  const size_t b = work.size();
+  std::vector<int64_t> team(b, 1);
+  for (int64_t left = threads - static_cast<int64_t>(b); left > 0; --left) {
+    size_t worst = 0;
+    for (size_t i = 1; i < b; ++i)
+      if (work[i] * static_cast<double>(team[worst]) > work[worst] * static_cast<double>(team[i])) worst = i;
+    ++team[worst];
+  }
+  return team;
+}
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace
+
+BranchBalance::BranchBalance(int64_t threads, std::vector<int64_t> start) : threads_(threads), current_(std::move(start)) {}
+
+void BranchBalance::record(const std::vector<double>& elapsed) {
+  if (settled_ || elapsed.size() != current_.size()) return;
+  samples_.push_back(elapsed);
+  if (static_cast<int>(samples_.size()) < kSamples) return;
+  const size_t b = current_.size();
+  std::vector<double> makespans, cost(b);
+  for (const auto& s : samples_) makespans.push_back(*std::max_element(s.begin(), s.end()));
+  for (size_t i = 0; i < b; ++i) {
+    std::vector<double> e;
+    for (const auto& s : samples_) e.push_back(s[i]);
+    cost[i] = median(e) * static_cast<double>(current_[i]);  // thread-time: what the branch is worth
+  }
+  samples_.clear();
+  tried_.emplace_back(current_, median(makespans));
+  const std::vector<int64_t> next = split_team(threads_, cost);
+  const bool seen = std::any_of(tried_.begin(), tried_.end(), [&](const auto& t) { return t.first == next; });
+  if (seen || static_cast<int>(tried_.size()) >= kMaxSplits) {
+    current_ = std::min_element(tried_.begin(), tried_.end(), [](const auto& p, const auto& q) {
+                 return p.second < q.second;
+               })->first;
+    settled_ = true;
+  } else {
+    current_ = next;
+  }
+}
+
+std::string BranchBalance::describe() const {
+  std::ostringstream s;
+  for (size_t k = 0; k < tried_.size(); ++k) {
+    if (k) s << " -> ";
+    for (size_t i = 0; i < tried_[k].first.size(); ++i) s << (i ? "," : "") << tried_[k].first[i];
+    s << " (" << static_cast<int64_t>(tried_[k].second) << ")";
+  }
+  s << (settled_ ? "; settled on " : "; now ");
+  for (size_t i = 0; i < current_.size(); ++i) s << (i ? "," : "") << current_[i];
+  return s.str();
+}
+
+namespace {
+
+// Whether the split is measured (on by default; off: multiply-adds only, for comparing in one process).
+// Switching leaves what was measured in place.
+CpuSwitch balance_switch;
+
+std::mutex registry_mutex;
+std::map<std::vector<int64_t>, BranchBalance>& registry() {
+  static std::map<std::vector<int64_t>, BranchBalance> r;
+  return r;
+}
+
+}  // namespace
+
+std::vector<int64_t> balanced_teams(const std::vector<int64_t>& key, int64_t threads, const std::vector<int64_t>& start) {
+  if (!balance_switch.on()) return start;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().try_emplace(key, threads, start).first;
+  return it->second.current();
+}
+
+void record_branch_times(const std::vector<int64_t>& key, const std::vector<int64_t>& teams,
+                         const std::vector<double>& elapsed) {
+  if (!balance_switch.on()) return;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().find(key);
+  // a run of another split (the switch flipped between) is not this search's
+  if (it != registry().end() && it->second.current() == teams) it->second.record(elapsed);
+}
+
+namespace {
+
+bool winograd_branches_balance(std::optional<bool> use) { return balance_switch.set(use); }
+
+// every search so far: "key: splits tried (median makespan in us) ...", for logs
+std::vector<std::string> winograd_branches_balanced() {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  std::vector<std::string> out;
+  for (const auto& [key, b] : registry()) {
+    std::ostringstream s;
+    for (size_t i = 0; i < key.size(); ++i) s << (i ? "," : "") << key[i];
+    out.push_back(s.str() + ": " + b.describe());
+  }
+  return out;
+}
+
+void winograd_branches_balance_reset() {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry().clear();
+}
+
+// The search run against a model of the branches instead of a clock, for tests: branch b on t threads
+// takes work[b] * (serial[b] + (1 - serial[b]) / t). Returns the split it settles on.
+std::vector<int64_t> winograd_branches_balance_search(const std::vector<double>& work, const std::vector<double>& serial,
+                                                      int64_t threads, const std::vector<int64_t>& start) {
+  constexpr const char* op = "hrnet_fast::winograd_branches_balance_search";
+  TORCH_CHECK(work.size() == serial.size() && work.size() == start.size() && !work.empty(), op,
+              ": work, serial and start must be one a branch, got ", work.size(), ", ", serial.size(), " and ",
+              start.size());
+  TORCH_CHECK(std::accumulate(start.begin(), start.end(), int64_t{0}) == threads &&
+                  std::all_of(start.begin(), start.end(), [](int64_t t) { return t >= 1; }),
+              op, ": start must give each branch a thread or more and all ", threads, " threads, got ", start);
+  BranchBalance b(threads, start);
+  for (int run = 0; !b.settled(); ++run) {
+    TORCH_CHECK(run < BranchBalance::kSamples * BranchBalance::kMaxSplits, op, ": the search did not settle");
+    std::vector<double> elapsed;
+    for (size_t i = 0; i < work.size(); ++i)
+      elapsed.push_back(work[i] * (serial[i] + (1.0 - serial[i]) / static_cast<double>(b.current()[i])));
+    b.record(elapsed);
+  }
+  return b.current();
+}
+
+}  // namespace
+}  // namespace hrnet_fast
+
+TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
+  // whether winograd_branches measures its split between branches side by side; `use` switches it
+  m.def("winograd_branches_balance(bool? use=None) -> bool", &hrnet_fast::winograd_branches_balance);
+  // the searches for those splits so far, a line each
+  m.def("winograd_branches_balanced() -> str[]", &hrnet_fast::winograd_branches_balanced);
+  // forget them (the next calls search again)
+  m.def("winograd_branches_balance_reset() -> ()", &hrnet_fast::winograd_branches_balance_reset);
+  // the search against a model of the branches' times (tests)
+  m.def("winograd_branches_balance_search(float[] work, float[] serial, int threads, int[] start) -> int[]",
+        &hrnet_fast::winograd_branches_balance_search);
+}

@@ -1,0 +1,101 @@
+"""The threads' split between branches side by side (csrc/cpu/branch_balance.cpp): shares by multiply-adds
+first, then by what each branch's sub-team took, searched over a module's first calls; its search against
+modelled times, and in winograd_branches (the bits of one winograd_blocks call a branch on every split)."""
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+
+import hrnet_fast
+from hrnet_fast import _extension
+from hrnet_fast.ops import winograd_blocks
+
+from conftest import restoring
+from test_winograd_blocks import W32_B1, make_branches, with_threads
+
+pytestmark = pytest.mark.skipif(
+    not _extension.has_kernel("winograd_branches", "CPU"), reason="needs the compiled extension"
+)
+
+search = torch.ops.hrnet_fast.winograd_branches_balance_search
+balance_restored = restoring("winograd_branches_balance")
+
+
+def model_ms(work, serial, team):
+    """The search's model: branch b on t threads takes work[b] * (serial[b] + (1 - serial[b]) / t)."""
+    return max(w * (s + (1 - s) / t) for w, s, t in zip(work, serial, team))
+
+
+def best_split(work, serial, threads):
+    """The fastest split under the model, by trying them all."""
+    splits = (c for c in itertools.product(range(1, threads), repeat=len(work)) if sum(c) == threads)
+    return min(model_ms(work, serial, c) for c in splits)
+
+
+def test_linear_work_gets_the_fastest_split():
+    """Times that scale with 1/threads (W32's branches at batch 1 on one thread of this project's Xeon:
+    1.36, 1.20, 1.64 and 3.70 ms): from 4 + 4 + 4 + 4 on 16 threads to 3 + 3 + 3 + 7 (0.55 ms, against
+    0.93; largest remainders would give 3 + 2 + 3 + 8, 0.60), by hand."""
+    work = [1.36, 1.20, 1.64, 3.70]
+    assert search(work, [0.0] * 4, 16, [4, 4, 4, 4]) == [3, 3, 3, 7]
+    assert model_ms(work, [0.0] * 4, [3, 3, 3, 7]) == pytest.approx(best_split(work, [0.0] * 4, 16))
+    assert search([1.0, 1.0], [0.0, 0.0], 8, [4, 4]) == [4, 4]  # balanced already: stays
+
+
+@pytest.mark.parametrize(
+    "work,serial,threads,start",
+    [
+        ([1.0, 1.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.5], 16, [4, 4, 4, 4]),  # one branch scales badly
+        ([2.0, 1.0, 1.0], [0.3, 0.0, 0.1], 16, [6, 5, 5]),
+        ([1.0, 4.0], [0.0, 0.2], 8, [4, 4]),
+        ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], 8, [2, 2, 2, 2]),
+    ],
+)
+def test_search_never_ends_slower_than_it_starts(work, serial, threads, start):
+    """Where time does not scale with 1/threads, the split the fixed point gives may be slower than one
+    tried before it: the search keeps the fastest it ran. Here within 10% of the best split there is, and
+    never slower than the start."""
+    got = search(work, serial, threads, start)
+    assert sum(got) == threads and min(got) >= 1
+    assert model_ms(work, serial, got) <= model_ms(work, serial, start) + 1e-12
+    assert model_ms(work, serial, got) <= 1.1 * best_split(work, serial, threads)
+
+
+def test_search_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="one a branch"):
+        search([1.0, 1.0], [0.0], 4, [2, 2])
+    with pytest.raises(RuntimeError, match="all 4 threads"):
+        search([1.0, 1.0], [0.0, 0.0], 4, [2, 1])
+
+
+@pytest.mark.parametrize("threads", [4, 8])
+def test_branches_settle_with_the_same_bits(threads, balance_restored):
+    """W32's branches at batch 1 (4 on 8 threads, the first 2 on 4; threads outnumber this machine's cores,
+    which costs time, not bits): each call gives the bits of one winograd_blocks call a branch while the
+    split is searched; within BranchBalance's kSamples x kMaxSplits = 8 calls it settles on a split of all
+    the threads, at least one a branch; with the balance switched off the split is the multiply-adds' one."""
+    shapes = W32_B1 if threads == 8 else W32_B1[:2]
+    xs, ws, bs, tiles = make_branches(1, shapes)
+    want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
+    torch.ops.hrnet_fast.winograd_branches_balance_reset()
+    balance_restored(True)
+    for _ in range(8):
+        got = with_threads(threads, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    (line,) = torch.ops.hrnet_fast.winograd_branches_balanced()
+    key = [threads] + [v for (c, h, w), t in zip(shapes, tiles) for v in (1, c, h, w, 4, t)]
+    assert line.startswith(",".join(map(str, key)) + ": ")
+    settled = re.search(r"settled on ([\d,]+)$", line)
+    assert settled, line
+    split = [int(v) for v in settled.group(1).split(",")]
+    assert len(split) == len(shapes) and sum(split) == threads and min(split) >= 1
+    # off: the search's record is left as it was, and the calls still give the same bits
+    balance_restored(False)
+    got = with_threads(threads, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.ops.hrnet_fast.winograd_branches_balanced() == [line]
+    torch.ops.hrnet_fast.winograd_branches_balance_reset()
+    assert torch.ops.hrnet_fast.winograd_branches_balanced() == []
