@@ -92,3 +92,14 @@ def test_op_clock_times_each_call_of_the_forward():
     want = {name.split("::")[1].split(".")[0]: n for name, n in counted.items() if name.startswith("hrnet_fast::")}
     assert ours == want and sum(want.values()) > 10
     assert 0 < sum(ms for _, ms in ops.values()) <= wall
+
+
+def test_op_clock_names_tensor_lists_by_their_shapes():
+    """An op taking tensor lists (winograd_branches: one call a module) is keyed by the lists' shapes too,
+    so each stage's modules get a row of their own: up to 4 shapes listed, else the first and the count."""
+    from hrnet_fast.bench.cpu_parts import _shapes
+
+    xs = [torch.empty(1, 32, 64, 48), torch.empty(1, 64, 32, 24)]
+    assert _shapes(xs[0]) == "1x32x64x48"
+    assert _shapes(xs) == "[1x32x64x48 1x64x32x24]"
+    assert _shapes([torch.empty(32, 32, 3, 3)] * 8) == "[32x32x3x3 ... (8)]"

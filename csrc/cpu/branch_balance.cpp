@@ -38,43 +38,74 @@ double median(std::vector<double> v) {
 
 }  // namespace
 
-BranchBalance::BranchBalance(int64_t threads, std::vector<int64_t> start) : threads_(threads), current_(std::move(start)) {}
+BranchBalance::BranchBalance(int64_t threads, std::vector<int64_t> start) : threads_(threads), base_(std::move(start)) {}
+
+namespace {
+
+double makespan(const std::vector<double>& run) { return *std::max_element(run.begin(), run.end()); }
+
+std::string join(const std::vector<int64_t>& v) {
+  std::ostringstream s;
+  for (size_t i = 0; i < v.size(); ++i) s << (i ? "," : "") << v[i];
+  return s.str();
+}
+
+}  // namespace
+
+std::vector<int64_t> BranchBalance::next_candidate(const std::vector<std::vector<double>>& runs,
+                                                   const std::vector<int64_t>& split) const {
+  std::vector<double> cost(split.size());
+  for (size_t i = 0; i < split.size(); ++i) {
+    std::vector<double> e;
+    for (const auto& r : runs) e.push_back(r[i]);
+    cost[i] = median(e) * static_cast<double>(split[i]);  // thread-time: what the branch is worth
+  }
+  return split_team(threads_, cost);
+}
 
 void BranchBalance::record(const std::vector<double>& elapsed) {
-  if (settled_ || elapsed.size() != current_.size()) return;
-  samples_.push_back(elapsed);
-  if (static_cast<int>(samples_.size()) < kSamples) return;
-  const size_t b = current_.size();
-  std::vector<double> makespans, cost(b);
-  for (const auto& s : samples_) makespans.push_back(*std::max_element(s.begin(), s.end()));
-  for (size_t i = 0; i < b; ++i) {
-    std::vector<double> e;
-    for (const auto& s : samples_) e.push_back(s[i]);
-    cost[i] = median(e) * static_cast<double>(current_[i]);  // thread-time: what the branch is worth
+  if (settled_ || elapsed.size() != base_.size()) return;
+  if (cand_.empty()) {  // the base alone, then its candidate
+    base_runs_.push_back(elapsed);
+    if (static_cast<int>(base_runs_.size()) < kSamples) return;
+    cand_ = next_candidate(base_runs_, base_);
+    base_runs_.clear();
+    if (cand_ == base_) settle();
+    return;
   }
-  samples_.clear();
-  tried_.emplace_back(current_, median(makespans));
-  const std::vector<int64_t> next = split_team(threads_, cost);
-  const bool seen = std::any_of(tried_.begin(), tried_.end(), [&](const auto& t) { return t.first == next; });
-  if (seen || static_cast<int>(tried_.size()) >= kMaxSplits) {
-    current_ = std::min_element(tried_.begin(), tried_.end(), [](const auto& p, const auto& q) {
-                 return p.second < q.second;
-               })->first;
-    settled_ = true;
+  (cand_turn_ ? cand_runs_ : base_runs_).push_back(elapsed);
+  cand_turn_ = !cand_turn_;
+  if (static_cast<int>(cand_runs_.size()) < kPairs) return;
+  std::vector<double> ratios;
+  int faster = 0;
+  for (int k = 0; k < kPairs; ++k) {
+    ratios.push_back(makespan(cand_runs_[k]) / makespan(base_runs_[k]));
+    faster += ratios.back() < 1.0;
+  }
+  const double ratio = median(ratios);
+  const bool kept = faster >= kPairs - 1 && ratio <= kAccept;
+  std::ostringstream s;
+  s << join(base_) << " -> " << join(cand_) << " (" << static_cast<int>(ratio * 100 + 0.5) << "%"
+    << (kept ? ", kept)" : ")");
+  log_.push_back(s.str());
+  ++rounds_;
+  if (kept) {
+    const std::vector<int64_t> next = next_candidate(cand_runs_, cand_);
+    const bool back = next == base_ || next == cand_;
+    base_ = cand_;
+    cand_ = next;
+    if (back || rounds_ >= kMaxRounds) settle();
   } else {
-    current_ = next;
+    settle();
   }
+  base_runs_.clear();
+  cand_runs_.clear();
 }
 
 std::string BranchBalance::describe() const {
   std::ostringstream s;
-  for (size_t k = 0; k < tried_.size(); ++k) {
-    if (k) s << " -> ";
-    for (size_t i = 0; i < tried_[k].first.size(); ++i) s << (i ? "," : "") << tried_[k].first[i];
-    s << " (" << static_cast<int64_t>(tried_[k].second) << ")";
-  }
-  s << (settled_ ? "; settled on " : "; now ");
-  for (size_t i = 0; i < current_.size(); ++i) s << (i ? "," : "") << current_[i];
+  for (size_t k = 0; k < log_.size(); ++k) s << (k ? "; " : "") << log_[k];
+  s << (log_.empty() ? "" : "; ") << (settled_ ? "settled on " : "searching from ") << join(base_);
   return s.str();
 }
 
@@ -112,16 +143,13 @@ namespace {
 
 bool winograd_branches_balance(std::optional<bool> use) { return balance_switch.set(use); }
 
-// every search so far: "key: splits tried (median makespan in us) ...", for logs
-std::vector<std::string> winograd_branches_balanced() {
+// every search so far, a line each: "key: base -> candidate (time ratio, kept) ...; settled on ...".
+// One string: a str[] return crashed torch 2.11 (the GPU machine's) where a str did not.
+std::string winograd_branches_balanced() {
   std::lock_guard<std::mutex> lock(registry_mutex);
-  std::vector<std::string> out;
-  for (const auto& [key, b] : registry()) {
-    std::ostringstream s;
-    for (size_t i = 0; i < key.size(); ++i) s << (i ? "," : "") << key[i];
-    out.push_back(s.str() + ": " + b.describe());
-  }
-  return out;
+  std::ostringstream s;
+  for (const auto& [key, b] : registry()) s << join(key) << ": " << b.describe() << "\n";
+  return s.str();
 }
 
 void winograd_branches_balance_reset() {
@@ -141,8 +169,9 @@ std::vector<int64_t> winograd_branches_balance_search(const std::vector<double>&
                   std::all_of(start.begin(), start.end(), [](int64_t t) { return t >= 1; }),
               op, ": start must give each branch a thread or more and all ", threads, " threads, got ", start);
   BranchBalance b(threads, start);
+  constexpr int kMostRuns = BranchBalance::kSamples + 2 * BranchBalance::kPairs * BranchBalance::kMaxRounds;
   for (int run = 0; !b.settled(); ++run) {
-    TORCH_CHECK(run < BranchBalance::kSamples * BranchBalance::kMaxSplits, op, ": the search did not settle");
+    TORCH_CHECK(run < kMostRuns, op, ": the search did not settle");
     std::vector<double> elapsed;
     for (size_t i = 0; i < work.size(); ++i)
       elapsed.push_back(work[i] * (serial[i] + (1.0 - serial[i]) / static_cast<double>(b.current()[i])));
@@ -158,7 +187,7 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // whether winograd_branches measures its split between branches side by side; `use` switches it
   m.def("winograd_branches_balance(bool? use=None) -> bool", &hrnet_fast::winograd_branches_balance);
   // the searches for those splits so far, a line each
-  m.def("winograd_branches_balanced() -> str[]", &hrnet_fast::winograd_branches_balanced);
+  m.def("winograd_branches_balanced() -> str", &hrnet_fast::winograd_branches_balanced);
   // forget them (the next calls search again)
   m.def("winograd_branches_balance_reset() -> ()", &hrnet_fast::winograd_branches_balance_reset);
   // the search against a model of the branches' times (tests)

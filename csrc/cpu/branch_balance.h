@@ -20,31 +20,43 @@ namespace hrnet_fast {
 // work / threads, is fastest
 std::vector<int64_t> split_team(int64_t threads, const std::vector<double>& work);
 
-// The search for one set of branches (a key: their shapes and the thread count). Each split is run
-// kSamples times; from each run's per-branch times the next split shares the threads by the
-// thread-time each branch took (elapsed x its threads), whose fixed point gives the branches equal
-// times. It stops where a split comes back or after kMaxSplits, keeping the fastest split run
-// (the median of its runs' slowest branch), so it ends no slower than where it started.
+// The search for one set of branches (a key: their shapes and the thread count). The split in use (the
+// base, first the multiply-adds' one) runs kSamples times; from its runs' per-branch times a candidate
+// shares the threads by the thread-time each branch took (elapsed x its threads), whose fixed point
+// gives the branches equal times. Then base and candidate take turns for kPairs pairs of calls, and the
+// candidate becomes the base only where it was faster in all but one pair and by kAccept in the median
+// pair, so a split that only looked faster (16 cores: one forward's times move 5-10%) is not kept:
+// the search ends no slower than it starts. It goes on from an accepted candidate's times, kMaxRounds
+// candidates at most, and settles where a candidate is refused or comes back.
 class BranchBalance {
  public:
   static constexpr int kSamples = 2;
-  static constexpr int kMaxSplits = 4;
+  static constexpr int kPairs = 4;
+  static constexpr int kMaxRounds = 3;
+  static constexpr double kAccept = 0.97;
 
   BranchBalance(int64_t threads, std::vector<int64_t> start);
-  // the split to run now (the settled one once settled)
-  const std::vector<int64_t>& current() const { return current_; }
+  // the split to run now: the base, or the candidate on its turn (the settled base once settled)
+  const std::vector<int64_t>& current() const { return cand_turn_ ? cand_ : base_; }
   bool settled() const { return settled_; }
   // one run of current(): each branch's elapsed time (any unit)
   void record(const std::vector<double>& elapsed);
-  // "a,b,c (makespan) -> ..." of the splits tried, for logs
+  // "base -> candidate (median time ratio, kept or not) -> ...; settled on ...", for logs
   std::string describe() const;
 
  private:
+  std::vector<int64_t> next_candidate(const std::vector<std::vector<double>>& runs, const std::vector<int64_t>& split) const;
+  void settle() {
+    settled_ = true;
+    cand_turn_ = false;
+  }
+
   int64_t threads_;
-  std::vector<int64_t> current_;
-  std::vector<std::vector<double>> samples_;
-  std::vector<std::pair<std::vector<int64_t>, double>> tried_;  // split, median makespan
-  bool settled_ = false;
+  std::vector<int64_t> base_, cand_;
+  bool cand_turn_ = false, settled_ = false;
+  int rounds_ = 0;
+  std::vector<std::vector<double>> base_runs_, cand_runs_;  // per run, each branch's time
+  std::vector<std::string> log_;
 };
 
 // The split winograd_branches runs now for branches of this key (their shapes, convs, tiles and the

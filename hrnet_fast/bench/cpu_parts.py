@@ -87,6 +87,19 @@ class PartClock:
         return out
 
 
+def _is_tensor_list(a: object) -> bool:
+    return isinstance(a, (list, tuple)) and len(a) > 0 and all(isinstance(t, torch.Tensor) for t in a)
+
+
+def _shapes(a: torch.Tensor | list[torch.Tensor]) -> str:
+    """"1x32x64x48" for a tensor; a list's shapes in brackets, up to 4 (a module's winograd_branches call:
+    its inputs' shapes tell its stage), else its first and its count."""
+    if isinstance(a, torch.Tensor):
+        return "x".join(map(str, a.shape))
+    shapes = ["x".join(map(str, t.shape)) for t in a]
+    return "[" + (" ".join(shapes) if len(shapes) <= 4 else f"{shapes[0]} ... ({len(shapes)})") + "]"
+
+
 class _OpClock:
     """{(op, input shapes): [calls, ms]} of the ops a forward calls from Python, each timed around its
     call (its parallel region's join included). A dispatch mode, not torch.profiler: under the profiler
@@ -103,7 +116,7 @@ class _OpClock:
                 t0 = time.perf_counter()
                 out = func(*args, **(kwargs or {}))
                 dt = (time.perf_counter() - t0) * 1e3
-                shapes = ",".join("x".join(map(str, a.shape)) for a in args if isinstance(a, torch.Tensor))
+                shapes = ",".join(_shapes(a) for a in args if isinstance(a, torch.Tensor) or _is_tensor_list(a))
                 cell = ops.setdefault((str(func.overloadpacket), shapes), [0.0, 0.0])
                 cell[0] += 1
                 cell[1] += dt
@@ -279,7 +292,7 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
               + " | ".join(cells) + " |")
     print("\nThe branches' splits searched (threads, then per branch N, C, H, W, convs, tile: the splits tried "
           "with their median slowest branch in us):")
-    print("\n".join(torch.ops.hrnet_fast.winograd_branches_balanced()))
+    print(torch.ops.hrnet_fast.winograd_branches_balanced())
     tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
     if args.out:
