@@ -63,7 +63,7 @@ cp "$work/machine.txt" "$OUT/" 2>/dev/null
 echo "===== machine"; grep -E "Model name|^Model:|^L2|^L3|^CPU\(s\)" "$work/machine.txt"; tail -2 "$work/machine.txt"
 has tests && { echo "===== tests"; grep -E "FAILED|ERROR|passed|failed" "$work/gpu/gpu_check.log" | tail -15; }
 has probe && { echo "===== probe"; grep -E "^\|" "$work/probe.log"; }
-has parts && { echo "===== parts"; grep -E "^\| (batch|1 |8 |hrnet|aten|all|forward)|^[0-9]+,|splits" "$work/parts.log" \
+has parts && { echo "===== parts"; grep -E "^\| (batch|1 |8 |hrnet|aten|all|forward)|^[0-9]+,|splits|page faults" "$work/parts.log" \
     | cut -c1-170 | head -120; }
 has ort && { echo "===== ort_parts"; grep -E "^(\||W32)" "$work/ort_parts.log" | head -30; }
 has table && { echo "===== cpu_threads"; cat "$work/cpu/cpu_threads/cpu_threads.md" 2>/dev/null || tail -20 "$work/cpu_threads.log"; }

@@ -86,12 +86,26 @@ def test_op_clock_times_each_call_of_the_forward():
         ops, wall = _op_times(model, x, forwards=2)
         counted = count_ops(model, x)["by_op"]
     ours = {}
-    for (name, _), (calls, _) in ops.items():
+    for (name, _), (calls, _, _) in ops.items():
         if name.startswith("hrnet_fast."):
             ours[name.split(".")[1]] = ours.get(name.split(".")[1], 0) + calls
     want = {name.split("::")[1].split(".")[0]: n for name, n in counted.items() if name.startswith("hrnet_fast::")}
     assert ours == want and sum(want.values()) > 10
-    assert 0 < sum(ms for _, ms in ops.values()) <= wall
+    assert 0 < sum(ms for _, ms, _ in ops.values()) <= wall
+    assert all(faults >= 0 for _, _, faults in ops.values())
+
+
+def test_fault_lines_sum_and_name_the_faulting_ops():
+    """Hand-made op times with page faults: the total a forward at each thread count, the ops with most
+    first; none at a count: no list."""
+    from hrnet_fast.bench.cpu_parts import fault_lines
+
+    conv, fuse = ("hrnet_fast.conv", "1x8x4x4"), ("hrnet_fast.fuse", "1x8x4x4")
+    text = fault_lines({2: {conv: [1.0, 1.0, 0.0]}, 16: {conv: [1.0, 1.0, 6777.0], fuse: [2.0, 1.0, 12.0]}}, batch=1)
+    assert text.splitlines() == [
+        "batch 1, 2 threads: 0 page faults a forward",
+        "batch 1, 16 threads: 6789 page faults a forward (hrnet_fast.conv 1x8x4x4: 6777; hrnet_fast.fuse 1x8x4x4: 12)",
+    ]
 
 
 def test_op_clock_names_tensor_lists_by_their_shapes():

@@ -101,10 +101,11 @@ def _shapes(a: torch.Tensor | list[torch.Tensor]) -> str:
 
 
 class _OpClock:
-    """{(op, input shapes): [calls, ms]} of the ops a forward calls from Python, each timed around its
-    call (its parallel region's join included). A dispatch mode, not torch.profiler: under the profiler
-    stage 1's 1x1 convs took 2-14 ms a forward more at random (seen on 2 threads, 2026-11-27), which
-    this timing does not show."""
+    """{(op, input shapes): [calls, ms, page faults]} of the ops a forward calls from Python, each timed
+    around its call (its parallel region's join included), with the process's minor page faults in it
+    (on 16 threads the first transition's conv faulted in its 35 MB of scratch every forward: README,
+    "Threads", run 10). A dispatch mode, not torch.profiler: under the profiler stage 1's 1x1 convs took
+    2-14 ms a forward more at random (seen on 2 threads, 2026-11-27), which this timing does not show."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -113,20 +114,33 @@ class _OpClock:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
                 out = func(*args, **(kwargs or {}))
                 dt = (time.perf_counter() - t0) * 1e3
+                faults = _minor_faults() - f0
                 shapes = ",".join(_shapes(a) for a in args if isinstance(a, torch.Tensor) or _is_tensor_list(a))
-                cell = ops.setdefault((str(func.overloadpacket), shapes), [0.0, 0.0])
+                cell = ops.setdefault((str(func.overloadpacket), shapes), [0.0, 0.0, 0.0])
                 cell[0] += 1
                 cell[1] += dt
+                cell[2] += faults
                 return out
 
         self.mode = Mode()
 
 
+def _minor_faults() -> int:
+    """The process's minor page faults so far (getrusage; 0 where there is none)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
 def _op_times(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> tuple[dict[tuple[str, str], list[float]], float]:
-    """{(op, input shapes): [calls, ms]} per forward (_OpClock), and the forwards' wall ms each."""
+    """{(op, input shapes): [calls, ms, page faults]} per forward (_OpClock), and the forwards' wall ms each."""
     model(x)
     clock = _OpClock()
     with clock.mode:
@@ -134,7 +148,7 @@ def _op_times(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> tuple[d
         for _ in range(forwards):
             model(x)
         wall = (time.perf_counter() - t0) * 1e3 / forwards
-    return {k: [c / forwards, ms / forwards] for k, (c, ms) in clock.ops.items()}, wall
+    return {k: [v / forwards for v in cell] for k, cell in clock.ops.items()}, wall
 
 
 def op_scaling(model: torch.nn.Module, x: torch.Tensor, threads: list[int], forwards: int = 3, rows: int = 20) -> str:
@@ -145,7 +159,20 @@ def op_scaling(model: torch.nn.Module, x: torch.Tensor, threads: list[int], forw
         for t in threads:
             torch.set_num_threads(t)
             times[t], walls[t] = _op_times(model, x, forwards)
-    return scaling_table(times, walls, x.shape[0], rows)
+    return scaling_table(times, walls, x.shape[0], rows) + fault_lines(times, x.shape[0])
+
+
+def fault_lines(times: dict[int, dict[tuple[str, str], list[float]]], batch: int, ops: int = 3) -> str:
+    """A line a thread count: the minor page faults a forward's ops took, and the ops that took most
+    (those with at least one: a forward in steady state should take none, its memory coming from the
+    caching allocator)."""
+    lines = []
+    for t in sorted(times):
+        faulting = sorted(((v[2], k) for k, v in times[t].items() if len(v) > 2 and v[2] >= 0.5), reverse=True)
+        top = "; ".join(f"{k[0]} {k[1][:60]}: {n:.0f}" for n, k in faulting[:ops])
+        lines.append(f"batch {batch}, {t} threads: {sum(n for n, _ in faulting):.0f} page faults a forward"
+                     + (f" ({top})" if top else ""))
+    return "\n".join(lines) + "\n"
 
 
 def scaling_table(times: dict[int, dict[tuple[str, str], list[float]]], walls: dict[int, float], batch: int,
