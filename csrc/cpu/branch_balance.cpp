@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -158,9 +159,11 @@ void winograd_branches_balance_reset() {
 }
 
 // The search run against a model of the branches instead of a clock, for tests: branch b on t threads
-// takes work[b] * (serial[b] + (1 - serial[b]) / t). Returns the split it settles on.
+// takes work[b] * (serial[b] + (1 - serial[b]) / t), each run's each branch times 1 + noise x u, u
+// uniform in [-1, 1) from `seed`. Returns the split it settles on.
 std::vector<int64_t> winograd_branches_balance_search(const std::vector<double>& work, const std::vector<double>& serial,
-                                                      int64_t threads, const std::vector<int64_t>& start) {
+                                                      int64_t threads, const std::vector<int64_t>& start, double noise,
+                                                      int64_t seed) {
   constexpr const char* op = "hrnet_fast::winograd_branches_balance_search";
   TORCH_CHECK(work.size() == serial.size() && work.size() == start.size() && !work.empty(), op,
               ": work, serial and start must be one a branch, got ", work.size(), ", ", serial.size(), " and ",
@@ -168,13 +171,20 @@ std::vector<int64_t> winograd_branches_balance_search(const std::vector<double>&
   TORCH_CHECK(std::accumulate(start.begin(), start.end(), int64_t{0}) == threads &&
                   std::all_of(start.begin(), start.end(), [](int64_t t) { return t >= 1; }),
               op, ": start must give each branch a thread or more and all ", threads, " threads, got ", start);
+  TORCH_CHECK(noise >= 0 && noise < 1, op, ": noise must be in [0, 1), got ", noise);
   BranchBalance b(threads, start);
+  uint64_t state = static_cast<uint64_t>(seed) * 2862933555777941757ULL + 3037000493ULL;
+  auto uniform = [&state] {  // in [-1, 1): a 64-bit LCG's top bits, the same on every platform
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<double>(state >> 11) / static_cast<double>(1ULL << 52) - 1.0;
+  };
   constexpr int kMostRuns = BranchBalance::kSamples + 2 * BranchBalance::kPairs * BranchBalance::kMaxRounds;
   for (int run = 0; !b.settled(); ++run) {
     TORCH_CHECK(run < kMostRuns, op, ": the search did not settle");
     std::vector<double> elapsed;
     for (size_t i = 0; i < work.size(); ++i)
-      elapsed.push_back(work[i] * (serial[i] + (1.0 - serial[i]) / static_cast<double>(b.current()[i])));
+      elapsed.push_back(work[i] * (serial[i] + (1.0 - serial[i]) / static_cast<double>(b.current()[i])) *
+                        (1.0 + noise * uniform()));
     b.record(elapsed);
   }
   return b.current();
@@ -191,6 +201,7 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // forget them (the next calls search again)
   m.def("winograd_branches_balance_reset() -> ()", &hrnet_fast::winograd_branches_balance_reset);
   // the search against a model of the branches' times (tests)
-  m.def("winograd_branches_balance_search(float[] work, float[] serial, int threads, int[] start) -> int[]",
+  m.def("winograd_branches_balance_search(float[] work, float[] serial, int threads, int[] start, float noise=0., "
+        "int seed=0) -> int[]",
         &hrnet_fast::winograd_branches_balance_search);
 }
