@@ -210,6 +210,7 @@ W32_B1 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
 
 
 side_by_side_restored = restoring("winograd_branches_side_by_side")
+lanes_restored = restoring("winograd_branches_lanes")
 
 
 @pytest.mark.parametrize(
@@ -218,16 +219,18 @@ side_by_side_restored = restoring("winograd_branches_side_by_side")
     ids=str,
 )
 @pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
-def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored):
+def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored, lanes_restored):
     """On 2 threads the first two branches side by side on a thread each where their convs are small (all
-    four cases here), the others after them on both; on 4 and more side by side (2 branches on 4
-    threads, 4 on 8 and 16, 3 on 16 as 6 + 5 + 5), where a branch whose U is transformed up front (W32's
-    32-channel one at batch 1 on a sub-team of 2 to 8) has its sub-team transform it a share each. The
-    bits of one winograd_blocks call a branch, with side by side switched on or off."""
+    four cases here), the others after them on both, four such in two lanes (the last on one thread, the
+    others one after another on the other); on 4 and more side by side (2 branches on 4 threads, 4 on 8
+    and 16, 3 on 16 as 6 + 5 + 5), where a branch whose U is transformed up front (W32's 32-channel one
+    at batch 1 on a sub-team of 2 to 8) has its sub-team transform it a share each. The bits of one
+    winograd_blocks call a branch, with side by side and lanes switched on or off."""
     xs, ws, bs, tiles = make_branches(n, shapes)
     want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
-    for on in (True, False):
+    for on, lanes in ((True, True), (True, False), (False, True)):
         side_by_side_restored(on)
+        lanes_restored(lanes)
         got = with_threads(threads, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
         assert all(torch.equal(g, w) for g, w in zip(got, want))
 
@@ -237,12 +240,18 @@ def branch_teams(n, shapes, threads):
     return torch.ops.hrnet_fast.winograd_branches_plan(sizes, [8] * len(shapes), threads)
 
 
-def test_branch_teams(side_by_side_restored):
+def test_branch_teams(side_by_side_restored, lanes_restored):
     """Where the branches run side by side and on how many threads (0: after those, on all of them).
     On 2 threads the first two, a thread each, while each conv of theirs is at most 60 M multiply-adds
     (W32 at batch 1: 28 M; batch 2: 57 M; batch 4: 113 M and W48 at batch 1: 64 M, left one after
-    another); on 3, one after another; from 2 a branch, shares of the threads by work."""
+    another), four such all (in two lanes: the last alone); on 3, one after another; from 2 a branch,
+    shares of the threads by work."""
+    assert branch_teams(1, W32_B1, 2) == [1, 1, 1, 1]
+    assert branch_teams(2, W32_B1, 2) == [1, 1, 1, 1]
+    assert branch_teams(1, W32_B1[:3], 2) == [1, 1, 0]
+    lanes_restored(False)
     assert branch_teams(1, W32_B1, 2) == [1, 1, 0, 0]
+    lanes_restored(True)
     assert branch_teams(2, W32_B1[:2], 2) == [1, 1]
     assert branch_teams(4, W32_B1, 2) == [0, 0, 0, 0]
     assert branch_teams(1, [(48, 64, 48), (96, 32, 24)], 2) == [0, 0]  # W48

@@ -8,10 +8,10 @@
 // instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all of them so,
 // the threads shared first by multiply-adds, then by what each branch took (csrc/cpu/branch_balance.h);
 // on 2 threads, where the convs are small (W32 at batch 1 and 2), the first two branches on a thread
-// each and the others after them on both (kPairMacs); otherwise the branches run one after
-// another, each on all the threads, as winograd_blocks. (Python-level tasks running blocks side by side
-// on a thread each measured slower than each op split two ways: README, "Threads: branches side by
-// side"; within one region, with no op between a branch's convs, two small branches gain.) No OpenMP
+// each and the others after them on both, four such in two lanes (kPairMacs); otherwise the branches
+// run one after another, each on all the threads, as winograd_blocks. (Python-level tasks running
+// blocks side by side on a thread each measured slower than each op split two ways: README, "Threads:
+// branches side by side"; within one region, with no op between a branch's convs, two small branches gain.) No OpenMP
 // team but the calling thread's: the sub-teams are ranges of its threads (a task worker making its own
 // team would start an OpenMP pool of its own, README, "On 16 cores, tasks lost"). A branch whose U is
 // transformed up front (W32's 32-channel one at batch 1 on sub-teams of 2 to 8) has its sub-team
@@ -50,10 +50,31 @@ namespace {
 // 1.002x (7 of 12), batch 8 0.983x (3 of 8); W48 at batch 1 (64 M) 1.004x (17 of 30).
 constexpr double kPairMacs = 60e6;
 
+// Four such branches on 2 threads (W32's stage 4 at batch 1) run in two lanes instead: the last on one
+// thread, the first three one after another on the other. Equal multiply-adds are not equal time: on
+// one thread W32's branches take 1.36, 1.20, 1.64 and 3.70 ms at batch 1 (the last, 8x6, makes F(2x2)
+// tiles and streams its 2.4 MB weights for 12 of them: csrc/cpu/branch_balance.h), so 3.70 against
+// 4.20 ms, where the first two side by side and the others split two ways took about 1.36 + 1.0 +
+// 2.2. W32 at batch 1, the two ways in turns in one process: 1.027x and 1.028x faster (32 and 35 of
+// 40), batch 2 1.009x (12 of 20). Three branches in lanes (the last alone, W32's stage 3: 1.64
+// against 2.56 ms) measured 0.995x (18 of 40), so they stay as above.
+CpuSwitch lanes_switch;
+
+bool winograd_branches_lanes(std::optional<bool> use) { return lanes_switch.set(use); }
+
 // Whether branches may run side by side (on by default; off for comparing in one process)
 CpuSwitch side_by_side;
 
 bool winograd_branches_side_by_side(std::optional<bool> use) { return side_by_side.set(use); }
+
+// The chains (indices into those side by side) each sub-team runs one after another: the two lanes
+// above where the teams are those of four branches on 2 threads, else one chain a sub-team.
+std::vector<std::vector<int64_t>> branch_lanes(const std::vector<int64_t>& apart_teams, int64_t threads) {
+  if (threads == 2 && apart_teams.size() == 4 && lanes_switch.on()) return {{3}, {0, 1, 2}};
+  std::vector<std::vector<int64_t>> lanes;
+  for (int64_t k = 0; k < static_cast<int64_t>(apart_teams.size()); ++k) lanes.push_back({k});
+  return lanes;
+}
 
 // A sub-team's barrier: the last of its n threads to arrive starts the next generation. Spins, then
 // yields (threads may outnumber cores: tests run 16 on 2).
@@ -94,6 +115,8 @@ std::vector<int64_t> branch_teams(const std::vector<double>& macs, at::IntArrayR
     for (int64_t b = 0; b < branches; ++b) work[b] = macs[b] * static_cast<double>(convs[b]);
     return split_team(threads, work);
   }
+  if (threads == 2 && branches == 4 && lanes_switch.on() && *std::max_element(macs.begin(), macs.end()) <= kPairMacs)
+    return std::vector<int64_t>(4, 1);  // in two lanes (branch_lanes)
   if (threads == 2 && std::max(macs[0], macs[1]) <= kPairMacs) team[0] = team[1] = 1;
   return team;
 }
@@ -164,37 +187,43 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   std::vector<at::Tensor> out(branches);
   if (!apart.empty()) {
     const int64_t n = static_cast<int64_t>(apart.size());
-    std::vector<int64_t> first(n + 1, 0);  // chain k's threads: [first[k], first[k + 1])
-    for (int64_t k = 0; k < n; ++k) first[k + 1] = first[k] + team[apart[k]];
-    std::vector<SubTeamBarrier> barriers(n);
-    for (int64_t k = 0; k < n; ++k) barriers[k].n = static_cast<int>(team[apart[k]]);
+    std::vector<int64_t> apart_teams;
+    for (int64_t b : apart) apart_teams.push_back(team[b]);
+    const std::vector<std::vector<int64_t>> lanes = branch_lanes(apart_teams, threads);
+    const int64_t nl = static_cast<int64_t>(lanes.size());
+    std::vector<int64_t> first(nl + 1, 0);  // lane l's threads: [first[l], first[l + 1])
+    for (int64_t l = 0; l < nl; ++l) first[l + 1] = first[l] + team[apart[lanes[l][0]]];
+    std::vector<SubTeamBarrier> barriers(nl);
+    for (int64_t l = 0; l < nl; ++l) barriers[l].n = static_cast<int>(first[l + 1] - first[l]);
     std::atomic<bool> short_team{false};
     std::vector<double> elapsed(n, 0.0);  // each chain's time from here to its last barrier, in us
     const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(static_cast<int>(first[n]))
+#pragma omp parallel num_threads(static_cast<int>(first[nl]))
     {
       const int64_t tid = omp_get_thread_num();
-      if (omp_get_num_threads() != first[n]) {
+      if (omp_get_num_threads() != first[nl]) {
         // a smaller team than asked for (an OpenMP thread limit): one thread runs everything
         if (tid == 0) short_team.store(true);
       } else {
-        const int64_t k = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
-        const int64_t local = tid - first[k], size = first[k + 1] - first[k];
-        const WinogradChain& mine = chains[k];
-        const bool shared_u = mine.runner().shared_u();
-        const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
-        const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
-        for (int64_t i = 0; i < mine.convs(); ++i) {
-          const float* u = nullptr;
-          if (shared_u) {  // U transformed up front: the sub-team a share of its input channels each, then met
-            u = mine.transform_u_part(i, local, size);
-            barriers[k].wait();
+        const int64_t l = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
+        const int64_t local = tid - first[l], size = first[l + 1] - first[l];
+        for (int64_t k : lanes[l]) {
+          const WinogradChain& mine = chains[k];
+          const bool shared_u = mine.runner().shared_u();
+          const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
+          const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
+          for (int64_t i = 0; i < mine.convs(); ++i) {
+            const float* u = nullptr;
+            if (shared_u) {  // U transformed up front: the sub-team a share of its input channels each, then met
+              u = mine.transform_u_part(i, local, size);
+              barriers[l].wait();
+            }
+            if (begin < end) mine.run(i, local, begin, end, u);
+            barriers[l].wait();
           }
-          if (begin < end) mine.run(i, local, begin, end, u);
-          barriers[k].wait();
+          if (local == 0)
+            elapsed[k] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
         }
-        if (local == 0)
-          elapsed[k] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
       }
     }
     if (short_team.load())
@@ -224,6 +253,8 @@ TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("winograd_branches", &hrnet_fast
 TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // whether winograd_branches may run branches side by side on shares of the threads; `use` switches it
   m.def("winograd_branches_side_by_side(bool? use=None) -> bool", &hrnet_fast::winograd_branches_side_by_side);
+  // whether four small branches on 2 threads run in two lanes (the last alone); `use` switches it
+  m.def("winograd_branches_lanes(bool? use=None) -> bool", &hrnet_fast::winograd_branches_lanes);
   // the threads each branch would run side by side on (0: after those, on all of them)
   m.def("winograd_branches_plan(int[][] x_sizes, int[] convs, int threads) -> int[]",
         &hrnet_fast::winograd_branches_plan);

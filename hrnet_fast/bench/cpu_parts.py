@@ -27,7 +27,8 @@ import hrnet_fast
 from hrnet_fast.bench.model import randomize
 from hrnet_fast.fused.blocks import ChunkedStage, WinogradBlocks
 
-# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side and --balance compare:
+# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --balance and
+# --lanes compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
@@ -35,8 +36,9 @@ SWITCHES = {
     "four_panels": ("four panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_four_panels(v)),
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
     "balance": ("balance", lambda v=None: torch.ops.hrnet_fast.winograd_branches_balance(v)),
+    "lanes": ("lanes", lambda v=None: torch.ops.hrnet_fast.winograd_branches_lanes(v)),
 }
-NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance")  # the columns, in order
+NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance", "lanes")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
     "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
@@ -48,6 +50,7 @@ WHAT = {
     "side_by_side": "a module's branches side by side on sub-teams of the threads (winograd_branches_side_by_side)",
     "balance": "their threads shared by what each branch took, searched over the first calls (winograd_branches_balance; "
                "off: by multiply-adds)",
+    "lanes": "on 2 threads four small branches in two lanes, the last alone (winograd_branches_lanes)",
 }
 
 WARMUP = 8  # forwards before the first round's timed ones, per configuration
