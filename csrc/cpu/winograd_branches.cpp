@@ -57,7 +57,8 @@ constexpr double kPairMacs = 60e6;
 // 4.20 ms, where the first two side by side and the others split two ways took about 1.36 + 1.0 +
 // 2.2. W32 at batch 1, the two ways in turns in one process: 1.027x and 1.028x faster (32 and 35 of
 // 40), batch 2 1.009x (12 of 20). Three branches in lanes (the last alone, W32's stage 3: 1.64
-// against 2.56 ms) measured 0.995x (18 of 40), so they stay as above.
+// against 2.56 ms) measured 0.995x (18 of 40), so they stay as above; so did W48's four at batch 1 (64 M
+// multiply-adds a conv; 2.59, 2.88, 3.62 and 7.59 ms on one thread): 0.995x (14 of 30).
 CpuSwitch lanes_switch;
 
 bool winograd_branches_lanes(std::optional<bool> use) { return lanes_switch.set(use); }
