@@ -53,7 +53,15 @@ WHAT = {
     "lanes": "on 2 threads four small branches in two lanes, the last alone (winograd_branches_lanes)",
 }
 
-WARMUP = 8  # forwards before the first round's timed ones, per configuration
+# Forwards before the first round's timed ones, per configuration: at least WARMUP (one-off costs), then
+# while a search for the branches' split is still going (BranchBalance: up to 26 calls of a module's
+# shapes, and stage 2 is one module a forward), at most MAX_WARMUP.
+WARMUP, MAX_WARMUP = 2, 30
+
+
+def _searching() -> bool:
+    """Whether a search for a split between branches side by side has not settled yet."""
+    return "searching" in torch.ops.hrnet_fast.winograd_branches_balanced()
 
 PARTS = {"conv1": "stem", "layer1": "stage1", "transition1": "stage2", "stage2": "stage2", "transition2": "stage3",
          "stage3": "stage3", "transition3": "stage4", "stage4": "stage4", "final_layer": "head"}
@@ -291,13 +299,14 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
                 torch.set_num_threads(t)
                 torch.ops.hrnet_fast.cpu_isa(isa)
                 switch(*sw)
-                # the first round's first forwards warm up: one-off costs, and the branches' split searched
-                # (BranchBalance: at most 8 calls of a module's shapes; stage 2 is one module)
-                warm = WARMUP if r == 0 else 0
-                for k in range(args.runs + warm):
+                if r == 0:  # warm-up: one-off costs, and the branches' split searched
+                    for k in range(MAX_WARMUP):
+                        if k >= WARMUP and not _searching():
+                            break
+                        model(xs[b])
+                for _ in range(args.runs):
                     model(xs[b])
-                    if k >= warm:
-                        samples[(t, isa, b, sw)].append(clock.parts_ms())
+                    samples[(t, isa, b, sw)].append(clock.parts_ms())
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     # the op table below, and the JSON, at the CPU's own variant and the default split
     torch.ops.hrnet_fast.cpu_isa(default_isa)
