@@ -37,12 +37,6 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-}  // namespace
-
-BranchBalance::BranchBalance(int64_t threads, std::vector<int64_t> start) : threads_(threads), base_(std::move(start)) {}
-
-namespace {
-
 double makespan(const std::vector<double>& run) { return *std::max_element(run.begin(), run.end()); }
 
 std::string join(const std::vector<int64_t>& v) {
@@ -52,6 +46,8 @@ std::string join(const std::vector<int64_t>& v) {
 }
 
 }  // namespace
+
+BranchBalance::BranchBalance(int64_t threads, std::vector<int64_t> start) : threads_(threads), base_(std::move(start)) {}
 
 std::vector<int64_t> BranchBalance::next_candidate(const std::vector<std::vector<double>>& runs,
                                                    const std::vector<int64_t>& split) const {

@@ -11,8 +11,8 @@
 // each and the others after them on both, four such in two lanes (kPairMacs); otherwise the branches
 // run one after another, each on all the threads, as winograd_blocks. (Python-level tasks running
 // blocks side by side on a thread each measured slower than each op split two ways: README, "Threads:
-// branches side by side"; within one region, with no op between a branch's convs, two small branches gain.) No OpenMP
-// team but the calling thread's: the sub-teams are ranges of its threads (a task worker making its own
+// branches side by side"; within one region, with no op between a branch's convs, two small branches
+// gain.) No OpenMP team but the calling thread's: the sub-teams are ranges of its threads (a task worker making its own
 // team would start an OpenMP pool of its own, README, "On 16 cores, tasks lost"). A branch whose U is
 // transformed up front (W32's 32-channel one at batch 1 on sub-teams of 2 to 8) has its sub-team
 // transform it, a share of the input channels each, and meet before the tasks. The results are the
@@ -68,12 +68,13 @@ CpuSwitch side_by_side;
 
 bool winograd_branches_side_by_side(std::optional<bool> use) { return side_by_side.set(use); }
 
-// The chains (indices into those side by side) each sub-team runs one after another: the two lanes
-// above where the teams are those of four branches on 2 threads, else one chain a sub-team.
-std::vector<std::vector<int64_t>> branch_lanes(const std::vector<int64_t>& apart_teams, int64_t threads) {
-  if (threads == 2 && apart_teams.size() == 4 && lanes_switch.on()) return {{3}, {0, 1, 2}};
+// The chains (indices into the `chains` side by side) each sub-team runs one after another: the two
+// lanes above where four run side by side on 2 threads (branch_teams gives that only for them), else one
+// chain a sub-team.
+std::vector<std::vector<int64_t>> branch_lanes(int64_t chains, int64_t threads) {
+  if (threads == 2 && chains == 4) return {{3}, {0, 1, 2}};
   std::vector<std::vector<int64_t>> lanes;
-  for (int64_t k = 0; k < static_cast<int64_t>(apart_teams.size()); ++k) lanes.push_back({k});
+  for (int64_t k = 0; k < chains; ++k) lanes.push_back({k});
   return lanes;
 }
 
@@ -188,16 +189,14 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   std::vector<at::Tensor> out(branches);
   if (!apart.empty()) {
     const int64_t n = static_cast<int64_t>(apart.size());
-    std::vector<int64_t> apart_teams;
-    for (int64_t b : apart) apart_teams.push_back(team[b]);
-    const std::vector<std::vector<int64_t>> lanes = branch_lanes(apart_teams, threads);
+    const std::vector<std::vector<int64_t>> lanes = branch_lanes(n, threads);
     const int64_t nl = static_cast<int64_t>(lanes.size());
     std::vector<int64_t> first(nl + 1, 0);  // lane l's threads: [first[l], first[l + 1])
     for (int64_t l = 0; l < nl; ++l) first[l + 1] = first[l] + team[apart[lanes[l][0]]];
     std::vector<SubTeamBarrier> barriers(nl);
     for (int64_t l = 0; l < nl; ++l) barriers[l].n = static_cast<int>(first[l + 1] - first[l]);
     std::atomic<bool> short_team{false};
-    std::vector<double> elapsed(n, 0.0);  // each chain's time from here to its last barrier, in us
+    std::vector<double> elapsed(n, 0.0);  // where balanced: each chain's time from here to its last barrier, in us
     const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(static_cast<int>(first[nl]))
     {
@@ -222,7 +221,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
             if (begin < end) mine.run(i, local, begin, end, u);
             barriers[l].wait();
           }
-          if (local == 0)
+          if (balanced && local == 0)
             elapsed[k] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
         }
       }

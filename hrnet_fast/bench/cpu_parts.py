@@ -27,6 +27,11 @@ import hrnet_fast
 from hrnet_fast.bench.model import randomize
 from hrnet_fast.fused.blocks import ChunkedStage, WinogradBlocks
 
+try:
+    import resource  # Unix only: _minor_faults
+except ImportError:
+    resource = None
+
 # The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --balance and
 # --lanes compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
@@ -142,12 +147,7 @@ class _OpClock:
 
 def _minor_faults() -> int:
     """The process's minor page faults so far (getrusage; 0 where there is none)."""
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    except (ImportError, OSError):
-        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def _op_times(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> tuple[dict[tuple[str, str], list[float]], float]:
