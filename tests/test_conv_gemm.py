@@ -1,6 +1,6 @@
 """conv_bias_act's own direct convolution on CPU (csrc/cpu/conv_gemm.cpp): the calls it takes (a dense
-weight on a channels_last input, 8 to kConvGemmMaxK / (kH kW) input channels) run it in every vector
-variant this CPU has; its answers against the float64 reference (1x1 and strided 3x3, row counts that
+weight on a channels_last input, 8 to kConvGemmMaxK / (kH kW) input channels, or fewer in windows of at
+most kFewCinMaxKh rows of 64 floats) run it in every vector variant this CPU has; its answers against the float64 reference (1x1 and strided 3x3, row counts that
 are not a multiple of the micro-kernel's 6, channel counts that are not a multiple of 8 or 16, windows
 leaving the image), NaN and infinities kept as eager keeps them, the weight read in place (HWIO) or
 copied with the same bits, which calls still go to oneDNN, and optimize() keeping no oneDNN-packed copy
@@ -17,7 +17,7 @@ from hrnet_fast.ops import conv_bias_act
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("conv_bias_act", "CPU"), reason="needs the compiled extension")
 CL = torch.channels_last
-MIN_CIN, MAX_K = 8, 640  # kConvGemmMinCin, kConvGemmMaxK
+MIN_CIN, MAX_K, FEW_CIN_MAX_KH = 8, 640, 7  # kConvGemmMinCin, kConvGemmMaxK, kFewCinMaxKh
 
 
 def _variants() -> list[str]:
@@ -79,6 +79,13 @@ def _runs_onednn(fn) -> bool:
         (1, 16, 32, 5, 5, 3, 1, 1),  # 3x3 stride 1 (optimize() runs those on Winograd)
         (1, 8, 16, 7, 6, 3, 2, 0),  # no padding
         (2, 8, 16, 7, 7, 5, 2, 2),  # 5x5
+        # fewer than MIN_CIN input channels: the windows read in place (conv_few_cin_core.h)
+        (1, 3, 64, 17, 13, 3, 2, 1),  # the stem's first conv: odd sizes, a row's last group of 1 pixel
+        (2, 3, 64, 24, 26, 3, 2, 1),  # rows of 13 pixels: groups of 6, 6 and a short one
+        (2, 3, 20, 9, 8, 3, 1, 1),  # stride 1; 20 = a panel and a partial one
+        (1, 2, 16, 7, 9, 1, 1, 0),  # 1x1 from two channels
+        (1, 4, 96, 15, 14, 7, 2, 3),  # 7x7 (a ResNet stem), 6 panels: four and two
+        (1, 7, 48, 6, 5, 3, 1, 1),  # the most channels it takes; 3 panels: two and one
     ],
 )
 @pytest.mark.parametrize("res,relu,bias", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
@@ -95,10 +102,10 @@ def test_matches_float64(isa, n, cin, cout, h, w, k, stride, pad, res, relu, bia
     assert torch.equal(conv_bias_act(x, hwio, b, stride, pad, r, relu, backend="cpu"), out)
 
 
-@pytest.mark.parametrize("k,stride,pad", [(1, 1, 0), (3, 2, 1)])
-def test_nan_and_inf_reach_the_output_as_in_eager(isa, k, stride, pad):
-    x, wt, b, r = _inputs(2, 32, 48, 8, 10, True, True, k, stride, pad, seed=1)
-    x[0, 3, 1, 2] = float("nan")
+@pytest.mark.parametrize("cin,k,stride,pad", [(32, 1, 1, 0), (32, 3, 2, 1), (3, 3, 2, 1)])
+def test_nan_and_inf_reach_the_output_as_in_eager(isa, cin, k, stride, pad):
+    x, wt, b, r = _inputs(2, cin, 48, 8, 10, True, True, k, stride, pad, seed=1)
+    x[0, 2, 1, 2] = float("nan")
     x[1, 0, 0, 0] = float("inf")
     r[0, 5, 3, 4] = float("nan")
     r[1, 7, 2, 2] = float("-inf")
@@ -114,17 +121,19 @@ def test_nan_and_inf_reach_the_output_as_in_eager(isa, k, stride, pad):
 
 @pytest.mark.parametrize(
     "case",
-    ["nchw_x", "nchw_residual", "fewer_than_min_cin", "wider_than_max_k", "stride_2x1", "padding_1x0", "packed_weight"],
+    ["nchw_x", "nchw_residual", "few_cin_taller_window", "wider_than_max_k", "stride_2x1", "padding_1x0",
+     "packed_weight"],
 )
 def test_other_calls_go_to_onednn_with_the_same_answers(isa, case):
     """What the kernel does not take still runs, on oneDNN, and agrees with float64."""
-    cin = {"fewer_than_min_cin": MIN_CIN - 5, "wider_than_max_k": MAX_K // 9 + 1}.get(case, 24)
-    x, wt, b, r = _inputs(1, cin, 20, 6, 5, False, True, 3, 1, 1, seed=2)
+    cin = {"few_cin_taller_window": MIN_CIN - 5, "wider_than_max_k": MAX_K // 9 + 1}.get(case, 24)
+    k = FEW_CIN_MAX_KH + 2 if case == "few_cin_taller_window" else 3
+    x, wt, b, r = _inputs(1, cin, 20, 6 + k - 3, 5 + k - 3, False, True, k, 1, 1, seed=2)
     stride = (2, 1) if case == "stride_2x1" else (1, 1)
     padding = (1, 0) if case == "padding_1x0" else (1, 1)
     if case == "nchw_x":
         x = x.contiguous()
-    ho, wo = (6 + 2 * padding[0] - 3) // stride[0] + 1, (5 + 2 * padding[1] - 3) // stride[1] + 1
+    ho, wo = (x.shape[2] + 2 * padding[0] - k) // stride[0] + 1, (x.shape[3] + 2 * padding[1] - k) // stride[1] + 1
     r = torch.randn(1, 20, ho, wo).contiguous(memory_format=CL)
     if case == "nchw_residual":
         r = r.contiguous()
@@ -154,18 +163,16 @@ def test_optimize_keeps_no_packed_copy_of_the_weights_it_runs(isa):
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
     convs = [m for m in fast.modules() if isinstance(m, FusedConv) and not m._winograd]
     ours = [m for m in convs if m._runs_conv_gemm()]
-    assert ours and len(ours) < len(convs)  # the stem's first conv (3 input channels) stays on oneDNN
+    assert ours and len(ours) < len(convs)  # K past MAX_K (transitions from 256 channels) stays on oneDNN
+    assert fast.conv1 in ours  # the stem's first conv (3 input channels): conv_few_cin_rows
     for m in convs:
         if m in ours:
             assert m._packed is None and m.weight.permute(2, 3, 1, 0).is_contiguous()
         else:
             assert m._packed  # packed for oneDNN on first use
-    # which kernel each conv's call takes, seen from the dispatcher: a 1x1 conv of stage 1, a strided
-    # 3x3 of a fusion, and the stem's first conv
-    stem = fast.conv1
-    inp = torch.randn(1, 3, 16, 16).contiguous(memory_format=CL)
+    # which kernel each conv's call takes, seen from the dispatcher: the stem's first conv, a 1x1 conv
+    # of stage 1, a strided 3x3 of a fusion
     with torch.no_grad():
-        assert _runs_onednn(lambda: stem(inp))
         for m in ours[:3] + ours[-3:]:
             c_in = m.weight.shape[1]
             probe = torch.randn(1, c_in, 8, 8).contiguous(memory_format=CL)
@@ -180,10 +187,28 @@ def test_optimize_keeps_no_packed_copy_of_the_weights_it_runs(isa):
         torch.testing.assert_close(value, ref_state[key], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "cin,kh,kw,takes",
+    [
+        (MIN_CIN, 3, 3, True),
+        (MAX_K // 9, 3, 3, True),
+        (MAX_K // 9 + 1, 3, 3, False),  # K past MAX_K
+        (3, 3, 3, True),  # fewer channels: the windows read in place
+        (3, FEW_CIN_MAX_KH, FEW_CIN_MAX_KH, True),
+        (3, FEW_CIN_MAX_KH + 1, 3, False),  # a window of more rows than the kernel keeps pointers for
+        (7, 3, 10, False),  # a window row of 70 floats, past 64
+        (0, 1, 1, False),
+    ],
+)
+def test_conv_gemm_takes(isa, cin, kh, kw, takes):
+    assert torch.ops.hrnet_fast.conv_gemm_takes(cin, kh, kw) is takes
+
+
 def test_portable_variant_leaves_the_convs_to_onednn():
     saved = torch.ops.hrnet_fast.cpu_isa()
     try:
         torch.ops.hrnet_fast.cpu_isa("base")
+        assert not torch.ops.hrnet_fast.conv_gemm_takes(16, 1, 1) and not torch.ops.hrnet_fast.conv_gemm_takes(3, 3, 3)
         x, wt, b, r = _inputs(1, 16, 8, 3, 4, True, True)
         assert _runs_onednn(lambda: conv_bias_act(x, wt, b, 1, 0, r, True, backend="cpu"))
         out = conv_bias_act(x, wt, b, 1, 0, r, True, backend="cpu")

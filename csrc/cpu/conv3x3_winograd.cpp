@@ -185,7 +185,12 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
     if (blocks >= threads) blocks = (blocks + threads - 1) / threads * threads;
   }
   int64_t tb = ((g.tiles + blocks - 1) / blocks + kMr - 1) / kMr * kMr;
-  blocks = (g.tiles + tb - 1) / tb;
+  // The blocks share the tiles as evenly as groups of kMr allow (block_tiles), so a count that is a
+  // multiple of the threads stays one: 1536 tiles (W32's 32-channel branch at batch 8) in blocks of at
+  // most 54 made 29 such blocks, 15 for one thread and 14 for the other (810 tiles against 726), and
+  // the first thread's work per forward was 5% above the second's, which waited at every conv's barrier;
+  // 30 blocks of 48 or 54 tiles give each 768. Only a count above the groups (some empty) is cut.
+  if (blocks > (g.tiles + kMr - 1) / kMr) blocks = (g.tiles + tb - 1) / tb;
   if (!weight_bound && blocks < threads) splits = std::min(panels, (threads + blocks - 1) / blocks);
   // Many threads, few tasks: where blocks x splits leaves threads idle (16 threads, W32 at batch 1:
   // the 64-channel 32x24 conv made 2 blocks x 4 panel groups, the 128-channel 16x12 one 8 panels of
@@ -278,7 +283,7 @@ const float* WinogradRunner::transform_shared_u_part(const float* w, int64_t par
 void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const float* w,
                          const float* bias, const float* residual, bool relu, float* y) const {
   const WinogradTaskFn run_task = m_ == 2 ? kernels_.m2 : kernels_.m4;
-  const int64_t blocks = plan_.blocks, splits = plan_.splits, tb = plan_.tb, panels = g_.coutp / kNr;
+  const int64_t blocks = plan_.blocks, splits = plan_.splits, panels = g_.coutp / kNr;
   float* vbuf = scratch_.data_ptr<float>() + std::min<int64_t>(slot, slots_ - 1) * per_thread_;
   float* mbuf = vbuf + vbuf_floats_;
   float* ubuf = mbuf + mbuf_floats_;  // U panels (per_panel) or the whole U (own_u); else empty
@@ -291,7 +296,8 @@ void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* 
     // part-major: a thread's contiguous range of tasks covers its share of channels, all blocks
     const int64_t part = task / blocks, blk = task % blocks;
     const int64_t j0 = panels * part / splits, j1 = panels * (part + 1) / splits;
-    const int64_t t0 = blk * tb, nt = std::min(tb, g_.tiles - t0), ntp = (nt + kMr - 1) / kMr * kMr;
+    const auto [t0, nt] = block_tiles(g_.tiles, blocks, blk);
+    const int64_t ntp = (nt + kMr - 1) / kMr * kMr;
     run_task(WinogradTask{x, task_u, u_stride_, w, plan_.per_panel ? ubuf : nullptr, bias, residual, relu, &g_, y,
                           vbuf, mbuf, t0, nt, ntp, j0, j1, plan_.slice, group_});
   }

@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -24,8 +25,10 @@
 
 namespace hrnet_fast {
 
-bool conv_gemm_takes(int64_t cin, int64_t k) {
-  return cin >= kConvGemmMinCin && k <= kConvGemmMaxK && active_cpu_isa() != CpuIsa::base;
+bool conv_gemm_takes(int64_t cin, int64_t kh, int64_t kw) {
+  if (cin <= 0 || active_cpu_isa() == CpuIsa::base) return false;
+  if (cin < kConvGemmMinCin) return kh <= kFewCinMaxKh && kw * cin <= kFewCinMaxRow;  // conv_few_cin_rows
+  return kh * kw * cin <= kConvGemmMaxK;
 }
 
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
@@ -33,7 +36,7 @@ bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntAr
   constexpr auto cl = at::MemoryFormat::ChannelsLast;
   return !weight.is_mkldnn() && weight.layout() == at::kStrided && weight.scalar_type() == at::kFloat &&
          stride[0] == stride[1] && padding[0] == padding[1] &&
-         conv_gemm_takes(weight.size(1), weight.size(1) * weight.size(2) * weight.size(3)) && x.is_contiguous(cl) &&
+         conv_gemm_takes(weight.size(1), weight.size(2), weight.size(3)) && x.is_contiguous(cl) &&
          (!residual || residual->is_contiguous(cl));
 }
 
@@ -68,23 +71,29 @@ const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int6
 void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, int64_t ldw, const float* bias,
                    const float* residual, bool relu, float* y) {
   const int64_t k = g.kh * g.kw * g.cin, coutp = (g.cout + kNr - 1) / kNr * kNr;
-  const ConvGemmFn fn = winograd_kernels(active_cpu_isa()).conv_gemm;
-  const int64_t rows = g.n * g.ho * g.wo, groups = (rows + kMr - 1) / kMr;
-  // Each thread's kMr gathered windows and their outputs (64-byte aligned slices of one allocation).
+  const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
+  // Few input channels: conv_few_cin_rows, whose tasks are whole output rows (kMr pixels at a time
+  // along each) and whose buffer is a zero-padded patch of a group's windows.
+  const bool few = g.cin < kConvGemmMinCin;
+  const ConvGemmFn fn = few ? kernels.conv_few_cin : kernels.conv_gemm;
+  const int64_t rows = g.n * g.ho * g.wo, groups = few ? g.n * g.ho : (rows + kMr - 1) / kMr;
+  // Each thread's kMr gathered windows (or patch) and their outputs (64-byte aligned slices of one allocation).
   at::internal::lazy_init_num_threads();
-  const int64_t a_floats = (kMr * k + 15) / 16 * 16, per_thread = a_floats + kMr * coutp;
+  const int64_t a_size = few ? g.kh * ((kMr - 1) * g.stride + g.kw) * g.cin : kMr * k;
+  const int64_t a_floats = (a_size + 15) / 16 * 16, per_thread = a_floats + kMr * coutp;
   const int64_t slots = at::get_num_threads();
   const at::Tensor scratch = empty_float({slots * per_thread});
   float* const scratch_base = scratch.data_ptr<float>();
   const ConvGemmTask task{&g, x, w, ldw, bias, residual, y, nullptr, nullptr, 0, 0, relu};
-  // 2 x kMr x K x C_out FLOP a group: groups of at least ~256 KFLOP a task
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 2 * kMr * k * coutp));
+  // 2 x kMr x K x C_out FLOP a group (a row of wo pixels for few channels): at least ~256 KFLOP a task
+  const int64_t per_group = 2 * (few ? g.wo : kMr) * k * coutp;
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, per_group));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     ConvGemmTask t = task;
     t.abuf = scratch_base + std::min<int64_t>(at::get_thread_num(), slots - 1) * per_thread;
     t.cbuf = t.abuf + a_floats;
-    t.r0 = begin * kMr;
-    t.r1 = std::min(rows, end * kMr);
+    t.r0 = few ? begin : begin * kMr;
+    t.r1 = few ? end : std::min(rows, end * kMr);
     fn(t);
   });
 }
@@ -105,3 +114,9 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
 }
 
 }  // namespace hrnet_fast
+
+TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
+  // whether conv_bias_act's own direct kernel takes a conv of cin input channels and a kh x kw window
+  // (on a channels_last input, the same stride and padding both ways), with the CPU kernels now in use
+  m.def("conv_gemm_takes(int cin, int kh, int kw) -> bool", &hrnet_fast::conv_gemm_takes);
+}

@@ -9,13 +9,14 @@
 
 namespace hrnet_fast {
 
-// Whether conv_gemm takes a conv of `cin` input channels and K = kh * kw * cin (kConvGemmMinCin,
-// kConvGemmMaxK), with a vector variant of the CPU kernels in use (its kernel exists in those only).
-bool conv_gemm_takes(int64_t cin, int64_t k);
+// Whether conv_gemm takes a conv of `cin` input channels and a kh x kw window: K = kh kw cin of at
+// most kConvGemmMaxK from kConvGemmMinCin channels, or fewer channels in windows of at most
+// kFewCinMaxKh rows of kFewCinMaxRow floats; with a vector variant of the CPU kernels in use (its
+// kernels exist in those only).
+bool conv_gemm_takes(int64_t cin, int64_t kh, int64_t kw);
 
-// Whether conv_gemm runs this call: a dense float32 weight of kConvGemmMinCin to kConvGemmMaxK / (kh kw)
-// input channels, the same stride and padding both ways, x (and the residual) channels_last, and a
-// vector variant of the CPU kernels in use.
+// Whether conv_gemm runs this call: a dense float32 weight that conv_gemm_takes, the same stride and
+// padding both ways, x (and the residual) channels_last, and a vector variant of the CPU kernels in use.
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual);
 

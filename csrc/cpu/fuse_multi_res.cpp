@@ -24,7 +24,7 @@ namespace {
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool nhwc) {
   const int64_t n = x.size(0), ck = x.size(1), h = x.size(2), w = x.size(3), c = weight.size(0);
   if (!nhwc || x.scalar_type() != at::kFloat || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
-      !conv_gemm_takes(ck, ck))
+      !conv_gemm_takes(ck, 1, 1))
     return fuse_project(x, weight, nhwc).contiguous();
   const ConvGemmGeometry g{n, h, w, ck, h, w, c, 1, 1, 1, 0};
   at::Tensor y = empty_float({n * h * w, c});

@@ -85,6 +85,38 @@ struct MicroEpilogue {
   int64_t ldo = 0;
 };
 
+// A micro-kernel's kMr x NV accumulators out of the registers: into C (rows ldc floats apart), or
+// (kEpilogue) act(acc + bias + residual) through `epi` (MicroEpilogue).
+template <typename V, int NV, bool kEpilogue>
+__attribute__((always_inline)) inline void micro_store(const V (&acc)[kMr][NV], float* __restrict__ c, int64_t ldc,
+                                                       const MicroEpilogue& epi) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  if constexpr (kEpilogue) {
+    float* const out = epi.out ? epi.out : c;
+    const int64_t ldo = epi.out ? epi.ldo : ldc;
+    V bv[NV] = {};
+    if (epi.bias)
+      for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], epi.bias + v * L, sizeof(V));
+#pragma GCC unroll 6
+    for (int r = 0; r < kMr; ++r)
+      for (int v = 0; v < NV; ++v) {
+        V val = acc[r][v];
+        if (epi.bias) val += bv[v];  // not + 0: -0 stays -0, as the unfused epilogue leaves it
+        if (epi.residual) {
+          V rv;
+          std::memcpy(&rv, epi.residual + r * ldo + v * L, sizeof(V));
+          val += rv;
+        }
+        if (epi.relu) val = val < 0.f ? V{} : val;  // torch.relu keeps NaN: v < 0 is false for NaN
+        std::memcpy(out + r * ldo + v * L, &val, sizeof(V));
+      }
+    return;
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMr; ++r)
+    for (int v = 0; v < NV; ++v) std::memcpy(c + r * ldc + v * L, &acc[r][v], sizeof(V));
+}
+
 // C[6][NV * L] = A[6][k] * B, L the lanes of V: A rows at stride lda; vector v of B's row p at
 // b[v] + p * ldb (ldb = kNr: a packed [k][16] panel is two 8-lane vectors b, b + 8, or one 16-lane
 // one, and two panels are two 16-lane ones; a direct conv's weight is read in place, ldb = C_out);
@@ -138,30 +170,7 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
       steps(p0, std::min(k, p0 + every));
     }
   }
-  if constexpr (kEpilogue) {
-    float* const out = epi.out ? epi.out : c;
-    const int64_t ldo = epi.out ? epi.ldo : ldc;
-    V bv[NV] = {};
-    if (epi.bias)
-      for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], epi.bias + v * L, sizeof(V));
-#pragma GCC unroll 6
-    for (int r = 0; r < kMr; ++r)
-      for (int v = 0; v < NV; ++v) {
-        V val = acc[r][v];
-        if (epi.bias) val += bv[v];  // not + 0: -0 stays -0, as the unfused epilogue leaves it
-        if (epi.residual) {
-          V rv;
-          std::memcpy(&rv, epi.residual + r * ldo + v * L, sizeof(V));
-          val += rv;
-        }
-        if (epi.relu) val = val < 0.f ? V{} : val;  // torch.relu keeps NaN: v < 0 is false for NaN
-        std::memcpy(out + r * ldo + v * L, &val, sizeof(V));
-      }
-    return;
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < kMr; ++r)
-    for (int v = 0; v < NV; ++v) std::memcpy(c + r * ldc + v * L, &acc[r][v], sizeof(V));
+  micro_store<V, NV, kEpilogue>(acc, c, ldc, epi);
 }
 
 // Step 1 for tiles [t0, t0 + nt): V[p][i][c]. Tiles whose K x K patch lies inside the image are transformed

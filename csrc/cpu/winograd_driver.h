@@ -5,7 +5,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "cpu/winograd_isa.h"
 
@@ -23,6 +25,15 @@ struct WinogradPlan {
   bool per_panel, own_u, sliced;
   int64_t slice;
 };
+
+// Block blk's tiles [t0, t0 + nt) of `blocks` sharing `tiles`: whole groups of kMr tiles, as evenly as
+// they divide (at most ceil(tiles / (kMr blocks)) groups a block: the plan's tb), the last group cut at
+// `tiles`. A thread's contiguous range of blocks then gets its share of the tiles.
+inline std::pair<int64_t, int64_t> block_tiles(int64_t tiles, int64_t blocks, int64_t blk) {
+  const int64_t groups = (tiles + kMr - 1) / kMr;
+  const int64_t t0 = blk * groups / blocks * kMr, t1 = std::min(tiles, (blk + 1) * groups / blocks * kMr);
+  return {t0, t1 - t0};
+}
 
 WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t threads, int gemm_panels);
 

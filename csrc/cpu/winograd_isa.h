@@ -85,6 +85,14 @@ using ConvGemmFn = void (*)(const ConvGemmTask&);
 // (0.69-0.87x before a window's row of kW pixels was gathered in one copy).
 constexpr int64_t kConvGemmMinCin = 8;
 constexpr int64_t kConvGemmMaxK = 640;
+// Fewer input channels than kConvGemmMinCin (an image's first conv): conv_few_cin_rows
+// (conv_few_cin_core.h), which reads the windows in place, for windows of at most kFewCinMaxKh rows
+// of kFewCinMaxRow floats (kW x C_in). W32's 3 -> 64 stride-2 stem conv in the forward, 2 threads of
+// an Intel Xeon (each op timed in the forward, the two builds in turn): 0.21 ms at batch 1 against
+// oneDNN's 0.43 with its separate ReLU pass, 3.7 against 5.3 at batch 8 (1.9 alone, its 25 MB output
+// written to memory that the forward has not just used).
+constexpr int64_t kFewCinMaxKh = 7;
+constexpr int64_t kFewCinMaxRow = 64;
 
 // The task functions of one instruction set, for F(2x2) and F(4x4), and their filter transforms.
 struct WinogradKernels {
@@ -92,6 +100,7 @@ struct WinogradKernels {
   WinogradWeightFn w2, w4;
   int gemm_panels;  // 16-wide panels per GEMM call (2 where the GEMM is 16 lanes; 4 where U is whole: WinogradRunner)
   ConvGemmFn conv_gemm;
+  ConvGemmFn conv_few_cin;  // ConvGemmTask's r0, r1: output rows of n x ho, not pixels
 };
 
 // One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant

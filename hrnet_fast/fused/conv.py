@@ -13,9 +13,6 @@ from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
 from hrnet_fast.ops.winograd import choose_tile, why_not_winograd
 
-# The convs conv_bias_act's own direct kernel takes (kConvGemmMinCin, kConvGemmMaxK in
-# csrc/cpu/winograd_isa.h, which says why): C_in of at least this, kH * kW * C_in of at most that.
-CONV_GEMM_MIN_CIN, CONV_GEMM_MAX_K = 8, 640
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
 # so threads sharing a model can meet new input shapes or reloaded weights at the same time.
@@ -98,18 +95,15 @@ class FusedConv(nn.Module):
 
     def _runs_conv_gemm(self) -> bool:
         """Whether conv_bias_act's own direct kernel (csrc/cpu/conv_gemm.cpp) runs this conv on a
-        channels_last input: the same stride and padding both ways, C_in and kH * kW * C_in within
-        its bounds, a vector variant of the CPU kernels in use. It reads the dense weight, so no
-        oneDNN-packed copy is made (oneDNN runs any other input)."""
-        k_h, k_w = self.weight.shape[2:]
-        c_in = self.weight.shape[1]
+        channels_last input: the same stride and padding both ways, and C_in and the window within
+        its bounds with the CPU kernels now in use (conv_gemm_takes, csrc/cpu/winograd_isa.h says
+        why). It reads the dense weight, so no oneDNN-packed copy is made (oneDNN runs any other input)."""
+        c_in, k_h, k_w = self.weight.shape[1:]
         return (
             self.stride[0] == self.stride[1]
             and self.padding[0] == self.padding[1]
-            and CONV_GEMM_MIN_CIN <= c_in
-            and k_h * k_w * c_in <= CONV_GEMM_MAX_K
             and _extension.has_kernel("conv_bias_act", "CPU")
-            and torch.ops.hrnet_fast.cpu_isa() != "base"
+            and torch.ops.hrnet_fast.conv_gemm_takes(c_in, k_h, k_w)
         )
 
     def _weight_state(self, w: torch.Tensor | None = None) -> tuple:

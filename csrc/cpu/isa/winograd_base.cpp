@@ -7,10 +7,12 @@
 #define HF_ISA_NS isa_base
 #include "cpu/winograd_core.h"
 #include "cpu/conv_gemm_core.h"
+#include "cpu/conv_few_cin_core.h"
 
 namespace hrnet_fast {
 WinogradKernels winograd_kernels_base() {
   using namespace isa_base;
-  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv_gemm_rows};
+  return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv_gemm_rows,
+          &conv_few_cin_rows};
 }
 }  // namespace hrnet_fast

@@ -1,0 +1,113 @@
+// The direct convolution's per-ISA kernel for few input channels (fewer than kConvGemmMinCin: an
+// image's first conv, HRNet's 3 -> 64 stride-2 stem), NHWC, y = act(conv(x, W) + bias + residual).
+// conv_gemm_rows gathers each output pixel's window into a buffer first, 6 pixels at a time; at 3
+// input channels that is 18 copies of 9 floats for 6 x 27 x 64 multiply-adds, as long as the GEMM
+// itself. Here the micro-kernel reads the windows where they lie: pixel r's window row ky is kW x C_in
+// floats of x's row, r x stride x C_in floats on from pixel 0's, so 6 pixels of an output row are
+// kh row pointers and one stride, the accumulators staying in registers across the kh rows. Only a
+// group whose windows leave the image (a border, or a row's last group short of 6) is copied first,
+// into a small zero-padded patch. Included after winograd_core.h under the same HF_ISA_NS.
+#pragma once
+
+#ifndef HF_ISA_NS
+#error "include conv_few_cin_core.h through csrc/cpu/isa/winograd_variant.h"
+#endif
+
+namespace hrnet_fast {
+namespace HF_ISA_NS {
+namespace {
+
+// C[kMr][NV x L] = sum over ky < kh of A_ky B_ky: output pixel r's window row ky at a[ky] + r * lda
+// (kr floats), the weight's row (ky, p) at b + (ky * kr + p) * ldb, its NV vectors L floats apart; the
+// accumulators stored through micro_store (kEpilogue: act(C + bias + residual) into epi.out).
+template <int NV, bool kEpilogue>
+inline void micro_window(const float* const* a, int kh, int64_t lda, int64_t kr, const float* b, int64_t ldb, float* c,
+                         int64_t ldc, const MicroEpilogue& epi) {
+  constexpr int L = sizeof(vgemm) / sizeof(float);
+  vgemm acc[kMr][NV] = {};
+  for (int ky = 0; ky < kh; ++ky) {
+    const float* __restrict__ ak = a[ky];
+    const float* bk = b + ky * kr * ldb;
+    for (int64_t p = 0; p < kr; ++p) {
+      vgemm w[NV];
+      for (int v = 0; v < NV; ++v) std::memcpy(&w[v], bk + p * ldb + v * L, sizeof(vgemm));
+#pragma GCC unroll 6
+      for (int r = 0; r < kMr; ++r) {
+        const float ar = ak[r * lda + p];
+        for (int v = 0; v < NV; ++v) acc[r][v] += ar * w[v];
+      }
+    }
+  }
+  micro_store<vgemm, NV, kEpilogue>(acc, c, ldc, epi);
+}
+
+// One group's kMr pixels against every panel of the weight: 64 columns a call at 16 lanes (24 of the 32
+// registers accumulating), else 16. `direct`: a whole group of whole panels, stored through the
+// epilogue from the registers; otherwise into C (kMr x coutp) for conv_gemm_epilogue.
+inline void window_panels(const float* const* a, int kh, int64_t lda, int64_t kr, const float* w, int64_t ldw,
+                          int64_t panels, bool direct, float* c, int64_t ldc, const MicroEpilogue& epi) {
+  for (int64_t j = 0; j < panels;) {
+    const int nj = kGemmPanels == 1 ? 1 : j + 3 < panels ? 4 : j + 1 < panels ? 2 : 1;
+    const int64_t col = j * kNr;
+    const MicroEpilogue e{epi.bias ? epi.bias + col : nullptr, epi.residual ? epi.residual + col : nullptr, epi.relu,
+                          epi.out ? epi.out + col : nullptr, epi.ldo};
+    const int vectors = nj * kNr / static_cast<int>(sizeof(vgemm) / sizeof(float));
+    if (vectors == 4)
+      direct ? micro_window<4, true>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e)
+             : micro_window<4, false>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e);
+    else if (vectors == 2)
+      direct ? micro_window<2, true>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e)
+             : micro_window<2, false>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e);
+    else
+      direct ? micro_window<1, true>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e)
+             : micro_window<1, false>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e);
+    j += nj;
+  }
+}
+
+// Output rows [t.r0, t.r1) of the n x ho image rows, kMr pixels at a time along each row. t.abuf holds
+// a patch of kh rows of ((kMr - 1) stride + kW) pixels; t.cbuf a group's C (kMr x coutp).
+void conv_few_cin_rows(const ConvGemmTask& t) {
+  const ConvGemmGeometry& g = *t.g;
+  const int64_t panels = (g.cout + kNr - 1) / kNr, coutp = panels * kNr, kr = g.kw * g.cin, lda = g.stride * g.cin;
+  const int64_t span = (kMr - 1) * g.stride + g.kw;  // a patch row's pixels
+  const int kh = static_cast<int>(g.kh);
+  const float* a[kFewCinMaxKh];
+  for (int64_t row = t.r0; row < t.r1; ++row) {
+    const int64_t img = row / g.ho, oy = row % g.ho, iy0 = oy * g.stride - g.pad;
+    const float* base = t.x + img * g.h * g.w * g.cin;
+    const bool rows_inside = iy0 >= 0 && iy0 + g.kh <= g.h;
+    for (int64_t ox = 0; ox < g.wo; ox += kMr) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMr, g.wo - ox));
+      const int64_t ix0 = ox * g.stride - g.pad, pix = row * g.wo + ox;
+      if (rows_inside && rows == kMr && ix0 >= 0 && ix0 + span <= g.w) {
+        for (int ky = 0; ky < kh; ++ky) a[ky] = base + ((iy0 + ky) * g.w + ix0) * g.cin;
+      } else {  // the patch: x's pixels of the group's windows, zeros outside the image and past `rows`
+        const int64_t used = (rows - 1) * g.stride + g.kw;
+        for (int ky = 0; ky < kh; ++ky) {
+          float* dst = t.abuf + ky * span * g.cin;
+          a[ky] = dst;
+          const int64_t iy = iy0 + ky;
+          for (int64_t q = 0; q < span; ++q) {
+            const int64_t ix = ix0 + q;
+            if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w && q < used)
+              std::memcpy(dst + q * g.cin, base + (iy * g.w + ix) * g.cin, sizeof(float) * g.cin);
+            else
+              std::memset(dst + q * g.cin, 0, sizeof(float) * g.cin);
+          }
+        }
+      }
+      const bool direct = rows == kMr && coutp == g.cout;
+      const MicroEpilogue epi{t.bias, t.residual ? t.residual + pix * g.cout : nullptr, t.relu, t.y + pix * g.cout,
+                              g.cout};
+      window_panels(a, kh, lda, kr, t.w, t.ldw, panels, direct, t.cbuf, coutp, epi);
+      if (!direct)
+        conv_gemm_epilogue(t.cbuf, coutp, rows, static_cast<int>(g.cout), t.bias,
+                           t.residual ? t.residual + pix * g.cout : nullptr, t.y + pix * g.cout, g.cout, t.relu);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace HF_ISA_NS
+}  // namespace hrnet_fast
