@@ -165,6 +165,10 @@ class FusedConv(nn.Module):
         if self.backend == "cpu" and not torch.compiler.is_compiling():
             if x.dim() != 4:
                 raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+            if x.shape[1] != w.shape[1]:
+                raise ValueError(
+                    f"input must be [N, {w.shape[1]}, H, W] (this conv's input channels), got shape {tuple(x.shape)}"
+                )
             if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
                 raise RuntimeError(
                     "the cpu backend of an optimize()d model runs inference only (its weights are pre-packed), "
