@@ -1,7 +1,9 @@
 // conv_bias_act's own direct convolution on CPU, NHWC: a GEMM of the output pixels with the Winograd
 // kernel's micro-kernel (csrc/cpu/conv_gemm_core.h), bias, residual and ReLU applied to each group of
 // 6 output pixels while it is in L1, so the output is written once. Runs the convs that Winograd does not:
-// 1x1 (stage 1, the heads) and strided 3x3 (the stem, the transitions, the fusions' downsampling).
+// 1x1 (stage 1, the heads) and strided 3x3 (the stem, the transitions, the fusions' downsampling); with
+// fewer than kConvGemmMinCin input channels (the stem's first conv) its variant that reads each window
+// in place (csrc/cpu/conv_few_cin_core.h).
 //
 // Why not oneDNN's: its ReLU post-op turns NaN into 0, so conv_bias_act ran ReLU as a pass of its own
 // over the output, and its per-call set-up (descriptors, a workspace) costs tens of microseconds on the
