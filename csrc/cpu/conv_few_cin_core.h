@@ -2,11 +2,12 @@
 // image's first conv, HRNet's 3 -> 64 stride-2 stem), NHWC, y = act(conv(x, W) + bias + residual).
 // conv_gemm_rows gathers each output pixel's window into a buffer first, 6 pixels at a time; at 3
 // input channels that is 18 short copies for 6 x 27 x 64 multiply-adds (by count, about as many
-// cycles as the GEMM's 648 FMAs take), and it measured slower there than oneDNN's conv. Here the micro-kernel reads the windows where they lie: pixel r's window row ky is kW x C_in
-// floats of x's row, r x stride x C_in floats on from pixel 0's, so 6 pixels of an output row are
-// kh row pointers and one stride, the accumulators staying in registers across the kh rows. Only a
-// group whose windows leave the image (a border, or a row's last group short of 6) is copied first,
-// into a small zero-padded patch. Included after winograd_core.h under the same HF_ISA_NS.
+// cycles as the GEMM's 648 FMAs take), and it measured slower there than oneDNN's conv. Here the
+// micro-kernel reads the windows where they lie: pixel r's window row ky is kW x C_in floats of x's
+// row, r x stride x C_in floats on from pixel 0's, so 6 pixels of an output row are kh row pointers
+// and one stride, the accumulators staying in registers across the kh rows. Only a group whose
+// windows leave the image (a border, or a row's last group short of 6) is copied first, into a small
+// zero-padded patch. Included after winograd_core.h under the same HF_ISA_NS.
 #pragma once
 
 #ifndef HF_ISA_NS
@@ -51,16 +52,17 @@ inline void window_panels(const float* const* a, int kh, int64_t lda, int64_t kr
     const int64_t col = j * kNr;
     const MicroEpilogue e{epi.bias ? epi.bias + col : nullptr, epi.residual ? epi.residual + col : nullptr, epi.relu,
                           epi.out ? epi.out + col : nullptr, epi.ldo};
+    auto call = [&]<int NV>() {
+      direct ? micro_window<NV, true>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e)
+             : micro_window<NV, false>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e);
+    };
     const int vectors = nj * kNr / static_cast<int>(sizeof(vgemm) / sizeof(float));
     if (vectors == 4)
-      direct ? micro_window<4, true>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e)
-             : micro_window<4, false>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e);
+      call.template operator()<4>();
     else if (vectors == 2)
-      direct ? micro_window<2, true>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e)
-             : micro_window<2, false>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e);
+      call.template operator()<2>();
     else
-      direct ? micro_window<1, true>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e)
-             : micro_window<1, false>(a, kh, lda, kr, w + col, ldw, c + col, ldc, e);
+      call.template operator()<1>();
     j += nj;
   }
 }

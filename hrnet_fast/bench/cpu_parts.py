@@ -329,8 +329,8 @@ def _run(args: argparse.Namespace, threads: list[int], cores: int, default_isa: 
         cells = [f"{r['ms'][k]:.1f} ({base_ms[k] * base / (r['threads'] * r['ms'][k]):.0%})" for k in parts]
         print(f"| {r['batch']} | {r['isa']} | " + " | ".join(r[n] for n in NAMES) + f" | {r['chunk_mib']} | {r['threads']} | "
               + " | ".join(cells) + " |")
-    print("\nThe branches' splits searched (threads, then per branch N, C, H, W, convs, tile: the splits tried "
-          "with their median slowest branch in us):")
+    print("\nThe branches' splits searched (threads, then per branch N, C, H, W, convs, tile: each candidate "
+          "split with its median slowest branch against the base's, and whether it was kept):")
     print(torch.ops.hrnet_fast.winograd_branches_balanced())
     tables = "".join(op_scaling(model, xs[b], sorted(threads)) for b in args.batch) if args.profile and len(threads) > 1 else ""
     print(tables)
