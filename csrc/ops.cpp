@@ -18,6 +18,11 @@ TORCH_LIBRARY(hrnet_fast, m) {
   m.def(
       "conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "Tensor? residual=None, bool relu=True) -> Tensor");
+  // conv_bias_act written into out (the output's sizes, overlapping no input; a mutation, so nothing is
+  // returned, as torch.library wants of custom ops): CPU only
+  m.def(
+      "conv_bias_act_into(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "Tensor? residual, bool relu, Tensor(a!) out) -> ()");
   // act(base + bias + sum_k interpolate(conv1x1(lowres[k], weights[k]), size=base.shape[-2:], mode,
   // align_corners)), mode "nearest" or "bilinear"
   m.def(

@@ -238,6 +238,50 @@ def test_opcheck(case, x_cl, res, bias):
     torch.library.opcheck(torch.ops.hrnet_fast.conv_bias_act.default, (x, w, b, [stride] * 2, [padding] * 2, r, True))
 
 
+@needs_ext
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("x_cl,res,packed", [(True, "cl", False), (True, None, False), (False, "nchw", False),
+                                             (True, "cl", True)])
+def test_out_writes_a_slice_of_a_batch(case, x_cl, res, packed):
+    """conv_bias_act_into images [1, 1 + N) of a larger channels_last tensor (ChunkedStage's use): the
+    same bits as conv_bias_act, the images around it untouched, `out` itself returned. Channels_last x and
+    a dense weight take the direct kernel's write in place, the rest conv_bias_act's result copied in."""
+    x, w, b, stride, padding, r = make(case, x_cl, res, seed=11)
+    if packed:
+        w = prepack(w, x.shape, stride, padding)
+    expected = torch.ops.hrnet_fast.conv_bias_act(x, w, b, [stride] * 2, [padding] * 2, r, True)
+    n, *rest = expected.shape
+    big = torch.full([n + 2, *rest], 7.0).contiguous(memory_format=CL)
+    out = big.narrow(0, 1, n)
+    assert torch.ops.hrnet_fast.conv_bias_act_into(x, w, b, [stride] * 2, [padding] * 2, r, True, out) is None
+    assert torch.equal(out, expected)
+    assert (big[0] == 7).all() and (big[-1] == 7).all()
+
+
+@needs_ext
+def test_out_rejects_a_mismatched_out():
+    x, w, b, stride, padding, r = make("1x1", True, "cl", seed=12)
+    args = (x, w, b, [stride] * 2, [padding] * 2, r, True)
+    shape = list(r.shape)
+    with pytest.raises(RuntimeError, match=r"out must have the output's sizes \[2, 4, 5, 6\], got \[2, 4, 5, 5\]"):
+        torch.ops.hrnet_fast.conv_bias_act_into(*args, torch.empty(shape[:3] + [5]))
+    with pytest.raises(RuntimeError, match="out must be a dense CPU tensor of x's dtype"):
+        torch.ops.hrnet_fast.conv_bias_act_into(*args, torch.empty(shape, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="unsupported operation"):  # aten's overlap check: out is the residual
+        torch.ops.hrnet_fast.conv_bias_act_into(*args, r)
+    with pytest.raises(ValueError, match="out must have the output's shape"):  # the fake's check
+        torch.ops.hrnet_fast.conv_bias_act_into(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args),
+                                                torch.empty(shape[:3] + [5], device="meta"))
+
+
+@needs_ext
+@pytest.mark.parametrize("case,x_cl,res", [("1x1", True, "cl"), ("3x3s2_odd", False, None)])
+def test_out_opcheck(case, x_cl, res):
+    x, w, b, stride, padding, r = make(case, x_cl, res, seed=13)
+    out = torch.empty(conv_output_shape(x, w, [stride] * 2, [padding] * 2)).contiguous(memory_format=CL)
+    torch.library.opcheck(torch.ops.hrnet_fast.conv_bias_act_into.default, (x, w, b, [stride] * 2, [padding] * 2, r, True, out))
+
+
 class _Block(torch.nn.Module):
     """A BasicBlock with BN folded: two conv_bias_act calls, the second adding the residual."""
 

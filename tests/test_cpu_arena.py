@@ -146,9 +146,12 @@ def test_stage_one_runs_in_chunks(monkeypatch):
         out = fused(x)
     assert calls == [2, 2, 1]
     _assert_close(out, ref)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.profile() as prof:
         chunked = fused.layer1(stage_in)
     assert chunked.is_contiguous(memory_format=torch.channels_last)
+    # each chunk's last conv writes its images of the stage's output: no concatenation afterwards
+    names = [e.name for e in prof.events()]
+    assert names.count("hrnet_fast::conv_bias_act_into") == 3 and "aten::cat" not in names
     monkeypatch.setattr(ChunkedStage, "CHUNK_BYTES", 1 << 40)
     with torch.no_grad():
         assert torch.equal(fused.layer1(stage_in), chunked)

@@ -95,6 +95,31 @@ def test_fused_conv_winograd_at_alternating_sizes():
     assert held_bytes(conv) == held == (w.numel() + b.numel()) * 4
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kernel,stride,winograd", [(3, 1, True), (3, 2, False), (1, 1, False)])
+def test_fused_conv_writes_into_out(backend, kernel, stride, winograd):
+    """FusedConv(x, residual, out): the same values as its own output, written into a slice of a larger
+    batch (ChunkedStage's last blocks) whichever kernel runs it (Winograd and the torch backend copy
+    theirs in), and `out` returned."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(16, 8, kernel, kernel, generator=g) / 9, torch.randn(16, generator=g)
+    conv = FusedConv(w, b, (stride, stride), (kernel // 2,) * 2, relu=True, backend=backend)
+    if backend == "cpu":
+        conv.pack(use_winograd=winograd)
+        assert conv._winograd == winograd
+    x = torch.randn(2, 8, 12, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    shape = conv.output_shape(x.shape)
+    residual = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    big = torch.zeros([4, *shape[1:]]).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(x, residual)
+        assert list(expected.shape) == shape
+        out = big.narrow(0, 1, 2)
+        assert conv(x, residual, out) is out
+    assert torch.equal(big[1:3], expected)
+    assert not big[0].any() and not big[3].any()
+
+
 @pytest.mark.parametrize(
     "name,kwargs",
     [

@@ -6,6 +6,7 @@
 // is registered for MkldnnCPU as well; the dispatcher picks that key when weight is packed.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -123,10 +124,44 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
 }
 
+// conv_bias_act_into: the same into `out`, a tensor of the output's sizes that overlaps neither x nor the
+// residual (a slice of a larger batch: ChunkedStage's chunks write their part of the stage's output
+// where it belongs, rather than each into a tensor of its own and all copied by a concatenation,
+// which moved 25 MB at W32's batch 8). conv_gemm writes into it directly where it is channels_last
+// and dense; otherwise the result is copied in.
+void conv_bias_act_into_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding, const std::optional<at::Tensor>& residual,
+                            bool relu, const at::Tensor& out) {
+  constexpr const char* op = "hrnet_fast::conv_bias_act_into (cpu)";
+  const auto out_sizes = conv_bias_act_check(x, weight, bias, stride, padding, residual);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == x.scalar_type() && out.layout() == at::kStrided, op,
+              ": out must be a dense CPU tensor of x's dtype (", x.scalar_type(), "), got ", out.scalar_type(), " on ",
+              out.device());
+  TORCH_CHECK(out.sizes() == c10::IntArrayRef(out_sizes), op, ": out must have the output's sizes ",
+              c10::IntArrayRef(out_sizes), ", got ", out.sizes());
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, x);
+  if (residual) at::assert_no_overlap(out, *residual);
+  if (x.scalar_type() == at::kFloat && out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.numel() > 0 &&
+      conv_gemm_applies(x, weight, stride, padding, residual)) {
+    const at::Tensor b = bias && !bias->is_contiguous() ? bias->contiguous() : bias.value_or(at::Tensor());
+    conv_gemm(x, weight, b.defined() ? b.data_ptr<float>() : nullptr, stride[0], padding[0], residual, relu, &out);
+    return;
+  }
+  // a const Tensor& still lets its elements be written: the schema's (a!) says they are
+  const_cast<at::Tensor&>(out).copy_(conv_bias_act_cpu(x, weight, bias, stride, padding, residual, relu));
+}
+
 }  // namespace
 }  // namespace hrnet_fast
 
-TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("conv_bias_act", &hrnet_fast::conv_bias_act_cpu); }
+TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) {
+  m.impl("conv_bias_act", &hrnet_fast::conv_bias_act_cpu);
+  m.impl("conv_bias_act_into", &hrnet_fast::conv_bias_act_into_cpu);
+}
 
-// A pre-packed (oneDNN-layout) weight puts MkldnnCPU in the dispatch key set; same kernel.
-TORCH_LIBRARY_IMPL(hrnet_fast, MkldnnCPU, m) { m.impl("conv_bias_act", &hrnet_fast::conv_bias_act_cpu); }
+// A pre-packed (oneDNN-layout) weight puts MkldnnCPU in the dispatch key set; same kernels.
+TORCH_LIBRARY_IMPL(hrnet_fast, MkldnnCPU, m) {
+  m.impl("conv_bias_act", &hrnet_fast::conv_bias_act_cpu);
+  m.impl("conv_bias_act_into", &hrnet_fast::conv_bias_act_into_cpu);
+}

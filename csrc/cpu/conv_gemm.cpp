@@ -101,12 +101,12 @@ void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, in
 }
 
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,
-                     const std::optional<at::Tensor>& residual, bool relu) {
+                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor* out) {
   ConvGemmGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, weight.size(0), weight.size(2), weight.size(3),
                      stride, padding};
   g.ho = (g.h + 2 * padding - g.kh) / stride + 1;
   g.wo = (g.w + 2 * padding - g.kw) / stride + 1;
-  at::Tensor y = empty_float({g.n, g.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
+  at::Tensor y = out ? *out : empty_float({g.n, g.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
   at::Tensor packed;
   int64_t ldw = 0;
   const float* w = conv_gemm_weight(weight, packed, ldw);

@@ -29,8 +29,10 @@ const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int6
 void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, int64_t ldw, const float* bias,
                    const float* residual, bool relu, float* y);
 
-// act(conv2d(x, weight, stride, padding) + bias + residual), channels_last out (bias: C_out floats or null).
+// act(conv2d(x, weight, stride, padding) + bias + residual), channels_last (bias: C_out floats or null):
+// into `out` where given (the output's sizes, channels_last-contiguous, overlapping neither x nor the
+// residual), else into a new tensor; returns the tensor written.
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float* bias, int64_t stride, int64_t padding,
-                     const std::optional<at::Tensor>& residual, bool relu);
+                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor* out = nullptr);
 
 }  // namespace hrnet_fast

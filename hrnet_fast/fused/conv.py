@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -9,6 +10,7 @@ from torch import nn
 from hrnet_fast import _extension
 from hrnet_fast.fused import staleness
 from hrnet_fast.ops import _backend
+from hrnet_fast.ops._meta import conv_output_size
 from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
 from hrnet_fast.ops.winograd import choose_tile, why_not_winograd
@@ -158,7 +160,14 @@ class FusedConv(nn.Module):
         self._op = _backend.kernel("conv_bias_act", self.backend)
         self.pack()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def output_shape(self, shape: Sequence[int]) -> list[int]:
+        """[N, C_out, H_out, W_out] of this conv on an input of `shape` [N, C_in, H, W]."""
+        return conv_output_size(shape, self.weight.shape, self.stride, self.padding)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """act(conv(x) + bias + residual); into `out` (the output's shape) where given, which is returned."""
         # the buffers through their dict: the module's __getattr__ costs a microsecond a lookup, and a
         # batch-1 forward makes ~300 of these calls (README, "Where the time goes")
         w, bias = self._buffers["weight"], self._buffers["bias"]
@@ -179,10 +188,16 @@ class FusedConv(nn.Module):
             w = self._buffers["weight"]  # pack() may have replaced it
         if self._winograd:
             c_out = w.shape[0]
-            return self._winograd_op(x, w, c_out, bias, residual, self.relu, choose_tile(x.shape, c_out))
+            y = self._winograd_op(x, w, c_out, bias, residual, self.relu, choose_tile(x.shape, c_out))
+            return y if out is None else out.copy_(y)
         if self._packed is not None and not torch.compiler.is_compiling():
             w = self._packed_for(x)
-        return self._op(x, w, bias, self.stride, self.padding, residual, self.relu)
+        if out is None:
+            return self._op(x, w, bias, self.stride, self.padding, residual, self.relu)
+        if self.backend == "cpu" and not torch.compiler.is_compiling():
+            torch.ops.hrnet_fast.conv_bias_act_into(x, w, bias, self.stride, self.padding, residual, self.relu, out)
+            return out
+        return out.copy_(self._op(x, w, bias, self.stride, self.padding, residual, self.relu))
 
     def extra_repr(self) -> str:
         k = tuple(self.weight.shape)

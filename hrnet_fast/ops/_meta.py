@@ -21,11 +21,16 @@ from hrnet_fast.ops._checks import check_4d, check_bias, check_same, same_device
 # ---- conv_bias_act: act(conv2d(x, weight, stride, padding) + bias + residual) -------------------
 
 
+def conv_output_size(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> list[int]:
+    """[N, C_out, H_out, W_out] of conv2d on an input of `x_shape` with a weight of `w_shape`."""
+    h = (x_shape[2] + 2 * padding[0] - w_shape[2]) // stride[0] + 1
+    w = (x_shape[3] + 2 * padding[1] - w_shape[3]) // stride[1] + 1
+    return [x_shape[0], w_shape[0], h, w]
+
+
 def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> list[int]:
     """[N, C_out, H_out, W_out] of conv2d(x, weight, stride, padding)."""
-    h = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
-    return [x.shape[0], weight.shape[0], h, w]
+    return conv_output_size(x.shape, weight.shape, stride, padding)
 
 
 def check_conv_bias_act(
@@ -60,6 +65,14 @@ def conv_bias_act_fake(x, weight, bias, stride, padding, residual=None, relu=Tru
     shape = conv_output_shape(x, weight, stride, padding)
     # the kernels give channels_last output exactly when x suggests channels_last (as aten's conv does)
     return x.new_empty(shape).contiguous(memory_format=suggest_memory_format(x))
+
+
+def conv_bias_act_into_fake(x, weight, bias, stride, padding, residual, relu, out):
+    """conv_bias_act_into's fake: nothing to return; `out` must have the output's shape."""
+    same_device("hrnet_fast::conv_bias_act_into", [("x", x), ("weight", weight), ("bias", bias), ("residual", residual), ("out", out)])
+    shape = conv_output_shape(x, weight, stride, padding)
+    if list(out.shape) != shape:
+        raise ValueError(f"out must have the output's shape {tuple(shape)}, got {tuple(out.shape)}")
 
 
 def _conv_bias_act_setup_context(ctx, inputs, output):
@@ -229,3 +242,4 @@ def register(qualname: str, op: str) -> None:
 if _extension.is_built():
     register("hrnet_fast::conv_bias_act", "conv_bias_act")
     register("hrnet_fast::fuse_multi_res", "fuse_multi_res")
+    torch.library.register_fake("hrnet_fast::conv_bias_act_into")(conv_bias_act_into_fake)  # inference only: no autograd
