@@ -493,35 +493,46 @@ void winograd_task(const WinogradTask& k) {
   // or not measured the same within the noise of one whole-model run each.
   // (and up to four where k.group says so)
   const int most = kGemmPanels == 1 ? 1 : k.group;
-  for (int64_t j = k.j0; j < k.j1;) {
-    const int group = static_cast<int>(std::min<int64_t>(most, k.j1 - j));
-    if (k.u) {
+  if (k.u) {
+    for (int64_t j = k.j0; j < k.j1;) {
+      const int group = static_cast<int>(std::min<int64_t>(most, k.j1 - j));
       gemms(j, k.u + j * g.cin * kNr, k.u_stride, group, 0, g.cin, g.cin);
       j += group;
-      continue;
     }
-    // Dense weight: transform these panels into the thread's buffer (L2), a slice of k.slice input
-    // channels at a time (the driver's choice), and use each slice at once, its GEMMs adding to Mt.
-    // The dense weight of the next slice (or panels) streams into L2 during the current slice's GEMMs,
-    // not after them in the transform: W32's 256-channel 8x6 conv at batch 1 (F(2x2), weights cold,
-    // 2 threads of the AMD EPYC) took 262 instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1
-    // 1.02-1.03x (paired, 100 rounds); the 128-channel 16x12 one and batch 8, where the GEMMs outweigh
-    // the weight, the same.
+  } else {
+    // Dense weight: transform panels into the thread's buffer (L2), a slice of k.slice input channels at
+    // a time (the driver's choice), and use each slice at once, its GEMMs adding to Mt. Slice by slice,
+    // all of this task's panels for each: a slice's rows of the weight ([C_in][3][3][C_out]) are then
+    // read as one stream of this task's columns, where panels outer read each panel's 64-128 bytes of a
+    // row 1 KB apart (256 channels), a pattern 2 threads of an Intel Xeon stream from memory at 13-14
+    // GB/s against 21-25 (all the rows' columns in order). Mt's rows of all the task's panels (a slice
+    // means a block of at most kSliceMtBytes) stay in L1 or L2 between slices; each output's sum is
+    // taken in the same order either way. W32's 256-channel 8x6 conv at batch 1 (24 weights in turn,
+    // cold), in turns with panels outer: 297 against 308 us (1.04x, 23 of 30), the 128-channel 16x12 one
+    // 1.014x, the whole W32 at batch 1 1.008x (24 of 40): the transform and the GEMMs of 12 tiles, not
+    // the stream, take most of such a conv's time. The dense weight of the next panels (or slice) streams into
+    // L2 during the current GEMMs, not after them in the transform: W32's 256-channel 8x6 conv at batch 1
+    // (F(2x2), weights cold, 2 threads of the AMD EPYC) took 262 instead of 313 us (1.21x; 1.17x on one
+    // thread), the whole model at batch 1 1.02-1.03x (paired, 100 rounds); the 128-channel 16x12 one and
+    // batch 8, where the GEMMs outweigh the weight, the same.
     const int64_t stride = plane_stride(most * k.slice * kNr);  // as the driver sized ubuf
-    const int64_t next = j + group;
     for (int64_t ci0 = 0; ci0 < g.cin; ci0 += k.slice) {
       const int64_t ci1 = std::min(g.cin, ci0 + k.slice), kn = ci1 - ci0;
-      filter_panels<M>(k.w, k.slice, g.cout, j, next, ci0, ci1, k.ubuf, stride, kFarPrefetch, ci0);
-      if (ci1 < g.cin)  // this panel's next slice: rows ci1 * 9 on, at this panel's columns
-        gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + ci1 * 9 * g.cout + j * kNr,
-              9 * std::min(k.slice, g.cin - ci1), group);
-      else if (next < k.j1)  // the next panels' first slice
-        gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + next * kNr, 9 * std::min(k.slice, g.cin),
-              static_cast<int>(std::min<int64_t>(most, k.j1 - next)));
-      else
-        gemms(j, k.ubuf, stride, group, ci0, kn, k.slice);
+      for (int64_t j = k.j0; j < k.j1;) {
+        const int group = static_cast<int>(std::min<int64_t>(most, k.j1 - j));
+        const int64_t next = j + group;
+        filter_panels<M>(k.w, k.slice, g.cout, j, next, ci0, ci1, k.ubuf, stride, kFarPrefetch, ci0);
+        if (next < k.j1)  // this slice's next panels
+          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + ci0 * 9 * g.cout + next * kNr, 9 * kn,
+                static_cast<int>(std::min<int64_t>(most, k.j1 - next)));
+        else if (ci1 < g.cin)  // the next slice's first panels
+          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + ci1 * 9 * g.cout + k.j0 * kNr,
+                9 * std::min(k.slice, g.cin - ci1), static_cast<int>(std::min<int64_t>(most, k.j1 - k.j0)));
+        else
+          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice);
+        j = next;
+      }
     }
-    j += group;
   }
   const int64_t c0 = k.j0 * kNr / 8, c1 = k.j1 * kNr / 8;
   const auto out = k.residual ? (k.relu ? &output_transform<M, true, true> : &output_transform<M, true, false>)
