@@ -510,11 +510,12 @@ void winograd_task(const WinogradTask& k) {
     // taken in the same order either way. W32's 256-channel 8x6 conv at batch 1 (24 weights in turn,
     // cold), in turns with panels outer: 297 against 308 us (1.04x, 23 of 30), the 128-channel 16x12 one
     // 1.014x, the whole W32 at batch 1 1.008x (24 of 40): the transform and the GEMMs of 12 tiles, not
-    // the stream, take most of such a conv's time. The dense weight of the next panels (or slice) streams into
-    // L2 during the current GEMMs, not after them in the transform: W32's 256-channel 8x6 conv at batch 1
-    // (F(2x2), weights cold, 2 threads of the AMD EPYC) took 262 instead of 313 us (1.21x; 1.17x on one
-    // thread), the whole model at batch 1 1.02-1.03x (paired, 100 rounds); the 128-channel 16x12 one and
-    // batch 8, where the GEMMs outweigh the weight, the same.
+    // the stream, take most of such a conv's time.
+    // The dense weight of the next panels (or slice) streams into L2 during the current GEMMs, not after
+    // them in the transform: W32's 256-channel 8x6 conv at batch 1 (F(2x2), weights cold, 2 threads of
+    // the AMD EPYC) took 262 instead of 313 us (1.21x; 1.17x on one thread), the whole model at batch 1
+    // 1.02-1.03x (paired, 100 rounds); the 128-channel 16x12 one and batch 8, where the GEMMs outweigh
+    // the weight, the same.
     const int64_t stride = plane_stride(most * k.slice * kNr);  // as the driver sized ubuf
     for (int64_t ci0 = 0; ci0 < g.cin; ci0 += k.slice) {
       const int64_t ci1 = std::min(g.cin, ci0 + k.slice), kn = ci1 - ci0;
