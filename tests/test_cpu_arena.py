@@ -55,8 +55,11 @@ def test_forward_reuses_blocks_and_uninstalls():
     # stage 1's 256-channel 16x16 activations (262 KB an image) are past the arena's 256 KiB minimum
     assert cached > 0
     with torch.no_grad():
+        for _ in range(3):  # best fit settles within a few forwards (which blocks serve which requests)
+            fused(x)
+        cached, misses = _stats()[0], _misses()
         _assert_close(fused(x), ref)
-    assert _stats()[0] == cached, "a second forward of the same shape reuses the same blocks"
+    assert (_stats()[0], _misses()) == (cached, misses), "a further forward of the same shape reuses the same blocks"
     held = held_bytes(fused)  # the model's memory includes the arena's free blocks
     assert torch.ops.hrnet_fast.cpu_arena_release() == cached
     assert _stats() == (0, False)
