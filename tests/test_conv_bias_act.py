@@ -244,7 +244,7 @@ def test_opcheck(case, x_cl, res, bias):
                                              (True, "cl", True)])
 def test_out_writes_a_slice_of_a_batch(case, x_cl, res, packed):
     """conv_bias_act_into images [1, 1 + N) of a larger channels_last tensor (ChunkedStage's use): the
-    same bits as conv_bias_act, the images around it untouched, `out` itself returned. Channels_last x and
+    same bits as conv_bias_act, the images around it untouched, nothing returned. Channels_last x and
     a dense weight take the direct kernel's write in place, the rest conv_bias_act's result copied in."""
     x, w, b, stride, padding, r = make(case, x_cl, res, seed=11)
     if packed:
