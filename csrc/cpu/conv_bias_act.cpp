@@ -148,8 +148,7 @@ void conv_bias_act_into_cpu(const at::Tensor& x, const at::Tensor& weight, const
     conv_gemm(x, weight, b.defined() ? b.data_ptr<float>() : nullptr, stride[0], padding[0], residual, relu, &out);
     return;
   }
-  // a const Tensor& still lets its elements be written: the schema's (a!) says they are
-  const_cast<at::Tensor&>(out).copy_(conv_bias_act_cpu(x, weight, bias, stride, padding, residual, relu));
+  out.copy_(conv_bias_act_cpu(x, weight, bias, stride, padding, residual, relu));  // copy_ is a const method
 }
 
 }  // namespace

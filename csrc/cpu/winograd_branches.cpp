@@ -14,10 +14,9 @@
 // branches side by side"; within one region, with no op between a branch's convs, two small branches
 // gain.) No OpenMP team but the calling thread's: the sub-teams are ranges of its threads (a task
 // worker making its own team would start an OpenMP pool of its own, README, "On 16 cores, tasks
-// lost"). A branch whose U is
-// transformed up front (W32's 32-channel one at batch 1 on sub-teams of 2 to 8) has its sub-team
-// transform it, a share of the input channels each, and meet before the tasks. The results are the
-// same bits as one winograd_blocks call a branch.
+// lost"). A branch whose U is transformed up front (W32's 32-channel one at batch 1 on sub-teams of 2
+// to 8) has its sub-team transform it, a share of the input channels each, and meet before the tasks.
+// The results are the same bits as one winograd_blocks call a branch.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <immintrin.h>
