@@ -211,6 +211,7 @@ W32_B1 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
 
 side_by_side_restored = restoring("winograd_branches_side_by_side")
 lanes_restored = restoring("winograd_branches_lanes")
+split_restored = restoring("winograd_branches_split")
 
 
 @pytest.mark.parametrize(
@@ -220,9 +221,9 @@ lanes_restored = restoring("winograd_branches_lanes")
 )
 @pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
 def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored, lanes_restored):
-    """On 2 threads the first two branches side by side on a thread each where their convs are small (all
-    four cases here), the others after them on both, four such in two lanes (the last on one thread, the
-    others one after another on the other); on 4 and more side by side (2 branches on 4 threads, 4 on 8
+    """On 2 threads in two lanes (the last branch on one thread, the others one after another on the
+    other, the first's chain split between them where measured so; with lanes off, the first two side
+    by side, the others after them on both); on 4 and more side by side (2 branches on 4 threads, 4 on 8
     and 16, 3 on 16 as 6 + 5 + 5), where a branch whose U is transformed up front (W32's 32-channel one
     at batch 1 on a sub-team of 2 to 8) has its sub-team transform it a share each. The bits of one
     winograd_blocks call a branch, with side by side and lanes switched on or off."""
@@ -240,12 +241,18 @@ def branch_teams(n, shapes, threads):
     return torch.ops.hrnet_fast.winograd_branches_plan(sizes, [8] * len(shapes), threads)
 
 
-def test_branch_teams(side_by_side_restored, lanes_restored):
+def test_branch_teams(side_by_side_restored, lanes_restored, split_restored):
     """Where the branches run side by side and on how many threads (0: after those, on all of them).
-    On 2 threads the first two, a thread each, while each conv of theirs is at most 60 M multiply-adds
-    (W32 at batch 1: 28 M; batch 2: 57 M; batch 4: 113 M and W48 at batch 1: 64 M, left one after
-    another), four such all (in two lanes: the last alone); on 3, one after another; from 2 a branch,
-    shares of the threads by work."""
+    On 2 threads every branch on a thread (in two lanes, the first branch's chain split between them),
+    at any size; with that split off, the first two, a thread each, while each conv of theirs is at most
+    60 M multiply-adds (W32 at batch 1: 28 M; batch 2: 57 M; batch 4: 113 M and W48 at batch 1: 64 M,
+    left one after another), four such all (in two lanes: the last alone); on 3, one after another;
+    from 2 a branch, shares of the threads by work."""
+    assert branch_teams(1, W32_B1, 2) == [1, 1, 1, 1]
+    assert branch_teams(1, W32_B1[:3], 2) == [1, 1, 1]
+    assert branch_teams(4, W32_B1, 2) == [1, 1, 1, 1]
+    assert branch_teams(1, [(48, 64, 48), (96, 32, 24)], 2) == [1, 1]  # W48
+    split_restored(False)
     assert branch_teams(1, W32_B1, 2) == [1, 1, 1, 1]
     assert branch_teams(2, W32_B1, 2) == [1, 1, 1, 1]
     assert branch_teams(1, W32_B1[:3], 2) == [1, 1, 0]
@@ -255,6 +262,7 @@ def test_branch_teams(side_by_side_restored, lanes_restored):
     assert branch_teams(2, W32_B1[:2], 2) == [1, 1]
     assert branch_teams(4, W32_B1, 2) == [0, 0, 0, 0]
     assert branch_teams(1, [(48, 64, 48), (96, 32, 24)], 2) == [0, 0]  # W48
+    split_restored(True)
     assert branch_teams(1, W32_B1[:3], 3) == [0, 0, 0]
     assert branch_teams(1, W32_B1, 4) == [0, 0, 0, 0]
     assert branch_teams(1, W32_B1[:2], 4) == [2, 2]
@@ -267,6 +275,73 @@ def test_branch_teams(side_by_side_restored, lanes_restored):
         torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4]], [2], 2)
     with pytest.raises(RuntimeError, match="one a branch"):
         torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4, 4]], [2, 2], 2)
+
+
+@pytest.fixture
+def split_at():
+    """torch.ops.hrnet_fast.winograd_branches_split_at, put back to measured (-1) after the test."""
+    yield torch.ops.hrnet_fast.winograd_branches_split_at
+    torch.ops.hrnet_fast.winograd_branches_split_at(-1)
+
+
+@pytest.mark.parametrize(
+    "n,shapes",
+    [(1, W32_B1), (1, W32_B1[:3]), (2, [(16, 16, 12), (32, 8, 6)]),
+     (1, [(16, 16, 12), (32, 8, 6), (16, 8, 8), (32, 4, 4), (16, 4, 6)])],
+    ids=str,
+)
+def test_branches_split_same_bits_at_every_conv(n, shapes, split_at):
+    """In two lanes on 2 threads the first branch's chain may be split at any of its convs (the first lane
+    its convs before, the second lane the rest after its own branch; five branches: three in the first
+    lane): each split gives the bits of one winograd_blocks call a branch."""
+    xs, ws, bs, tiles = make_branches(n, shapes)
+    want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
+    for k in range(len(ws[0]) + 1):
+        split_at(k)
+        got = with_threads(2, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), f"split at conv {k}"
+
+
+def test_split_search_balances_the_lanes(split_at):
+    """The measured split moves a conv at a time toward equal lanes and stops within one conv of them
+    (here against a model of the lanes' times): W32 at batch 1 on one thread of the Xeon, ms for 8 convs
+    a branch: stage 4's lanes {32 (split), 64, 128} and {256}, 1.24 + 1.09 + 1.60 against 3.00, settle at
+    conv 5 (3.47 ms each); stage 3's {32, 64} and {128} at 6; batch 8's stage 4 (10.2, 7.8, 9.2, 16.2) at
+    4; the 32- and 64-channel pair of stage 2 not split (8); a first lane far heavier, at 0."""
+    split_at(-1)
+    search = torch.ops.hrnet_fast.winograd_branches_split_search
+    assert search(1.09 + 1.60, 3.00, 0.155, 8) == 5
+    assert search(1.09, 1.60, 0.155, 8) == 6
+    assert search(7.8 + 9.2, 16.2, 10.2 / 8, 8) == 4
+    assert search(0.0, 1.09, 0.155, 8) == 8
+    assert search(5.0, 0.0, 0.1, 8) == 0
+    assert search(1.09 + 1.60, 3.00, 0.155, 8, start=0) == 5  # from either end
+    split_at(3)
+    with pytest.raises(RuntimeError, match="forced"):
+        search(1.0, 1.0, 0.1, 8)
+    with pytest.raises(RuntimeError, match="k must be -1"):
+        split_at(-2)
+
+
+def test_split_points_are_kept_per_module(split_at):
+    """Measured splits are kept per set of branches and first weight (a model's modules of the same shapes
+    settle apart), each within the first chain's convs, and forgotten on reset."""
+    split_at(-1)
+    torch.ops.hrnet_fast.winograd_branches_split_reset()
+    assert torch.ops.hrnet_fast.winograd_branches_split_points() == ""
+    a = make_branches(1, W32_B1[:3], seed=0)
+    b = make_branches(1, W32_B1[:3], seed=5)
+    for _ in range(3):
+        for xs, ws, bs, tiles in (a, b):
+            with_threads(2, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
+    lines = torch.ops.hrnet_fast.winograd_branches_split_points().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        key, k = line.split(": ")
+        assert key.split(",")[1:] == ["1", "32", "64", "48", "4", "4", "1", "64", "32", "24", "4", "4", "1", "128", "16", "12", "4", "4"]
+        assert 0 <= int(k) <= 4
+    torch.ops.hrnet_fast.winograd_branches_split_reset()
+    assert torch.ops.hrnet_fast.winograd_branches_split_points() == ""
 
 
 def test_branches_bad_input():

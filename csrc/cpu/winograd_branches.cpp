@@ -7,9 +7,9 @@
 // branches that need not wait for each other. Split between branches, each conv runs on 4 threads
 // instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all of them so,
 // the threads shared first by multiply-adds, then by what each branch took (csrc/cpu/branch_balance.h);
-// on 2 threads, where the convs are small (W32 at batch 1 and 2), the first two branches on a thread
-// each and the others after them on both, four such in two lanes (kPairMacs); otherwise the branches
-// run one after another, each on all the threads, as winograd_blocks. (Python-level tasks running
+// on 2 threads, all of them in two lanes of a thread each, the first branch's chain split between the
+// lanes at the conv that balances them (csrc/cpu/lane_split.h); otherwise the branches run one after
+// another, each on all the threads, as winograd_blocks. (Python-level tasks running
 // blocks side by side on a thread each measured slower than each op split two ways: README, "Threads:
 // branches side by side"; within one region, with no op between a branch's convs, two small branches
 // gain.) No OpenMP team but the calling thread's: the sub-teams are ranges of its threads (a task
@@ -34,20 +34,23 @@
 
 #include "cpu/branch_balance.h"
 #include "cpu/cpu_switch.h"
+#include "cpu/lane_split.h"
 #include "cpu/winograd_chain.h"
 
 namespace hrnet_fast {
 namespace {
 
-// On 2 threads (fewer than two a branch), the first two branches run side by side on a thread each where
-// neither branch's convs take more than this many multiply-adds, and the others after them on both
-// threads: at batch 1 a conv split two ways loses a quarter of its time to the split (the two threads
-// meet after every conv, and each reads the channels of x the other wrote from the other's cache;
-// W32's 64-channel branch alone: 1178 us on one thread, 880 on two), more than running two branches of
-// about equal work at once loses to their difference (32 and 64 channels: 1335 and 1178 us). W32
-// (28 M multiply-adds a conv at batch 1, 2 threads of an Intel Xeon, the two ways in turns in one
-// process): batch 1 1.057x faster (36 of 40), batch 2 (57 M) 1.061x (10 of 12), batch 4 (113 M)
-// 1.002x (7 of 12), batch 8 0.983x (3 of 8); W48 at batch 1 (64 M) 1.004x (17 of 30).
+// On 2 threads (fewer than two a branch), with the lanes' split switched off (below), the first two
+// branches run side by side on a thread each where neither branch's convs take more than this many
+// multiply-adds, and the others after them on both threads: at batch 1 a conv split two ways loses a
+// quarter of its time to the split (the two threads meet after every conv, and each reads the
+// channels of x the other wrote from the other's cache; W32's 64-channel branch alone: 1178 us on one
+// thread, 880 on two), more than running two branches of about equal work at once loses to their
+// difference (32 and 64 channels: 1335 and 1178 us). W32 (28 M multiply-adds a conv at batch 1, 2
+// threads of an Intel Xeon, the two ways in turns in one process): batch 1 1.057x faster (36 of 40),
+// batch 2 (57 M) 1.061x (10 of 12), batch 4 (113 M) 1.002x (7 of 12), batch 8 0.983x (3 of 8); W48 at
+// batch 1 (64 M) 1.004x (17 of 30). Unbalanced, the pair gains nothing from batch 4 on; with the
+// split balancing the lanes, every batch gains (winograd_branches_split).
 constexpr double kPairMacs = 60e6;
 
 // Four such branches on 2 threads (W32's stage 4 at batch 1) run in two lanes instead: the last on one
@@ -56,9 +59,9 @@ constexpr double kPairMacs = 60e6;
 // tiles and streams its 2.4 MB weights for 12 of them: csrc/cpu/branch_balance.h), so 3.70 against
 // 4.20 ms, where the first two side by side and the others split two ways took about 1.36 + 1.0 +
 // 2.2. W32 at batch 1, the two ways in turns in one process: 1.027x and 1.028x faster (32 and 35 of
-// 40), batch 2 1.009x (12 of 20). Three branches in lanes (the last alone, W32's stage 3: 1.64
-// against 2.56 ms) measured 0.995x (18 of 40), so they stay as above; so did W48's four at batch 1 (64 M
-// multiply-adds a conv; 2.59, 2.88, 3.62 and 7.59 ms on one thread): 0.995x (14 of 30).
+// 40), batch 2 1.009x (12 of 20). With the split switched on (the default) every number of branches
+// and every batch runs in two lanes so; off, four small ones as here, three as two side by side and
+// the third after them (in lanes whole, W32's stage 3: 1.64 against 2.56 ms, 0.995x, 18 of 40).
 CpuSwitch lanes_switch;
 
 bool winograd_branches_lanes(std::optional<bool> use) { return lanes_switch.set(use); }
@@ -68,13 +71,39 @@ CpuSwitch side_by_side;
 
 bool winograd_branches_side_by_side(std::optional<bool> use) { return side_by_side.set(use); }
 
-// The chains (indices into the `chains` side by side) each sub-team runs one after another: the two
-// lanes above where four run side by side on 2 threads (branch_teams gives that only for them), else one
-// chain a sub-team.
-std::vector<std::vector<int64_t>> branch_lanes(int64_t chains, int64_t threads) {
-  if (threads == 2 && chains == 4) return {{3}, {0, 1, 2}};
-  std::vector<std::vector<int64_t>> lanes;
-  for (int64_t k = 0; k < chains; ++k) lanes.push_back({k});
+// Whether the branches run in two lanes on 2 threads at any size, the first branch's chain split
+// between them where they balance better so (csrc/cpu/lane_split.h); on by default, off for comparing
+// in one process: then only small branches run side by side, as above. W32 on 2 threads of an Intel
+// Xeon, on and off in turns in one process (same bits): batch 1 1.025x faster (48 of 60), batch 2
+// 1.085x (20 of 20), batch 4 1.026x (9 of 12), batch 8 1.043x and 1.050x (11 of 12, 9 of 10), settled
+// at the first branch's conv 6 of 8 in stage 3 at batch 1 (8, no split, in most of stage 4), 5 and 4
+// at batch 8; the arena held as much (batch 8: 82 MiB against 84).
+CpuSwitch split_switch;
+
+bool winograd_branches_split(std::optional<bool> use) { return split_switch.set(use); }
+
+// Convs [begin, end) of chain `chain` (an index into the chains side by side).
+struct Segment {
+  int64_t chain, begin, end;
+};
+
+// What each sub-team runs, one segment after another. On 2 threads with every branch on a thread of its
+// own (branch_teams gives that only for the lanes): the first lane the first chain's convs [0, split),
+// then the chains between; the second the last chain, then the first's convs [split, n) (split = n: as
+// the lanes above). Else a whole chain a sub-team.
+std::vector<std::vector<Segment>> branch_lanes(const std::vector<int64_t>& convs, int64_t threads, int64_t split) {
+  const int64_t chains = static_cast<int64_t>(convs.size());
+  std::vector<std::vector<Segment>> lanes;
+  if (threads == 2 && chains >= 2) {
+    lanes.resize(2);
+    if (split > 0) lanes[0].push_back({0, 0, split});
+    for (int64_t k = 1; k + 1 < chains; ++k) lanes[0].push_back({k, 0, convs[k]});
+    lanes[1].push_back({chains - 1, 0, convs[chains - 1]});
+    if (split < convs[0]) lanes[1].push_back({0, split, convs[0]});
+    if (lanes[0].empty()) lanes.erase(lanes.begin());  // the whole first chain after the last
+    return lanes;
+  }
+  for (int64_t k = 0; k < chains; ++k) lanes.push_back({{k, 0, convs[k]}});
   return lanes;
 }
 
@@ -117,8 +146,9 @@ std::vector<int64_t> branch_teams(const std::vector<double>& macs, at::IntArrayR
     for (int64_t b = 0; b < branches; ++b) work[b] = macs[b] * static_cast<double>(convs[b]);
     return split_team(threads, work);
   }
-  if (threads == 2 && branches == 4 && lanes_switch.on() && *std::max_element(macs.begin(), macs.end()) <= kPairMacs)
-    return std::vector<int64_t>(4, 1);  // in two lanes (branch_lanes)
+  const bool small = *std::max_element(macs.begin(), macs.end()) <= kPairMacs;
+  if (threads == 2 && lanes_switch.on() && (split_switch.on() || (small && branches == 4)))
+    return std::vector<int64_t>(branches, 1);  // in two lanes (branch_lanes)
   if (threads == 2 && std::max(macs[0], macs[1]) <= kPairMacs) team[0] = team[1] = 1;
   return team;
 }
@@ -189,15 +219,38 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   std::vector<at::Tensor> out(branches);
   if (!apart.empty()) {
     const int64_t n = static_cast<int64_t>(apart.size());
-    const std::vector<std::vector<int64_t>> lanes = branch_lanes(n, threads);
+    std::vector<int64_t> chain_convs(n);
+    for (int64_t k = 0; k < n; ++k) chain_convs[k] = chains[k].convs();
+    // Two lanes on 2 threads: where the first chain is split between them (lane_split), keyed by the
+    // branches' shapes, convs and tiles, and by where the first weight is: a model's modules of the
+    // same shapes settle apart (W32's stage 4 at batch 1: the first module's lanes 4.7 and 4.0 ms,
+    // the last's 4.1 and 4.2, its inputs and weights coming from elsewhere in the caches)
+    const bool two_lanes = threads == 2 && n >= 2 && team[apart[0]] == 1;
+    std::vector<int64_t> split_key;
+    int64_t split = chain_convs[0];
+    if (two_lanes && split_switch.on()) {
+      split_key.push_back(static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(chains[0].weight(0))));
+      for (int64_t b : apart) {
+        split_key.insert(split_key.end(), xs[b].sizes().begin(), xs[b].sizes().end());
+        split_key.push_back(convs[b]);
+        split_key.push_back(tiles[b]);
+      }
+      split = lane_split(split_key, chain_convs[0]);
+    }
+    const std::vector<std::vector<Segment>> lanes = branch_lanes(chain_convs, threads, split);
     const int64_t nl = static_cast<int64_t>(lanes.size());
     std::vector<int64_t> first(nl + 1, 0);  // lane l's threads: [first[l], first[l + 1])
-    for (int64_t l = 0; l < nl; ++l) first[l + 1] = first[l] + team[apart[lanes[l][0]]];
+    for (int64_t l = 0; l < nl; ++l) first[l + 1] = first[l] + team[apart[lanes[l][0].chain]];
     std::vector<SubTeamBarrier> barriers(nl);
     for (int64_t l = 0; l < nl; ++l) barriers[l].n = static_cast<int>(first[l + 1] - first[l]);
+    // each chain's convs done so far: a segment that starts past conv 0 waits for the ones before it
+    std::vector<std::atomic<int64_t>> done(n);
+    for (auto& d : done) d.store(0, std::memory_order_relaxed);
     std::atomic<bool> short_team{false};
     std::vector<double> elapsed(n, 0.0);  // where balanced: each chain's time from here to its last barrier, in us
+    std::vector<double> lane_end(nl, 0.0), lane_waited(nl, 0.0), split_time(nl, 0.0);  // us; split_time: the first chain's share
     const auto t0 = std::chrono::steady_clock::now();
+    auto since = [&t0] { return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count(); };
 #pragma omp parallel num_threads(static_cast<int>(first[nl]))
     {
       const int64_t tid = omp_get_thread_num();
@@ -207,12 +260,23 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
       } else {
         const int64_t l = std::upper_bound(first.begin(), first.end(), tid) - first.begin() - 1;
         const int64_t local = tid - first[l], size = first[l + 1] - first[l];
-        for (int64_t k : lanes[l]) {
-          const WinogradChain& mine = chains[k];
+        for (const Segment& seg : lanes[l]) {
+          const WinogradChain& mine = chains[seg.chain];
+          if (seg.begin > 0) {  // the other lane's share of this chain first
+            const double ready = since();
+            for (int spins = 0; done[seg.chain].load(std::memory_order_acquire) < seg.begin; ++spins) {
+              if (spins < 2048)
+                _mm_pause();
+              else
+                std::this_thread::yield();
+            }
+            if (local == 0) lane_waited[l] = since() - ready;
+          }
+          const double start = since();
           const bool shared_u = mine.runner().shared_u();
           const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
           const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
-          for (int64_t i = 0; i < mine.convs(); ++i) {
+          for (int64_t i = seg.begin; i < seg.end; ++i) {
             const float* u = nullptr;
             if (shared_u) {  // U transformed up front: the sub-team a share of its input channels each, then met
               u = mine.transform_u_part(i, local, size);
@@ -220,18 +284,28 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
             }
             if (begin < end) mine.run(i, local, begin, end, u);
             barriers[l].wait();
+            if (local == 0) done[seg.chain].store(i + 1, std::memory_order_release);
           }
-          if (balanced && local == 0)
-            elapsed[k] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+          if (local == 0) {
+            if (seg.chain == 0) split_time[l] = since() - start;
+            if (balanced && seg.end == chain_convs[seg.chain]) elapsed[seg.chain] = since();
+          }
         }
+        if (local == 0) lane_end[l] = since();
       }
     }
-    if (short_team.load())
+    if (short_team.load()) {
       for (const WinogradChain& c : chains)
         for (int64_t i = 0; i < c.convs(); ++i)
           c.run(i, 0, 0, c.runner().tasks(), c.runner().shared_u() ? c.transform_u_part(i, 0, 1) : nullptr);
-    else if (balanced)
+    } else if (balanced) {
       record_branch_times(key, team, elapsed);
+    } else if (!split_key.empty() && nl == 2) {
+      // the split chain's time a conv, from whichever lane has a share of it
+      const double per_conv = split > 0 ? split_time[0] / static_cast<double>(split)
+                                        : split_time[1] / static_cast<double>(chain_convs[0] - split);
+      record_lane_times(split_key, split, chain_convs[0], lane_end[0], lane_end[1], per_conv, lane_waited[1]);
+    }
     for (int64_t k = 0; k < n; ++k) out[apart[k]] = chains[k].result();
     chains.clear();
   }
@@ -255,6 +329,9 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   m.def("winograd_branches_side_by_side(bool? use=None) -> bool", &hrnet_fast::winograd_branches_side_by_side);
   // whether four small branches on 2 threads run in two lanes (the last alone); `use` switches it
   m.def("winograd_branches_lanes(bool? use=None) -> bool", &hrnet_fast::winograd_branches_lanes);
+  // whether those two lanes split the first branch between them, at a conv measured to balance them
+  // (csrc/cpu/lane_split.h); `use` switches it
+  m.def("winograd_branches_split(bool? use=None) -> bool", &hrnet_fast::winograd_branches_split);
   // the threads each branch would run side by side on (0: after those, on all of them)
   m.def("winograd_branches_plan(int[][] x_sizes, int[] convs, int threads) -> int[]",
         &hrnet_fast::winograd_branches_plan);

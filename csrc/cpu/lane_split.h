@@ -1,0 +1,34 @@
+// Where winograd_branches splits one branch's chain between its two lanes on 2 threads, measured
+// (csrc/cpu/lane_split.cpp).
+//
+// Why: in two lanes a branch is whole on one thread, and the lanes' times differ by what whole
+// branches do. W32 at batch 1, one thread of an Intel Xeon, 8 convs a branch: 32 channels 1.24 ms,
+// 64 1.09, 128 1.60, 256 3.00 (the 256-channel one's F(2x2) tiles and 2.4 MB weights a conv), so
+// stage 4's lanes {256} and {32, 64, 128} took 3.00 and 3.93 ms alone; in stage 3, where the 32- and
+// 64-channel branches ran side by side and the 128-channel one after them on both threads (1.61x
+// faster than on one, a conv's split costing its sync), 1.24 + 1.00. With the first branch's chain
+// split at conv k, its convs [0, k) first in the first lane and [k, n) last in the second (after
+// its own branch), the lanes can be balanced to within one conv of that branch. Its best k depends
+// on the machine and on where in the model the module is (in the forward, caches colder, stage 4's
+// lanes took 4.1-4.7 and 4.0-4.6 ms, stage 3's settled at conv 6), so each call's lane times move
+// the k of its module (keyed by its first weight) a conv at a time. Measured gains: csrc/cpu/winograd_branches.cpp.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace hrnet_fast {
+
+// The conv at which the first branch's chain (`convs` convs) is split now, for branches of this key:
+// `convs` (none on the second lane) the first time, or the split forced by
+// winograd_branches_split_at.
+int64_t lane_split(const std::vector<int64_t>& key, int64_t convs);
+
+// One run with split k: when each lane ended, the split chain's time a conv, and how long the second
+// lane waited for the first's share of that chain (all in the same unit). Moves k by one toward
+// equal lanes where the later lane is more than a conv behind.
+void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs, double first_end, double second_end,
+                       double per_conv, double waited);
+
+}  // namespace hrnet_fast
