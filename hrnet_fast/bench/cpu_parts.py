@@ -32,8 +32,8 @@ try:
 except ImportError:
     resource = None
 
-# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --balance and
-# --lanes compare:
+# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --balance,
+# --lanes and --split compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
@@ -42,8 +42,9 @@ SWITCHES = {
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
     "balance": ("balance", lambda v=None: torch.ops.hrnet_fast.winograd_branches_balance(v)),
     "lanes": ("lanes", lambda v=None: torch.ops.hrnet_fast.winograd_branches_lanes(v)),
+    "split": ("split", lambda v=None: torch.ops.hrnet_fast.winograd_branches_split(v)),
 }
-NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance", "lanes")  # the columns, in order
+NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance", "lanes", "split")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
     "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
@@ -56,6 +57,8 @@ WHAT = {
     "balance": "their threads shared by what each branch took, searched over the first calls (winograd_branches_balance; "
                "off: by multiply-adds)",
     "lanes": "on 2 threads four small branches in two lanes, the last alone (winograd_branches_lanes)",
+    "split": "on 2 threads every module's branches in two lanes, the first branch's chain split between them at the "
+             "conv that balances them (winograd_branches_split; off: only small ones side by side)",
 }
 
 # Forwards before the first round's timed ones, per configuration: at least WARMUP (one-off costs), then
