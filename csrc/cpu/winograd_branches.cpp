@@ -77,7 +77,8 @@ bool winograd_branches_side_by_side(std::optional<bool> use) { return side_by_si
 // Xeon, on and off in turns in one process (same bits): batch 1 1.025x faster (48 of 60), batch 2
 // 1.085x (20 of 20), batch 4 1.026x (9 of 12), batch 8 1.043x and 1.050x (11 of 12, 9 of 10), settled
 // at the first branch's conv 6 of 8 in stage 3 at batch 1 (8, no split, in most of stage 4), 5 and 4
-// at batch 8; the arena held as much (batch 8: 82 MiB against 84).
+// at batch 8; the arena held as much (batch 8: 82 MiB against 84). W48 at batch 1 1.034x (18 of 20),
+// batch 8 1.061x (5 of 6); HRNetV2-W48 at 512x512, batch 1, 1.067x (6 of 6).
 CpuSwitch split_switch;
 
 bool winograd_branches_split(std::optional<bool> use) { return split_switch.set(use); }
