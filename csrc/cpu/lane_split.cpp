@@ -47,17 +47,17 @@ int64_t lane_split_search(double first_other, double second_other, double per_co
 
 }  // namespace
 
-int64_t lane_split(const std::vector<int64_t>& key, int64_t convs) {
+int64_t lane_split(const std::vector<int64_t>& key, int64_t convs, int64_t lowest) {
   const int64_t f = forced.load();
-  if (f >= 0) return std::min(f, convs);
+  if (f >= 0) return std::max(lowest, std::min(f, convs));
   std::lock_guard<std::mutex> lock(split_mutex);
   auto it = splits().find(key);
   if (it == splits().end()) it = splits().emplace(key, convs).first;
-  return std::min(it->second, convs);
+  return std::max(lowest, std::min(it->second, convs));
 }
 
 void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs, double first_end, double second_end,
-                       double per_conv, double waited) {
+                       double per_conv, double waited, int64_t lowest) {
   if (forced.load() >= 0 || per_conv <= 0) return;
   std::lock_guard<std::mutex> lock(split_mutex);
   auto it = splits().find(key);
@@ -67,7 +67,7 @@ void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs
   // share means the first is behind however the ends compare.
   const double d = second_end - first_end;
   if (waited > per_conv / 2 || d < -per_conv) {
-    if (k > 0) --it->second;
+    if (k > lowest) --it->second;
   } else if (d > per_conv && k < convs) {
     ++it->second;
   }

@@ -22,13 +22,13 @@ namespace hrnet_fast {
 
 // The conv at which the first branch's chain (`convs` convs) is split now, for branches of this key:
 // `convs` (none on the second lane) the first time, or the split forced by
-// winograd_branches_split_at.
-int64_t lane_split(const std::vector<int64_t>& key, int64_t convs);
+// winograd_branches_split_at; at least `lowest` (1 where the first lane has nothing else to run).
+int64_t lane_split(const std::vector<int64_t>& key, int64_t convs, int64_t lowest = 0);
 
 // One run with split k: when each lane ended, the split chain's time a conv, and how long the second
 // lane waited for the first's share of that chain (all in the same unit). Moves k by one toward
-// equal lanes where the later lane is more than a conv behind.
+// equal lanes where the later lane is more than a conv behind, never below `lowest`.
 void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs, double first_end, double second_end,
-                       double per_conv, double waited);
+                       double per_conv, double waited, int64_t lowest = 0);
 
 }  // namespace hrnet_fast

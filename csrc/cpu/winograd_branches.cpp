@@ -236,7 +236,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
         split_key.push_back(convs[b]);
         split_key.push_back(tiles[b]);
       }
-      split = lane_split(split_key, chain_convs[0]);
+      split = lane_split(split_key, chain_convs[0], n == 2 ? 1 : 0);  // two branches: the first lane keeps a conv
     }
     const std::vector<std::vector<Segment>> lanes = branch_lanes(chain_convs, threads, split);
     const int64_t nl = static_cast<int64_t>(lanes.size());
@@ -305,7 +305,8 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
       // the split chain's time a conv, from whichever lane has a share of it
       const double per_conv = split > 0 ? split_time[0] / static_cast<double>(split)
                                         : split_time[1] / static_cast<double>(chain_convs[0] - split);
-      record_lane_times(split_key, split, chain_convs[0], lane_end[0], lane_end[1], per_conv, lane_waited[1]);
+      record_lane_times(split_key, split, chain_convs[0], lane_end[0], lane_end[1], per_conv, lane_waited[1],
+                        n == 2 ? 1 : 0);
     }
     for (int64_t k = 0; k < n; ++k) out[apart[k]] = chains[k].result();
     chains.clear();
