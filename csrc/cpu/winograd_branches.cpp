@@ -329,7 +329,8 @@ TORCH_LIBRARY_IMPL(hrnet_fast, CPU, m) { m.impl("winograd_branches", &hrnet_fast
 TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // whether winograd_branches may run branches side by side on shares of the threads; `use` switches it
   m.def("winograd_branches_side_by_side(bool? use=None) -> bool", &hrnet_fast::winograd_branches_side_by_side);
-  // whether four small branches on 2 threads run in two lanes (the last alone); `use` switches it
+  // whether branches on 2 threads run in two lanes (the last alone, then the first's rest; with the split
+  // off only four small ones); `use` switches it
   m.def("winograd_branches_lanes(bool? use=None) -> bool", &hrnet_fast::winograd_branches_lanes);
   // whether those two lanes split the first branch between them, at a conv measured to balance them
   // (csrc/cpu/lane_split.h); `use` switches it

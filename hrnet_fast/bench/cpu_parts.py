@@ -56,7 +56,8 @@ WHAT = {
     "side_by_side": "a module's branches side by side on sub-teams of the threads (winograd_branches_side_by_side)",
     "balance": "their threads shared by what each branch took, searched over the first calls (winograd_branches_balance; "
                "off: by multiply-adds)",
-    "lanes": "on 2 threads four small branches in two lanes, the last alone (winograd_branches_lanes)",
+    "lanes": "on 2 threads the branches in two lanes, the last alone (winograd_branches_lanes; with the split off, "
+             "four small ones only)",
     "split": "on 2 threads every module's branches in two lanes, the first branch's chain split between them at the "
              "conv that balances them (winograd_branches_split; off: only small ones side by side)",
 }
