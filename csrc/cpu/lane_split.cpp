@@ -4,6 +4,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -21,7 +22,7 @@ std::map<std::vector<int64_t>, int64_t>& splits() {
 
 std::atomic<int64_t> forced{-1};  // winograd_branches_split_at: -1 measured
 
-// "key: k of n" a line, for logs and tests
+// "key: k" a line, for logs and tests
 std::string winograd_branches_split_points() {
   std::lock_guard<std::mutex> lock(split_mutex);
   std::ostringstream out;
