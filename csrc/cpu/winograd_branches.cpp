@@ -108,8 +108,18 @@ std::vector<std::vector<Segment>> branch_lanes(const std::vector<int64_t>& convs
   return lanes;
 }
 
-// A sub-team's barrier: the last of its n threads to arrive starts the next generation. Spins, then
-// yields (threads may outnumber cores: tests run 16 on 2).
+// Waits until done() is true: spins, then yields (threads may outnumber cores: tests run 16 on 2).
+template <typename F>
+void spin_until(const F& done) {
+  for (int spins = 0; !done(); ++spins) {
+    if (spins < 2048)
+      _mm_pause();
+    else
+      std::this_thread::yield();
+  }
+}
+
+// A sub-team's barrier: the last of its n threads to arrive starts the next generation.
 struct alignas(64) SubTeamBarrier {
   std::atomic<int> arrived{0};
   std::atomic<int> generation{0};
@@ -121,12 +131,7 @@ struct alignas(64) SubTeamBarrier {
       generation.fetch_add(1, std::memory_order_release);
       return;
     }
-    for (int spins = 0; generation.load(std::memory_order_acquire) == g; ++spins) {
-      if (spins < 2048)
-        _mm_pause();
-      else
-        std::this_thread::yield();
-    }
+    spin_until([&] { return generation.load(std::memory_order_acquire) != g; });
   }
 };
 
@@ -265,12 +270,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
           const WinogradChain& mine = chains[seg.chain];
           if (seg.begin > 0) {  // the other lane's share of this chain first
             const double ready = since();
-            for (int spins = 0; done[seg.chain].load(std::memory_order_acquire) < seg.begin; ++spins) {
-              if (spins < 2048)
-                _mm_pause();
-              else
-                std::this_thread::yield();
-            }
+            spin_until([&] { return done[seg.chain].load(std::memory_order_acquire) >= seg.begin; });
             if (local == 0) lane_waited[l] = since() - ready;
           }
           const double start = since();
