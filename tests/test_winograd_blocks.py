@@ -212,6 +212,7 @@ W32_B1 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
 side_by_side_restored = restoring("winograd_branches_side_by_side")
 lanes_restored = restoring("winograd_branches_lanes")
 split_restored = restoring("winograd_branches_split")
+share_restored = restoring("winograd_branches_share_tail")
 
 
 @pytest.mark.parametrize(
@@ -290,16 +291,21 @@ def split_at():
      (1, [(16, 16, 12), (32, 8, 6), (16, 8, 8), (32, 4, 4), (16, 4, 6)])],
     ids=str,
 )
-def test_branches_split_same_bits_at_every_conv(n, shapes, split_at):
+@pytest.mark.parametrize("share", [True, False], ids=["shared tail", "tail on one lane"])
+def test_branches_split_same_bits_at_every_conv(n, shapes, share, split_at, share_restored):
     """In two lanes on 2 threads the first branch's chain may be split at any of its convs (the first lane
-    its convs before, the second lane the rest after its own branch; five branches: three in the first
-    lane): each split gives the bits of one winograd_blocks call a branch."""
+    its convs before, the second lane the rest after its own branch, which the first joins at its end
+    where the tail is shared, the two taking its convs' tasks one at a time; five branches: three in the
+    first lane): each split gives the bits of one winograd_blocks call a branch. (W32's 32-channel chain
+    at batch 1 has its U transformed up front: shared, by whichever lane comes first.)"""
     xs, ws, bs, tiles = make_branches(n, shapes)
     want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
+    share_restored(share)
     for k in range(len(ws[0]) + 1):
         split_at(k)
-        got = with_threads(2, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
-        assert all(torch.equal(g, w) for g, w in zip(got, want)), f"split at conv {k}"
+        for _ in range(3):  # which lane takes which task differs from call to call
+            got = with_threads(2, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), f"split at conv {k}"
 
 
 def test_split_search_balances_the_lanes(split_at):
@@ -319,8 +325,31 @@ def test_split_search_balances_the_lanes(split_at):
     split_at(3)
     with pytest.raises(RuntimeError, match="forced"):
         search(1.0, 1.0, 0.1, 8)
+    with pytest.raises(RuntimeError, match="forced"):
+        search(1.0, 1.0, 0.1, 8, shared=True)
     with pytest.raises(RuntimeError, match="k must be -1"):
         split_at(-2)
+
+
+def test_split_search_with_a_shared_tail(split_at):
+    """With the tail shared, both lanes end together wherever both reach it before it is done, so the
+    split moves down only while the second lane waits for the first's share or the first comes after the
+    tail is done, and up while they run more than two convs of it together. Hand-worked against the
+    model (whichever lane reaches the tail first runs it, the other joins it at half the time): stage 4 at
+    batch 1 (2.69 ms of other branches against 3.00, 0.15 a conv) from no split: at 7 the first lane
+    ends at 3.74 against 3.15, at 6 3.59 against 3.30, at 5 both at 3.445 (stays); from 0, where 0.445
+    ms of the tail ran on both, up to 4 (0.155 ms together); stage 2 at batch 8 (its 64-channel branch
+    7.3 ms against 1.22 a conv) at 6 (both at 8.54, the two convs after 7.32 ms on both lanes; at 7 the
+    second lane waited 1.24 ms for the first's share); a first lane far heavier down to 0; a second lane
+    heavier at 7 (both at 1.165 ms), where unshared it stayed at 8."""
+    split_at(-1)
+    search = torch.ops.hrnet_fast.winograd_branches_split_search
+    assert search(2.69, 3.00, 0.15, 8, shared=True) == 5
+    assert search(2.69, 3.00, 0.15, 8, start=0, shared=True) == 4
+    assert search(0.0, 7.3, 1.22, 8, shared=True) == 6
+    assert search(5.0, 0.0, 0.1, 8, shared=True) == 0
+    assert search(0.0, 1.09, 0.155, 8, shared=True) == 7
+    assert search(0.0, 1.09, 0.155, 8) == 8
 
 
 def test_split_points_are_kept_per_module(split_at):

@@ -248,7 +248,7 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   return WinogradPlan{blocks, splits, tb, per_panel, own_u, sliced, slice};
 }
 
-WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads)
+WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots)
     : g_(g), m_(m), dense_(dense), kernels_(winograd_kernels(active_cpu_isa())),
       plan_(plan_winograd(g, m, dense, threads, kernels_.gemm_panels)) {
   const int K = m + 2;  // input tile size
@@ -263,7 +263,7 @@ WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int
                               : plan_.own_u   ? K * K * u_stride_
                                               : 0;
   per_thread_ = vbuf_floats_ + mbuf_floats_ + ubuf_floats;  // each a multiple of 16 floats
-  slots_ = std::min(threads, tasks());
+  slots_ = std::min(std::max(threads, min_slots), tasks());
   scratch_ = empty_float({slots_ * per_thread_});
   if (shared_u()) u_scratch_ = empty_float({K * K * u_stride_});
 }

@@ -44,7 +44,8 @@ void winograd_branches_split_at(int64_t k) {
   forced.store(k);
 }
 
-int64_t lane_split_search(double first_other, double second_other, double per_conv, int64_t convs, int64_t start);
+int64_t lane_split_search(double first_other, double second_other, double per_conv, int64_t convs, int64_t start,
+                          bool shared);
 
 }  // namespace
 
@@ -57,29 +58,55 @@ int64_t lane_split(const std::vector<int64_t>& key, int64_t convs, int64_t lowes
   return std::max(lowest, std::min(it->second, convs));
 }
 
-void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs, double first_end, double second_end,
-                       double per_conv, double waited, int64_t lowest) {
-  if (forced.load() >= 0 || per_conv <= 0) return;
+void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs, const LaneTimes& t,
+                       int64_t lowest) {
+  if (forced.load() >= 0 || t.per_conv <= 0) return;
   std::lock_guard<std::mutex> lock(split_mutex);
   auto it = splits().find(key);
   if (it == splits().end() || it->second != k) return;  // another call moved it meanwhile
+  const double d = t.second_end - t.first_end;
+  if (t.together >= 0) {
+    // Shared: the first lane ending half a conv after the second means it reached the tail after the
+    // second had run all of it (or its own share came late).
+    if (t.waited > t.per_conv / 2 || d < -t.per_conv / 2) {
+      if (k > lowest) --it->second;
+    } else if (t.together > 2 * t.per_conv && k < convs) {
+      ++it->second;
+    }
+    return;
+  }
   // A conv moved from one lane to the other changes their difference d by twice its time, which
   // shortens the later lane only where |d| > per_conv. The second lane waiting for the first's
   // share means the first is behind however the ends compare.
-  const double d = second_end - first_end;
-  if (waited > per_conv / 2 || d < -per_conv) {
+  if (t.waited > t.per_conv / 2 || d < -t.per_conv) {
     if (k > lowest) --it->second;
-  } else if (d > per_conv && k < convs) {
+  } else if (d > t.per_conv && k < convs) {
     ++it->second;
   }
 }
 
 namespace {
 
-// The split record_lane_times settles on against a model of the lanes instead of a clock, for tests:
-// the first lane takes k convs of per_conv, then first_other; the second second_other, then the other
-// convs - k. Starts at `start` (convs where negative, as a new key does).
-int64_t lane_split_search(double first_other, double second_other, double per_conv, int64_t convs, int64_t start) {
+// One run of the lanes as a model: the first lane k convs of per_conv, then first_other; the second
+// second_other, then the other convs - k (shared: after the first's k). Shared: whichever lane reaches those
+// convs first runs them, the other joins it when it comes (the rest then at half the time).
+LaneTimes model_lanes(double first_other, double second_other, double per_conv, int64_t convs, int64_t k,
+                      bool shared) {
+  const double own = static_cast<double>(k) * per_conv, tail = static_cast<double>(convs - k) * per_conv;
+  if (!shared) return {own + first_other, second_other + tail, per_conv, 0.0};  // (the wait left out)
+  const double waited = std::max(0.0, own - second_other);
+  const double first = own + first_other, second = second_other + waited;  // each lane at the tail
+  const double early = std::min(first, second), late = std::max(first, second);
+  if (early + tail <= late)  // the early lane ran all of the tail before the other came
+    return {first <= second ? early + tail : first, first <= second ? second : early + tail, per_conv, waited, 0.0};
+  const double together = (tail - (late - early)) / 2;
+  return {late + together, late + together, per_conv, waited, together};
+}
+
+// The split record_lane_times settles on against model_lanes instead of a clock, for tests. Starts at
+// `start` (convs where negative, as a new key does).
+int64_t lane_split_search(double first_other, double second_other, double per_conv, int64_t convs, int64_t start,
+                          bool shared) {
   constexpr const char* op = "hrnet_fast::winograd_branches_split_search";
   TORCH_CHECK(convs >= 1 && per_conv > 0 && first_other >= 0 && second_other >= 0 && start <= convs, op,
               ": convs must be positive, per_conv positive, the other times non-negative and start at most convs, got ",
@@ -92,7 +119,7 @@ int64_t lane_split_search(double first_other, double second_other, double per_co
   }
   int64_t k = lane_split(key, convs);
   for (int64_t step = 0; step <= 2 * convs + 2; ++step) {  // a conv a call: settled within convs steps
-    record_lane_times(key, k, convs, k * per_conv + first_other, second_other + (convs - k) * per_conv, per_conv, 0.0);
+    record_lane_times(key, k, convs, model_lanes(first_other, second_other, per_conv, convs, k, shared));
     k = lane_split(key, convs);
   }
   std::lock_guard<std::mutex> lock(split_mutex);
@@ -113,6 +140,6 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   m.def("winograd_branches_split_at(int k) -> ()", &hrnet_fast::winograd_branches_split_at);
   // the split the measurement settles on against a model of the lanes' times (tests)
   m.def("winograd_branches_split_search(float first_other, float second_other, float per_conv, int convs, "
-        "int start=-1) -> int",
+        "int start=-1, bool shared=False) -> int",
         &hrnet_fast::lane_split_search);
 }

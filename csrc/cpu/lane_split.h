@@ -25,10 +25,19 @@ namespace hrnet_fast {
 // winograd_branches_split_at; at least `lowest` (1 where the first lane has nothing else to run).
 int64_t lane_split(const std::vector<int64_t>& key, int64_t convs, int64_t lowest = 0);
 
-// One run with split k: when each lane ended, the split chain's time a conv, and how long the second
-// lane waited for the first's share of that chain (all in the same unit). Moves k by one toward
-// equal lanes where the later lane is more than a conv behind, never below `lowest`.
-void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs, double first_end, double second_end,
-                       double per_conv, double waited, int64_t lowest = 0);
+// One run's lane times, all in the same unit: when each lane ended, the split chain's time a conv, how
+// long the second lane waited for the first's share of that chain, and, where the two lanes shared the
+// chain's tail [k, n) (winograd_branches_share_tail), how long they ran it together (else negative).
+struct LaneTimes {
+  double first_end, second_end, per_conv, waited, together = -1.0;
+};
+
+// One run with split k: moves k by one, never below `lowest`. Unshared, toward equal lanes where the
+// later lane is more than a conv behind. Shared, the lanes end together wherever both reach the tail
+// before it is done, so k moves only down where the second lane waited for the first's share or the
+// first lane came after the tail was done, and up where they ran more than two convs of it together
+// (the tail's convs split between two threads' caches).
+void record_lane_times(const std::vector<int64_t>& key, int64_t k, int64_t convs, const LaneTimes& t,
+                       int64_t lowest = 0);
 
 }  // namespace hrnet_fast

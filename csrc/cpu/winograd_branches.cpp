@@ -83,16 +83,33 @@ CpuSwitch split_switch;
 
 bool winograd_branches_split(std::optional<bool> use) { return split_switch.set(use); }
 
-// Convs [begin, end) of chain `chain` (an index into the chains side by side).
+// Whether the two lanes share the split chain's tail [split, n) (on by default; off for comparing in
+// one process): both lanes end with it, each conv's tasks taken one at a time by whichever lane is
+// there, so the lanes end within a task of each other wherever both reach the tail before it is
+// done, where a whole conv moved between them left up to half a conv's difference, and the second
+// lane, after its own branch, waited for the first's share of the chain where the first had more to
+// do (W32 at batch 8, 2 threads of an Intel Xeon: 3.5 ms a forward lost so in 8 modules, the 2-branch
+// one's lanes 7.3 and 9.8 ms at split 6, 8.7 and 9.9 at 7; shared, 8.4-8.8 both). Same bits: a task
+// computes its tiles alike on either thread. Two copies of W32 in one process, shared and not, in
+// turns: batch 8 1.016x and 1.008x faster (11 of 16, 7 of 12), batch 1 1.000x and 1.011x (30 of 60,
+// 27 of 40), where the lanes had ended 0.45 ms apart a forward in all.
+CpuSwitch share_switch;
+
+bool winograd_branches_share_tail(std::optional<bool> use) { return share_switch.set(use); }
+
+// Convs [begin, end) of chain `chain` (an index into the chains side by side); shared: by both lanes
+// (share_switch), a task at a time.
 struct Segment {
   int64_t chain, begin, end;
+  bool shared = false;
 };
 
 // What each sub-team runs, one segment after another. On 2 threads with every branch on a thread of its
 // own (branch_teams gives that only for the lanes): the first lane the first chain's convs [0, split),
 // then the chains between; the second the last chain, then the first's convs [split, n) (split = n: as
-// the lanes above). Else a whole chain a sub-team.
-std::vector<std::vector<Segment>> branch_lanes(const std::vector<int64_t>& convs, int64_t threads, int64_t split) {
+// the lanes above), which the first lane joins at its end where `shared`. Else a whole chain a sub-team.
+std::vector<std::vector<Segment>> branch_lanes(const std::vector<int64_t>& convs, int64_t threads, int64_t split,
+                                               bool shared = false) {
   const int64_t chains = static_cast<int64_t>(convs.size());
   std::vector<std::vector<Segment>> lanes;
   if (threads == 2 && chains >= 2) {
@@ -100,7 +117,10 @@ std::vector<std::vector<Segment>> branch_lanes(const std::vector<int64_t>& convs
     if (split > 0) lanes[0].push_back({0, 0, split});
     for (int64_t k = 1; k + 1 < chains; ++k) lanes[0].push_back({k, 0, convs[k]});
     lanes[1].push_back({chains - 1, 0, convs[chains - 1]});
-    if (split < convs[0]) lanes[1].push_back({0, split, convs[0]});
+    if (split < convs[0]) {
+      lanes[1].push_back({0, split, convs[0], shared});
+      if (shared && !lanes[0].empty()) lanes[0].push_back({0, split, convs[0], true});
+    }
     if (lanes[0].empty()) lanes.erase(lanes.begin());  // the whole first chain after the last
     return lanes;
   }
@@ -116,6 +136,56 @@ void spin_until(const F& done) {
       _mm_pause();
     else
       std::this_thread::yield();
+  }
+}
+
+// The state of a chain's shared tail (share_switch): per conv, its tasks taken and finished so far and
+// its U (a dense weight transformed up front, shared_u) 0 not begun, 1 being transformed, 2 ready.
+struct SharedTail {
+  explicit SharedTail(int64_t convs) : taken(convs), finished(convs), u_state(convs) {
+    for (int64_t i = 0; i < convs; ++i) {
+      taken[i].store(0, std::memory_order_relaxed);
+      finished[i].store(0, std::memory_order_relaxed);
+      u_state[i].store(0, std::memory_order_relaxed);
+    }
+  }
+  std::vector<std::atomic<int64_t>> taken, finished;
+  std::vector<std::atomic<int>> u_state;
+  std::atomic<const float*> u{nullptr};
+  double end = 0.0;  // when its last conv was done (by now())
+};
+
+// A lane's part of chain's shared convs [begin, end): each conv once `done` (the chain's convs done)
+// reaches it, its U transformed by the first lane there (the other waits), then tasks taken one at a
+// time with this lane's scratch slot; the lane that finishes a conv's last task marks it done. Each
+// conv's tasks start only after the one before is done, so its U's scratch is free again.
+template <typename Now>
+void run_shared(const WinogradChain& chain, SharedTail& st, std::atomic<int64_t>& done, int64_t begin, int64_t end,
+                int64_t slot, const Now& now) {
+  const int64_t tasks = chain.runner().tasks();
+  const bool shared_u = chain.runner().shared_u();
+  for (int64_t i = begin; i < end; ++i) {
+    spin_until([&] { return done.load(std::memory_order_acquire) >= i; });
+    if (st.taken[i].load(std::memory_order_relaxed) >= tasks) continue;  // the other lane has them all
+    const float* u = nullptr;
+    if (shared_u) {
+      int idle = 0;
+      if (st.u_state[i].compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+        u = chain.transform_u_part(i, 0, 1);
+        st.u.store(u, std::memory_order_relaxed);
+        st.u_state[i].store(2, std::memory_order_release);
+      } else {
+        spin_until([&] { return st.u_state[i].load(std::memory_order_acquire) == 2; });
+        u = st.u.load(std::memory_order_relaxed);
+      }
+    }
+    for (int64_t t; (t = st.taken[i].fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      chain.run(i, slot, t, t + 1, u);
+      if (st.finished[i].fetch_add(1, std::memory_order_acq_rel) + 1 == tasks) {
+        if (i + 1 == end) st.end = now();
+        done.store(i + 1, std::memory_order_release);
+      }
+    }
   }
 }
 
@@ -209,15 +279,20 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
     }
     team = balanced_teams(key, threads, team);
   }
-  auto chain = [&](int64_t b, int64_t team_size) {
+  auto chain = [&](int64_t b, int64_t team_size, int64_t slots) {
     const int64_t off = std::accumulate(convs.begin(), convs.begin() + b, int64_t{0});
-    return WinogradChain(op, xs[b], weights.slice(off, convs[b]), biases.slice(off, convs[b]), tiles[b], team_size);
+    return WinogradChain(op, xs[b], weights.slice(off, convs[b]), biases.slice(off, convs[b]), tiles[b], team_size,
+                         slots);
   };
   std::vector<int64_t> apart;  // the branches side by side, in order
   for (int64_t b = 0; b < branches; ++b)
     if (team[b] > 0) apart.push_back(b);
+  // Two lanes on 2 threads (branch_lanes): where the first chain's tail is shared, each lane takes its
+  // tasks with a scratch slot of its own
+  const bool two_lanes = threads == 2 && apart.size() >= 2 && team[apart[0]] == 1;
+  const bool share = two_lanes && split_switch.on() && share_switch.on();
   std::vector<WinogradChain> chains;  // theirs
-  for (int64_t b : apart) chains.push_back(chain(b, team[b]));
+  for (int64_t b : apart) chains.push_back(chain(b, team[b], share && b == apart[0] ? 2 : 0));
   if (std::any_of(chains.begin(), chains.end(), [](const WinogradChain& c) { return c.empty(); })) {
     chains.clear();  // an empty input among them: all one after another
     apart.clear();
@@ -231,7 +306,6 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
     // branches' shapes, convs and tiles, and by where the first weight is: a model's modules of the
     // same shapes settle apart (W32's stage 4 at batch 1: the first module's lanes 4.7 and 4.0 ms,
     // the last's 4.1 and 4.2, its inputs and weights coming from elsewhere in the caches)
-    const bool two_lanes = threads == 2 && n >= 2 && team[apart[0]] == 1;
     std::vector<int64_t> split_key;
     int64_t split = chain_convs[0];
     if (two_lanes && split_switch.on()) {
@@ -243,7 +317,9 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
       }
       split = lane_split(split_key, chain_convs[0], n == 2 ? 1 : 0);  // two branches: the first lane keeps a conv
     }
-    const std::vector<std::vector<Segment>> lanes = branch_lanes(chain_convs, threads, split);
+    // a chain whose tasks each take their U range by range (own_u) is never shared a task at a time
+    const bool shared = share && !split_key.empty() && split < chain_convs[0] && !chains[0].runner().plan().own_u;
+    const std::vector<std::vector<Segment>> lanes = branch_lanes(chain_convs, threads, split, shared);
     const int64_t nl = static_cast<int64_t>(lanes.size());
     std::vector<int64_t> first(nl + 1, 0);  // lane l's threads: [first[l], first[l + 1])
     for (int64_t l = 0; l < nl; ++l) first[l + 1] = first[l] + team[apart[lanes[l][0].chain]];
@@ -255,6 +331,8 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
     std::atomic<bool> short_team{false};
     std::vector<double> elapsed(n, 0.0);  // where balanced: each chain's time from here to its last barrier, in us
     std::vector<double> lane_end(nl, 0.0), lane_waited(nl, 0.0), split_time(nl, 0.0);  // us; split_time: the first chain's share
+    std::vector<double> at_tail(nl, 0.0);  // us: when each lane began the shared tail
+    SharedTail tail(shared ? chain_convs[0] : 0);
     const auto t0 = std::chrono::steady_clock::now();
     auto since = [&t0] { return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count(); };
 #pragma omp parallel num_threads(static_cast<int>(first[nl]))
@@ -274,6 +352,11 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
             if (local == 0) lane_waited[l] = since() - ready;
           }
           const double start = since();
+          if (seg.shared) {  // a lane of one thread each (two_lanes): slot l
+            at_tail[l] = start;
+            run_shared(mine, tail, done[seg.chain], seg.begin, seg.end, l, since);
+            continue;
+          }
           const bool shared_u = mine.runner().shared_u();
           const int64_t tasks = mine.runner().tasks(), chunk = (tasks + size - 1) / size;
           const int64_t begin = std::min(tasks, local * chunk), end = std::min(tasks, begin + chunk);
@@ -302,11 +385,16 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
     } else if (balanced) {
       record_branch_times(key, team, elapsed);
     } else if (!split_key.empty() && nl == 2) {
-      // the split chain's time a conv, from whichever lane has a share of it
+      // the split chain's time a conv, from the first lane's share, else from the second's (or the tail
+      // both shared, from the first lane there)
+      const double tail_convs = static_cast<double>(chain_convs[0] - split);
+      const double joined = std::max(at_tail[0], at_tail[1]);
       const double per_conv = split > 0 ? split_time[0] / static_cast<double>(split)
-                                        : split_time[1] / static_cast<double>(chain_convs[0] - split);
-      record_lane_times(split_key, split, chain_convs[0], lane_end[0], lane_end[1], per_conv, lane_waited[1],
-                        n == 2 ? 1 : 0);
+                              : shared  ? (tail.end - std::min(at_tail[0], at_tail[1])) / tail_convs
+                                        : split_time[1] / tail_convs;
+      const double together = shared ? std::max(0.0, tail.end - joined) : -1.0;
+      record_lane_times(split_key, split, chain_convs[0],
+                        LaneTimes{lane_end[0], lane_end[1], per_conv, lane_waited[1], together}, n == 2 ? 1 : 0);
     }
     for (int64_t k = 0; k < n; ++k) out[apart[k]] = chains[k].result();
     chains.clear();
@@ -314,7 +402,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   // the rest one after another, each on all the threads, one chain's buffers alive at a time (as winograd_blocks)
   for (int64_t b = 0; b < branches; ++b) {
     if (out[b].defined()) continue;
-    WinogradChain c = chain(b, threads);
+    WinogradChain c = chain(b, threads, 0);
     run_chain(c);
     out[b] = c.result();
   }
@@ -335,6 +423,8 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // whether those two lanes split the first branch between them, at a conv measured to balance them
   // (csrc/cpu/lane_split.h); `use` switches it
   m.def("winograd_branches_split(bool? use=None) -> bool", &hrnet_fast::winograd_branches_split);
+  // whether the two lanes share the split chain's tail (share_switch)
+  m.def("winograd_branches_share_tail(bool? use=None) -> bool", &hrnet_fast::winograd_branches_share_tail);
   // the threads each branch would run side by side on (0: after those, on all of them)
   m.def("winograd_branches_plan(int[][] x_sizes, int[] convs, int threads) -> int[]",
         &hrnet_fast::winograd_branches_plan);

@@ -14,7 +14,7 @@
 namespace hrnet_fast {
 
 WinogradChain::WinogradChain(const char* op, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-                             int64_t tile, int64_t threads) {
+                             int64_t tile, int64_t threads, int64_t slots) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.layout() == at::kStrided, op,
               ": x must be a dense 4-D [N, C, H, W] float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type(), " on ",
               x.device());
@@ -51,7 +51,7 @@ WinogradChain::WinogradChain(const char* op, const at::Tensor& x, at::TensorList
            n > 2 ? empty_float(sizes, at::MemoryFormat::ChannelsLast) : at::Tensor()};
   if (!empty())
     runner_.emplace(winograd_geometry(x.size(0), x.size(2), x.size(3), c, c, static_cast<int>(tile)),
-                    static_cast<int>(tile), /*dense=*/true, threads);
+                    static_cast<int>(tile), /*dense=*/true, threads, slots);
 }
 
 std::tuple<const float*, const float*, float*> WinogradChain::io(int64_t i) const {

@@ -18,9 +18,10 @@ namespace hrnet_fast {
 
 class WinogradChain {
  public:
-  // `op` names the caller in error messages; `threads`: the team the runner plans for
+  // `op` names the caller in error messages; `threads`: the team the runner plans for; `slots`: threads
+  // it holds scratch for, where more may run its tasks (WinogradRunner's min_slots)
   WinogradChain(const char* op, const at::Tensor& x, at::TensorList weights, at::TensorList biases, int64_t tile,
-                int64_t threads);
+                int64_t threads, int64_t slots = 0);
   int64_t convs() const { return static_cast<int64_t>(w_.size()); }
   bool empty() const { return mid_.numel() == 0; }
   const WinogradRunner& runner() const { return *runner_; }

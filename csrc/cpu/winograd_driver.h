@@ -42,9 +42,11 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
 // end) of one conv with the scratch of `slot` (< slots()); a thread must take one contiguous range of
 // tasks per conv (own_u transforms U once per range). A dense weight whose plan wants U transformed up
 // front (shared_u()) needs that U from the caller (transform_shared_u or its parts, before the tasks).
+// `min_slots`: scratch for at least that many threads (up to one a task) on a plan made for `threads`,
+// where more threads than planned for may take its tasks (winograd_branches' shared tail).
 class WinogradRunner {
  public:
-  WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads);
+  WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots = 0);
   const WinogradPlan& plan() const { return plan_; }
   int64_t tasks() const { return plan_.blocks * plan_.splits; }
   int64_t slots() const { return slots_; }

@@ -33,7 +33,7 @@ except ImportError:
     resource = None
 
 # The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --balance,
-# --lanes and --split compare:
+# --lanes, --split and --share-tail compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
@@ -43,8 +43,9 @@ SWITCHES = {
     "balance": ("balance", lambda v=None: torch.ops.hrnet_fast.winograd_branches_balance(v)),
     "lanes": ("lanes", lambda v=None: torch.ops.hrnet_fast.winograd_branches_lanes(v)),
     "split": ("split", lambda v=None: torch.ops.hrnet_fast.winograd_branches_split(v)),
+    "share_tail": ("share tail", lambda v=None: torch.ops.hrnet_fast.winograd_branches_share_tail(v)),
 }
-NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance", "lanes", "split")  # the columns, in order
+NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance", "lanes", "split", "share_tail")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
     "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
@@ -60,6 +61,8 @@ WHAT = {
              "four small ones only)",
     "split": "on 2 threads every module's branches in two lanes, the first branch's chain split between them at the "
              "conv that balances them (winograd_branches_split; off: only small ones side by side)",
+    "share_tail": "with that split, the chain's convs after it shared by both lanes a task at a time, so they end "
+                  "together (winograd_branches_share_tail; off: the second lane runs them alone)",
 }
 
 # Forwards before the first round's timed ones, per configuration: at least WARMUP (one-off costs), then
