@@ -287,8 +287,8 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   std::vector<int64_t> apart;  // the branches side by side, in order
   for (int64_t b = 0; b < branches; ++b)
     if (team[b] > 0) apart.push_back(b);
-  // Two lanes on 2 threads (branch_lanes): where the first chain's tail is shared, each lane takes its
-  // tasks with a scratch slot of its own
+  // Two lanes on 2 threads (branch_lanes): where the first chain's tail may be shared (its split is
+  // known only below), the chain holds a scratch slot for each lane
   const bool two_lanes = threads == 2 && apart.size() >= 2 && team[apart[0]] == 1;
   const bool share = two_lanes && split_switch.on() && share_switch.on();
   std::vector<WinogradChain> chains;  // theirs
