@@ -92,7 +92,8 @@ bool winograd_branches_split(std::optional<bool> use) { return split_switch.set(
 // one's lanes 7.3 and 9.8 ms at split 6, 8.7 and 9.9 at 7; shared, 8.4-8.8 both). Same bits: a task
 // computes its tiles alike on either thread. Two copies of W32 in one process, shared and not, in
 // turns: batch 8 1.016x and 1.008x faster (11 of 16, 7 of 12), batch 1 1.000x and 1.011x (30 of 60,
-// 27 of 40), where the lanes had ended 0.45 ms apart a forward in all.
+// 27 of 40), where the lanes had ended 0.45 ms apart a forward in all; W48 batch 1 1.020x (21 of 30),
+// batch 8 1.005x (6 of 8); HRNetV2-W48 at 512x512, batch 1, 0.998x (4 of 10).
 CpuSwitch share_switch;
 
 bool winograd_branches_share_tail(std::optional<bool> use) { return share_switch.set(use); }
