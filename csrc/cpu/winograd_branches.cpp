@@ -143,13 +143,8 @@ void spin_until(const F& done) {
 // The state of a chain's shared tail (share_switch): per conv, its tasks taken and finished so far and
 // its U (a dense weight transformed up front, shared_u) 0 not begun, 1 being transformed, 2 ready.
 struct SharedTail {
-  explicit SharedTail(int64_t convs) : taken(convs), finished(convs), u_state(convs) {
-    for (int64_t i = 0; i < convs; ++i) {
-      taken[i].store(0, std::memory_order_relaxed);
-      finished[i].store(0, std::memory_order_relaxed);
-      u_state[i].store(0, std::memory_order_relaxed);
-    }
-  }
+  // a vector's atomics are value-initialized: zeros
+  explicit SharedTail(int64_t convs) : taken(convs), finished(convs), u_state(convs) {}
   std::vector<std::atomic<int64_t>> taken, finished;
   std::vector<std::atomic<int>> u_state;
   std::atomic<const float*> u{nullptr};
@@ -327,8 +322,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
     std::vector<SubTeamBarrier> barriers(nl);
     for (int64_t l = 0; l < nl; ++l) barriers[l].n = static_cast<int>(first[l + 1] - first[l]);
     // each chain's convs done so far: a segment that starts past conv 0 waits for the ones before it
-    std::vector<std::atomic<int64_t>> done(n);
-    for (auto& d : done) d.store(0, std::memory_order_relaxed);
+    std::vector<std::atomic<int64_t>> done(n);  // value-initialized: zeros
     std::atomic<bool> short_team{false};
     std::vector<double> elapsed(n, 0.0);  // where balanced: each chain's time from here to its last barrier, in us
     std::vector<double> lane_end(nl, 0.0), lane_waited(nl, 0.0), split_time(nl, 0.0);  // us; split_time: the first chain's share
