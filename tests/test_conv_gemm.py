@@ -1,6 +1,7 @@
 """conv_bias_act's own direct convolution on CPU (csrc/cpu/conv_gemm.cpp): the calls it takes (a dense
 weight on a channels_last input, 8 to kConvGemmMaxK / (kH kW) input channels, or fewer in windows of at
-most kFewCinMaxKh rows of 64 floats) run it in every vector variant this CPU has; its answers against the float64 reference (1x1 and strided 3x3, row counts that
+most kFewCinMaxKh rows of 64 floats, or more at no more than kColsPixelsPerCout output pixels an output
+channel: conv_gemm_cols) run it in every vector variant this CPU has; its answers against the float64 reference (1x1 and strided 3x3, row counts that
 are not a multiple of the micro-kernel's 6, channel counts that are not a multiple of 8 or 16, windows
 leaving the image), NaN and infinities kept as eager keeps them, the weight read in place (HWIO) or
 copied with the same bits, which calls still go to oneDNN, and optimize() keeping no oneDNN-packed copy
@@ -18,6 +19,7 @@ from hrnet_fast.ops import conv_bias_act
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("conv_bias_act", "CPU"), reason="needs the compiled extension")
 CL = torch.channels_last
 MIN_CIN, MAX_K, FEW_CIN_MAX_KH = 8, 640, 7  # kConvGemmMinCin, kConvGemmMaxK, kFewCinMaxKh
+PIXELS_PER_COUT = 2  # kColsPixelsPerCout
 
 
 def _variants() -> list[str]:
@@ -102,7 +104,7 @@ def test_matches_float64(isa, n, cin, cout, h, w, k, stride, pad, res, relu, bia
     assert torch.equal(conv_bias_act(x, hwio, b, stride, pad, r, relu, backend="cpu"), out)
 
 
-@pytest.mark.parametrize("cin,k,stride,pad", [(32, 1, 1, 0), (32, 3, 2, 1), (3, 3, 2, 1)])
+@pytest.mark.parametrize("cin,k,stride,pad", [(32, 1, 1, 0), (32, 3, 2, 1), (3, 3, 2, 1), (128, 3, 2, 1)])
 def test_nan_and_inf_reach_the_output_as_in_eager(isa, cin, k, stride, pad):
     x, wt, b, r = _inputs(2, cin, 48, 8, 10, True, True, k, stride, pad, seed=1)
     x[0, 2, 1, 2] = float("nan")
@@ -128,7 +130,9 @@ def test_other_calls_go_to_onednn_with_the_same_answers(isa, case):
     """What the kernel does not take still runs, on oneDNN, and agrees with float64."""
     cin = {"few_cin_taller_window": MIN_CIN - 5, "wider_than_max_k": MAX_K // 9 + 1}.get(case, 24)
     k = FEW_CIN_MAX_KH + 2 if case == "few_cin_taller_window" else 3
-    x, wt, b, r = _inputs(1, cin, 20, 6 + k - 3, 5 + k - 3, False, True, k, 1, 1, seed=2)
+    # K past MAX_K at more output pixels than PIXELS_PER_COUT an output channel (41 > 40)
+    h, w = (41, 1) if case == "wider_than_max_k" else (6, 5)
+    x, wt, b, r = _inputs(1, cin, 20, h + k - 3, w + k - 3, False, True, k, 1, 1, seed=2)
     stride = (2, 1) if case == "stride_2x1" else (1, 1)
     padding = (1, 0) if case == "padding_1x0" else (1, 1)
     if case == "nchw_x":
@@ -146,6 +150,81 @@ def test_other_calls_go_to_onednn_with_the_same_answers(isa, case):
     want = references.conv_bias_act(x, wt, b, stride, padding, r, True)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=5e-6 * (1 + want.abs().max().item()))
     assert _runs_onednn(lambda: conv_bias_act(x, w, b, stride, padding, r, True, backend="cpu"))
+
+
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w,k,stride,pad",
+    [
+        (1, 128, 256, 16, 12, 3, 2, 1),  # W32's fusions and transition into the 8x6 branch at batch 1
+        (2, 96, 40, 5, 4, 3, 1, 1),  # 40 pixels = PIXELS_PER_COUT x C_out; 40 = two panels and a half
+        (1, 720, 64, 3, 3, 1, 1, 0),  # a 1x1 conv, 9 pixels: one group of 6 and a short one
+        (3, 80, 200, 4, 5, 3, 2, 1),  # 13 panels: units of four and a single one; windows leave the image
+        (1, 75, 32, 3, 2, 3, 1, 1),  # K = 675: halves of 352 and 323 rows, not whole steps of the stream
+    ],
+)
+@pytest.mark.parametrize("res,relu,bias", [(True, True, True), (False, False, True), (True, False, False)])
+def test_weight_bound_convs_match_float64(isa, n, cin, cout, h, w, k, stride, pad, res, relu, bias):
+    """K past MAX_K at few output pixels: conv_gemm_cols (the weight's rows as two streams, their
+    partial sums added), not oneDNN; its bits the same on 1, 2 and 3 threads, and with the weight
+    stored HWIO (read in place) or not (copied)."""
+    x, wt, b, r = _inputs(n, cin, cout, h, w, res, bias, k, stride, pad, seed=3)
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    assert cin * k * k > MAX_K and n * ho * wo <= PIXELS_PER_COUT * cout
+    assert torch.ops.hrnet_fast.conv_gemm_weight_bound(n * ho * wo, cin, k, k, cout)
+    out = conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu")
+    want = references.conv_bias_act(x, wt, b, stride, pad, r, relu)
+    assert out.is_contiguous(memory_format=CL) and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6 * (1 + want.abs().max().item()))
+    assert not _runs_onednn(lambda: conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu"))
+    hwio = wt.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(conv_bias_act(x, hwio, b, stride, pad, r, relu, backend="cpu"), out), threads
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(
+    "pixels,cin,k,cout,bound",
+    [
+        (PIXELS_PER_COUT * 256, 128, 3, 256, True),
+        (PIXELS_PER_COUT * 256 + 1, 128, 3, 256, False),  # more pixels: oneDNN
+        (48, MAX_K // 9, 3, 256, False),  # K within MAX_K: conv_gemm_rows, as any such conv
+        (48, 720, 1, 64, True),
+    ],
+)
+def test_conv_gemm_weight_bound(isa, pixels, cin, k, cout, bound):
+    assert torch.ops.hrnet_fast.conv_gemm_weight_bound(pixels, cin, k, k, cout) is bound
+
+
+def test_fused_conv_runs_weight_bound_shapes_on_conv_gemm(isa):
+    """A FusedConv past MAX_K keeps its weight dense (HWIO) and runs conv_gemm_cols on inputs with few
+    output pixels, oneDNN with a packed weight on the others, and oneDNN throughout when
+    conv_gemm_cols_switch is off as the shape is first met; the answers agree with float64."""
+    from hrnet_fast.fused.conv import FusedConv
+
+    g = torch.Generator().manual_seed(4)
+    wt = torch.randn(64, 128, 3, 3, generator=g) / (128 * 9) ** 0.5
+    b = torch.randn(64, generator=g)
+    small = torch.randn(1, 128, 16, 12, generator=g).contiguous(memory_format=CL)  # 48 pixels out
+    large = torch.randn(1, 128, 24, 24, generator=g).contiguous(memory_format=CL)  # 144 > 128
+    for switch in (True, False):
+        conv = FusedConv(wt, b, (2, 2), (1, 1), True, "cpu")
+        conv.pack()
+        assert conv.weight.permute(2, 3, 1, 0).is_contiguous()
+        torch.ops.hrnet_fast.conv_gemm_cols_switch(switch)
+        try:
+            with torch.no_grad():
+                for x, ours in ((small, switch), (large, False)):
+                    out = conv(x)
+                    want = references.conv_bias_act(x, wt, b, 2, 1, None, True)
+                    torch.testing.assert_close(out.double(), want, rtol=0, atol=5e-6 * (1 + want.abs().max().item()))
+                    assert _runs_onednn(lambda: conv(x)) is not ours
+                    assert conv._packed[tuple(x.shape)].is_mkldnn is not ours
+        finally:
+            torch.ops.hrnet_fast.conv_gemm_cols_switch(True)
 
 
 def test_optimize_keeps_no_packed_copy_of_the_weights_it_runs(isa):

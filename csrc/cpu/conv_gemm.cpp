@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/cpu_switch.h"
 #include "cpu/tensor_view.h"
 #include "cpu/winograd_isa.h"
 
@@ -33,13 +34,32 @@ bool conv_gemm_takes(int64_t cin, int64_t kh, int64_t kw) {
   return kh * kw * cin <= kConvGemmMaxK;
 }
 
+namespace {
+// conv_gemm_cols on or off (on: weight-bound shapes run it, and conv_gemm takes them at any K)
+CpuSwitch cols_switch;
+
+int64_t output_pixels(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding) {
+  const int64_t ho = (x.size(2) + 2 * padding[0] - weight.size(2)) / stride[0] + 1;
+  const int64_t wo = (x.size(3) + 2 * padding[1] - weight.size(3)) / stride[1] + 1;
+  return x.size(0) * std::max<int64_t>(0, ho) * std::max<int64_t>(0, wo);
+}
+}  // namespace
+
+bool conv_gemm_weight_bound(int64_t pixels, int64_t cin, int64_t kh, int64_t kw, int64_t cout) {
+  if (active_cpu_isa() == CpuIsa::base) return false;
+  return kh * kw * cin > kConvGemmMaxK && pixels <= kColsPixelsPerCout * cout;
+}
+
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
   constexpr auto cl = at::MemoryFormat::ChannelsLast;
-  return !weight.is_mkldnn() && weight.layout() == at::kStrided && weight.scalar_type() == at::kFloat &&
-         stride[0] == stride[1] && padding[0] == padding[1] &&
-         conv_gemm_takes(weight.size(1), weight.size(2), weight.size(3)) && x.is_contiguous(cl) &&
-         (!residual || residual->is_contiguous(cl));
+  if (weight.is_mkldnn() || weight.layout() != at::kStrided || weight.scalar_type() != at::kFloat ||
+      stride[0] != stride[1] || padding[0] != padding[1] || !x.is_contiguous(cl) ||
+      (residual && !residual->is_contiguous(cl)))
+    return false;
+  const int64_t cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  return conv_gemm_takes(cin, kh, kw) ||
+         conv_gemm_weight_bound(output_pixels(x, weight, stride, padding), cin, kh, kw, weight.size(0));
 }
 
 const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw) {
@@ -70,10 +90,56 @@ const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int6
   return p;
 }
 
+namespace {
+// conv_gemm_cols (csrc/cpu/conv_gemm_cols_core.h): every pixel's window gathered once into one buffer,
+// the threads splitting the groups; the two halves of K's partial sums, each half's output channels
+// split between ceil(threads / 2) tasks; their sum and the epilogue, the threads splitting the groups.
+void conv_gemm_cols_run(const ConvGemmGeometry& g, const WinogradKernels& kernels, const float* x, const float* w,
+                        int64_t ldw, const float* bias, const float* residual, bool relu, float* y) {
+  const int64_t k = g.kh * g.kw * g.cin, panels = (g.cout + kNr - 1) / kNr, coutp = panels * kNr;
+  const int64_t rows = g.n * g.ho * g.wo, groups = (rows + kMr - 1) / kMr, padded = groups * kMr;
+  at::internal::lazy_init_num_threads();
+  const at::Tensor scratch = empty_float({padded * k + 2 * padded * coutp});
+  float* const a = scratch.data_ptr<float>();
+  const ConvGemmTask task{&g, x, w, ldw, bias, residual, y, a, a + padded * k, 0, rows, relu};
+  // about 32 KB of windows a task
+  const int64_t gather_grain = std::max<int64_t>(1, 8192 / (kMr * k));
+  at::parallel_for(0, groups, gather_grain, [&](int64_t begin, int64_t end) {
+    ConvGemmTask t = task;
+    t.r0 = begin * kMr;
+    t.r1 = std::min(rows, end * kMr);
+    kernels.conv_gemm_cols_gather(t);
+  });
+  // panels a GEMM call (the kernel's kColsUnit)
+  const int64_t unit = kernels.gemm_panels == 1 ? 1 : 4, units = (panels + unit - 1) / unit;
+  const int64_t splits = std::min(units, std::max<int64_t>(1, (at::get_num_threads() + 1) / 2));
+  const int64_t k_half = std::min(k, (k / 2 + 15) / 16 * 16);
+  at::parallel_for(0, 2 * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      ConvGemmTask t = task;
+      const int64_t half = i / splits, s = i % splits;
+      t.k0 = half ? k_half : 0;
+      t.k1 = half ? k : k_half;
+      t.j0 = std::min(panels, units * s / splits * unit);
+      t.j1 = std::min(panels, units * (s + 1) / splits * unit);
+      t.cbuf = task.cbuf + half * padded * coutp;
+      kernels.conv_gemm_cols(t);  // both halves have rows: K > kConvGemmMaxK here
+    }
+  });
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    ConvGemmTask t = task;
+    t.r0 = begin * kMr;
+    t.r1 = std::min(rows, end * kMr);
+    kernels.conv_gemm_cols_sum(t);
+  });
+}
+}  // namespace
+
 void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, int64_t ldw, const float* bias,
                    const float* residual, bool relu, float* y) {
   const int64_t k = g.kh * g.kw * g.cin, coutp = (g.cout + kNr - 1) / kNr * kNr;
   const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
+  if (k > kConvGemmMaxK) return conv_gemm_cols_run(g, kernels, x, w, ldw, bias, residual, relu, y);
   // Few input channels: conv_few_cin_rows, whose tasks are whole output rows (kMr pixels at a time
   // along each) and whose buffer is a zero-padded patch of a group's windows.
   const bool few = g.cin < kConvGemmMinCin;
@@ -121,4 +187,10 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // whether conv_bias_act's own direct kernel takes a conv of cin input channels and a kh x kw window
   // (on a channels_last input, the same stride and padding both ways), with the CPU kernels now in use
   m.def("conv_gemm_takes(int cin, int kh, int kw) -> bool", &hrnet_fast::conv_gemm_takes);
+  m.def("conv_gemm_weight_bound(int pixels, int cin, int kh, int kw, int cout) -> bool",
+        [](int64_t pixels, int64_t cin, int64_t kh, int64_t kw, int64_t cout) {
+          return hrnet_fast::cols_switch.on() && hrnet_fast::conv_gemm_weight_bound(pixels, cin, kh, kw, cout);
+        });
+  m.def("conv_gemm_cols_switch(bool? use=None) -> bool",
+        [](std::optional<bool> use) { return hrnet_fast::cols_switch.set(use); });
 }

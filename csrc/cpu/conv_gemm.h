@@ -15,7 +15,13 @@ namespace hrnet_fast {
 // kernels exist in those only).
 bool conv_gemm_takes(int64_t cin, int64_t kh, int64_t kw);
 
-// Whether conv_gemm runs this call: a dense float32 weight that conv_gemm_takes, the same stride and
+// Whether conv_gemm takes a conv of K = kh kw cin past kConvGemmMaxK at `pixels` output pixels: a
+// weight-bound one (at most kColsPixelsPerCout pixels an output channel), which it runs as two streams
+// of the weight's rows (conv_gemm_cols_core.h); with a vector variant of the CPU kernels in use.
+bool conv_gemm_weight_bound(int64_t pixels, int64_t cin, int64_t kh, int64_t kw, int64_t cout);
+
+// Whether conv_gemm runs this call: a dense float32 weight that conv_gemm_takes (or, at this call's
+// output pixels, conv_gemm_weight_bound), the same stride and
 // padding both ways, x (and the residual) channels_last, and a vector variant of the CPU kernels in use.
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, const std::optional<at::Tensor>& residual);

@@ -74,6 +74,8 @@ struct ConvGemmTask {
   float* cbuf;
   int64_t r0, r1;
   bool relu;
+  int64_t j0 = 0, j1 = 0;  // conv_gemm_cols: the task's 16-wide output panels
+  int64_t k0 = 0, k1 = 0;  // and its rows of the weight
 };
 using ConvGemmFn = void (*)(const ConvGemmTask&);
 // The convs conv_gemm takes: at least kConvGemmMinCin input channels and at most kConvGemmMaxK taps x
@@ -85,6 +87,13 @@ using ConvGemmFn = void (*)(const ConvGemmTask&);
 // (0.69-0.87x before a window's row of kW pixels was gathered in one copy).
 constexpr int64_t kConvGemmMinCin = 8;
 constexpr int64_t kConvGemmMaxK = 640;
+// Convs with K past kConvGemmMaxK that conv_gemm still takes, at most kColsPixelsPerCout output pixels
+// an output channel: weight-bound, run with the weight's rows read once as two streams
+// (conv_gemm_cols_core.h). oneDNN's conv with its packed weight read it latency-bound: W32's 128 -> 256
+// stride-2 convs (K = 1152) in the forward, 2 threads of an Intel Xeon, 282-291 against 167-179 us a
+// call at batch 1 (48 pixels), 1184-1231 against 1014-1041 at batch 8 (384). Not for K within
+// kConvGemmMaxK: conv_gemm_rows was level or faster there (the 64 -> 256 one at batch 8: 456 against 533).
+constexpr int64_t kColsPixelsPerCout = 2;
 // Fewer input channels than kConvGemmMinCin (an image's first conv): conv_few_cin_rows
 // (conv_few_cin_core.h), which reads the windows in place, for windows of at most kFewCinMaxKh rows
 // of kFewCinMaxRow floats (kW x C_in). W32's 3 -> 64 stride-2 stem conv in the forward, 2 threads of
@@ -101,6 +110,7 @@ struct WinogradKernels {
   int gemm_panels;  // 16-wide panels per GEMM call (2 where the GEMM is 16 lanes; 4 where U is whole: WinogradRunner)
   ConvGemmFn conv_gemm;
   ConvGemmFn conv_few_cin;  // ConvGemmTask's r0, r1: output rows of n x ho, not pixels
+  ConvGemmFn conv_gemm_cols_gather, conv_gemm_cols, conv_gemm_cols_sum;  // weight-bound convs (conv_gemm_cols_core.h)
 };
 
 // One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant

@@ -90,7 +90,11 @@ class FusedConv(nn.Module):
                 if not self.weight.permute(2, 3, 1, 0).is_contiguous():
                     self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
             else:
-                packed = {}  # filled by forward, once per input shape
+                # oneDNN's packed weights, filled by forward once per input shape; or, for shapes whose
+                # conv is weight-bound (few output pixels), the dense weight stored as conv_gemm reads it
+                packed = {}
+                if not self.weight.permute(2, 3, 1, 0).is_contiguous():
+                    self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         op = torch.ops.hrnet_fast.conv3x3_winograd.default if winograd else None
         # swapped in together at the end: a thread running forward meanwhile sees old or new caches
         self._packed, self._winograd, self._winograd_op, self._derived_from = packed, winograd, op, self._weight_state()
@@ -137,8 +141,22 @@ class FusedConv(nn.Module):
                 if w is None:
                     if len(packed) >= _MAX_PACKED_SHAPES:
                         packed.pop(next(iter(packed)))
-                    w = packed[key] = prepack(self.weight, key, self.stride, self.padding)
+                    if self._weight_bound(key):
+                        w = packed[key] = self._buffers["weight"]
+                    else:
+                        w = packed[key] = prepack(self.weight, key, self.stride, self.padding)
         return w
+
+    def _weight_bound(self, shape: tuple[int, ...]) -> bool:
+        """Whether conv_bias_act's own kernel runs this conv on inputs of `shape` with the weight's
+        columns split (few output pixels against a large weight: csrc/cpu/conv_gemm_cols_core.h)."""
+        n, _, h, w = self.output_shape(shape)
+        c_out, c_in, k_h, k_w = self.weight.shape
+        return (
+            self.stride[0] == self.stride[1]
+            and self.padding[0] == self.padding[1]
+            and torch.ops.hrnet_fast.conv_gemm_weight_bound(n * h * w, c_in, k_h, k_w, c_out)
+        )
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001  (nn.Module's signature)
         # .to()/.float() replace the tensors without a registration hook: recorded CPU graphs would

@@ -8,11 +8,12 @@
 #include "cpu/winograd_core.h"
 #include "cpu/conv_gemm_core.h"
 #include "cpu/conv_few_cin_core.h"
+#include "cpu/conv_gemm_cols_core.h"
 
 namespace hrnet_fast {
 WinogradKernels winograd_kernels_base() {
   using namespace isa_base;
   return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv_gemm_rows,
-          &conv_few_cin_rows};
+          &conv_few_cin_rows, &conv_gemm_cols_gather, &conv_gemm_cols, &conv_gemm_cols_sum};
 }
 }  // namespace hrnet_fast
