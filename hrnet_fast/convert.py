@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 
 from hrnet_fast.cpu_graphs import CPUGraphForward
 from hrnet_fast.fused.blocks import ChunkedStage, FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
-from hrnet_fast.fused.conv import FusedConv
+from hrnet_fast.fused.conv import FusedConv, planar_output
 from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
 from hrnet_fast.fused.hr_stage import FusedHRStage
@@ -42,16 +42,46 @@ def _why_not_fusable_conv(conv: nn.Conv2d) -> str | None:
     return None
 
 
-def relus_after_convs(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
-    """{ReLU module name: the (conv, BN) pairs it follows} for each ReLU module that `model`'s forward calls only on
-    the output of a conv -> BatchNorm pair that nothing else reads (the pose nets' stem `relu`, after
-    bn1 and after bn2), read off a torch.fx trace of the forward; {} where the forward does not trace.
-    Such a ReLU can run in the convs' epilogue instead, the module left an Identity."""
+def _fx_graph(model: nn.Module) -> torch.fx.Graph | None:
+    """A torch.fx trace of `model`'s forward, or None where it does not trace."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any forward FX cannot trace keeps its ReLUs
+            return torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any forward FX cannot trace is left as it is
+        return None
+
+
+def io_convs(model: nn.Module, graph: torch.fx.Graph | None) -> tuple[str | None, str | None]:
+    """(the conv that alone reads the forward's one input, the conv whose output the forward returns),
+    by module name, off `graph` (a trace of `model`'s forward; (None, None) without one): the pose nets'
+    stem conv1 and head final_layer. On the cpu backend those read the caller's NCHW image and write
+    the NCHW heatmaps themselves (FusedConv.reads_planar, writes_planar), instead of two layout copies."""
+    if graph is None:
+        return None, None
+    modules = dict(model.named_modules())
+
+    def conv(node: object) -> str | None:
+        ok = isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d)
+        return node.target if ok and len(node.args) == 1 and not node.kwargs else None
+
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    stem = conv(next(iter(inputs[0].users))) if len(inputs) == 1 and len(inputs[0].users) == 1 else None
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    head = conv(out.args[0]) if out is not None and len(out.args) == 1 else None
+    if head is not None and len(out.args[0].users) != 1:
+        head = None
+    return stem, head
+
+
+def relus_after_convs(model: nn.Module, graph: torch.fx.Graph | None = None) -> dict[str, list[tuple[str, str]]]:
+    """{ReLU module name: the (conv, BN) pairs it follows} for each ReLU module that `model`'s forward calls only on
+    the output of a conv -> BatchNorm pair that nothing else reads (the pose nets' stem `relu`, after
+    bn1 and after bn2), read off `graph`, a torch.fx trace of the forward (traced here when None); {}
+    where the forward does not trace. Such a ReLU can run in the convs' epilogue instead, the module
+    left an Identity."""
+    graph = graph if graph is not None else _fx_graph(model)
+    if graph is None:
         return {}
     modules = dict(model.named_modules())
 
@@ -195,24 +225,32 @@ class _ForwardScope:
       traces no grad mode split across hooks) nor when grad is enabled (a training caller keeps autograd).
     - arena (cpu backend): the caching CPU allocator is installed for the call (csrc/cpu/cpu_arena.cpp),
       so each forward's large activations reuse the last one's memory instead of fresh pages.
+    - planar_in (cpu backend, where the stem conv reads an NCHW image itself: io_convs): a contiguous
+      NCHW input stays NCHW. planar_out (where the head conv writes NCHW itself, FusedConv.writes_planar):
+      it does so when the caller passed NCHW (fused.conv.planar_output, set for the call), so the copy
+      back to NCHW finds nothing to do.
     Per-call state lives on a per-thread stack, so threads may share one model; while Dynamo traces,
     on a plain list instead (see _stack).
     """
 
-    def __init__(self, dtype: torch.dtype | None, channels_last: bool, arena: bool = False) -> None:
+    def __init__(
+        self, dtype: torch.dtype | None, channels_last: bool, arena: bool = False, planar_in: bool = False,
+        planar_out: bool = False,
+    ) -> None:
         self.dtype, self.channels_last, self.arena = dtype, channels_last, arena
+        self.planar_in, self.planar_out = planar_in, planar_out
         self._local = threading.local()
         self._traced: list[tuple] = []
 
     def __reduce__(self):  # copies and pickles start with an empty per-thread stack
-        return (_ForwardScope, (self.dtype, self.channels_last, self.arena))
+        return (_ForwardScope, (self.dtype, self.channels_last, self.arena, self.planar_in, self.planar_out))
 
-    def _prepare(self, a: object) -> object:
+    def _prepare(self, a: object, planar: bool = False) -> object:
         if not isinstance(a, torch.Tensor):
             return a
         if self.dtype is not None and a.is_floating_point() and a.dtype != self.dtype:
             a = a.to(self.dtype)
-        if self.channels_last and a.dim() == 4:
+        if self.channels_last and a.dim() == 4 and not (planar and a.is_contiguous()):
             a = a.contiguous(memory_format=torch.channels_last)
         return a
 
@@ -238,16 +276,23 @@ class _ForwardScope:
         arena = self.arena and not compiling
         if arena:
             torch.ops.hrnet_fast.cpu_arena_scope(True)
-        stack.append((mode, restore, arena))
-        return tuple(self._prepare(a) for a in args)
+        outer = None
+        if self.planar_out and not compiling:  # the head writes NCHW where the caller passed NCHW
+            outer = getattr(planar_output, "on", False)
+            planar_output.on = restore
+        stack.append((mode, restore, arena, outer))
+        planar = self.planar_in and not compiling
+        return tuple(self._prepare(a, planar and k == 0) for k, a in enumerate(args))
 
     def exit(self, module: nn.Module, args: tuple, output: object) -> object:
         stack = self._stack()
-        mode, restore, arena = stack.pop() if stack else (None, False, False)
+        mode, restore, arena, outer = stack.pop() if stack else (None, False, False, None)
         try:
-            if restore:
+            if restore:  # a no-op where the head wrote NCHW already
                 output = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) and t.dim() == 4 else t, output)
         finally:
+            if outer is not None:
+                planar_output.on = outer
             if arena:
                 torch.ops.hrnet_fast.cpu_arena_scope(False)
             if mode is not None:
@@ -334,7 +379,9 @@ def optimize(
 
     fused = copy.deepcopy(model)
     converter = _Converter(chosen)
-    relus = relus_after_convs(fused)
+    graph = _fx_graph(fused)
+    relus = relus_after_convs(fused, graph)
+    stem, head = io_convs(fused, graph) if chosen == "cpu" else (None, None)
     with torch.no_grad():
         converter.convert_seg_head(fused)
         fused = converter.convert(fused, "")
@@ -357,9 +404,20 @@ def optimize(
             m.streams, m.tasks = streams, tasks
         elif isinstance(m, ChunkedStage):
             m.tasks = tasks
+    # the cpu backend's stem and head read and write NCHW themselves where their kernel can (io_convs)
+    modules = dict(fused.named_modules())
+    stem_conv = modules.get(stem) if stem is not None else None
+    head_conv = modules.get(head) if head is not None else None
+    planar_in = isinstance(stem_conv, FusedConv) and stem_conv.can_read_planar()
+    planar_out = isinstance(head_conv, FusedConv) and head_conv.can_write_planar()
+    if planar_in:
+        stem_conv.reads_planar = True
+    if planar_out:
+        head_conv.writes_planar = True
     # the compiled backends run channels_last end to end (NHWC tiles for Triton, cuDNN's fast
     # layout for half types, oneDNN's and our Winograd kernel's layout on the CPU)
-    scope = _ForwardScope(dtype, channels_last=chosen in ("cpu", "cuda", "triton"), arena=chosen == "cpu")
+    scope = _ForwardScope(dtype, channels_last=chosen in ("cpu", "cuda", "triton"), arena=chosen == "cpu",
+                          planar_in=planar_in, planar_out=planar_out)
     fused.register_forward_pre_hook(scope.enter)
     fused.register_forward_hook(scope.exit, always_call=True)
     fused.hrnet_fast_backend = chosen

@@ -227,6 +227,54 @@ def test_fused_conv_runs_weight_bound_shapes_on_conv_gemm(isa):
             torch.ops.hrnet_fast.conv_gemm_cols_switch(True)
 
 
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w,k,stride,pad",
+    [
+        (2, 3, 64, 17, 13, 3, 2, 1),  # the stem's first conv, odd sizes
+        (1, 3, 20, 9, 8, 3, 1, 1),  # 20 = a panel and a partial one
+        (1, 4, 96, 15, 14, 7, 2, 3),  # 7x7: 28 rows of A a window
+        (1, 1, 16, 7, 9, 3, 1, 1),  # one channel: NCHW and NHWC coincide
+    ],
+)
+def test_an_nchw_image_is_read_in_place(isa, n, cin, cout, h, w, k, stride, pad):
+    """conv_bias_act_into a channels_last out from an NCHW x of few channels (the stem on the caller's
+    image): conv_few_cin_rows reads its planes, a window as kh x C_in rows; float64's answer, not oneDNN."""
+    x, wt, b, r = _inputs(n, cin, cout, h, w, True, True, k, stride, pad, seed=5)
+    x = x.contiguous()
+    want = references.conv_bias_act(x, wt, b, stride, pad, r, True)
+    out = torch.empty(want.shape).contiguous(memory_format=CL)
+
+    def run():
+        torch.ops.hrnet_fast.conv_bias_act_into(x, wt, b, [stride] * 2, [pad] * 2, r, True, out)
+
+    run()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6 * (1 + want.abs().max().item()))
+    assert not _runs_onednn(run)
+
+
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w,k,stride,pad",
+    [
+        (2, 32, 17, 13, 11, 1, 1, 0),  # the pose head: blocks of 96 pixels across two images
+        (1, 64, 256, 7, 5, 1, 1, 0),
+        (1, 300, 40, 3, 5, 1, 1, 0),  # K past kKc: the rows path, a group at a time
+        (2, 32, 20, 9, 7, 3, 2, 1),  # strided 3x3
+        (1, 128, 256, 16, 12, 3, 2, 1),  # weight-bound: conv_gemm_cols
+    ],
+)
+def test_an_nchw_output_is_written_in_place(isa, n, cin, cout, h, w, k, stride, pad):
+    """conv_bias_act_into an NCHW out (a model's head for an NCHW caller): the same bits as the
+    channels_last output, no copy; with a residual it is left to the copy (correct all the same)."""
+    x, wt, b, r = _inputs(n, cin, cout, h, w, True, True, k, stride, pad, seed=6)
+    want = conv_bias_act(x, wt, b, stride, pad, None, False, backend="cpu")
+    out = torch.empty(want.shape)
+    torch.ops.hrnet_fast.conv_bias_act_into(x, wt, b, [stride] * 2, [pad] * 2, None, False, out)
+    assert torch.equal(out, want)
+    with_res = torch.empty(want.shape)
+    torch.ops.hrnet_fast.conv_bias_act_into(x, wt, b, [stride] * 2, [pad] * 2, r, True, with_res)
+    assert torch.equal(with_res, conv_bias_act(x, wt, b, stride, pad, r, True, backend="cpu"))
+
+
 def test_optimize_keeps_no_packed_copy_of_the_weights_it_runs(isa):
     """Every conv optimize() leaves to conv_bias_act on the cpu backend runs our kernel exactly where
     FusedConv says so (and then keeps its weight dense, stored HWIO), oneDNN's with a packed weight

@@ -278,6 +278,60 @@ def test_output_layout_follows_eager(backend):
         fast(x).view(2, -1)
 
 
+def test_cpu_stem_and_head_read_and_write_nchw_themselves():
+    """On the cpu backend the stem conv reads the caller's NCHW image and the head writes NCHW heatmaps
+    (io_convs): a forward makes no layout copy (no aten copy at all), and any input, NCHW,
+    channels_last or neither, gives eager's answer in eager's layout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    for cpu_graph in (False, True):
+        fast = hrnet_fast.optimize(model, backend="cpu", cpu_graph=cpu_graph)
+        assert fast.conv1.reads_planar and fast.final_layer.writes_planar
+        assert not any(m.reads_planar or m.writes_planar for m in fast.modules()
+                       if isinstance(m, FusedConv) and m not in (fast.conv1, fast.final_layer))
+        x = torch.randn(2, 3, 64, 96)
+        strided = torch.randn(2, 3, 64, 192)[..., ::2]  # neither layout: made channels_last on entry
+        with torch.no_grad():
+            for _ in range(3):  # the CPU graph records on the second call, replays from the third
+                for inp in (x, x.contiguous(memory_format=torch.channels_last), strided):
+                    want, got = model(inp), fast(inp)
+                    assert got.stride() == want.stride(), (got.stride(), want.stride())
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            if not cpu_graph:
+                with profile(activities=[ProfilerActivity.CPU]) as p:
+                    fast(x)
+                copies = [e.name for e in p.events() if e.name in ("aten::copy_", "aten::contiguous", "aten::clone")]
+                assert copies == []
+
+
+def test_io_convs_are_found_only_where_the_forward_says_so():
+    from hrnet_fast.convert import _fx_graph, io_convs
+
+    class TwiceRead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.conv(x) + x.mean())
+
+    class Pair(TwiceRead):
+        def forward(self, x):
+            y = self.conv(x)
+            return self.head(y), y
+
+    class Untraceable(TwiceRead):
+        def forward(self, x):
+            return self.head(self.conv(x)) if x.sum() > 0 else x
+
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    for model, want in ((seq, ("0", "3")), (TwiceRead(), (None, "head")), (Pair(), ("conv", None)),
+                        (Untraceable(), (None, None))):
+        assert io_convs(model, _fx_graph(model)) == want, type(model).__name__
+
+
 def test_refuses_a_submodule_in_training_mode():
     model = tiny_pose_hrnet().eval()
     model.stage2.train()

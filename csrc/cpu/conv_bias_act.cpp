@@ -127,8 +127,9 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 // conv_bias_act_into: the same into `out`, a tensor of the output's sizes that overlaps neither x nor the
 // residual (a slice of a larger batch: ChunkedStage's chunks write their part of the stage's output
 // where it belongs, rather than each into a tensor of its own and all copied by a concatenation,
-// which moved 25 MB at W32's batch 8). conv_gemm writes into it directly where it is channels_last
-// and dense; otherwise the result is copied in.
+// which moved 25 MB at W32's batch 8), and an optimize()d model's first and last convs read its NCHW
+// input and write its NCHW output (hrnet_fast/fused/conv.py). conv_gemm writes into it directly where
+// it is dense, channels_last or NCHW (conv_gemm_applies); otherwise the result is copied in.
 void conv_bias_act_into_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, const std::optional<at::Tensor>& residual,
                             bool relu, const at::Tensor& out) {
@@ -142,8 +143,7 @@ void conv_bias_act_into_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::assert_no_internal_overlap(out);
   at::assert_no_overlap(out, x);
   if (residual) at::assert_no_overlap(out, *residual);
-  if (x.scalar_type() == at::kFloat && out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.numel() > 0 &&
-      conv_gemm_applies(x, weight, stride, padding, residual)) {
+  if (x.scalar_type() == at::kFloat && out.numel() > 0 && conv_gemm_applies(x, weight, stride, padding, residual, &out)) {
     const at::Tensor b = bias && !bias->is_contiguous() ? bias->contiguous() : bias.value_or(at::Tensor());
     conv_gemm(x, weight, b.defined() ? b.data_ptr<float>() : nullptr, stride[0], padding[0], residual, relu, &out);
     return;

@@ -68,13 +68,21 @@ inline void window_panels(const float* const* a, int kh, int64_t lda, int64_t kr
 }
 
 // Output rows [t.r0, t.r1) of the n x ho image rows, kMr pixels at a time along each row. t.abuf holds
-// a patch of kh rows of ((kMr - 1) stride + kW) pixels; t.cbuf a group's C (kMr x coutp).
+// a patch of kh rows of ((kMr - 1) stride + kW) pixels; t.cbuf a group's C (kMr x coutp). A planar x
+// (the model's input image, [n][cin][h][w]) is read in place as well, without the image's NCHW -> NHWC
+// copy (a pass of its own over 4.7 MB at batch 8): a window is then kh x cin rows of kW floats, one per
+// input channel's plane, pixel r's at r x stride floats on, and the weight's rows come in that order
+// ([kh][cin][kW], conv_gemm's copy); the sums are the same but for their order.
 void conv_few_cin_rows(const ConvGemmTask& t) {
   const ConvGemmGeometry& g = *t.g;
-  const int64_t panels = (g.cout + kNr - 1) / kNr, coutp = panels * kNr, kr = g.kw * g.cin, lda = g.stride * g.cin;
+  const int64_t panels = (g.cout + kNr - 1) / kNr, coutp = panels * kNr;
   const int64_t span = (kMr - 1) * g.stride + g.kw;  // a patch row's pixels
-  const int kh = static_cast<int>(g.kh);
-  const float* a[kFewCinMaxKh];
+  const bool planar = g.x_planar;
+  // A's rows of a window, their floats, and the floats between two pixels' windows along a row
+  const int nrows = static_cast<int>(planar ? g.kh * g.cin : g.kh);
+  const int64_t kr = planar ? g.kw : g.kw * g.cin, lda = planar ? g.stride : g.stride * g.cin;
+  const int64_t row_floats = planar ? span : span * g.cin;  // a patch row's
+  const float* a[kFewCinMaxKh * kConvGemmMinCin];
   for (int64_t row = t.r0; row < t.r1; ++row) {
     const int64_t img = row / g.ho, oy = row % g.ho, iy0 = oy * g.stride - g.pad;
     const float* base = t.x + img * g.h * g.w * g.cin;
@@ -82,30 +90,33 @@ void conv_few_cin_rows(const ConvGemmTask& t) {
     for (int64_t ox = 0; ox < g.wo; ox += kMr) {
       const int rows = static_cast<int>(std::min<int64_t>(kMr, g.wo - ox));
       const int64_t ix0 = ox * g.stride - g.pad, pix = row * g.wo + ox;
+      // row i of the window: (ky, channel c) of a planar x, ky of an NHWC one
+      auto source = [&](int i, int64_t iy, int64_t ix) {
+        return planar ? base + ((i % g.cin) * g.h + iy) * g.w + ix : base + (iy * g.w + ix) * g.cin;
+      };
       if (rows_inside && rows == kMr && ix0 >= 0 && ix0 + span <= g.w) {
-        for (int ky = 0; ky < kh; ++ky) a[ky] = base + ((iy0 + ky) * g.w + ix0) * g.cin;
+        for (int i = 0; i < nrows; ++i) a[i] = source(i, iy0 + (planar ? i / g.cin : i), ix0);
       } else {  // the patch: x's pixels of the group's windows, zeros outside the image and past `rows`
         const int64_t used = (rows - 1) * g.stride + g.kw;
-        for (int ky = 0; ky < kh; ++ky) {
-          float* dst = t.abuf + ky * span * g.cin;
-          a[ky] = dst;
-          const int64_t iy = iy0 + ky;
+        for (int i = 0; i < nrows; ++i) {
+          float* dst = t.abuf + i * row_floats;
+          a[i] = dst;
+          const int64_t iy = iy0 + (planar ? i / g.cin : i);
+          const int64_t per = planar ? 1 : g.cin;  // floats a pixel
           for (int64_t q = 0; q < span; ++q) {
             const int64_t ix = ix0 + q;
             if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w && q < used)
-              std::memcpy(dst + q * g.cin, base + (iy * g.w + ix) * g.cin, sizeof(float) * g.cin);
+              std::memcpy(dst + q * per, source(i, iy, ix), sizeof(float) * per);
             else
-              std::memset(dst + q * g.cin, 0, sizeof(float) * g.cin);
+              std::memset(dst + q * per, 0, sizeof(float) * per);
           }
         }
       }
-      const bool direct = rows == kMr && coutp == g.cout;
+      const bool direct = rows == kMr && coutp == g.cout && !g.y_planar;
       const MicroEpilogue epi{t.bias, t.residual ? t.residual + pix * g.cout : nullptr, t.relu, t.y + pix * g.cout,
                               g.cout};
-      window_panels(a, kh, lda, kr, t.w, t.ldw, panels, direct, t.cbuf, coutp, epi);
-      if (!direct)
-        conv_gemm_epilogue(t.cbuf, coutp, rows, static_cast<int>(g.cout), t.bias,
-                           t.residual ? t.residual + pix * g.cout : nullptr, t.y + pix * g.cout, g.cout, t.relu);
+      window_panels(a, nrows, lda, kr, t.w, t.ldw, panels, direct, t.cbuf, coutp, epi);
+      if (!direct) conv_gemm_store(t, t.cbuf, coutp, pix, rows, 0, static_cast<int>(g.cout));
     }
   }
 }

@@ -51,23 +51,28 @@ bool conv_gemm_weight_bound(int64_t pixels, int64_t cin, int64_t kh, int64_t kw,
 }
 
 bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
-                       c10::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
+                       c10::IntArrayRef padding, const std::optional<at::Tensor>& residual, const at::Tensor* out) {
   constexpr auto cl = at::MemoryFormat::ChannelsLast;
+  const int64_t cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  // into `out`: an NCHW x where conv_few_cin_rows reads it (few channels), an NCHW out without a residual
+  const bool x_ok = x.is_contiguous(cl) || (out && cin < kConvGemmMinCin && x.is_contiguous());
+  const bool out_ok = !out || out->is_contiguous(cl) || (!residual && out->is_contiguous());
   if (weight.is_mkldnn() || weight.layout() != at::kStrided || weight.scalar_type() != at::kFloat ||
-      stride[0] != stride[1] || padding[0] != padding[1] || !x.is_contiguous(cl) ||
+      stride[0] != stride[1] || padding[0] != padding[1] || !x_ok || !out_ok ||
       (residual && !residual->is_contiguous(cl)))
     return false;
-  const int64_t cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
   return conv_gemm_takes(cin, kh, kw) ||
          conv_gemm_weight_bound(output_pixels(x, weight, stride, padding), cin, kh, kw, weight.size(0));
 }
 
-const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw) {
+const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw, bool cin_major) {
   const bool conv = weight.dim() == 4;
   const int64_t cout = weight.size(0), cin = weight.size(1);
   const int64_t kh = conv ? weight.size(2) : 1, kw = conv ? weight.size(3) : 1;
-  const bool in_place = cout % kNr == 0 && (conv ? dense_in_order(weight, std::array<int, 4>{2, 3, 1, 0})
-                                                 : dense_in_order(weight, std::array<int, 2>{1, 0}));
+  cin_major = cin_major && cin > 1 && kw > 1;  // else the same order
+  const bool in_place = cout % kNr == 0 && !cin_major &&
+                        (conv ? dense_in_order(weight, std::array<int, 4>{2, 3, 1, 0})
+                              : dense_in_order(weight, std::array<int, 2>{1, 0}));
   if (in_place) {
     ldw = cout;
     return weight.data_ptr<float>();
@@ -83,7 +88,7 @@ const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int6
   for (int64_t ky = 0; ky < kh; ++ky)
     for (int64_t kx = 0; kx < kw; ++kx)
       for (int64_t i = 0; i < cin; ++i) {
-        float* row = p + ((ky * kw + kx) * cin + i) * coutp;
+        float* row = p + (cin_major ? (ky * cin + i) * kw + kx : (ky * kw + kx) * cin + i) * coutp;
         for (int64_t o = 0; o < coutp; ++o) row[o] = o < cout ? w[o * so + i * si + ky * sy + kx * sx] : 0.f;
       }
   ldw = coutp;
@@ -148,7 +153,9 @@ void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, in
   // Each thread's kMr gathered windows (or patch) and their outputs (64-byte aligned slices of one allocation).
   at::internal::lazy_init_num_threads();
   const int64_t a_size = few ? g.kh * ((kMr - 1) * g.stride + g.kw) * g.cin : kMr * k;
-  const int64_t a_floats = (a_size + 15) / 16 * 16, per_thread = a_floats + kMr * coutp;
+  // C of a group, or of a block of groups where conv_gemm_rows_blocked writes a planar y
+  const int64_t c_rows = g.y_planar ? kConvGemmBlockGroups * kMr : kMr;
+  const int64_t a_floats = (a_size + 15) / 16 * 16, per_thread = a_floats + c_rows * coutp;
   const int64_t slots = at::get_num_threads();
   const at::Tensor scratch = empty_float({slots * per_thread});
   float* const scratch_base = scratch.data_ptr<float>();
@@ -172,10 +179,14 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight, const float*
                      stride, padding};
   g.ho = (g.h + 2 * padding - g.kh) / stride + 1;
   g.wo = (g.w + 2 * padding - g.kw) / stride + 1;
-  at::Tensor y = out ? *out : empty_float({g.n, g.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
+  constexpr auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor y = out ? *out : empty_float({g.n, g.cout, g.ho, g.wo}, cl);
+  // channels_last wherever the layouts coincide (one channel, one pixel): the same bytes either way
+  g.x_planar = !x.is_contiguous(cl);
+  g.y_planar = !y.is_contiguous(cl);
   at::Tensor packed;
   int64_t ldw = 0;
-  const float* w = conv_gemm_weight(weight, packed, ldw);
+  const float* w = conv_gemm_weight(weight, packed, ldw, g.x_planar);
   conv_gemm_run(g, x.data_ptr<float>(), w, ldw, bias, residual ? residual->data_ptr<float>() : nullptr, relu,
                 y.data_ptr<float>());
   return y;

@@ -95,8 +95,7 @@ void conv_gemm_cols_sum(const ConvGemmTask& t) {
       const vf8 s = load8(c0 + i) + load8(c1 + i);
       std::memcpy(c0 + i, &s, sizeof(s));
     }
-    conv_gemm_epilogue(c0, coutp, rows, static_cast<int>(g.cout), t.bias,
-                       t.residual ? t.residual + r * g.cout : nullptr, t.y + r * g.cout, g.cout, t.relu);
+    conv_gemm_store(t, c0, coutp, r, rows, 0, static_cast<int>(g.cout));
   }
 }
 

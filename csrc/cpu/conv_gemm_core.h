@@ -38,6 +38,40 @@ inline void conv_gemm_epilogue(const float* c, int64_t ldc, int rows, int n, con
   }
 }
 
+// act(acc + bias) of `rows` rows of `n` channels from C (rows ldc floats apart) into a planar y
+// [n][C_out][ho * wo], the rows being output pixels p0.. (of any images); channel c of pixel p at
+// y + (p / plane * cout + c) * plane + p % plane: a channel at a time, each image's pixels one run of
+// stores. No residual: a planar output is a model's last conv's.
+inline void conv_gemm_epilogue_planar(const float* c, int64_t ldc, int rows, int n, const float* bias, float* y,
+                                      int64_t p0, int64_t plane, int64_t cout, bool relu) {
+  for (int r0 = 0; r0 < rows;) {
+    const int64_t p = p0 + r0;
+    const int run = static_cast<int>(std::min<int64_t>(rows - r0, plane - p % plane));
+    float* out = y + p / plane * cout * plane + p % plane;
+    const float* cr = c + r0 * ldc;
+    for (int q = 0; q < n; ++q) {
+      const float b = bias ? bias[q] : 0.f;
+      for (int r = 0; r < run; ++r) {
+        const float v = cr[r * ldc + q] + b;
+        out[q * plane + r] = relu && v < 0.f ? 0.f : v;  // torch.relu keeps NaN: v < 0 is false for NaN
+      }
+    }
+    r0 += run;
+  }
+}
+
+// The epilogue of output pixels [r, r + rows), channels [c0, c0 + n), from C into the task's y in its
+// layout (conv_gemm_epilogue, or conv_gemm_epilogue_planar where y is planar).
+inline void conv_gemm_store(const ConvGemmTask& t, const float* c, int64_t ldc, int64_t r, int rows, int64_t c0, int n) {
+  const ConvGemmGeometry& g = *t.g;
+  const float* bias = t.bias ? t.bias + c0 : nullptr;
+  if (g.y_planar)
+    conv_gemm_epilogue_planar(c, ldc, rows, n, bias, t.y + c0 * g.ho * g.wo, r, g.ho * g.wo, g.cout, t.relu);
+  else
+    conv_gemm_epilogue(c, ldc, rows, n, bias, t.residual ? t.residual + r * g.cout + c0 : nullptr,
+                       t.y + r * g.cout + c0, g.cout, t.relu);
+}
+
 // A's rows for output pixels [r, r + rows) (rows <= kMr; the rest zero) into a [kMr][K] buffer.
 inline void conv_gemm_gather(const ConvGemmTask& t, int64_t r, int rows, float* a) {
   const ConvGemmGeometry& g = *t.g;
@@ -118,11 +152,8 @@ inline void conv_gemm_panels(const float* a, int64_t lda, const float* w, int64_
   }
 }
 
-// Groups of kMr pixels a block of conv_gemm_rows_blocked: the block's rows of x (96 x K floats, 24 KiB
-// at K = 64) and one 64-column slice of the weight (16 KiB) stay in L1 together.
-constexpr int64_t kBlockGroups = 16;
 
-// conv_gemm_rows for a 1x1 conv with K <= kKc (x's rows read in place): per block of kBlockGroups
+// conv_gemm_rows for a 1x1 conv with K <= kKc (x's rows read in place): per block of kConvGemmBlockGroups
 // groups, slice by slice of the columns (64 at 16 lanes, 16 at 8), every group of the block against
 // that slice, the epilogue applied to each group's 6 x 64 outputs as they leave the registers (through
 // the thread's C buffer only for a partial group or slice). The weight's slice stays in L1 across the
@@ -135,8 +166,26 @@ constexpr int64_t kBlockGroups = 16;
 void conv_gemm_rows_blocked(const ConvGemmTask& t) {
   const ConvGemmGeometry& g = *t.g;
   const int64_t panels = (g.cout + kNr - 1) / kNr, k = g.cin;
-  for (int64_t rb = t.r0; rb < t.r1; rb += kBlockGroups * kMr) {
-    const int64_t rb1 = std::min(t.r1, rb + kBlockGroups * kMr);
+  for (int64_t rb = t.r0; rb < t.r1; rb += kConvGemmBlockGroups * kMr) {
+    const int64_t rb1 = std::min(t.r1, rb + kConvGemmBlockGroups * kMr);
+    if (g.y_planar) {  // the block's C in t.cbuf (kConvGemmBlockGroups x kMr rows), then stored plane by plane
+      for (int64_t j = 0; j < panels;) {
+        const int64_t nj = kGemmPanels == 1 ? 1 : j + 3 < panels ? 4 : j + 1 < panels ? 2 : 1;
+        for (int64_t r = rb; r < rb1; r += kMr) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMr, rb1 - r));
+          const float* a = t.x + r * k;
+          if (rows < kMr) {
+            conv_gemm_gather(t, r, rows, t.abuf);
+            a = t.abuf;
+          }
+          conv_gemm_panels<false>(a, k, t.w + j * kNr, t.ldw, k, nj, t.cbuf + (r - rb) * panels * kNr + j * kNr,
+                                  panels * kNr);
+        }
+        j += nj;
+      }
+      conv_gemm_store(t, t.cbuf, panels * kNr, rb, static_cast<int>(rb1 - rb), 0, static_cast<int>(g.cout));
+      continue;
+    }
     for (int64_t j = 0; j < panels;) {
       const int64_t nj = kGemmPanels == 1 ? 1 : j + 3 < panels ? 4 : j + 1 < panels ? 2 : 1;
       const bool last_slice = j + nj >= panels;
@@ -147,18 +196,18 @@ void conv_gemm_rows_blocked(const ConvGemmTask& t) {
         // this slice's residual and output lines kPrefetchGroups groups ahead, and on the last slice
         // x's rows of the next block's group
         const int64_t ahead = r + kPrefetchGroups * kMr;
-        if (ahead < rb1) {
+        if (ahead < rb1 && !g.y_planar) {
           for (int64_t p = ahead; p < std::min(rb1, ahead + kMr); ++p) {
             if (t.residual) prefetch_lines(t.residual + p * g.cout + c0, t.residual + p * g.cout + c0 + n);
             prefetch_lines(t.y + p * g.cout + c0, t.y + p * g.cout + c0 + n, true);
           }
         }
         if (last_slice) {
-          const int64_t next = r + kBlockGroups * kMr;
+          const int64_t next = r + kConvGemmBlockGroups * kMr;
           if (next < t.r1) prefetch_lines(t.x + next * k, t.x + std::min(t.r1, next + kMr) * k);
         }
         const float* a = t.x + r * k;
-        if (rows == kMr && n == nj * kNr) {  // the epilogue straight from the registers
+        if (rows == kMr && n == nj * kNr && !g.y_planar) {  // the epilogue straight from the registers
           const MicroEpilogue epi{t.bias ? t.bias + c0 : nullptr, t.residual ? t.residual + r * g.cout + c0 : nullptr,
                                   t.relu, t.y + r * g.cout + c0, g.cout};
           conv_gemm_panels<false, true>(a, k, b, t.ldw, k, nj, t.cbuf, nj * kNr, epi);
@@ -169,8 +218,7 @@ void conv_gemm_rows_blocked(const ConvGemmTask& t) {
           a = t.abuf;
         }
         conv_gemm_panels<false>(a, k, b, t.ldw, k, nj, t.cbuf, nj * kNr);
-        conv_gemm_epilogue(t.cbuf, nj * kNr, rows, static_cast<int>(n), t.bias ? t.bias + c0 : nullptr,
-                           t.residual ? t.residual + r * g.cout + c0 : nullptr, t.y + r * g.cout + c0, g.cout, t.relu);
+        conv_gemm_store(t, t.cbuf, nj * kNr, r, rows, c0, static_cast<int>(n));
       }
       j += nj;
     }
@@ -200,7 +248,7 @@ void conv_gemm_rows(const ConvGemmTask& t) {
     if (ahead < t.r1) {
       const int64_t last = std::min(t.r1, ahead + kMr) - 1;
       if (t.residual) prefetch_lines(t.residual + ahead * g.cout, t.residual + (last + 1) * g.cout);
-      prefetch_lines(t.y + ahead * g.cout, t.y + (last + 1) * g.cout, true);
+      if (!g.y_planar) prefetch_lines(t.y + ahead * g.cout, t.y + (last + 1) * g.cout, true);
       // and x's pixels there: the rows the GEMM reads in place 6 streams at a time, or the windows
       // the gather copies (W32's 256 -> 64 1x1 conv at batch 8: 0.76-0.82x oneDNN's time without, 1.08x with)
       if (in_place) {
@@ -225,7 +273,7 @@ void conv_gemm_rows(const ConvGemmTask& t) {
     // A whole group of whole panels: the epilogue applied by the last K slice's GEMM, straight from
     // its registers, rather than through C (W32's 32 -> 64 stride-2 conv alone, 2 threads of the
     // Intel Xeon: 1.09x; the whole W32 1.009x at batch 1, the same at batch 8).
-    const bool direct = rows == kMr && coutp == g.cout;
+    const bool direct = rows == kMr && coutp == g.cout && !g.y_planar;
     const MicroEpilogue epi{t.bias, t.residual ? t.residual + r * g.cout : nullptr, t.relu, t.y + r * g.cout, g.cout};
     for (int64_t kc = 0; kc < k; kc += kKc) {
       const int64_t kk = std::min(kKc, k - kc);
@@ -239,9 +287,7 @@ void conv_gemm_rows(const ConvGemmTask& t) {
       else
         conv_gemm_panels<true>(a + kc, k, t.w + kc * t.ldw, t.ldw, kk, panels, cbuf, coutp);
     }
-    if (!direct)
-      conv_gemm_epilogue(cbuf, coutp, rows, static_cast<int>(g.cout), t.bias,
-                         t.residual ? t.residual + r * g.cout : nullptr, t.y + r * g.cout, g.cout, t.relu);
+    if (!direct) conv_gemm_store(t, cbuf, coutp, r, rows, 0, static_cast<int>(g.cout));
   }
 }
 

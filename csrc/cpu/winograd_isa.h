@@ -53,9 +53,11 @@ constexpr int64_t plane_stride(int64_t floats) { return floats + 16; }
 using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 
 // A direct convolution in NHWC (conv_gemm_core.h): x [n][h][w][cin] -> y [n][ho][wo][cout], a kh x kw
-// window at `stride` with `pad` zeros on every side.
+// window at `stride` with `pad` zeros on every side. x_planar: x is [n][cin][h][w] instead (read by
+// conv_few_cin_rows only: a model's input image); y_planar: y is [n][cout][ho][wo] (a model's output).
 struct ConvGemmGeometry {
   int64_t n, h, w, cin, ho, wo, cout, kh, kw, stride, pad;
+  bool x_planar = false, y_planar = false;
 };
 
 // Output rows (pixels) [r0, r1) of y = act(conv(x, W) + bias + residual): W as rows [kh][kw][cin] of
@@ -87,6 +89,9 @@ using ConvGemmFn = void (*)(const ConvGemmTask&);
 // (0.69-0.87x before a window's row of kW pixels was gathered in one copy).
 constexpr int64_t kConvGemmMinCin = 8;
 constexpr int64_t kConvGemmMaxK = 640;
+// Groups of kMr pixels a block of conv_gemm_rows_blocked: the block's rows of x (96 x K floats, 24 KiB
+// at K = 64) and one 64-column slice of the weight (16 KiB) stay in L1 together.
+constexpr int64_t kConvGemmBlockGroups = 16;  // (a planar y: C of a whole block in the buffer)
 // Convs with K past kConvGemmMaxK that conv_gemm still takes, at most kColsPixelsPerCout output pixels
 // an output channel: weight-bound, run with the weight's rows read once as two streams
 // (conv_gemm_cols_core.h). oneDNN's conv with its packed weight read it latency-bound: W32's 128 -> 256

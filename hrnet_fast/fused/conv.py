@@ -19,6 +19,11 @@ _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights f
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
 # so threads sharing a model can meet new input shapes or reloaded weights at the same time.
 _CACHE_LOCK = threading.Lock()
+# Input channels below which conv_bias_act's kernel reads an NCHW input itself (kConvGemmMinCin).
+_FEW_CIN = 8
+# Per thread, set for the forward of an optimize()d cpu model (convert._ForwardScope): `on` where the
+# caller passed NCHW, so a head conv with writes_planar writes NCHW (None, False: channels_last).
+planar_output = threading.local()
 
 
 class FusedConv(nn.Module):
@@ -56,6 +61,10 @@ class FusedConv(nn.Module):
         # (version, address, dtype) of the weight the caches were derived from: load_state_dict and
         # in-place edits bump the version, a replaced or cast weight has another address.
         self._derived_from: tuple | None = None
+        # cpu: the model's stem conv, given the caller's NCHW image as it is (its kernel reads the
+        # planes), and head conv, writing NCHW where the caller passed NCHW: optimize() sets them (io_convs)
+        self.reads_planar = False
+        self.writes_planar = False
 
     def pack(self, use_winograd: bool | None = None) -> None:
         """Prepare the weight for the backend, once. cuda: channels_last (cuDNN would otherwise
@@ -147,6 +156,17 @@ class FusedConv(nn.Module):
                         w = packed[key] = prepack(self.weight, key, self.stride, self.padding)
         return w
 
+    def can_read_planar(self) -> bool:
+        """Whether this conv's cpu kernel reads an NCHW input itself (a few-channel image)."""
+        return self._runs_planar() and self.weight.shape[1] < _FEW_CIN
+
+    def can_write_planar(self) -> bool:
+        """Whether this conv's cpu kernel writes an NCHW output itself."""
+        return self._runs_planar()
+
+    def _runs_planar(self) -> bool:
+        return self.backend == "cpu" and self._packed is None and not self._winograd and self._runs_conv_gemm()
+
     def _weight_bound(self, shape: tuple[int, ...]) -> bool:
         """Whether conv_bias_act's own kernel runs this conv on inputs of `shape` with the weight's
         columns split (few output pixels against a large weight: csrc/cpu/conv_gemm_cols_core.h)."""
@@ -173,6 +193,8 @@ class FusedConv(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("use_winograd", False)  # absent from states saved by versions without Winograd
+        state.setdefault("reads_planar", False)  # and these, by versions before them
+        state.setdefault("writes_planar", False)
         self.__dict__.update(state)
         # looked up again: in a fresh process this is what defines the Triton op for a triton model
         self._op = _backend.kernel("conv_bias_act", self.backend)
@@ -210,6 +232,12 @@ class FusedConv(nn.Module):
             return y if out is None else out.copy_(y)
         if self._packed is not None and not torch.compiler.is_compiling():
             w = self._packed_for(x)
+        if out is None and self.backend == "cpu" and not torch.compiler.is_compiling():
+            # the stem given an NCHW image writes channels_last, the head writes NCHW where asked
+            if self.reads_planar and not x.is_contiguous(memory_format=torch.channels_last) and x.is_contiguous():
+                out = torch.empty(self.output_shape(x.shape), dtype=x.dtype, memory_format=torch.channels_last)
+            elif self.writes_planar and getattr(planar_output, "on", False):
+                out = torch.empty(self.output_shape(x.shape), dtype=x.dtype)
         if out is None:
             return self._op(x, w, bias, self.stride, self.padding, residual, self.relu)
         if self.backend == "cpu" and not torch.compiler.is_compiling():
