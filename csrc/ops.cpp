@@ -23,6 +23,11 @@ TORCH_LIBRARY(hrnet_fast, m) {
   m.def(
       "conv_bias_act_into(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "Tensor? residual, bool relu, Tensor(a!) out) -> ()");
+  // conv_bias_act of one conv whose output channels are split into len(channels) outputs, output s
+  // act_s(its channels of conv2d(x, weight) + bias + residuals[s]), act_s a ReLU where relus[s]: CPU only
+  m.def(
+      "conv_bias_act_split(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[] channels, "
+      "Tensor?[] residuals, bool[] relus) -> Tensor[]");
   // act(base + bias + sum_k interpolate(conv1x1(lowres[k], weights[k]), size=base.shape[-2:], mode,
   // align_corners)), mode "nearest" or "bilinear"
   m.def(

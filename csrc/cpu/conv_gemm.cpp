@@ -141,10 +141,11 @@ void conv_gemm_cols_run(const ConvGemmGeometry& g, const WinogradKernels& kernel
 }  // namespace
 
 void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, int64_t ldw, const float* bias,
-                   const float* residual, bool relu, float* y) {
+                   const float* residual, bool relu, float* y, const std::vector<ConvGemmSegment>* segs) {
   const int64_t k = g.kh * g.kw * g.cin, coutp = (g.cout + kNr - 1) / kNr * kNr;
   const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
-  if (k > kConvGemmMaxK) return conv_gemm_cols_run(g, kernels, x, w, ldw, bias, residual, relu, y);
+  // (segments: conv_gemm_rows, which its callers ensure: kConvGemmMinCin channels or more, K within kConvGemmMaxK)
+  if (k > kConvGemmMaxK && !segs) return conv_gemm_cols_run(g, kernels, x, w, ldw, bias, residual, relu, y);
   // Few input channels: conv_few_cin_rows, whose tasks are whole output rows (kMr pixels at a time
   // along each) and whose buffer is a zero-padded patch of a group's windows.
   const bool few = g.cin < kConvGemmMinCin;
@@ -159,7 +160,11 @@ void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, in
   const int64_t slots = at::get_num_threads();
   const at::Tensor scratch = empty_float({slots * per_thread});
   float* const scratch_base = scratch.data_ptr<float>();
-  const ConvGemmTask task{&g, x, w, ldw, bias, residual, y, nullptr, nullptr, 0, 0, relu};
+  ConvGemmTask task{&g, x, w, ldw, bias, residual, y, nullptr, nullptr, 0, 0, relu};
+  if (segs) {
+    task.segs = segs->data();
+    task.nsegs = static_cast<int64_t>(segs->size());
+  }
   // 2 x kMr x K x C_out FLOP a group (a row of wo pixels for few channels): at least ~256 KFLOP a task
   const int64_t per_group = 2 * (few ? g.wo : kMr) * k * coutp;
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, per_group));

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 #include "cpu/winograd_isa.h"
 
@@ -35,8 +36,10 @@ bool conv_gemm_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntAr
 const float* conv_gemm_weight(const at::Tensor& weight, at::Tensor& packed, int64_t& ldw, bool cin_major = false);
 
 // y = act(conv(x, w) + bias + residual), NHWC, on the calling thread's team (bias, residual: or null).
+// With segs (conv_bias_act_split: at least kConvGemmMinCin input channels, K within kConvGemmMaxK, an
+// NHWC y), each segment's channels go to its own output instead, y, residual and relu unused.
 void conv_gemm_run(const ConvGemmGeometry& g, const float* x, const float* w, int64_t ldw, const float* bias,
-                   const float* residual, bool relu, float* y);
+                   const float* residual, bool relu, float* y, const std::vector<ConvGemmSegment>* segs = nullptr);
 
 // act(conv2d(x, weight, stride, padding) + bias + residual), channels_last (bias: C_out floats or null):
 // into `out` where given (the output's sizes, channels_last- or NCHW-contiguous as conv_gemm_applies

@@ -230,12 +230,17 @@ void conv_gemm_rows_blocked(const ConvGemmTask& t) {
 // against every panel (pair) of the weight, the last slice applying the epilogue as it stores (or,
 // for a short group or a partial panel, the epilogue over C afterwards). The residual and output
 // lines of the group kPrefetchGroups ahead are prefetched meanwhile: the epilogue reads and writes
-// them pixel by pixel, and otherwise waited.
+// them pixel by pixel, and otherwise waited. With t.segs (conv_bias_act_split), each segment's
+// columns are stored to its own output with its own residual and ReLU (the panels of a GEMM call never
+// straddle two: segments start at whole panels); each column's sums are the same as without.
 void conv_gemm_rows(const ConvGemmTask& t) {
   const ConvGemmGeometry& g = *t.g;
   const int64_t panels = (g.cout + kNr - 1) / kNr, coutp = panels * kNr, k = g.kh * g.kw * g.cin;
   const bool in_place = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
-  if (in_place && k <= kKc) return conv_gemm_rows_blocked(t);
+  if (in_place && k <= kKc && t.nsegs == 0) return conv_gemm_rows_blocked(t);
+  const ConvGemmSegment whole{0, g.cout, t.y, t.residual, t.relu};
+  const ConvGemmSegment* const segs = t.nsegs ? t.segs : &whole;
+  const int64_t nsegs = t.nsegs ? t.nsegs : 1;
   float* const cbuf = t.cbuf;
   for (int64_t r = t.r0; r < t.r1; r += kMr) {
     const int rows = static_cast<int>(std::min<int64_t>(kMr, t.r1 - r));
@@ -247,8 +252,12 @@ void conv_gemm_rows(const ConvGemmTask& t) {
     const int64_t ahead = r + kPrefetchGroups * kMr;
     if (ahead < t.r1) {
       const int64_t last = std::min(t.r1, ahead + kMr) - 1;
-      if (t.residual) prefetch_lines(t.residual + ahead * g.cout, t.residual + (last + 1) * g.cout);
-      if (!g.y_planar) prefetch_lines(t.y + ahead * g.cout, t.y + (last + 1) * g.cout, true);
+      for (int64_t q = 0; q < nsegs; ++q) {
+        const ConvGemmSegment& sg = segs[q];
+        const int64_t ldo = sg.c1 - sg.c0;
+        if (sg.residual) prefetch_lines(sg.residual + ahead * ldo, sg.residual + (last + 1) * ldo);
+        if (!g.y_planar) prefetch_lines(sg.y + ahead * ldo, sg.y + (last + 1) * ldo, true);
+      }
       // and x's pixels there: the rows the GEMM reads in place 6 streams at a time, or the windows
       // the gather copies (W32's 256 -> 64 1x1 conv at batch 8: 0.76-0.82x oneDNN's time without, 1.08x with)
       if (in_place) {
@@ -273,21 +282,34 @@ void conv_gemm_rows(const ConvGemmTask& t) {
     // A whole group of whole panels: the epilogue applied by the last K slice's GEMM, straight from
     // its registers, rather than through C (W32's 32 -> 64 stride-2 conv alone, 2 threads of the
     // Intel Xeon: 1.09x; the whole W32 1.009x at batch 1, the same at batch 8).
-    const bool direct = rows == kMr && coutp == g.cout && !g.y_planar;
-    const MicroEpilogue epi{t.bias, t.residual ? t.residual + r * g.cout : nullptr, t.relu, t.y + r * g.cout, g.cout};
     for (int64_t kc = 0; kc < k; kc += kKc) {
       const int64_t kk = std::min(kKc, k - kc);
       const bool last = kc + kk >= k;
-      if (kc == 0 && last && direct)
-        conv_gemm_panels<false, true>(a, k, t.w, t.ldw, kk, panels, cbuf, coutp, epi);
-      else if (kc == 0)
-        conv_gemm_panels<false>(a, k, t.w, t.ldw, kk, panels, cbuf, coutp);
-      else if (last && direct)
-        conv_gemm_panels<true, true>(a + kc, k, t.w + kc * t.ldw, t.ldw, kk, panels, cbuf, coutp, epi);
-      else
-        conv_gemm_panels<true>(a + kc, k, t.w + kc * t.ldw, t.ldw, kk, panels, cbuf, coutp);
+      for (int64_t q = 0; q < nsegs; ++q) {
+        const ConvGemmSegment& sg = segs[q];
+        const int64_t ldo = sg.c1 - sg.c0, sp = (ldo + kNr - 1) / kNr;
+        const bool direct = rows == kMr && ldo % kNr == 0 && !g.y_planar;
+        const MicroEpilogue epi{t.bias ? t.bias + sg.c0 : nullptr, sg.residual ? sg.residual + r * ldo : nullptr,
+                                sg.relu, sg.y + r * ldo, ldo};
+        const float* w = t.w + kc * t.ldw + sg.c0;
+        float* c = cbuf + sg.c0;
+        if (kc == 0 && last && direct)
+          conv_gemm_panels<false, true>(a, k, w, t.ldw, kk, sp, c, coutp, epi);
+        else if (kc == 0)
+          conv_gemm_panels<false>(a, k, w, t.ldw, kk, sp, c, coutp);
+        else if (last && direct)
+          conv_gemm_panels<true, true>(a + kc, k, w, t.ldw, kk, sp, c, coutp, epi);
+        else
+          conv_gemm_panels<true>(a + kc, k, w, t.ldw, kk, sp, c, coutp);
+        if (last && !direct) {
+          if (g.y_planar)
+            conv_gemm_store(t, cbuf, coutp, r, rows, 0, static_cast<int>(g.cout));
+          else
+            conv_gemm_epilogue(c, coutp, rows, static_cast<int>(ldo), t.bias ? t.bias + sg.c0 : nullptr,
+                               sg.residual ? sg.residual + r * ldo : nullptr, sg.y + r * ldo, ldo, sg.relu);
+        }
+      }
     }
-    if (!direct) conv_gemm_store(t, cbuf, coutp, r, rows, 0, static_cast<int>(g.cout));
   }
 }
 

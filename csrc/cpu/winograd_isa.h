@@ -60,6 +60,15 @@ struct ConvGemmGeometry {
   bool x_planar = false, y_planar = false;
 };
 
+// Output channels [c0, c1) of a conv written to an output of their own, [n][ho][wo][c1 - c0], with its
+// own residual (or null) and ReLU (conv_bias_act_split); c0 a multiple of kNr.
+struct ConvGemmSegment {
+  int64_t c0, c1;
+  float* y;
+  const float* residual;
+  bool relu;
+};
+
 // Output rows (pixels) [r0, r1) of y = act(conv(x, W) + bias + residual): W as rows [kh][kw][cin] of
 // ldw floats (ldw >= C_out rounded up to 16; the columns past C_out are read, not stored); abuf and
 // cbuf the calling thread's kMr x (kh * kw * cin) floats for gathered windows and kMr x (C_out rounded
@@ -78,6 +87,9 @@ struct ConvGemmTask {
   bool relu;
   int64_t j0 = 0, j1 = 0;  // conv_gemm_cols: the task's 16-wide output panels
   int64_t k0 = 0, k1 = 0;  // and its rows of the weight
+  // conv_gemm_rows: the outputs, where the conv's channels go to several (y, residual, relu unused)
+  const ConvGemmSegment* segs = nullptr;
+  int64_t nsegs = 0;
 };
 using ConvGemmFn = void (*)(const ConvGemmTask&);
 // The convs conv_gemm takes: at least kConvGemmMinCin input channels and at most kConvGemmMaxK taps x

@@ -2,7 +2,9 @@
 
 Output i = ReLU(sum_j F_ij(x_j)). The j < i terms (chains of stride-2 conv+BN) are conv_bias_act calls
 whose last conv adds into the running sum through `residual` (starting from x_i); the j > i terms
-(1x1 conv+BN, upsampled to x_i's size) and the ReLU are one fuse_multi_res over that sum.
+(1x1 conv+BN, upsampled to x_i's size) and the ReLU are one fuse_multi_res over that sum. On the cpu
+backend the chains' first convs from one branch j (towards every output i > j) run as one
+conv_bias_act_split (`_split_weights`), with the same bits.
 
 How the j > i terms are upsampled (`fusion_mode`):
 - Sequential(conv1x1, BN, Upsample(mode=...)) (the pose HRNet, timm, MMPose with or without
@@ -28,6 +30,7 @@ from torch import nn
 
 from hrnet_fast.fused import cpu_tasks
 from hrnet_fast.fused.blocks import WinogradBlocks, conv_bn_pair, fused_conv
+from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import fold_conv_bn
 from hrnet_fast.fused.streams import run_concurrently
 from hrnet_fast.ops import _backend
@@ -231,28 +234,38 @@ class FusedHRModule(nn.Module):
                 self.register_buffer(f"w_{i}_{k}", w)
             self.register_buffer(f"b_{i}", torch.stack([b for _, b in folded]).sum(0) if folded else None)
         self.n_out = len(rows)
+        # per source branch j: (the first convs' weight states, the split's weight and bias, or None)
+        self._split_cache: dict[int, tuple] = {}
         # set by optimize(streams=True): branches, then outputs, on parallel CUDA streams
         self.streams = False
         # set by optimize(tasks=True) (cpu backend): branches, then outputs, side by side on threads
         self.tasks = False
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_split_cache"] = {}  # derived weights (inference tensors, which cannot be pickled): made again
+        return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("mode", "nearest")  # absent from states saved before bilinear fusion
         state.setdefault("align_corners", False)
         state.setdefault("lowres_scale", [[None] * len(r) for r in state["lowres_index"]])
         state.setdefault("tasks", False)
+        state["_split_cache"] = {}  # absent from states saved before conv_bias_act_split
         super().__setstate__(state)
         # looked up again: in a fresh process this is what defines the Triton op for a triton model
         self._fuse = _backend.kernel("fuse_multi_res", self.backend)
 
-    def _output(self, i: int, x: list[torch.Tensor]) -> torch.Tensor:
-        s = x[i]
-        for j, chain in enumerate(self.chains[i]):
-            *convs, last = chain  # iterated: a slice of a ModuleList builds a new ModuleList on every call
-            t = x[j]
-            for conv in convs:
-                t = conv(t)
-            s = last(t, s)
+    def _output(self, i: int, x: list[torch.Tensor], s: torch.Tensor | None = None) -> torch.Tensor:
+        """Output i; `s`: its j < i terms already summed into x_i (_outputs)."""
+        if s is None:
+            s = x[i]
+            for j, chain in enumerate(self.chains[i]):
+                *convs, last = chain  # iterated: a slice of a ModuleList builds a new ModuleList on every call
+                t = x[j]
+                for conv in convs:
+                    t = conv(t)
+                s = last(t, s)
         idx = self.lowres_index[i]
         if idx:
             weights = [getattr(self, f"w_{i}_{k}") for k in range(len(idx))]
@@ -283,7 +296,77 @@ class FusedHRModule(nn.Module):
         x = self._branches(x)
         if self.n_out == 0:  # a single branch: the official module returns it without fusing
             return x
-        return [self._output(i, x) for i in range(self.n_out)]
+        return self._outputs(x)
+
+    def _outputs(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every output. On the cpu backend, each branch j's chains towards the outputs i > j start with
+        one conv_bias_act_split of x_j where _split_weights allows (else each with its own conv); the
+        chains' other convs and each output's sum follow in the same order as _output's."""
+        if self.backend != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return [self._output(i, x) for i in range(self.n_out)]
+        sums = list(x[: self.n_out])
+        for j in range(self.n_out - 1):
+            targets = range(j + 1, self.n_out)
+            split = self._split_weights(j)
+            if split is None:
+                firsts = [None] * len(targets)
+            else:
+                w, b, first_convs = split
+                residuals = [sums[i] if len(self.chains[i][j]) == 1 else None for i in targets]
+                firsts = torch.ops.hrnet_fast.conv_bias_act_split(
+                    x[j], w, b, first_convs[0].stride, first_convs[0].padding,
+                    [c.weight.shape[0] for c in first_convs], residuals, [c.relu for c in first_convs])
+            for i, first in zip(targets, firsts):
+                *convs, last = self.chains[i][j]
+                if first is not None and not convs:  # the chain was its first conv, which added into the sum
+                    sums[i] = first
+                    continue
+                t = x[j]
+                if first is not None:
+                    t, convs = first, convs[1:]
+                for conv in convs:
+                    t = conv(t)
+                sums[i] = last(t, sums[i])
+        return [self._output(i, x, sums[i]) for i in range(self.n_out)]
+
+    def _split_weights(self, j: int) -> tuple[torch.Tensor, torch.Tensor, list[FusedConv]] | None:
+        """The first convs of branch j's chains (towards outputs j+1, ...) as one conv: their weights
+        stacked (stored HWIO, as conv_gemm reads them) and biases, and the convs; None where there is
+        one, or they differ in window, stride or padding, or conv_gemm would not run each of them, or an
+        output other than the last does not start at a whole panel of 16 channels. Made again when any
+        of their weights or biases changed (version or storage)."""
+        convs = [self.chains[i][j][0] for i in range(j + 1, self.n_out)]
+        for c in convs:
+            if isinstance(c, FusedConv):
+                c._refresh()  # their own derived state, as their forward would
+        key = tuple((c.weight._version, c.weight.data_ptr(), c.bias._version, c.bias.data_ptr())
+                    if isinstance(c, FusedConv) and c.bias is not None else None for c in convs)
+        cached = self._split_cache.get(j)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        split = None
+        first = convs[0]
+        offsets = [sum(c.weight.shape[0] for c in convs[:k]) for k in range(len(convs))]
+        if (
+            len(convs) > 1
+            and None not in key
+            and all(
+                c.backend == "cpu" and not c._winograd and c._packed is None and c._runs_conv_gemm()
+                and c.weight.shape[1:] == first.weight.shape[1:] and c.stride == first.stride and c.padding == first.padding
+                for c in convs
+            )
+            and all(o % 16 == 0 for o in offsets)
+        ):
+            # stacked slice by slice (made once, not per call), the weight's rows HWIO
+            total = offsets[-1] + convs[-1].weight.shape[0]
+            w = first.weight.new_empty((total, *first.weight.shape[1:])).permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+            b = first.bias.new_empty(total)
+            for c, o in zip(convs, offsets):
+                w[o : o + c.weight.shape[0]].copy_(c.weight)
+                b[o : o + c.weight.shape[0]].copy_(c.bias)
+            split = (w, b, convs)
+        self._split_cache[j] = (key, split)
+        return split
 
     def _branches(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each branch on its input: on the cpu backend, where every branch is a WinogradBlocks that runs as

@@ -75,6 +75,20 @@ def conv_bias_act_into_fake(x, weight, bias, stride, padding, residual, relu, ou
         raise ValueError(f"out must have the output's shape {tuple(shape)}, got {tuple(out.shape)}")
 
 
+def conv_bias_act_split_fake(x, weight, bias, stride, padding, channels, residuals, relus):
+    """conv_bias_act_split's fake: one output a part of `channels`, in x's memory format."""
+    same_device("hrnet_fast::conv_bias_act_split", [("x", x), ("weight", weight), ("bias", bias)]
+                + [(f"residuals[{k}]", r) for k, r in enumerate(residuals)])
+    if not (len(channels) == len(residuals) == len(relus)) or sum(channels) != weight.shape[0]:
+        raise ValueError(
+            f"channels {list(channels)} must add up to the weight's {weight.shape[0]} output channels, with a "
+            f"residual and a relu each (got {len(residuals)} and {len(relus)})"
+        )
+    n, _, h, w = conv_output_shape(x, weight, stride, padding)
+    fmt = suggest_memory_format(x)
+    return [x.new_empty(n, c, h, w).contiguous(memory_format=fmt) for c in channels]
+
+
 def _conv_bias_act_setup_context(ctx, inputs, output):
     x, weight, bias, stride, padding, residual, relu = inputs
     if weight.is_mkldnn:
@@ -243,3 +257,4 @@ if _extension.is_built():
     register("hrnet_fast::conv_bias_act", "conv_bias_act")
     register("hrnet_fast::fuse_multi_res", "fuse_multi_res")
     torch.library.register_fake("hrnet_fast::conv_bias_act_into")(conv_bias_act_into_fake)  # inference only: no autograd
+    torch.library.register_fake("hrnet_fast::conv_bias_act_split")(conv_bias_act_split_fake)  # the same
