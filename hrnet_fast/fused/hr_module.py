@@ -36,6 +36,13 @@ from hrnet_fast.fused.streams import run_concurrently
 from hrnet_fast.ops import _backend
 from hrnet_fast.ops.basic_blocks import call_branches
 
+# The most taps x input channels (K) of the first strided convs that _split_weights runs as one conv.
+# Each op timed in W32's forward (2 threads of an Intel Xeon), split against conv by conv: from the
+# 32-channel branch (K = 288) 1.68 against 1.96 ms a forward at batch 1, 11.2 against 12.4 at batch 8;
+# W48's 48-channel one (432) 3.78 against 3.93 at batch 1; from W32's 64-channel branch (576) 1.13
+# against 1.16 at batch 1 but 6.8 against 6.6 at batch 8: the windows gathered once weigh less there.
+_SPLIT_MAX_K = 512
+
 
 def is_hr_module(m: nn.Module) -> bool:
     """HighResolutionModule-shaped: branches, fuse_layers and num_branches (official, timm, MMPose)."""
@@ -333,7 +340,8 @@ class FusedHRModule(nn.Module):
         """The first convs of branch j's chains (towards outputs j+1, ...) as one conv: their weights
         stacked (stored HWIO, as conv_gemm reads them) and biases, and the convs; None where there is
         one, or they differ in window, stride or padding, or conv_gemm would not run each of them, or an
-        output other than the last does not start at a whole panel of 16 channels. Made again when any
+        output other than the last does not start at a whole panel of 16 channels, or their K is past
+        _SPLIT_MAX_K. Made again when any
         of their weights or biases changed (version or storage)."""
         convs = [self.chains[i][j][0] for i in range(j + 1, self.n_out)]
         for c in convs:
@@ -350,6 +358,7 @@ class FusedHRModule(nn.Module):
         if (
             len(convs) > 1
             and None not in key
+            and first.weight[0].numel() <= _SPLIT_MAX_K
             and all(
                 c.backend == "cpu" and not c._winograd and c._packed is None and c._runs_conv_gemm()
                 and c.weight.shape[1:] == first.weight.shape[1:] and c.stride == first.stride and c.padding == first.padding
