@@ -91,13 +91,19 @@ def _runs_onednn(fn) -> bool:
     ],
 )
 @pytest.mark.parametrize("res,relu,bias", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
-def test_matches_float64(isa, n, cin, cout, h, w, k, stride, pad, res, relu, bias):
-    x, wt, b, r = _inputs(n, cin, cout, h, w, res, bias, k, stride, pad)
+def _ours_against_float64(x, wt, b, stride, pad, r, relu) -> torch.Tensor:
+    """conv_bias_act on the cpu backend: channels_last, float64's answer, not oneDNN's call; returned."""
     out = conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu")
     want = references.conv_bias_act(x, wt, b, stride, pad, r, relu)
     assert out.is_contiguous(memory_format=CL) and out.shape == want.shape
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6 * (1 + want.abs().max().item()))
     assert not _runs_onednn(lambda: conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu"))
+    return out
+
+
+def test_matches_float64(isa, n, cin, cout, h, w, k, stride, pad, res, relu, bias):
+    x, wt, b, r = _inputs(n, cin, cout, h, w, res, bias, k, stride, pad)
+    out = _ours_against_float64(x, wt, b, stride, pad, r, relu)
     # the weight stored HWIO (as optimize() keeps it) is read in place where C_out is whole panels of
     # 16, else copied: either way the same sums in the same order
     hwio = wt.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
@@ -171,11 +177,7 @@ def test_weight_bound_convs_match_float64(isa, n, cin, cout, h, w, k, stride, pa
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     assert cin * k * k > MAX_K and n * ho * wo <= PIXELS_PER_COUT * cout
     assert torch.ops.hrnet_fast.conv_gemm_weight_bound(n * ho * wo, cin, k, k, cout)
-    out = conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu")
-    want = references.conv_bias_act(x, wt, b, stride, pad, r, relu)
-    assert out.is_contiguous(memory_format=CL) and out.shape == want.shape
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6 * (1 + want.abs().max().item()))
-    assert not _runs_onednn(lambda: conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu"))
+    out = _ours_against_float64(x, wt, b, stride, pad, r, relu)
     hwio = wt.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     saved = torch.get_num_threads()
     try:
