@@ -64,6 +64,16 @@ def _runs_onednn(fn) -> bool:
     return any("mkldnn::_convolution_pointwise" in e.name for e in p.events())
 
 
+def _ours_against_float64(x, wt, b, stride, pad, r, relu) -> torch.Tensor:
+    """conv_bias_act on the cpu backend: channels_last, float64's answer, not oneDNN's call; returned."""
+    out = conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu")
+    want = references.conv_bias_act(x, wt, b, stride, pad, r, relu)
+    assert out.is_contiguous(memory_format=CL) and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6 * (1 + want.abs().max().item()))
+    assert not _runs_onednn(lambda: conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu"))
+    return out
+
+
 @pytest.mark.parametrize(
     "n,cin,cout,h,w,k,stride,pad",
     [
@@ -91,16 +101,6 @@ def _runs_onednn(fn) -> bool:
     ],
 )
 @pytest.mark.parametrize("res,relu,bias", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
-def _ours_against_float64(x, wt, b, stride, pad, r, relu) -> torch.Tensor:
-    """conv_bias_act on the cpu backend: channels_last, float64's answer, not oneDNN's call; returned."""
-    out = conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu")
-    want = references.conv_bias_act(x, wt, b, stride, pad, r, relu)
-    assert out.is_contiguous(memory_format=CL) and out.shape == want.shape
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6 * (1 + want.abs().max().item()))
-    assert not _runs_onednn(lambda: conv_bias_act(x, wt, b, stride, pad, r, relu, backend="cpu"))
-    return out
-
-
 def test_matches_float64(isa, n, cin, cout, h, w, k, stride, pad, res, relu, bias):
     x, wt, b, r = _inputs(n, cin, cout, h, w, res, bias, k, stride, pad)
     out = _ours_against_float64(x, wt, b, stride, pad, r, relu)
