@@ -22,7 +22,7 @@ _CACHE_LOCK = threading.Lock()
 # Input channels below which conv_bias_act's kernel reads an NCHW input itself (kConvGemmMinCin).
 _FEW_CIN = 8
 # Per thread, set for the forward of an optimize()d cpu model (convert._ForwardScope): `on` where the
-# caller passed NCHW, so a head conv with writes_planar writes NCHW (None, False: channels_last).
+# caller passed NCHW, so a head conv with writes_planar writes NCHW (unset or False: channels_last).
 planar_output = threading.local()
 
 
@@ -168,8 +168,9 @@ class FusedConv(nn.Module):
         return self.backend == "cpu" and self._packed is None and not self._winograd and self._runs_conv_gemm()
 
     def _weight_bound(self, shape: tuple[int, ...]) -> bool:
-        """Whether conv_bias_act's own kernel runs this conv on inputs of `shape` with the weight's
-        columns split (few output pixels against a large weight: csrc/cpu/conv_gemm_cols_core.h)."""
+        """Whether conv_bias_act's own kernel runs this conv on inputs of `shape`, K past kConvGemmMaxK
+        but few output pixels against a large weight, read once as two streams of its rows
+        (csrc/cpu/conv_gemm_cols_core.h)."""
         n, _, h, w = self.output_shape(shape)
         c_out, c_in, k_h, k_w = self.weight.shape
         return (
