@@ -60,16 +60,17 @@ std::vector<at::Tensor> conv_bias_act_split_cpu(const at::Tensor& x, const at::T
   std::vector<at::Tensor> outs;
   outs.reserve(parts);
   if (!together) {  // conv_bias_act per output, its slice of the weight and bias
+    static const auto conv_bias_act =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("hrnet_fast::conv_bias_act", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::IntArrayRef,
+                              c10::IntArrayRef, const std::optional<at::Tensor>&, bool)>();
     c0 = 0;
     for (int64_t s = 0; s < parts; ++s) {
       const auto n = channels[s];
       std::optional<at::Tensor> b;
       if (bias) b = bias->narrow(0, c0, n);
-      outs.push_back(c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hrnet_fast::conv_bias_act", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                           c10::IntArrayRef, c10::IntArrayRef, const std::optional<at::Tensor>&, bool)>()
-                         .call(x, weight.narrow(0, c0, n), b, stride, padding, residuals.get(s), relus.get(s)));
+      outs.push_back(conv_bias_act.call(x, weight.narrow(0, c0, n), b, stride, padding, residuals.get(s), relus.get(s)));
       c0 += n;
     }
     return outs;

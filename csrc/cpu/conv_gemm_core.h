@@ -196,7 +196,7 @@ void conv_gemm_rows_blocked(const ConvGemmTask& t) {
         // this slice's residual and output lines kPrefetchGroups groups ahead, and on the last slice
         // x's rows of the next block's group
         const int64_t ahead = r + kPrefetchGroups * kMr;
-        if (ahead < rb1 && !g.y_planar) {
+        if (ahead < rb1) {
           for (int64_t p = ahead; p < std::min(rb1, ahead + kMr); ++p) {
             if (t.residual) prefetch_lines(t.residual + p * g.cout + c0, t.residual + p * g.cout + c0 + n);
             prefetch_lines(t.y + p * g.cout + c0, t.y + p * g.cout + c0 + n, true);
@@ -207,7 +207,7 @@ void conv_gemm_rows_blocked(const ConvGemmTask& t) {
           if (next < t.r1) prefetch_lines(t.x + next * k, t.x + std::min(t.r1, next + kMr) * k);
         }
         const float* a = t.x + r * k;
-        if (rows == kMr && n == nj * kNr && !g.y_planar) {  // the epilogue straight from the registers
+        if (rows == kMr && n == nj * kNr) {  // the epilogue straight from the registers
           const MicroEpilogue epi{t.bias ? t.bias + c0 : nullptr, t.residual ? t.residual + r * g.cout + c0 : nullptr,
                                   t.relu, t.y + r * g.cout + c0, g.cout};
           conv_gemm_panels<false, true>(a, k, b, t.ldw, k, nj, t.cbuf, nj * kNr, epi);
@@ -218,7 +218,8 @@ void conv_gemm_rows_blocked(const ConvGemmTask& t) {
           a = t.abuf;
         }
         conv_gemm_panels<false>(a, k, b, t.ldw, k, nj, t.cbuf, nj * kNr);
-        conv_gemm_store(t, t.cbuf, nj * kNr, r, rows, c0, static_cast<int>(n));
+        conv_gemm_epilogue(t.cbuf, nj * kNr, rows, static_cast<int>(n), t.bias ? t.bias + c0 : nullptr,
+                           t.residual ? t.residual + r * g.cout + c0 : nullptr, t.y + r * g.cout + c0, g.cout, t.relu);
       }
       j += nj;
     }

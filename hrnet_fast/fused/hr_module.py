@@ -267,12 +267,8 @@ class FusedHRModule(nn.Module):
         """Output i; `s`: its j < i terms already summed into x_i (_outputs)."""
         if s is None:
             s = x[i]
-            for j, chain in enumerate(self.chains[i]):
-                *convs, last = chain  # iterated: a slice of a ModuleList builds a new ModuleList on every call
-                t = x[j]
-                for conv in convs:
-                    t = conv(t)
-                s = last(t, s)
+            for j in range(len(self.chains[i])):
+                s = self._down(i, j, x[j], s)
         idx = self.lowres_index[i]
         if idx:
             weights = [getattr(self, f"w_{i}_{k}") for k in range(len(idx))]
@@ -324,17 +320,22 @@ class FusedHRModule(nn.Module):
                     x[j], w, b, first_convs[0].stride, first_convs[0].padding,
                     [c.weight.shape[0] for c in first_convs], residuals, [c.relu for c in first_convs])
             for i, first in zip(targets, firsts):
-                *convs, last = self.chains[i][j]
-                if first is not None and not convs:  # the chain was its first conv, which added into the sum
+                if first is None:
+                    sums[i] = self._down(i, j, x[j], sums[i])
+                elif len(self.chains[i][j]) == 1:  # the chain was its first conv, which added into the sum
                     sums[i] = first
-                    continue
-                t = x[j]
-                if first is not None:
-                    t, convs = first, convs[1:]
-                for conv in convs:
-                    t = conv(t)
-                sums[i] = last(t, sums[i])
+                else:
+                    sums[i] = self._down(i, j, first, sums[i], first_done=True)
         return [self._output(i, x, sums[i]) for i in range(self.n_out)]
+
+    def _down(self, i: int, j: int, t: torch.Tensor, s: torch.Tensor, first_done: bool = False) -> torch.Tensor:
+        """Sum s plus chain i, j (stride-2 convs from branch j to output i's size) of t, its last conv
+        adding into s; first_done: t is the chain's first conv's output already."""
+        *convs, last = self.chains[i][j]  # iterated: a slice of a ModuleList builds a new ModuleList on every call
+        for k, conv in enumerate(convs):
+            if k or not first_done:
+                t = conv(t)
+        return last(t, s)
 
     def _split_weights(self, j: int) -> tuple[torch.Tensor, torch.Tensor, list[FusedConv]] | None:
         """The first convs of branch j's chains (towards outputs j+1, ...) as one conv: their weights
