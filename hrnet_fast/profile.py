@@ -132,7 +132,9 @@ def held_bytes(module: torch.nn.Module) -> int:
         for t in list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False) if b is not None]:
             add(t)
         for value in vars(m).values():  # caches held outside parameters and buffers
-            if isinstance(value, dict) and value is not m._modules:
+            if isinstance(value, torch.Tensor):
+                add(value)
+            elif isinstance(value, dict) and value is not m._modules:
                 for v in value.values():
                     if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
                         add(v)

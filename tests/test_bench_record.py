@@ -91,7 +91,8 @@ def test_import_is_cheap() -> None:
 
 
 def test_held_bytes_counts_weights_buffers_and_caches_once() -> None:
-    """held_bytes, checked by hand: parameters, buffers and tensors cached in attribute dicts, each storage once."""
+    """held_bytes, checked by hand: parameters, buffers and tensors cached in attributes or attribute dicts,
+    each storage once."""
     import torch
 
     from hrnet_fast.profile import held_bytes, rss_bytes
@@ -99,7 +100,9 @@ def test_held_bytes_counts_weights_buffers_and_caches_once() -> None:
     lin = torch.nn.Linear(4, 3)  # 12 + 3 float32
     lin.register_buffer("scale", torch.ones(5))  # 5 float32
     lin._cache = {"a": torch.zeros(10), "b": lin.weight.detach()}  # 10 more; b shares the weight's storage
+    lin._copy = torch.zeros(7)  # 7 more
+    lin._view = lin._cache["a"][:2]  # a view of a counted storage: nothing more
     outer = torch.nn.Sequential(lin, lin)  # the same module twice: counted once
-    assert held_bytes(outer) == 4 * (12 + 3 + 5 + 10)
+    assert held_bytes(outer) == 4 * (12 + 3 + 5 + 10 + 7)
     rss = rss_bytes()
     assert rss is None or rss > 10 * 2**20

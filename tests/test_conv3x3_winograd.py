@@ -216,14 +216,15 @@ def test_wide_split_keeps_per_panel_transforms():
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_dense_weight_gives_the_transformed_weights_bits(m, shape, threads):
     """tile=m: the kernel transforms the dense weight itself, in transform_weight's arithmetic, so the
-    output is bit for bit the one from the transformed weight, whether the weight is stored OIHW or IHWO."""
+    output is bit for bit the one from the transformed weight, whether the weight is stored OIHW or
+    IHWO or given panel-major (every plan: per-panel, own and shared U, split by panels or tiles)."""
     x, weight, b, r = make(shape, seed=11)
     x = x.contiguous(memory_format=CL)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         want = winograd.conv3x3_winograd(x, winograd.transform_weight(weight, m), shape[2], b, r, True)
-        for w in (weight, ihwo(weight)):
+        for w in (weight, ihwo(weight), winograd.panel_major(weight)):
             assert torch.equal(winograd.conv3x3_winograd(x, w, shape[2], b, r, True, tile=m), want)
     finally:
         torch.set_num_threads(before)
@@ -242,6 +243,19 @@ def test_transform_weight_matches_float64(m, cout, cin, layout):
     assert u.shape == want.shape == ((m + 2) ** 2, -(-cout // 16), cin, 16)
     torch.testing.assert_close(u.double(), want, rtol=0, atol=1e-6 * want.abs().max().item())
     assert not u[:, -1, :, (cout - 1) % 16 + 1 :].any()
+
+
+@pytest.mark.parametrize("cout,cin", [(32, 8), (18, 3), (5, 7)])
+def test_panel_major_layout(cout, cin):
+    """panel_major(w)[j, ci, kh, kw, lane] is w[16 j + lane, ci, kh, kw], zero past C_out, and
+    from_panel_major takes it back."""
+    w = torch.randn(cout, cin, 3, 3, generator=torch.Generator().manual_seed(4))
+    p = winograd.panel_major(w)
+    assert p.shape == (-(-cout // 16), cin, 3, 3, 16) and p.is_contiguous()
+    for o in range(p.shape[0] * 16):
+        want = w[o] if o < cout else torch.zeros(cin, 3, 3)
+        assert torch.equal(p[o // 16, :, :, :, o % 16], want)
+    assert torch.equal(winograd.from_panel_major(p, cout), w)
 
 
 def test_transform_weight_layout():
@@ -271,20 +285,25 @@ def test_choose_tile(x_shape, c_out, m):
 @pytest.mark.parametrize("m", winograd.TILES)
 @pytest.mark.parametrize("shape", [(2, 5, 18, 7, 9), (1, 8, 16, 1, 1), (1, 3, 20, 8, 8)], ids=str)
 @pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("dense", [False, True], ids=["transformed", "dense"])
+@pytest.mark.parametrize("dense", [False, True, "panels"], ids=["transformed", "dense", "panel-major"])
 def test_gradients_match_direct_convolution(m, shape, relu, dense):
     """x, bias and residual get direct convolution's gradients; the transformed weight's, taken back
     through the filter transform (weight_grad_to_dense), is direct convolution's weight gradient, and
-    a dense weight (tile=m) gets that directly."""
+    a dense weight (tile=m) gets that directly (panel-major: that gradient panel-major, its padded
+    output channels zero)."""
     x, weight, b, r = make(shape, seed=8)
-    w_in = weight if dense else winograd.transform_weight(weight, m)
+    w_in = weight if dense is True else winograd.panel_major(weight) if dense else winograd.transform_weight(weight, m)
     leaves = [t.clone().requires_grad_() for t in (x, w_in, b, r)]
     y = winograd.conv3x3_winograd(leaves[0], leaves[1], shape[2], leaves[2], leaves[3], relu, tile=m if dense else 0)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
     y.backward(dy)
     exact = [t.double().requires_grad_() for t in (x, weight, b, r)]
     references.conv_bias_act(exact[0], exact[1], exact[2], 1, 1, exact[3], relu).backward(dy.double())
-    w_grad = leaves[1].grad if dense else winograd.weight_grad_to_dense(leaves[1].grad, shape[2])
+    if dense == "panels":
+        assert not leaves[1].grad.permute(0, 4, 1, 2, 3).flatten(0, 1)[shape[2]:].any()
+        w_grad = winograd.from_panel_major(leaves[1].grad, shape[2])
+    else:
+        w_grad = leaves[1].grad if dense else winograd.weight_grad_to_dense(leaves[1].grad, shape[2])
     got = [leaves[0].grad, w_grad, leaves[2].grad, leaves[3].grad]
     for g, e in zip(got, exact):
         assert g.shape == e.shape
@@ -326,6 +345,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (x, ihwo(weight), 18, b, r, True, 4))
     args = [t.requires_grad_() for t in (x, weight, b, r)]
     torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (args[0], args[1], 18, args[2], args[3], True, 2))
+    args = [t.detach().requires_grad_() for t in (x, winograd.panel_major(weight), b, r)]  # panel-major
+    torch.library.opcheck(torch.ops.hrnet_fast.conv3x3_winograd.default, (args[0], args[1], 18, args[2], args[3], True, 4))
     torch.library.opcheck(torch.ops.hrnet_fast.winograd_weight.default, (weight.detach(), 4))
 
 
@@ -362,12 +383,21 @@ def _bad_calls():
         (lambda: ops.conv3x3_winograd(x, u, 16, b[:3], r, True), RuntimeError, "bias must be"),
         # a dense weight (tile=m)
         (lambda: winograd.conv3x3_winograd(x, weight, 16, b, r, tile=3), ValueError, r"tile must be one of \(2, 4\)"),
-        (lambda: winograd.conv3x3_winograd(x, weight[:8], 16, b, r, tile=2), ValueError, r"dense 3x3 weight \[16, C_in, 3, 3\]"),
-        (lambda: winograd.conv3x3_winograd(x, u, 16, b, r, tile=4), ValueError, r"dense 3x3 weight \[16, C_in, 3, 3\]"),
-        (lambda: winograd.conv3x3_winograd(x[:, :7], weight, 16, b, r, tile=2), ValueError, "weight has 8 input channels, x has 7"),
+        (lambda: winograd.conv3x3_winograd(x, weight[:8], 16, b, r, tile=2), ValueError,
+         r"dense 3x3 weight \[16, 8, 3, 3\] or its panel_major \[1, 8, 3, 3, 16\]"),
+        (lambda: winograd.conv3x3_winograd(x, u, 16, b, r, tile=4), ValueError, r"dense 3x3 weight \[16, 8, 3, 3\]"),
+        (lambda: winograd.conv3x3_winograd(x[:, :7], weight, 16, b, r, tile=2), ValueError,
+         r"\[16, 7, 3, 3\] .*\(x has 7 channels\), got shape \(16, 8, 3, 3\)"),
+        (lambda: winograd.conv3x3_winograd(x, winograd.panel_major(weight)[..., :8], 16, b, r, tile=2), ValueError,
+         r"panel_major \[1, 8, 3, 3, 16\] \(x has 8 channels\), got shape \(1, 8, 3, 3, 8\)"),
         (lambda: ops.conv3x3_winograd(x, weight, 16, b, r, True, 3), RuntimeError, "tile must be 2 or 4"),
-        (lambda: ops.conv3x3_winograd(x, u, 16, b, r, True, 2), RuntimeError, r"dense 3x3 weight \[16, C_in, 3, 3\]"),
-        (lambda: ops.conv3x3_winograd(x[:, :7], weight, 16, b, r, True, 4), RuntimeError, "weight has 8 input channels, x has 7"),
+        (lambda: ops.conv3x3_winograd(x, u, 16, b, r, True, 2), RuntimeError,
+         r"dense 3x3 weight \[16, 8, 3, 3\] \(or panel-major \[1, 8, 3, 3, 16\]\)"),
+        (lambda: ops.conv3x3_winograd(x[:, :7], weight, 16, b, r, True, 4), RuntimeError, r"dense 3x3 weight \[16, 7, 3, 3\]"),
+        (lambda: ops.conv3x3_winograd(x, winograd.panel_major(weight).transpose(1, 2), 16, b, r, True, 4), RuntimeError,
+         r"panel-major 3x3 weight \[1, 8, 3, 3, 16\] .*got \[1, 3, 8, 3, 16\]"),
+        (lambda: ops.conv3x3_winograd(x, winograd.panel_major(weight).transpose(2, 3), 16, b, r, True, 4), RuntimeError,
+         r"\(not contiguous\)"),
         (lambda: ops.winograd_weight(weight, 3), RuntimeError, r"m \(the output tile size\) must be 2 or 4, got 3"),
         (lambda: ops.winograd_weight(torch.randn(16, 8, 5, 5), 2), RuntimeError, r"3x3 conv weight \[C_out, C_in, 3, 3\]"),
         (lambda: ops.winograd_weight(weight.double(), 2), RuntimeError, "dense float32 CPU tensor"),

@@ -11,7 +11,7 @@ from torch import nn
 import hrnet_fast
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.hr_module import FusedHRModule
-from hrnet_fast.ops.winograd import choose_tile
+from hrnet_fast.ops.winograd import choose_tile, panel_major
 from hrnet_fast.profile import count_ops, held_bytes
 from hrnet_fast.reference import tiny_pose_hrnet
 
@@ -62,10 +62,18 @@ def test_pose_hrnet_cpu(builder, size):
     winograd = [m for m in convs if m._winograd]
     assert len(winograd) == 26 * 4 * 2 + 4 + 1, len(winograd)
     assert all(tuple(m.weight.shape[2:]) == (3, 3) and m.stride == [1, 1] for m in winograd)
-    # the weights stay dense, stored [C_in, 3, 3, C_out] for the kernel's per-call transform; no
-    # transformed or packed copy is kept beside them
-    assert all(m.weight.permute(1, 2, 3, 0).is_contiguous() for m in winograd)
+    # the kernel's per-call transform reads a panel-major copy of a large dense weight (the values of
+    # the buffer state_dict shows), a small one where the buffer holds it IHWO; no transformed or
+    # oneDNN-packed copy is kept beside them
+    for m in winograd:
+        if m.weight.numel() * 4 >= 256 << 10:
+            assert torch.equal(m._winograd_weight, panel_major(m.weight))
+        else:
+            assert m._winograd_weight is m.weight and m.weight.permute(1, 2, 3, 0).is_contiguous()
+    if builder is hrnet_fast.pose_hrnet_w32:  # the 256- and 128-channel convs, and the first transition's 256 -> 32
+        assert sum(m._winograd_weight is not m.weight for m in winograd) == 24 + 56 + 1
     assert all(m._packed is None for m in winograd)
+    assert all(m._winograd_weight is None for m in convs if not m._winograd)
 
 
 def test_winograd_off_keeps_direct_convolution():
@@ -80,7 +88,8 @@ def test_winograd_off_keeps_direct_convolution():
 
 def test_fused_conv_winograd_at_alternating_sizes():
     """A 256-channel 3x3 conv meets 8x6 (F(2x2): few tiles), 32x32 (F(4x4)) and 8x6 again: each call
-    transforms the dense weight for its own tile, nothing derived is kept, every answer is right."""
+    transforms the dense weight for its own tile, nothing derived is kept but the weight's panel-major
+    copy (the same size: 256 output channels are 16 whole panels), every answer is right."""
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(256, 256, 3, 3, generator=g) / 48, torch.randn(256, generator=g)
     conv = FusedConv(w, b, (1, 1), (1, 1), relu=False, backend="cpu")
@@ -92,7 +101,7 @@ def test_fused_conv_winograd_at_alternating_sizes():
         out = conv(x)
         ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1)
         assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
-    assert held_bytes(conv) == held == (w.numel() + b.numel()) * 4
+    assert held_bytes(conv) == held == (2 * w.numel() + b.numel()) * 4
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

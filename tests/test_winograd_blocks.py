@@ -59,6 +59,9 @@ def test_same_bits_as_the_conv_calls(shape, threads):
     got, want = with_threads(threads, lambda: (winograd_blocks(x, ws, bs, m), reference(x, ws, bs, m)))
     assert got.is_contiguous(memory_format=CL)
     assert torch.equal(got, want)
+    # the weights panel-major (as optimize() hands the kernels; every other one, to mix the layouts)
+    mixed = [winograd.panel_major(w) if i % 2 == 0 or blocks == 1 else w for i, w in enumerate(ws)]
+    assert torch.equal(with_threads(threads, lambda: winograd_blocks(x, mixed, bs, m)), want)
 
 
 def test_a_split_with_shared_u_is_covered():
@@ -91,7 +94,7 @@ def test_bad_input_says_what_was_expected():
     x, ws, bs = make(1, 16, 8, 8, 1)
     with pytest.raises(ValueError, match="two a block"):
         winograd_blocks(x, ws[:1], bs[:1], 4)
-    with pytest.raises(ValueError, match=r"weights\[1\] must be a 3x3 weight \[16, 16, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"weights\[1\] must be the dense 3x3 weight \[16, 16, 3, 3\]"):
         winograd_blocks(x, [ws[0], torch.randn(8, 16, 3, 3)], bs, 4)
     with pytest.raises(ValueError, match="tile must be one of"):
         winograd_blocks(x, ws, bs, 3)
@@ -104,8 +107,11 @@ def test_bad_input_says_what_was_expected():
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
-def test_opcheck(grad):
+@pytest.mark.parametrize("panels", [False, True], ids=["oihw", "panel-major"])
+def test_opcheck(grad, panels):
     x, ws, bs = make(1, 16, 8, 8, 2, seed=5)
+    if panels:
+        ws = [winograd.panel_major(w) for w in ws]
     args = (x, ws, bs, 4)
     if grad:
         leaves = [w.clone().requires_grad_() for w in ws], [b.clone().requires_grad_() for b in bs]
@@ -235,6 +241,9 @@ def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_sid
         lanes_restored(lanes)
         got = with_threads(threads, lambda: hrnet_fast.ops.winograd_branches(xs, ws, bs, tiles))
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+    panels = [[winograd.panel_major(w) for w in b] for b in ws]  # as optimize() hands the kernels
+    got = with_threads(threads, lambda: hrnet_fast.ops.winograd_branches(xs, panels, bs, tiles))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def branch_teams(n, shapes, threads):
@@ -377,7 +386,7 @@ def test_branches_bad_input():
     xs, ws, bs, tiles = make_branches(1, [(16, 8, 8), (32, 4, 4)])
     with pytest.raises(ValueError, match="one a branch"):
         hrnet_fast.ops.winograd_branches(xs, ws[:1], bs, tiles)
-    with pytest.raises(ValueError, match=r"weights\[0\] must be a 3x3 weight \[32, 32, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"weights\[0\] must be the dense 3x3 weight \[32, 32, 3, 3\]"):
         hrnet_fast.ops.winograd_branches(xs, [ws[0], ws[0]], bs, tiles)
     flat_w, flat_b = [w for b in ws for w in b], [b for bb in bs for b in bb]
     with pytest.raises(RuntimeError, match="sum\\(convs\\)"):

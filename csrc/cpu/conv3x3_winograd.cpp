@@ -248,6 +248,30 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   return WinogradPlan{blocks, splits, tb, per_panel, own_u, sliced, slice};
 }
 
+DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor& w, int64_t cout, int64_t cin,
+                             at::Tensor& kept) {
+  const int64_t panels = (cout + kNr - 1) / kNr;
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.layout() == at::kStrided, op, ": ", name,
+              " must be a dense float32 CPU tensor, got ", w.scalar_type(), " on ", w.device());
+  if (w.dim() == 5) {
+    TORCH_CHECK(w.size(0) == panels && w.size(1) == cin && w.size(2) == 3 && w.size(3) == 3 && w.size(4) == kNr &&
+                    w.is_contiguous(),
+                op, ": a 5-D ", name, " must be a contiguous panel-major 3x3 weight [", panels, ", ", cin,
+                ", 3, 3, 16] (hrnet_fast.ops.winograd.panel_major of a [", cout, ", ", cin, ", 3, 3] weight), got ",
+                w.sizes(), w.is_contiguous() ? "" : " (not contiguous)");
+    kept = w;
+    return DenseWeight::panel_major(w.data_ptr<float>(), cin);
+  }
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == cout && w.size(1) == cin && w.size(2) == 3 && w.size(3) == 3, op, ": ",
+              name, " must be the dense 3x3 weight [", cout, ", ", cin, ", 3, 3] (or panel-major [", panels, ", ",
+              cin, ", 3, 3, 16]), got shape ", w.sizes());
+  // IHWO [C_in][3][3][C_out]: itself where stored that way (as optimize() keeps it), checked by its
+  // strides (tensor_view.h: a permuted view made on every call cost 5.7 us of W32's ~150 us calls at
+  // batch 1, its caches cold)
+  kept = dense_in_order(w, std::array<int, 4>{1, 2, 3, 0}) ? w : w.permute({1, 2, 3, 0}).contiguous();
+  return DenseWeight::ihwo(kept.data_ptr<float>(), cout);
+}
+
 WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots)
     : g_(g), m_(m), dense_(dense), kernels_(winograd_kernels(active_cpu_isa())),
       plan_(plan_winograd(g, m, dense, threads, kernels_.gemm_panels)) {
@@ -268,19 +292,19 @@ WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int
   if (shared_u()) u_scratch_ = empty_float({K * K * u_stride_});
 }
 
-const float* WinogradRunner::transform_shared_u(const float* w) {
+const float* WinogradRunner::transform_shared_u(const DenseWeight& w) {
   winograd_transform_all(w, g_.cin, g_.cout, m_, u_scratch_.data_ptr<float>(), u_stride_);
   return u_scratch_.data_ptr<float>();
 }
 
-const float* WinogradRunner::transform_shared_u_part(const float* w, int64_t part, int64_t parts) const {
+const float* WinogradRunner::transform_shared_u_part(const DenseWeight& w, int64_t part, int64_t parts) const {
   const int64_t ci0 = g_.cin * part / parts, ci1 = g_.cin * (part + 1) / parts;
   float* u = u_scratch_.data_ptr<float>();
   if (ci0 < ci1) (m_ == 2 ? kernels_.w2 : kernels_.w4)(w, g_.cin, g_.cout, ci0, ci1, u, u_stride_);
   return u;
 }
 
-void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const float* w,
+void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const DenseWeight& w,
                          const float* bias, const float* residual, bool relu, float* y) const {
   const WinogradTaskFn run_task = m_ == 2 ? kernels_.m2 : kernels_.m4;
   const int64_t blocks = plan_.blocks, splits = plan_.splits, panels = g_.coutp / kNr;
@@ -305,8 +329,8 @@ void WinogradRunner::run(int64_t slot, int64_t begin, int64_t end, const float* 
 
 namespace {
 
-// u: the packed transformed weight, or null with w the dense IHWO weight (transformed here).
-void winograd_forward(const float* x, const float* u, const float* w, const float* bias, const float* residual,
+// u: the packed transformed weight, or null with w the dense weight (transformed here).
+void winograd_forward(const float* x, const float* u, const DenseWeight& w, const float* bias, const float* residual,
                       bool relu, const WinogradGeometry& g, int m, float* y) {
   // This library's own first-region set-up (csrc/cpu/cpu_thread_team.cpp) before the team is read:
   // the scratch has a slot per thread of the parallel_for's team, so the two must agree.
@@ -329,12 +353,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   const bool dense = tile != 0;
   TORCH_CHECK(tile == 0 || tile == 2 || tile == 4, op, ": tile must be 2 or 4 for a dense weight (0: weight is "
               "transformed), got ", tile);
-  if (dense) {
-    TORCH_CHECK(weight.dim() == 4 && weight.size(0) == cout && weight.size(2) == 3 && weight.size(3) == 3, op,
-                ": with tile=", tile, " weight must be the dense 3x3 weight [", cout, ", C_in, 3, 3], got shape ",
-                weight.sizes());
-    TORCH_CHECK(weight.size(1) == cin, op, ": weight has ", weight.size(1), " input channels, x has ", cin);
-  } else {
+  if (!dense) {
     TORCH_CHECK(weight.dim() == 4 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(3) == kNr,
                 op, ": weight must be a transformed weight [16 or 36, ceil(C_out/16), C_in, 16] from "
                 "hrnet_fast.ops.winograd.transform_weight (or a dense [C_out, C_in, 3, 3] one with tile=2 or 4), "
@@ -363,12 +382,9 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   // The kernel works in NHWC; an NCHW x (or residual) is converted, and y is returned in x's format.
   at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (cin % 8 == 0 && reinterpret_cast<std::uintptr_t>(xc.data_ptr()) % 32) xc = xc.clone(at::MemoryFormat::ChannelsLast);
-  // a dense weight as IHWO [3][3][C_in][C_out]: itself where stored that way (as optimize() keeps it),
-  // checked by its strides (tensor_view.h: a permuted view made on every call cost 5.7 us of W32's
-  // ~150 us calls at batch 1, its caches cold)
-  const at::Tensor wc = !dense ? weight.contiguous()
-                        : dense_in_order(weight, std::array<int, 4>{1, 2, 3, 0}) ? weight
-                        : weight.permute({1, 2, 3, 0}).contiguous();
+  at::Tensor wc;
+  const DenseWeight w = dense ? dense_weight_arg(op, "weight", weight, cout, cin, wc) : DenseWeight{};
+  if (!dense) wc = weight.contiguous();
   std::optional<at::Tensor> bc, rc;
   if (bias) bc = bias->contiguous();
   if (residual) rc = residual->contiguous(at::MemoryFormat::ChannelsLast);
@@ -380,7 +396,6 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& weight, i
   const float* b = bc ? bc->data_ptr<float>() : nullptr;
   const float* r = rc ? rc->data_ptr<float>() : nullptr;
   const float* u = dense ? nullptr : wc.data_ptr<float>();
-  const float* w = dense ? wc.data_ptr<float>() : nullptr;
   winograd_forward(xc.data_ptr<float>(), u, w, b, r, relu, g, m, y.data_ptr<float>());
   return fmt == at::MemoryFormat::ChannelsLast ? y : y.contiguous(fmt);
 }

@@ -305,7 +305,7 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
     std::vector<int64_t> split_key;
     int64_t split = chain_convs[0];
     if (two_lanes && split_switch.on()) {
-      split_key.push_back(static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(chains[0].weight(0))));
+      split_key.push_back(static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(chains[0].weight(0).data)));
       for (int64_t b : apart) {
         split_key.insert(split_key.end(), xs[b].sizes().begin(), xs[b].sizes().end());
         split_key.push_back(convs[b]);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <string>
 
 #include "cpu/tensor_view.h"
 
@@ -23,19 +24,17 @@ WinogradChain::WinogradChain(const char* op, const at::Tensor& x, at::TensorList
   TORCH_CHECK(n >= 2 && n % 2 == 0 && biases.size() == weights.size(), op,
               ": weights and biases must be two a block (an even number, at least 2) and as many of each, got ", n,
               " weights and ", biases.size(), " biases");
-  // each conv's dense weight as IHWO [3][3][C_in][C_out] (itself where stored that way, as optimize() keeps it)
+  // each conv's dense weight as the kernel reads it (dense_weight_arg: in place where stored IHWO, as
+  // optimize() keeps it, or panel-major)
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& wi = weights[i];
     const at::Tensor& bi = biases[i];
-    TORCH_CHECK(wi.dim() == 4 && wi.size(0) == c && wi.size(1) == c && wi.size(2) == 3 && wi.size(3) == 3 &&
-                    wi.device().is_cpu() && wi.scalar_type() == at::kFloat && wi.layout() == at::kStrided,
-                op, ": weights[", i, "] must be a float32 CPU 3x3 weight [", c, ", ", c, ", 3, 3] (C -> C, x has ",
-                c, " channels), got ", wi.sizes(), " ", wi.scalar_type(), " on ", wi.device());
+    const std::string name = "weights[" + std::to_string(i) + "] (C -> C, x has " + std::to_string(c) + " channels)";
+    kept_.emplace_back();
+    w_.push_back(dense_weight_arg(op, name.c_str(), wi, c, c, kept_.back()));
     TORCH_CHECK(bi.dim() == 1 && bi.size(0) == c && bi.device().is_cpu() && bi.scalar_type() == at::kFloat, op,
                 ": biases[", i, "] must be a float32 CPU tensor of shape [", c, "], got ", bi.sizes(), " ",
                 bi.scalar_type(), " on ", bi.device());
-    kept_.push_back(dense_in_order(wi, std::array<int, 4>{1, 2, 3, 0}) ? wi : wi.permute({1, 2, 3, 0}).contiguous());
-    w_.push_back(kept_.back().data_ptr<float>());
     kept_.push_back(bi.contiguous());
     b_.push_back(kept_.back().data_ptr<float>());
   }

@@ -31,7 +31,7 @@ class WinogradChain {
   // tasks [begin, end) of conv i with the scratch of `slot`; u: conv i's U where the runner wants it
   // transformed up front (shared_u()), else null
   void run(int64_t i, int64_t slot, int64_t begin, int64_t end, const float* u = nullptr) const;
-  const float* weight(int64_t i) const { return w_[i]; }
+  const DenseWeight& weight(int64_t i) const { return w_[i]; }
   // part `part` of `parts` of conv i's U, where the runner wants it transformed up front (shared_u())
   const float* transform_u_part(int64_t i, int64_t part, int64_t parts) const {
     return runner_->transform_shared_u_part(w_[i], part, parts);
@@ -41,7 +41,8 @@ class WinogradChain {
 
  private:
   std::vector<at::Tensor> kept_;
-  std::vector<const float*> w_, b_;
+  std::vector<DenseWeight> w_;
+  std::vector<const float*> b_;
   at::Tensor xc_, mid_;
   std::array<at::Tensor, 2> outs_;
   at::MemoryFormat fmt_;

@@ -123,14 +123,15 @@ __attribute__((always_inline)) inline void micro_store(const V (&acc)[kMr][NV], 
 // C rows at ldc, vector v at c + v * L. The micro-kernel of every variant: 6x16 as two 8-lane vectors
 // (AVX2, 12 accumulators of 16 registers), 6x16 or 6x32 at 16 lanes. kAccumulate: C += A B (C's block
 // read first). pf_n > 0: also prefetch into L2 (prefetcht1) pf_n rows of pf_lines 64-byte lines,
-// pf_stride bytes apart from pf, spread evenly over the k loop, so that a stream from memory overlaps
-// the FMAs (the next panel's dense weight: winograd_task). kEpilogue: store act(C + bias + residual)
+// pf_stride bytes apart from pf (a row's lines pf_line_stride bytes apart), spread evenly over the k
+// loop, so that a stream from memory overlaps the FMAs (the next panel's dense weight: winograd_task). kEpilogue: store act(C + bias + residual)
 // (MicroEpilogue) straight from the registers. kBStep > 0: B's vectors are kBStep floats apart in its
 // rows (b[1..] unused: conv_gemm's adjacent panels).
 template <typename V, int NV, bool kAccumulate = false, bool kEpilogue = false, int kBStep = 0>
 inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* const (&b)[NV], float* __restrict__ c,
                       int64_t ldc, int64_t k, const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_n = 0,
-                      int pf_lines = 1, int64_t ldb = kNr, const MicroEpilogue& epi = {}) {
+                      int pf_lines = 1, int64_t ldb = kNr, const MicroEpilogue& epi = {},
+                      int64_t pf_line_stride = 64) {
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[kMr][NV] = {};
   if constexpr (kAccumulate)  // C += A B
@@ -164,7 +165,7 @@ inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* con
     int64_t issued = 0;
     for (int64_t p0 = 0; p0 < k; p0 += every) {
       if (issued < pf_n) {
-        for (int l = 0; l < pf_lines; ++l) __builtin_prefetch(pf + issued * pf_stride + l * 64, 0, 2);
+        for (int l = 0; l < pf_lines; ++l) __builtin_prefetch(pf + issued * pf_stride + l * pf_line_stride, 0, 2);
         ++issued;
       }
       steps(p0, std::min(k, p0 + every));
@@ -330,32 +331,33 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
 // in one process (README, "Where the time goes"). Into L1 instead (prefetcht0) gained nothing.
 constexpr int64_t kFarPrefetch = 32;
 
-// U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of an IHWO weight
-// w [..][3][3][cout] (channels past cout zero), into u: the 16 floats of (p, j, ci) at
+// U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of a dense weight w
+// (channels past cout zero), into u: the 16 floats of (p, j, ci) at
 // u + p * us + ((j - j0) * rows + ci - row0) * 16 (rows: u's channels a panel, from channel row0;
 // C_in and 0 for a whole U). Each (channel, panel) is 9 loads of one 64-byte line (a
-// panel's lines are one stream at a stride of cout floats) and the transform kFilterLanes wide. A
+// panel's lines are one stream: at a stride of cout floats in IHWO, back to back panel-major) and the
+// transform kFilterLanes wide. A
 // whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
 // because U's rows of positions may be a multiple of 4 KiB apart and a line written in halves would
 // be evicted between them by the other positions' lines. `far`: prefetch distance into L2, in
 // channels (0: none; kFarPrefetch where the weight comes from memory once per call).
 template <int M>
-void filter_panels(const float* w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0, int64_t ci1,
-                   float* u, int64_t us, int64_t far = 0, int64_t row0 = 0) {
+void filter_panels(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
+                   int64_t ci1, float* u, int64_t us, int64_t far = 0, int64_t row0 = 0) {
   constexpr int K = Winograd<M>::kTile, kParts = kNr / kFilterLanes;
   vfl g[9], tile[kParts == 1 ? 1 : K * K * kParts];
   for (int64_t j = j0; j < j1; ++j) {
     for (int64_t ci = ci0; ci < ci1; ++ci) {
-      const float* row = w + ci * 9 * cout + j * kNr;
+      const float* row = w.data + ci * w.ci + j * w.j;
       if (ci + 2 < ci1)  // two channels ahead: 18 lines in flight
-        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (18 + k) * cout);
+        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + 2 * w.ci + k * w.k);
       if (far && ci + far < ci1)  // and `far` channels ahead into L2 (prefetcht1)
-        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + (9 * far + k) * cout, 0, 2);
+        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + far * w.ci + k * w.k, 0, 2);
       vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * rows + ci - row0) * kNr);
       for (int part = 0; part < kParts; ++part) {
         const int o = part * kFilterLanes;
         const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kFilterLanes, cout - j * kNr - o)));
-        for (int k = 0; k < 9; ++k) g[k] = load_fl(row + k * cout + o, lanes);
+        for (int k = 0; k < 9; ++k) g[k] = load_fl(row + k * w.k + o, lanes);
         if constexpr (kParts == 1)
           winograd_filter_tile<M>(g, 3, 1, out, us / kFilterLanes);
         else
@@ -371,7 +373,8 @@ void filter_panels(const float* w, int64_t rows, int64_t cout, int64_t j0, int64
 // The whole packed U [K*K][coutp/16][cin][16] for input channels [ci0, ci1), positions `us` floats
 // apart (at least coutp * cin; see plane_stride).
 template <int M>
-void weight_transform(const float* w, int64_t cin, int64_t cout, int64_t ci0, int64_t ci1, float* u, int64_t us) {
+void weight_transform(const DenseWeight& w, int64_t cin, int64_t cout, int64_t ci0, int64_t ci1, float* u,
+                      int64_t us) {
   filter_panels<M>(w, cin, cout, 0, (cout + kNr - 1) / kNr, ci0, ci1, u, us);
 }
 
@@ -444,22 +447,23 @@ void winograd_task(const WinogradTask& k) {
   // micro_6xn on V's rows and Mt's, C = A B or (accumulate) C += A B
   auto micro = [&]<int NV>(bool accumulate, const float* a, const float* const (&b)[NV], float* c, int64_t kn,
                            const char* pf, int64_t pfs, int64_t n, int pf_lines) {
+    const int64_t pls = k.w.j * int64_t(sizeof(float));  // bytes between the next panels' lines
     if (accumulate)
-      micro_6xn<vgemm, NV, true>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines);
+      micro_6xn<vgemm, NV, true>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines, kNr, {}, pls);
     else
-      micro_6xn<vgemm, NV>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines);
+      micro_6xn<vgemm, NV>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines, kNr, {}, pls);
   };
   // all K*K positions of panels [j, j + group) (group 1 to 4, at most k.group; panel j + q rows * kNr * q
   // floats after panel j)
-  // pf: the dense weight lines of the panels transformed next (rows of pf_lines lines at a stride of
-  // cout floats, pf_rows of them), prefetched into L2 a few at a time during these GEMMs
+  // pf: the dense weight lines of the panels transformed next (rows of pf_lines lines, one a panel, a
+  // tap's k.w.k floats apart, pf_rows of them), prefetched into L2 a few at a time during these GEMMs
   // k0, kn: the input channels [k0, k0 + kn) of a slice of U (rows a panel in panel0), added to C
   // where k0 > 0
   auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, int group, int64_t k0, int64_t kn,
                    int64_t rows, const float* pf = nullptr, int64_t pf_rows = 0, int pf_lines = 1) {
     const int64_t q = rows * kNr;  // floats between panels
     const int64_t calls = K * K * (k.ntp / kMr), per = (pf_rows + calls - 1) / calls;
-    const int64_t pfs = g.cout * int64_t(sizeof(float));  // bytes between the rows
+    const int64_t pfs = k.w.k * int64_t(sizeof(float));  // bytes between the rows
     int64_t call = 0;
     for (int p = 0; p < K * K; ++p) {
       const float* vp = k.vbuf + p * plane_stride(k.ntp * g.cinp);
@@ -470,7 +474,7 @@ void winograd_task(const WinogradTask& k) {
         float* c = mp + i * g.coutp + j * kNr;
         // this call's share of the rows
         const int64_t r0 = std::min(pf_rows, call++ * per), n = std::min(pf_rows, r0 + per) - r0;
-        const char* pfc = pf ? reinterpret_cast<const char*>(pf + r0 * g.cout) : nullptr;
+        const char* pfc = pf ? reinterpret_cast<const char*>(pf + r0 * k.w.k) : nullptr;
         for (RangePrefetch& s : streams) s.step();
         if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
           micro(k0 > 0, a, {panel, panel + 8}, c, kn, pfc, pfs, n, pf_lines);
@@ -524,10 +528,10 @@ void winograd_task(const WinogradTask& k) {
         const int64_t next = j + group;
         filter_panels<M>(k.w, k.slice, g.cout, j, next, ci0, ci1, k.ubuf, stride, kFarPrefetch, ci0);
         if (next < k.j1)  // this slice's next panels
-          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + ci0 * 9 * g.cout + next * kNr, 9 * kn,
+          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w.data + ci0 * k.w.ci + next * k.w.j, 9 * kn,
                 static_cast<int>(std::min<int64_t>(most, k.j1 - next)));
         else if (ci1 < g.cin)  // the next slice's first panels
-          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w + ci1 * 9 * g.cout + k.j0 * kNr,
+          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w.data + ci1 * k.w.ci + k.j0 * k.w.j,
                 9 * std::min(k.slice, g.cin - ci1), static_cast<int>(std::min<int64_t>(most, k.j1 - k.j0)));
         else
           gemms(j, k.ubuf, stride, group, ci0, kn, k.slice);

@@ -35,6 +35,13 @@ inline std::pair<int64_t, int64_t> block_tiles(int64_t tiles, int64_t blocks, in
   return {t0, t1 - t0};
 }
 
+// The dense weight argument `name` of a 3x3 conv C_in -> C_out, checked (errors name `op`): either
+// [C_out, C_in, 3, 3] with any strides (read in place where stored IHWO, else copied into that order)
+// or panel-major [ceil(C_out/16), C_in, 3, 3, 16], contiguous (hrnet_fast.ops.winograd.panel_major).
+// `kept` holds what the result points into.
+DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor& w, int64_t cout, int64_t cin,
+                             at::Tensor& kept);
+
 WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t threads, int gemm_panels);
 
 // One conv shape's plan and thread scratch, made once and used for one conv or for several of that
@@ -53,12 +60,12 @@ class WinogradRunner {
   bool shared_u() const { return dense_ && !plan_.per_panel && !plan_.own_u; }
   // U of dense weight w, into scratch this runner holds, across the threads (a parallel region of its
   // own); returns it, for run()'s u
-  const float* transform_shared_u(const float* w);
+  const float* transform_shared_u(const DenseWeight& w);
   // part `part` of `parts` of that (input channels split evenly), for a caller already in a parallel
   // region whose threads each do a part, then meet at a barrier before run()
-  const float* transform_shared_u_part(const float* w, int64_t part, int64_t parts) const;
-  void run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const float* w, const float* bias,
-           const float* residual, bool relu, float* y) const;
+  const float* transform_shared_u_part(const DenseWeight& w, int64_t part, int64_t parts) const;
+  void run(int64_t slot, int64_t begin, int64_t end, const float* x, const float* u, const DenseWeight& w,
+           const float* bias, const float* residual, bool relu, float* y) const;
 
  private:
   WinogradGeometry g_;

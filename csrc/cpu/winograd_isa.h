@@ -21,11 +21,24 @@ struct WinogradGeometry {
 // [j0, j1) of 16 channels, with the calling thread's V and Mt scratch. The weight is either the packed
 // transformed U (positions u_stride floats apart), or (u null) the dense IHWO weight w, each panel transformed into ubuf
 // ([K*K][cin][16]) as the task reaches it.
+// A dense 3x3 weight as the kernels read it: its data, and where the line of (input channel, 16-wide
+// output panel, tap) starts, in floats. IHWO [C_in][3][3][C_out] (the weight buffer optimize() keeps,
+// seen through OIHW strides), where a panel's lines lie C_out floats apart, or panel-major
+// [ceil(C_out/16)][C_in][3][3][16] (output channels past C_out zero), where each panel's lines are one
+// sequential stream that the hardware prefetchers follow. Either way a channel's taps are k apart and
+// channels 9 taps (ci == 9 * k), so a run of (channel, tap) rows is one stride.
+struct DenseWeight {
+  const float* data;
+  int64_t ci, j, k;
+  static DenseWeight ihwo(const float* w, int64_t cout) { return {w, 9 * cout, kNr, cout}; }
+  static DenseWeight panel_major(const float* w, int64_t cin) { return {w, 9 * kNr, cin * 9 * kNr, kNr}; }
+};
+
 struct WinogradTask {
   const float* x;
   const float* u;
   int64_t u_stride;  // floats between u's positions
-  const float* w;
+  DenseWeight w;  // a dense weight (data null where u is given)
   float* ubuf;
   const float* bias;
   const float* residual;
@@ -48,9 +61,9 @@ using WinogradTaskFn = void (*)(const WinogradTask&);
 // and evict each other. Unpadded, transforming W32's 64-channel weights on each call took 2.3x as
 // long as the whole convolution with them transformed ahead.
 constexpr int64_t plane_stride(int64_t floats) { return floats + 16; }
-// The filter transform of input channels [ci0, ci1): (w [cin][3][3][cout], cin, cout, ci0, ci1, u, us),
-// positions us floats apart in u.
-using WinogradWeightFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+// The filter transform of input channels [ci0, ci1): (w, cin, cout, ci0, ci1, u, us), positions us
+// floats apart in u.
+using WinogradWeightFn = void (*)(const DenseWeight&, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 
 // A direct convolution in NHWC (conv_gemm_core.h): x [n][h][w][cin] -> y [n][ho][wo][cout], a kh x kw
 // window at `stride` with `pad` zeros on every side. x_planar: x is [n][cin][h][w] instead (read by

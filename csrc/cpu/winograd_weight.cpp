@@ -21,7 +21,7 @@
 
 namespace hrnet_fast {
 
-void winograd_transform_all(const float* w, int64_t cin, int64_t cout, int m, float* u, int64_t us) {
+void winograd_transform_all(const DenseWeight& w, int64_t cin, int64_t cout, int m, float* u, int64_t us) {
   const WinogradKernels kernels = winograd_kernels(active_cpu_isa());
   const WinogradWeightFn fn = m == 2 ? kernels.w2 : kernels.w4;
   const int64_t panels = (cout + kNr - 1) / kNr;
@@ -44,7 +44,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight, int64_t m) {
   const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
   at::Tensor u = at::empty({k * k, panels, cin, kNr}, weight.options());
   if (u.numel() == 0) return u;
-  winograd_transform_all(w.data_ptr<float>(), cin, cout, static_cast<int>(m), u.data_ptr<float>(), panels * cin * kNr);
+  winograd_transform_all(DenseWeight::ihwo(w.data_ptr<float>(), cout), cin, cout, static_cast<int>(m), u.data_ptr<float>(), panels * cin * kNr);
   return u;
 }
 

@@ -202,7 +202,7 @@ class WinogradBlocks(nn.Sequential):
                 w = conv._buffers["weight"]
                 if not conv._winograd or not conv.relu or w.shape[0] != c or w.shape[1] != c:
                     return None
-                weights.append(w)
+                weights.append(conv._winograd_weight)
                 biases.append(conv._buffers["bias"])
         return weights, biases, choose_tile(x.shape, c)
 

@@ -13,7 +13,7 @@ from hrnet_fast.ops import _backend
 from hrnet_fast.ops._meta import conv_output_size
 from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
-from hrnet_fast.ops.winograd import choose_tile, why_not_winograd
+from hrnet_fast.ops.winograd import choose_tile, panel_major, why_not_winograd
 
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
@@ -21,6 +21,14 @@ _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights f
 _CACHE_LOCK = threading.Lock()
 # Input channels below which conv_bias_act's kernel reads an NCHW input itself (kConvGemmMinCin).
 _FEW_CIN = 8
+# Winograd weights from this size on are read by the kernel from a panel-major copy: every 16 output
+# channels' weight one sequential stream, which the hardware prefetchers follow, where the IHWO buffer
+# holds a panel's lines C_out floats apart. Such weights stream from memory on every call (a forward
+# reads W32's 90 MB of them once); the smaller ones (W32's 32 and 64 channels, 37 and 147 KB, 12 MB
+# in all) are not worth their copy. 2 threads of an Intel Xeon, the two ways side by side in one
+# process: W32 1.051x at batch 1 and 1.037x at batch 8, W48 1.106x at batch 1 with every Winograd
+# weight panel-major; from 128 channels on only, W32 1.025x / 1.031x (README, "Memory" has the cost).
+_PANEL_MAJOR_BYTES = 256 << 10
 # Per thread, set for the forward of an optimize()d cpu model (convert._ForwardScope): `on` where the
 # caller passed NCHW, so a head conv with writes_planar writes NCHW (unset or False: channels_last).
 planar_output = threading.local()
@@ -49,11 +57,15 @@ class FusedConv(nn.Module):
         # they cannot be copied or saved. Keyed by shape because oneDNN's preferred weight layout
         # depends on it (and on the CPU): a weight packed for another shape is reordered on every call.
         self._packed: dict[tuple[int, ...], torch.Tensor] | None = None
-        # Whether this conv runs conv3x3_winograd (cpu backend, 3x3 stride 1). Its weight stays dense
-        # (stored IHWO, which the kernel transforms fastest): the kernel transforms it on every call,
-        # panel by panel in cache, which measured as fast as reading a kept transformed copy (1.8x or
-        # 4x the bytes) from memory, so the model holds no such copy (README, "Memory").
+        # Whether this conv runs conv3x3_winograd (cpu backend, 3x3 stride 1). Its weight stays dense:
+        # the kernel transforms it on every call, panel by panel in cache, which measured as fast as
+        # reading a kept transformed copy (1.8x or 4x the bytes) from memory, so the model holds no such
+        # copy (README, "Memory").
         self._winograd = False
+        # What that kernel reads (None where this conv does not run it): a weight of _PANEL_MAJOR_BYTES
+        # or more panel-major (ops.winograd.panel_major), a copy beside the buffer state_dict shows;
+        # a smaller one the buffer itself, stored IHWO.
+        self._winograd_weight: torch.Tensor | None = None
         self.use_winograd = False
         # conv3x3_winograd's overload, looked up in pack() (a name lookup through torch.ops costs more
         # than a small conv's epilogue); None when this conv does not run it
@@ -72,8 +84,8 @@ class FusedConv(nn.Module):
         [kH, kW, C_in, C_out] (seen through OIHW strides), so weight tiles load contiguously along
         C_out. cpu (float32): for a 3x3 stride-1 conv when `use_winograd` (and the kernel is built with
         a vector variant this CPU runs: its portable build is for correctness, and slower than oneDNN
-        there), Winograd, the weight stored [C_in, kH, kW, C_out] (seen through OIHW strides), the
-        layout the kernel's per-call transform reads as one stream; where conv_bias_act's own direct
+        there), Winograd, the kernel's per-call transform reading a large weight from a panel-major
+        copy and a small one stored [C_in, kH, kW, C_out] (_winograd_weight); where conv_bias_act's own direct
         kernel takes the conv (see _runs_conv_gemm), stored [kH, kW, C_in, C_out], the rows it reads in
         place; else reordered into oneDNN's blocked layout (per input shape, on first use).
         The values, and so state_dict, never change."""
@@ -85,6 +97,7 @@ class FusedConv(nn.Module):
             self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         packed: dict[tuple[int, ...], torch.Tensor] | None = None
         winograd = False
+        panels = None
         if self.backend == "cpu" and self.weight.dtype == torch.float32:
             if (
                 self.use_winograd
@@ -93,8 +106,12 @@ class FusedConv(nn.Module):
                 and torch.ops.hrnet_fast.cpu_isa() != "base"
             ):
                 winograd = True
-                if not self.weight.permute(1, 2, 3, 0).is_contiguous():
-                    self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+                if self.weight.numel() * self.weight.element_size() >= _PANEL_MAJOR_BYTES:
+                    panels = panel_major(self.weight)
+                else:
+                    if not self.weight.permute(1, 2, 3, 0).is_contiguous():
+                        self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+                    panels = self._buffers["weight"]
             elif self._runs_conv_gemm():
                 if not self.weight.permute(2, 3, 1, 0).is_contiguous():
                     self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
@@ -106,7 +123,8 @@ class FusedConv(nn.Module):
                     self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         op = torch.ops.hrnet_fast.conv3x3_winograd.default if winograd else None
         # swapped in together at the end: a thread running forward meanwhile sees old or new caches
-        self._packed, self._winograd, self._winograd_op, self._derived_from = packed, winograd, op, self._weight_state()
+        self._packed, self._winograd, self._winograd_op, self._winograd_weight = packed, winograd, op, panels
+        self._derived_from = self._weight_state()
 
     def _runs_conv_gemm(self) -> bool:
         """Whether conv_bias_act's own direct kernel (csrc/cpu/conv_gemm.cpp) runs this conv on a
@@ -189,7 +207,7 @@ class FusedConv(nn.Module):
     def __getstate__(self) -> dict:
         # a oneDNN tensor has no storage to copy or pickle: drop it, and pack again on the other side
         state = self.__dict__.copy()
-        state["_packed"] = state["_derived_from"] = state["_winograd_op"] = None
+        state["_packed"] = state["_derived_from"] = state["_winograd_op"] = state["_winograd_weight"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -229,7 +247,7 @@ class FusedConv(nn.Module):
             w = self._buffers["weight"]  # pack() may have replaced it
         if self._winograd:
             c_out = w.shape[0]
-            y = self._winograd_op(x, w, c_out, bias, residual, self.relu, choose_tile(x.shape, c_out))
+            y = self._winograd_op(x, self._winograd_weight, c_out, bias, residual, self.relu, choose_tile(x.shape, c_out))
             return y if out is None else out.copy_(y)
         if self._packed is not None and not torch.compiler.is_compiling():
             w = self._packed_for(x)

@@ -18,7 +18,7 @@ import torch
 
 from hrnet_fast import _extension
 from hrnet_fast.ops._checks import check_4d, same_device
-from hrnet_fast.ops.winograd import TILES, conv3x3_winograd
+from hrnet_fast.ops.winograd import TILES, check_dense_weight, conv3x3_winograd
 
 OP = "winograd_blocks"
 BRANCHES_OP = "winograd_branches"
@@ -43,9 +43,7 @@ def _check_blocks(x, weights, biases, tile) -> None:
         raise ValueError(f"weights and biases must be two a block (an even number, at least 2) and as many of each, "
                          f"got {len(weights)} weights and {len(biases)} biases")
     for i, (w, b) in enumerate(zip(weights, biases)):
-        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (c, c, 3, 3):
-            raise ValueError(f"weights[{i}] must be a 3x3 weight [{c}, {c}, 3, 3] (C -> C, x has {c} channels), "
-                             f"got shape {tuple(getattr(w, 'shape', ()))}")
+        check_dense_weight(f"weights[{i}]", w, c, c)
         if not isinstance(b, torch.Tensor) or tuple(b.shape) != (c,):
             raise ValueError(f"biases[{i}] must have shape ({c},), got {tuple(getattr(b, 'shape', ()))}")
     same_device(f"hrnet_fast::{OP}", [("x", x)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]

@@ -126,8 +126,9 @@ def conv3x3_winograd(
     tile: int = 0,
 ) -> torch.Tensor:
     """act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w, given as `weight` =
-    transform_weight(w, m) (tile=0) or as w itself with tile=m (2 or 4: transformed on each call).
-    `out_channels` = w.shape[0] (the transformed weight holds it rounded up to 16).
+    transform_weight(w, m) (tile=0) or as w itself with tile=m (2 or 4: transformed on each call), w
+    either [C_out, C_in, 3, 3] or panel_major(w). `out_channels` = w.shape[0] (the transformed and the
+    panel-major weight hold it rounded up to 16).
 
     The output's memory format follows x's (the kernel itself runs channels_last).
     """
@@ -136,10 +137,7 @@ def conv3x3_winograd(
     if tile:
         if tile not in TILES:
             raise ValueError(f"tile must be one of {TILES} for a dense weight (0: weight is transformed), got {tile}")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or weight.shape[0] != cout:
-            raise ValueError(f"with tile={tile}, weight must be the dense 3x3 weight [{cout}, C_in, 3, 3], got shape {tuple(getattr(weight, 'shape', ()))}")
-        if weight.shape[1] != x.shape[1]:
-            raise ValueError(f"weight has {weight.shape[1]} input channels, x has {x.shape[1]}")
+        check_dense_weight("weight", weight, cout, x.shape[1], f"with tile={tile}, ")
     else:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] not in (16, 36) or weight.shape[3] != PANEL:
             raise ValueError(
@@ -185,9 +183,9 @@ def backward(ctx, grad):
     around the image, tiles past its edge cut off), for x and the packed transformed weight U
     (for a dense weight w, U = G w G^T, and its gradient G^T dU G)."""
     x, weight, out = ctx.saved_tensors
-    dense = bool(ctx.tile)
+    dense, panels = bool(ctx.tile), weight.dim() == 5
     if dense:
-        weight = transform_weight_reference(weight, ctx.tile)
+        weight = transform_weight_reference(from_panel_major(weight, ctx.out_channels) if panels else weight, ctx.tile)
     if ctx.relu:
         grad = grad * (out > 0)
     m = tile_size(weight)
@@ -214,11 +212,39 @@ def backward(ctx, grad):
         grad_weight = du.reshape(k * k, cin, weight.shape[1], PANEL).permute(0, 2, 1, 3)
         if dense:
             grad_weight = weight_grad_to_dense(grad_weight, cout)
+            if panels:  # the padded output channels get no gradient
+                grad_weight = panel_major(grad_weight)
     grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
     grad_residual = grad if ctx.has_residual else None
     # One gradient per input the caller passed: torch 2.11's AOT autograd leaves trailing defaults
     # out of the call, fills them in for setup_context, but then wants them out of the result.
     return (grad_x, grad_weight, None, grad_bias, grad_residual, None, None)[: len(ctx.needs_input_grad)]
+
+
+def panel_major(weight: torch.Tensor) -> torch.Tensor:
+    """A [C_out, C_in, 3, 3] weight as [ceil(C_out/16), C_in, 3, 3, 16], output channels past C_out zero:
+    the dense weight conv3x3_winograd and winograd_blocks read fastest where it streams from memory
+    (each 16-wide panel's rows one sequential run; see FusedConv.pack)."""
+    cout, cin = weight.shape[:2]
+    panels = -(-cout // PANEL)
+    padded = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, panels * PANEL - cout))
+    return padded.reshape(panels, PANEL, cin, *weight.shape[2:]).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def from_panel_major(panels: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The [C_out, C_in, 3, 3] weight of panel_major(weight) (`out_channels` = C_out)."""
+    p, cin, kh, kw, lanes = panels.shape
+    return panels.permute(0, 4, 1, 2, 3).reshape(p * lanes, cin, kh, kw)[:out_channels]
+
+
+def check_dense_weight(name: str, weight: object, cout: int, cin: int, context: str = "") -> None:
+    """That `weight` is a dense 3x3 weight C_in -> C_out as the Winograd ops take it: [C_out, C_in, 3, 3]
+    or panel_major's [ceil(C_out/16), C_in, 3, 3, 16]."""
+    shape = tuple(getattr(weight, "shape", ()))
+    panels = (-(-cout // PANEL), cin, 3, 3, PANEL)
+    if not isinstance(weight, torch.Tensor) or shape not in ((cout, cin, 3, 3), panels):
+        raise ValueError(f"{context}{name} must be the dense 3x3 weight [{cout}, {cin}, 3, 3] or its panel_major "
+                         f"{list(panels)} (x has {cin} channels), got shape {shape}")
 
 
 def weight_grad_to_dense(grad_transformed: torch.Tensor, out_channels: int) -> torch.Tensor:
