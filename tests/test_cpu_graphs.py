@@ -129,6 +129,23 @@ def test_in_place_edit_of_a_packed_conv_reaches_the_replay():
     torch.testing.assert_close(out, fast.final_layer.bias.view(1, -1, 1, 1).expand_as(out), rtol=0, atol=0)
 
 
+def test_in_place_edit_of_a_panel_major_winograd_conv_reaches_the_replay(monkeypatch):
+    """The replay reads a large Winograd weight's panel-major copy, derived from the weight state_dict
+    shows: editing that weight in place makes the next call record again with a fresh copy."""
+    monkeypatch.setattr(hrnet_fast.fused.conv, "_PANEL_MAJOR_BYTES", 0)  # every Winograd weight so
+    fast = hrnet_fast.optimize(_tiny(4), backend="cpu")
+    plain = hrnet_fast.optimize(_tiny(4), backend="cpu", cpu_graph=False)
+    x = torch.randn(*X)
+    _warm(fast, x)
+    conv, same_in_plain = fast.stage2[0].branches[1][0].convs[0], plain.stage2[0].branches[1][0].convs[0]
+    assert conv._winograd and conv._winograd_weight.dim() == 5
+    with torch.no_grad():
+        for c in (conv, same_in_plain):
+            c.weight.mul_(-0.5)
+        _same(fast(x), plain(x))
+    assert conv._winograd_weight.dim() == 5
+
+
 def test_a_replaced_tensor_or_module_reaches_the_replay():
     fast = hrnet_fast.optimize(_tiny(3), backend="cpu")
     plain = hrnet_fast.optimize(_tiny(3), backend="cpu", cpu_graph=False)

@@ -419,14 +419,18 @@ def test_load_state_dict_takes_effect():
         torch.testing.assert_close(fb(x), ma(x), rtol=1e-4, atol=1e-4)
 
 
-def test_in_place_weight_edits_take_effect():
-    """An in-place edit of a Winograd conv, of a oneDNN-packed conv and of a 1x1 conv (our kernel, the
-    dense weight) is seen by the next call."""
+@pytest.mark.parametrize("panel_major_bytes", [256 << 10, 0], ids=["ihwo", "panel-major"])
+def test_in_place_weight_edits_take_effect(panel_major_bytes, monkeypatch):
+    """An in-place edit of a Winograd conv (whose kernel reads the buffer, or a panel-major copy of it
+    where the weight is large: every one with the threshold at 0), of a oneDNN-packed conv and of a 1x1
+    conv (our kernel, the dense weight) is seen by the next call."""
+    monkeypatch.setattr(hrnet_fast.fused.conv, "_PANEL_MAJOR_BYTES", panel_major_bytes)
     model = _pair(2)
     fast = hrnet_fast.optimize(model, backend="cpu")
     x = torch.randn(1, 3, 64, 64)
     winograd_conv = fast.stage2[0].branches[0][0].convs[0]
     assert winograd_conv._winograd
+    assert (winograd_conv._winograd_weight is winograd_conv.weight) == (panel_major_bytes > 0)
     with torch.no_grad():
         fast(x)
         model.stage2[0].branches[0][0].conv1.weight.zero_()

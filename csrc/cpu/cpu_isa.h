@@ -18,7 +18,7 @@ CpuIsa active_cpu_isa();
 // The Winograd task functions of `isa` (never null for a variant active_cpu_isa() can return).
 WinogradKernels winograd_kernels(CpuIsa isa);
 
-// U = G w G^T of a whole dense weight w (laid out as d says), packed [(m+2)^2][ceil(cout/16)][cin][16]
+// U = G w G^T of a whole dense weight w (IHWO or panel-major), packed [(m+2)^2][ceil(cout/16)][cin][16]
 // into u with positions us floats apart, in the active variant, across the threads
 // (csrc/cpu/winograd_weight.cpp).
 void winograd_transform_all(const DenseWeight& w, int64_t cin, int64_t cout, int m, float* u, int64_t us);

@@ -124,8 +124,8 @@ __attribute__((always_inline)) inline void micro_store(const V (&acc)[kMr][NV], 
 // (AVX2, 12 accumulators of 16 registers), 6x16 or 6x32 at 16 lanes. kAccumulate: C += A B (C's block
 // read first). pf_n > 0: also prefetch into L2 (prefetcht1) pf_n rows of pf_lines 64-byte lines,
 // pf_stride bytes apart from pf (a row's lines pf_line_stride bytes apart), spread evenly over the k
-// loop, so that a stream from memory overlaps the FMAs (the next panel's dense weight: winograd_task). kEpilogue: store act(C + bias + residual)
-// (MicroEpilogue) straight from the registers. kBStep > 0: B's vectors are kBStep floats apart in its
+// loop, so that a stream from memory overlaps the FMAs (the next panel's dense weight: winograd_task).
+// kEpilogue: store act(C + bias + residual) (MicroEpilogue) straight from the registers. kBStep > 0: B's vectors are kBStep floats apart in its
 // rows (b[1..] unused: conv_gemm's adjacent panels).
 template <typename V, int NV, bool kAccumulate = false, bool kEpilogue = false, int kBStep = 0>
 inline void micro_6xn(const float* __restrict__ a, int64_t lda, const float* const (&b)[NV], float* __restrict__ c,
@@ -334,10 +334,9 @@ constexpr int64_t kFarPrefetch = 32;
 // U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of a dense weight w
 // (channels past cout zero), into u: the 16 floats of (p, j, ci) at
 // u + p * us + ((j - j0) * rows + ci - row0) * 16 (rows: u's channels a panel, from channel row0;
-// C_in and 0 for a whole U). Each (channel, panel) is 9 loads of one 64-byte line (a
-// panel's lines are one stream: at a stride of cout floats in IHWO, back to back panel-major) and the
-// transform kFilterLanes wide. A
-// whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
+// C_in and 0 for a whole U). Each (channel, panel) is 9 loads of one 64-byte line (a panel's lines are
+// one stream: at a stride of cout floats in IHWO, back to back panel-major) and the transform
+// kFilterLanes wide. A whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
 // because U's rows of positions may be a multiple of 4 KiB apart and a line written in halves would
 // be evicted between them by the other positions' lines. `far`: prefetch distance into L2, in
 // channels (0: none; kFarPrefetch where the weight comes from memory once per call).

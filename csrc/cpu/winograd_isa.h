@@ -16,11 +16,6 @@ struct WinogradGeometry {
   int64_t n, h, w, cin, cout, cinp, coutp, tiles_h, tiles_w, tiles;
 };
 
-
-// One task of the driver's split: tiles [t0, t0 + nt) (ntp: nt rounded up to kMr), output panels
-// [j0, j1) of 16 channels, with the calling thread's V and Mt scratch. The weight is either the packed
-// transformed U (positions u_stride floats apart), or (u null) the dense IHWO weight w, each panel transformed into ubuf
-// ([K*K][cin][16]) as the task reaches it.
 // A dense 3x3 weight as the kernels read it: its data, and where the line of (input channel, 16-wide
 // output panel, tap) starts, in floats. IHWO [C_in][3][3][C_out] (the weight buffer optimize() keeps,
 // seen through OIHW strides), where a panel's lines lie C_out floats apart, or panel-major
@@ -34,6 +29,10 @@ struct DenseWeight {
   static DenseWeight panel_major(const float* w, int64_t cin) { return {w, 9 * kNr, cin * 9 * kNr, kNr}; }
 };
 
+// One task of the driver's split: tiles [t0, t0 + nt) (ntp: nt rounded up to kMr), output panels
+// [j0, j1) of 16 channels, with the calling thread's V and Mt scratch. The weight is either the packed
+// transformed U (positions u_stride floats apart), or (u null) the dense weight w, each panel
+// transformed into ubuf ([K*K][cin][16]) as the task reaches it.
 struct WinogradTask {
   const float* x;
   const float* u;

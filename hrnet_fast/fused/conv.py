@@ -24,10 +24,10 @@ _FEW_CIN = 8
 # Winograd weights from this size on are read by the kernel from a panel-major copy: every 16 output
 # channels' weight one sequential stream, which the hardware prefetchers follow, where the IHWO buffer
 # holds a panel's lines C_out floats apart. Such weights stream from memory on every call (a forward
-# reads W32's 90 MB of them once); the smaller ones (W32's 32 and 64 channels, 37 and 147 KB, 12 MB
-# in all) are not worth their copy. 2 threads of an Intel Xeon, the two ways side by side in one
-# process: W32 1.051x at batch 1 and 1.037x at batch 8, W48 1.106x at batch 1 with every Winograd
-# weight panel-major; from 128 channels on only, W32 1.025x / 1.031x (README, "Memory" has the cost).
+# reads W32's 90 MB of them once). 2 threads of an Intel Xeon, IHWO and panel-major side by side in
+# one process: W32 1.071x at batch 1 and 1.037x at batch 8; with every Winograd weight panel-major
+# 1.051x and 1.037x (W48 at batch 1 1.106x), so the smaller ones (W32's 32 and 64 channels, 37 and
+# 147 KB, 12 MB in all) are not worth their copy (README, "Memory" has the cost).
 _PANEL_MAJOR_BYTES = 256 << 10
 # Per thread, set for the forward of an optimize()d cpu model (convert._ForwardScope): `on` where the
 # caller passed NCHW, so a head conv with writes_planar writes NCHW (unset or False: channels_last).
@@ -85,9 +85,9 @@ class FusedConv(nn.Module):
         C_out. cpu (float32): for a 3x3 stride-1 conv when `use_winograd` (and the kernel is built with
         a vector variant this CPU runs: its portable build is for correctness, and slower than oneDNN
         there), Winograd, the kernel's per-call transform reading a large weight from a panel-major
-        copy and a small one stored [C_in, kH, kW, C_out] (_winograd_weight); where conv_bias_act's own direct
-        kernel takes the conv (see _runs_conv_gemm), stored [kH, kW, C_in, C_out], the rows it reads in
-        place; else reordered into oneDNN's blocked layout (per input shape, on first use).
+        copy and a small one stored [C_in, kH, kW, C_out] (_winograd_weight); where conv_bias_act's
+        own direct kernel takes the conv (see _runs_conv_gemm), stored [kH, kW, C_in, C_out], the rows
+        it reads in place; else reordered into oneDNN's blocked layout (per input shape, on first use).
         The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
@@ -97,7 +97,7 @@ class FusedConv(nn.Module):
             self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         packed: dict[tuple[int, ...], torch.Tensor] | None = None
         winograd = False
-        panels = None
+        kernel_weight = None
         if self.backend == "cpu" and self.weight.dtype == torch.float32:
             if (
                 self.use_winograd
@@ -107,11 +107,11 @@ class FusedConv(nn.Module):
             ):
                 winograd = True
                 if self.weight.numel() * self.weight.element_size() >= _PANEL_MAJOR_BYTES:
-                    panels = panel_major(self.weight)
+                    kernel_weight = panel_major(self.weight)
                 else:
                     if not self.weight.permute(1, 2, 3, 0).is_contiguous():
                         self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-                    panels = self._buffers["weight"]
+                    kernel_weight = self._buffers["weight"]
             elif self._runs_conv_gemm():
                 if not self.weight.permute(2, 3, 1, 0).is_contiguous():
                     self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
@@ -123,7 +123,7 @@ class FusedConv(nn.Module):
                     self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         op = torch.ops.hrnet_fast.conv3x3_winograd.default if winograd else None
         # swapped in together at the end: a thread running forward meanwhile sees old or new caches
-        self._packed, self._winograd, self._winograd_op, self._winograd_weight = packed, winograd, op, panels
+        self._packed, self._winograd, self._winograd_op, self._winograd_weight = packed, winograd, op, kernel_weight
         self._derived_from = self._weight_state()
 
     def _runs_conv_gemm(self) -> bool:
@@ -247,7 +247,8 @@ class FusedConv(nn.Module):
             w = self._buffers["weight"]  # pack() may have replaced it
         if self._winograd:
             c_out = w.shape[0]
-            y = self._winograd_op(x, self._winograd_weight, c_out, bias, residual, self.relu, choose_tile(x.shape, c_out))
+            tile = choose_tile(x.shape, c_out)
+            y = self._winograd_op(x, self._winograd_weight, c_out, bias, residual, self.relu, tile)
             return y if out is None else out.copy_(y)
         if self._packed is not None and not torch.compiler.is_compiling():
             w = self._packed_for(x)
