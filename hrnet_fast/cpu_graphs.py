@@ -208,6 +208,10 @@ class CPUGraphForward:
                 entry = self._graphs[key] = _Entry()
                 while len(self._graphs) > MAX_GRAPHS:
                     self._graphs.popitem(last=False)
+            if entry.ready:
+                # another thread's recordings of this shape agreed while this one ran: theirs is the
+                # graph (threads replay it without the lock, so a ready entry's graph never changes)
+                return out
             entry.tries += 1
             if why:  # maybe a one-off (weights packed again after load_state_dict query the CPU): try again
                 entry.graph = None

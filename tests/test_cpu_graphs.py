@@ -146,6 +146,23 @@ def test_in_place_edit_of_a_panel_major_winograd_conv_reaches_the_replay(monkeyp
     assert conv._winograd_weight.dim() == 5
 
 
+def test_a_recording_ending_after_the_shape_replays_leaves_its_graph():
+    """Threads sharing a model may record one shape at once: a recording that ends after the others
+    agreed (here one that could not be graphed, as a submodule had a hook while it ran) must not take
+    the graph that other threads now replay without the lock (it did: 'NoneType' has no attribute 'run',
+    test_optimize's serving threads, 1 run in 6)."""
+    fast = hrnet_fast.optimize(_tiny(5), backend="cpu")
+    x = torch.randn(*X)
+    _warm(fast, x)
+    handle = fast.final_layer.register_forward_hook(lambda *_: None)
+    with torch.no_grad():
+        fast.forward._record(fast.forward._key((x,)), (x,))  # as a thread that began before the agreement
+    handle.remove()
+    assert _status(fast).startswith("replaying")
+    with torch.no_grad():
+        _same(fast(x), hrnet_fast.optimize(_tiny(5), backend="cpu", cpu_graph=False)(x))
+
+
 def test_a_replaced_tensor_or_module_reaches_the_replay():
     fast = hrnet_fast.optimize(_tiny(3), backend="cpu")
     plain = hrnet_fast.optimize(_tiny(3), backend="cpu", cpu_graph=False)
