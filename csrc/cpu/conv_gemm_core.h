@@ -152,7 +152,6 @@ inline void conv_gemm_panels(const float* a, int64_t lda, const float* w, int64_
   }
 }
 
-
 // conv_gemm_rows for a 1x1 conv with K <= kKc (x's rows read in place): per block of kConvGemmBlockGroups
 // groups, slice by slice of the columns (64 at 16 lanes, 16 at 8), every group of the block against
 // that slice, the epilogue applied to each group's 6 x 64 outputs as they leave the registers (through

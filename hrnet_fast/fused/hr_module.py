@@ -342,8 +342,7 @@ class FusedHRModule(nn.Module):
         stacked (stored HWIO, as conv_gemm reads them) and biases, and the convs; None where there is
         one, or they differ in window, stride or padding, or conv_gemm would not run each of them, or an
         output other than the last does not start at a whole panel of 16 channels, or their K is past
-        _SPLIT_MAX_K. Made again when any
-        of their weights or biases changed (version or storage)."""
+        _SPLIT_MAX_K. Made again when any of their weights or biases changed (version or storage)."""
         convs = [self.chains[i][j][0] for i in range(j + 1, self.n_out)]
         for c in convs:
             if isinstance(c, FusedConv):
