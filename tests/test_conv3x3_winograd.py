@@ -46,8 +46,13 @@ def make(shape, seed=0, res=True, bias=True):
 
 
 def ihwo(w: torch.Tensor) -> torch.Tensor:
-    """w stored [C_in, 3, 3, C_out], seen as OIHW: how the optimized model keeps a Winograd conv's weight."""
+    """w stored [C_in, 3, 3, C_out], seen as OIHW: the kernels read it in place, as they do OIHW."""
     return w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
+def hwio(w: torch.Tensor) -> torch.Tensor:
+    """w stored [3, 3, C_in, C_out], seen as OIHW: a layout the kernels copy to OIHW first."""
+    return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def reference(x, weight, b, r, relu):
@@ -217,14 +222,15 @@ def test_wide_split_keeps_per_panel_transforms():
 def test_dense_weight_gives_the_transformed_weights_bits(m, shape, threads):
     """tile=m: the kernel transforms the dense weight itself, in transform_weight's arithmetic, so the
     output is bit for bit the one from the transformed weight, whether the weight is stored OIHW or
-    IHWO or given panel-major (every plan: per-panel, own and shared U, split by panels or tiles)."""
+    IHWO (read in place), in other strides (copied) or given panel-major (every plan: per-panel, own and
+    shared U, split by panels or tiles)."""
     x, weight, b, r = make(shape, seed=11)
     x = x.contiguous(memory_format=CL)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         want = winograd.conv3x3_winograd(x, winograd.transform_weight(weight, m), shape[2], b, r, True)
-        for w in (weight, ihwo(weight), winograd.panel_major(weight)):
+        for w in (weight, ihwo(weight), hwio(weight), winograd.panel_major(weight)):
             assert torch.equal(winograd.conv3x3_winograd(x, w, shape[2], b, r, True, tile=m), want)
     finally:
         torch.set_num_threads(before)
@@ -232,13 +238,16 @@ def test_dense_weight_gives_the_transformed_weights_bits(m, shape, threads):
 
 
 @pytest.mark.parametrize("m", winograd.TILES)
-@pytest.mark.parametrize("cout,cin", [(32, 8), (18, 3), (5, 7), (256, 64)])
-@pytest.mark.parametrize("layout", ["oihw", "ihwo"])
+@pytest.mark.parametrize("cout,cin", [(32, 8), (18, 3), (5, 7), (256, 64), (40, 37)])
+@pytest.mark.parametrize("layout", ["oihw", "ihwo", "hwio"])
 def test_transform_weight_matches_float64(m, cout, cin, layout):
     """winograd_weight (float32, vectorised over output channels) against G w G^T in float64, rounded
-    once: a few ulps apart at most; the padded output channels are exactly zero."""
+    once: a few ulps apart at most, and the same bits from every layout of the weight (OIHW read in
+    blocks transposed in registers, IHWO a line at a time, others copied to OIHW); the padded output
+    channels are exactly zero."""
     w = torch.randn(cout, cin, 3, 3, generator=torch.Generator().manual_seed(12))
-    u = winograd.transform_weight(ihwo(w) if layout == "ihwo" else w, m)
+    u = winograd.transform_weight({"oihw": w, "ihwo": ihwo(w), "hwio": hwio(w)}[layout], m)
+    assert torch.equal(u, winograd.transform_weight(ihwo(w), m))
     want = winograd.transform_weight_reference(w.double(), m)
     assert u.shape == want.shape == ((m + 2) ** 2, -(-cout // 16), cin, 16)
     torch.testing.assert_close(u.double(), want, rtol=0, atol=1e-6 * want.abs().max().item())

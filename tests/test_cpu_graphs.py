@@ -129,21 +129,23 @@ def test_in_place_edit_of_a_packed_conv_reaches_the_replay():
     torch.testing.assert_close(out, fast.final_layer.bias.view(1, -1, 1, 1).expand_as(out), rtol=0, atol=0)
 
 
-def test_in_place_edit_of_a_panel_major_winograd_conv_reaches_the_replay(monkeypatch):
-    """The replay reads a large Winograd weight's panel-major copy, derived from the weight state_dict
-    shows: editing that weight in place makes the next call record again with a fresh copy."""
-    monkeypatch.setattr(hrnet_fast.fused.conv, "_PANEL_MAJOR_BYTES", 0)  # every Winograd weight so
+def test_in_place_edit_of_a_winograd_conv_reaches_the_replay():
+    """The replay's Winograd kernel reads the weight state_dict shows, in place (OIHW): editing it in
+    place changes the next replay's output as it changes the Python forward's."""
     fast = hrnet_fast.optimize(_tiny(4), backend="cpu")
     plain = hrnet_fast.optimize(_tiny(4), backend="cpu", cpu_graph=False)
     x = torch.randn(*X)
     _warm(fast, x)
     conv, same_in_plain = fast.stage2[0].branches[1][0].convs[0], plain.stage2[0].branches[1][0].convs[0]
-    assert conv._winograd and conv._winograd_weight.dim() == 5
+    assert conv._winograd and conv._winograd_weight is conv.weight and conv.weight.is_contiguous()
     with torch.no_grad():
+        before = fast(x)
         for c in (conv, same_in_plain):
             c.weight.mul_(-0.5)
-        _same(fast(x), plain(x))
-    assert conv._winograd_weight.dim() == 5
+        after = fast(x)
+        _same(after, plain(x))
+    assert not torch.equal(after, before)
+    assert conv._winograd_weight is conv.weight
 
 
 def test_a_recording_ending_after_the_shape_replays_leaves_its_graph():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hrnet_fast import _extension
-from hrnet_fast.ops.winograd import conv3x3_winograd, transform_weight, transform_weight_reference
+from hrnet_fast.ops.winograd import conv3x3_winograd, panel_major, transform_weight, transform_weight_reference
 
 pytestmark = pytest.mark.skipif(not _extension.is_built(), reason="needs the compiled extension")
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,12 +77,15 @@ def test_each_variant_matches_direct_convolution(isa, m, n, cin, cout, h, w, res
     out = conv3x3_winograd(x, u, cout, b, r, relu=True)
     want = (F.conv2d(x.double(), weight.double(), b.double(), padding=1) + r.double()).relu()
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5 * want.abs().max().item())
-    # the dense weight, transformed by the kernel per call: the same bits, on 1 thread and on 2
+    # the dense weight, transformed by the kernel per call: the same bits, on 1 thread and on 2, read
+    # OIHW (in blocks transposed in registers), IHWO or panel-major
     before = torch.get_num_threads()
+    ihwo = weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert torch.equal(conv3x3_winograd(x, weight, cout, b, r, relu=True, tile=m), out)
+            for dense in (weight, ihwo, panel_major(weight)):
+                assert torch.equal(conv3x3_winograd(x, dense, cout, b, r, relu=True, tile=m), out)
     finally:
         torch.set_num_threads(before)
 

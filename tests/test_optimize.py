@@ -11,7 +11,7 @@ from torch import nn
 import hrnet_fast
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.hr_module import FusedHRModule
-from hrnet_fast.ops.winograd import choose_tile, panel_major
+from hrnet_fast.ops.winograd import choose_tile
 from hrnet_fast.profile import count_ops, held_bytes
 from hrnet_fast.reference import tiny_pose_hrnet
 
@@ -62,16 +62,9 @@ def test_pose_hrnet_cpu(builder, size):
     winograd = [m for m in convs if m._winograd]
     assert len(winograd) == 26 * 4 * 2 + 4 + 1, len(winograd)
     assert all(tuple(m.weight.shape[2:]) == (3, 3) and m.stride == [1, 1] for m in winograd)
-    # the kernel's per-call transform reads a panel-major copy of a large dense weight (the values of
-    # the buffer state_dict shows), a small one where the buffer holds it IHWO; no transformed or
-    # oneDNN-packed copy is kept beside them
-    for m in winograd:
-        if m.weight.numel() * 4 >= 256 << 10:
-            assert torch.equal(m._winograd_weight, panel_major(m.weight))
-        else:
-            assert m._winograd_weight is m.weight and m.weight.permute(1, 2, 3, 0).is_contiguous()
-    if builder is hrnet_fast.pose_hrnet_w32:  # the 256- and 128-channel convs, and the first transition's 256 -> 32
-        assert sum(m._winograd_weight is not m.weight for m in winograd) == 24 + 56 + 1
+    # the kernel's per-call transform reads the buffer state_dict shows, in place (OIHW): no transformed,
+    # panel-major or oneDNN-packed copy is kept beside it
+    assert all(m._winograd_weight is m.weight and m.weight.is_contiguous() for m in winograd)
     assert all(m._packed is None for m in winograd)
     assert all(m._winograd_weight is None for m in convs if not m._winograd)
 
@@ -88,8 +81,8 @@ def test_winograd_off_keeps_direct_convolution():
 
 def test_fused_conv_winograd_at_alternating_sizes():
     """A 256-channel 3x3 conv meets 8x6 (F(2x2): few tiles), 32x32 (F(4x4)) and 8x6 again: each call
-    transforms the dense weight for its own tile, nothing derived is kept but the weight's panel-major
-    copy (the same size: 256 output channels are 16 whole panels), every answer is right."""
+    transforms the dense weight for its own tile, read in place: nothing derived is kept, every answer
+    is right."""
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(256, 256, 3, 3, generator=g) / 48, torch.randn(256, generator=g)
     conv = FusedConv(w, b, (1, 1), (1, 1), relu=False, backend="cpu")
@@ -101,7 +94,7 @@ def test_fused_conv_winograd_at_alternating_sizes():
         out = conv(x)
         ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1)
         assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
-    assert held_bytes(conv) == held == (2 * w.numel() + b.numel()) * 4
+    assert held_bytes(conv) == held == (w.numel() + b.numel()) * 4
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -419,18 +412,14 @@ def test_load_state_dict_takes_effect():
         torch.testing.assert_close(fb(x), ma(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("panel_major_bytes", [256 << 10, 0], ids=["ihwo", "panel-major"])
-def test_in_place_weight_edits_take_effect(panel_major_bytes, monkeypatch):
-    """An in-place edit of a Winograd conv (whose kernel reads the buffer, or a panel-major copy of it
-    where the weight is large: every one with the threshold at 0), of a oneDNN-packed conv and of a 1x1
-    conv (our kernel, the dense weight) is seen by the next call."""
-    monkeypatch.setattr(hrnet_fast.fused.conv, "_PANEL_MAJOR_BYTES", panel_major_bytes)
+def test_in_place_weight_edits_take_effect():
+    """An in-place edit of a Winograd conv (whose kernel reads the buffer in place), of a oneDNN-packed
+    conv and of a 1x1 conv (our kernel, the dense weight) is seen by the next call."""
     model = _pair(2)
     fast = hrnet_fast.optimize(model, backend="cpu")
     x = torch.randn(1, 3, 64, 64)
     winograd_conv = fast.stage2[0].branches[0][0].convs[0]
-    assert winograd_conv._winograd
-    assert (winograd_conv._winograd_weight is winograd_conv.weight) == (panel_major_bytes > 0)
+    assert winograd_conv._winograd and winograd_conv._winograd_weight is winograd_conv.weight
     with torch.no_grad():
         fast(x)
         model.stage2[0].branches[0][0].conv1.weight.zero_()

@@ -265,11 +265,15 @@ DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK(w.dim() == 4 && w.size(0) == cout && w.size(1) == cin && w.size(2) == 3 && w.size(3) == 3, op, ": ",
               name, " must be the dense 3x3 weight [", cout, ", ", cin, ", 3, 3] (or panel-major [", panels, ", ",
               cin, ", 3, 3, 16]), got shape ", w.sizes());
-  // IHWO [C_in][3][3][C_out]: itself where stored that way (as optimize() keeps it), checked by its
-  // strides (tensor_view.h: a permuted view made on every call cost 5.7 us of W32's ~150 us calls at
-  // batch 1, its caches cold)
-  kept = dense_in_order(w, std::array<int, 4>{1, 2, 3, 0}) ? w : w.permute({1, 2, 3, 0}).contiguous();
-  return DenseWeight::ihwo(kept.data_ptr<float>(), cout);
+  // Read in place where stored OIHW (contiguous) or IHWO [C_in][3][3][C_out], checked by its strides
+  // (tensor_view.h: a permuted view made on every call cost 5.7 us of W32's ~150 us calls at batch 1,
+  // its caches cold); any other strides are copied to OIHW first.
+  if (dense_in_order(w, std::array<int, 4>{1, 2, 3, 0})) {
+    kept = w;
+    return DenseWeight::ihwo(kept.data_ptr<float>(), cout);
+  }
+  kept = w.contiguous();
+  return DenseWeight::oihw(kept.data_ptr<float>(), cin);
 }
 
 WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots)

@@ -54,6 +54,62 @@ inline vfl load_fl(const float* p, int n) {
   return v;
 }
 
+// Two-source shuffles with constant lane lists, as x86 compilers map them onto its in-lane unpacks and
+// 128-bit lane shuffles.
+#if defined(__clang__)
+#define HF_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int vfl_index __attribute__((vector_size(kFilterLanes * 4)));
+#define HF_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vfl_index{__VA_ARGS__})
+#endif
+
+// r[0..L) (L = kFilterLanes vectors of L) transposed in place, the usual way: interleave pairs of rows
+// by 32-bit then 64-bit elements within each 128-bit lane, then gather 128-bit lanes (one round at 8
+// lanes, two at 16). Only in-lane unpacks and lane shuffles: a first version interleaving whole rows
+// (log2 L rounds of cross-lane two-source permutes) made the OIHW filter transform of W32's 256-channel
+// 8x6 conv ~1.04x slower than reading panel-major.
+inline void transpose_fl(vfl* r) {
+  constexpr int L = kFilterLanes;
+  vfl t[L], u[L];
+  for (int p = 0; p < L / 2; ++p) {
+#if HF_FILTER_LANES == 16
+    t[2 * p] = HF_SHUFFLE(r[2 * p], r[2 * p + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
+    t[2 * p + 1] = HF_SHUFFLE(r[2 * p], r[2 * p + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+#else
+    t[2 * p] = HF_SHUFFLE(r[2 * p], r[2 * p + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * p + 1] = HF_SHUFFLE(r[2 * p], r[2 * p + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+#endif
+  }
+  // u[4g + s], 128-bit lane q: column 4q + s of rows 4g .. 4g + 3
+  for (int g = 0; g < L / 4; ++g) {
+    for (int h = 0; h < 2; ++h) {
+      const vfl a = t[4 * g + h], b = t[4 * g + h + 2];
+#if HF_FILTER_LANES == 16
+      u[4 * g + 2 * h] = HF_SHUFFLE(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+      u[4 * g + 2 * h + 1] = HF_SHUFFLE(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+#else
+      u[4 * g + 2 * h] = HF_SHUFFLE(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+      u[4 * g + 2 * h + 1] = HF_SHUFFLE(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+#endif
+    }
+  }
+  for (int s = 0; s < 4; ++s) {
+#if HF_FILTER_LANES == 16
+    // lanes 0 and 2, or 1 and 3, of each source
+#define HF_EVEN(a, b) HF_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+#define HF_ODD(a, b) HF_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)
+    const vfl a = HF_EVEN(u[s], u[4 + s]), b = HF_ODD(u[s], u[4 + s]);
+    const vfl c = HF_EVEN(u[8 + s], u[12 + s]), d = HF_ODD(u[8 + s], u[12 + s]);
+    r[s] = HF_EVEN(a, c), r[8 + s] = HF_ODD(a, c), r[4 + s] = HF_EVEN(b, d), r[12 + s] = HF_ODD(b, d);
+#undef HF_EVEN
+#undef HF_ODD
+#else
+    r[s] = HF_SHUFFLE(u[s], u[4 + s], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[4 + s] = HF_SHUFFLE(u[s], u[4 + s], 4, 5, 6, 7, 12, 13, 14, 15);
+#endif
+  }
+}
+
 // The GEMM's vector width: 16 lanes where the variant has 512-bit registers (AVX-512 defines
 // HF_GEMM_LANES 16), whose FMAs do twice the work of two 8-lane ones on CPUs with two 512-bit FMA
 // units (Intel's server cores); else 8.
@@ -341,8 +397,13 @@ constexpr int64_t kFarPrefetch = 32;
 // be evicted between them by the other positions' lines. `far`: prefetch distance into L2, in
 // channels (0: none; kFarPrefetch where the weight comes from memory once per call).
 template <int M>
+void filter_panels_oihw(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
+                        int64_t ci1, float* u, int64_t us, int64_t far, int64_t row0);
+
+template <int M>
 void filter_panels(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
                    int64_t ci1, float* u, int64_t us, int64_t far = 0, int64_t row0 = 0) {
+  if (!w.lines_hold_panels()) return filter_panels_oihw<M>(w, rows, cout, j0, j1, ci0, ci1, u, us, far, row0);
   constexpr int K = Winograd<M>::kTile, kParts = kNr / kFilterLanes;
   vfl g[9], tile[kParts == 1 ? 1 : K * K * kParts];
   for (int64_t j = j0; j < j1; ++j) {
@@ -365,6 +426,61 @@ void filter_panels(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0,
       if constexpr (kParts > 1)
         for (int p = 0; p < K * K; ++p)
           for (int part = 0; part < kParts; ++part) out[p * (us / kFilterLanes) + part] = tile[p * kParts + part];
+    }
+  }
+}
+
+// filter_panels of an OIHW weight (w.o floats between output channels, a channel's 9 taps contiguous):
+// a block of kFilterLanes input channels is 9 * kFilterLanes contiguous floats an output channel, read
+// as 9 vectors for each of the part's kFilterLanes channels and transposed in registers, 9 blocks of
+// L x L, into the (channel, tap) vectors across output channels the transform takes. A partial block
+// (the last channels, or the last panel's channels past C_out) is gathered lane by lane. The same
+// values, so the same U bits, as the other layouts.
+template <int M>
+void filter_panels_oihw(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
+                        int64_t ci1, float* u, int64_t us, int64_t far, int64_t row0) {
+  constexpr int K = Winograd<M>::kTile, L = kFilterLanes, kParts = kNr / L;
+  vfl taps[kParts][9 * L];  // taps[part][c * 9 + k]: tap k of channel ci + c, across the part's lanes
+  vfl tile[kParts == 1 ? 1 : K * K * kParts];
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t ci = ci0; ci < ci1; ci += L) {
+      const int nc = static_cast<int>(std::min<int64_t>(L, ci1 - ci));
+      for (int part = 0; part < kParts; ++part) {
+        const int64_t o0 = j * kNr + part * L;
+        const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(L, cout - o0)));
+        const float* src = w.data + o0 * w.o + ci * 9;
+        if (far && ci + far < ci1)  // `far` channels ahead into L2: each channel's run of the block there
+          for (int l = 0; l < lanes; ++l)
+            for (int b = 0; b < 9 * L * 4 + 64; b += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(src + l * w.o + far * 9) + b, 0, 2);
+        vfl* t = taps[part];
+        if (lanes == L && nc == L) {
+          for (int v = 0; v < 9; ++v) {
+            vfl r[L];
+            for (int l = 0; l < L; ++l) r[l] = load_fl(src + l * w.o + v * L, L);
+            transpose_fl(r);
+            for (int l = 0; l < L; ++l) t[v * L + l] = r[l];
+          }
+        } else {
+          for (int e = 0; e < 9 * nc; ++e) {
+            vfl r = {};
+            for (int l = 0; l < lanes; ++l) r[l] = src[l * w.o + e];
+            t[e] = r;
+          }
+        }
+      }
+      for (int c = 0; c < nc; ++c) {
+        vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * rows + ci + c - row0) * kNr);
+        for (int part = 0; part < kParts; ++part) {
+          if constexpr (kParts == 1)
+            winograd_filter_tile<M>(taps[part] + c * 9, 3, 1, out, us / kFilterLanes);
+          else
+            winograd_filter_tile<M>(taps[part] + c * 9, 3, 1, tile + part, kParts);
+        }
+        if constexpr (kParts > 1)
+          for (int p = 0; p < K * K; ++p)
+            for (int part = 0; part < kParts; ++part) out[p * (us / kFilterLanes) + part] = tile[p * kParts + part];
+      }
     }
   }
 }
@@ -444,25 +560,25 @@ void winograd_task(const WinogradTask& k) {
     }
   }
   // micro_6xn on V's rows and Mt's, C = A B or (accumulate) C += A B
+  // (pf: n rows of the weight's lines as pfl describes them)
   auto micro = [&]<int NV>(bool accumulate, const float* a, const float* const (&b)[NV], float* c, int64_t kn,
-                           const char* pf, int64_t pfs, int64_t n, int pf_lines) {
-    const int64_t pls = k.w.j * int64_t(sizeof(float));  // bytes between the next panels' lines
+                           const char* pf, const WeightLines& pfl, int64_t n) {
     if (accumulate)
-      micro_6xn<vgemm, NV, true>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines, kNr, {}, pls);
+      micro_6xn<vgemm, NV, true>(a, g.cinp, b, c, g.coutp, kn, pf, pfl.row_bytes, n, pfl.lines, kNr, {}, pfl.line_bytes);
     else
-      micro_6xn<vgemm, NV>(a, g.cinp, b, c, g.coutp, kn, pf, pfs, n, pf_lines, kNr, {}, pls);
+      micro_6xn<vgemm, NV>(a, g.cinp, b, c, g.coutp, kn, pf, pfl.row_bytes, n, pfl.lines, kNr, {}, pfl.line_bytes);
   };
   // all K*K positions of panels [j, j + group) (group 1 to 4, at most k.group; panel j + q rows * kNr * q
   // floats after panel j)
-  // pf: the dense weight lines of the panels transformed next (rows of pf_lines lines, one a panel, a
-  // tap's k.w.k floats apart, pf_rows of them), prefetched into L2 a few at a time during these GEMMs
+  // pf: the dense weight's lines of the panels transformed next (DenseWeight::lines_of), prefetched into
+  // L2 a few rows at a time during these GEMMs
   // k0, kn: the input channels [k0, k0 + kn) of a slice of U (rows a panel in panel0), added to C
   // where k0 > 0
   auto gemms = [&](int64_t j, const float* panel0, int64_t panel_stride, int group, int64_t k0, int64_t kn,
-                   int64_t rows, const float* pf = nullptr, int64_t pf_rows = 0, int pf_lines = 1) {
+                   int64_t rows, const WeightLines& pf = {}) {
     const int64_t q = rows * kNr;  // floats between panels
+    const int64_t pf_rows = pf.start ? pf.rows : 0;
     const int64_t calls = K * K * (k.ntp / kMr), per = (pf_rows + calls - 1) / calls;
-    const int64_t pfs = k.w.k * int64_t(sizeof(float));  // bytes between the rows
     int64_t call = 0;
     for (int p = 0; p < K * K; ++p) {
       const float* vp = k.vbuf + p * plane_stride(k.ntp * g.cinp);
@@ -473,18 +589,18 @@ void winograd_task(const WinogradTask& k) {
         float* c = mp + i * g.coutp + j * kNr;
         // this call's share of the rows
         const int64_t r0 = std::min(pf_rows, call++ * per), n = std::min(pf_rows, r0 + per) - r0;
-        const char* pfc = pf ? reinterpret_cast<const char*>(pf + r0 * k.w.k) : nullptr;
+        const char* pfc = pf_rows ? pf.start + r0 * pf.row_bytes : nullptr;
         for (RangePrefetch& s : streams) s.step();
         if constexpr (kGemmPanels == 1)  // 8 lanes: one panel as two vectors
-          micro(k0 > 0, a, {panel, panel + 8}, c, kn, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel, panel + 8}, c, kn, pfc, pf, n);
         else if (group == 4)
-          micro(k0 > 0, a, {panel, panel + q, panel + 2 * q, panel + 3 * q}, c, kn, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel, panel + q, panel + 2 * q, panel + 3 * q}, c, kn, pfc, pf, n);
         else if (group == 3)
-          micro(k0 > 0, a, {panel, panel + q, panel + 2 * q}, c, kn, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel, panel + q, panel + 2 * q}, c, kn, pfc, pf, n);
         else if (group == 2)
-          micro(k0 > 0, a, {panel, panel + q}, c, kn, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel, panel + q}, c, kn, pfc, pf, n);
         else
-          micro(k0 > 0, a, {panel}, c, kn, pfc, pfs, n, pf_lines);
+          micro(k0 > 0, a, {panel}, c, kn, pfc, pf, n);
       }
     }
   };
@@ -527,11 +643,11 @@ void winograd_task(const WinogradTask& k) {
         const int64_t next = j + group;
         filter_panels<M>(k.w, k.slice, g.cout, j, next, ci0, ci1, k.ubuf, stride, kFarPrefetch, ci0);
         if (next < k.j1)  // this slice's next panels
-          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w.data + ci0 * k.w.ci + next * k.w.j, 9 * kn,
-                static_cast<int>(std::min<int64_t>(most, k.j1 - next)));
+          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice,
+                k.w.lines_of(next, std::min<int64_t>(most, k.j1 - next), ci0, kn, g.cout));
         else if (ci1 < g.cin)  // the next slice's first panels
-          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice, k.w.data + ci1 * k.w.ci + k.j0 * k.w.j,
-                9 * std::min(k.slice, g.cin - ci1), static_cast<int>(std::min<int64_t>(most, k.j1 - k.j0)));
+          gemms(j, k.ubuf, stride, group, ci0, kn, k.slice,
+                k.w.lines_of(k.j0, std::min<int64_t>(most, k.j1 - k.j0), ci1, std::min(k.slice, g.cin - ci1), g.cout));
         else
           gemms(j, k.ubuf, stride, group, ci0, kn, k.slice);
         j = next;

@@ -36,7 +36,7 @@ inline std::pair<int64_t, int64_t> block_tiles(int64_t tiles, int64_t blocks, in
 }
 
 // The dense weight argument `name` of a 3x3 conv C_in -> C_out, checked (errors name `op`): either
-// [C_out, C_in, 3, 3] with any strides (read in place where stored IHWO, else copied into that order)
+// [C_out, C_in, 3, 3] with any strides (read in place where stored OIHW or IHWO, else copied to OIHW)
 // or panel-major [ceil(C_out/16), C_in, 3, 3, 16], contiguous (hrnet_fast.ops.winograd.panel_major).
 // `kept` holds what the result points into.
 DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor& w, int64_t cout, int64_t cin,

@@ -3,6 +3,7 @@
 // arguments, and the per-ISA entry points. Plain data only: no ISA-specific code is in this header.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace hrnet_fast {
@@ -16,17 +17,41 @@ struct WinogradGeometry {
   int64_t n, h, w, cin, cout, cinp, coutp, tiles_h, tiles_w, tiles;
 };
 
-// A dense 3x3 weight as the kernels read it: its data, and where the line of (input channel, 16-wide
-// output panel, tap) starts, in floats. IHWO [C_in][3][3][C_out] (the weight buffer optimize() keeps,
-// seen through OIHW strides), where a panel's lines lie C_out floats apart, or panel-major
-// [ceil(C_out/16)][C_in][3][3][16] (output channels past C_out zero), where each panel's lines are one
-// sequential stream that the hardware prefetchers follow. Either way a channel's taps are k apart and
-// channels 9 taps (ci == 9 * k), so a run of (channel, tap) rows is one stride.
+// The lines of a dense weight that the GEMMs prefetch while they run: `rows` rows from `start`,
+// row_bytes apart, each `lines` 64-byte lines line_bytes apart.
+struct WeightLines {
+  const char* start;
+  int64_t rows, row_bytes;
+  int lines;
+  int64_t line_bytes;
+};
+
+// A dense 3x3 weight as the kernels read it: its data, and where the value of (input channel ci, 16-wide
+// output panel j, tap k, output channel o of the panel) lies, ci * ci + j * j + k * k + o * o floats in.
+// OIHW [C_out][C_in][3][3], contiguous (o == 9 * C_in): the layout a folded weight and state_dict have,
+// read in place, a panel being 16 sequential streams (one an output channel), transposed in blocks of
+// channels as they are read. IHWO [C_in][3][3][C_out] (o == 1), where a panel's 16 channels are one
+// 64-byte line and its lines lie C_out floats apart, and panel-major [ceil(C_out/16)][C_in][3][3][16]
+// (o == 1, output channels past C_out zero), a panel's lines one sequential stream.
 struct DenseWeight {
   const float* data;
-  int64_t ci, j, k;
-  static DenseWeight ihwo(const float* w, int64_t cout) { return {w, 9 * cout, kNr, cout}; }
-  static DenseWeight panel_major(const float* w, int64_t cin) { return {w, 9 * kNr, cin * 9 * kNr, kNr}; }
+  int64_t ci, j, k, o;
+  static DenseWeight oihw(const float* w, int64_t cin) { return {w, 9, kNr * 9 * cin, 1, 9 * cin}; }
+  static DenseWeight ihwo(const float* w, int64_t cout) { return {w, 9 * cout, kNr, cout, 1}; }
+  static DenseWeight panel_major(const float* w, int64_t cin) { return {w, 9 * kNr, cin * 9 * kNr, kNr, 1}; }
+  // Output channels a line (o == 1) or a row each (OIHW).
+  bool lines_hold_panels() const { return o == 1; }
+  // The lines of panels [j0, j0 + panels) and input channels [c0, c0 + kn): IHWO and panel-major a row a
+  // (channel, tap), its panels' lines j floats apart; OIHW a row an output channel (those of `cout`), its
+  // run of 9 * kn floats.
+  WeightLines lines_of(int64_t j0, int64_t panels, int64_t c0, int64_t kn, int64_t cout) const {
+    const float* at = data + c0 * ci + j0 * j;
+    if (lines_hold_panels())
+      return {reinterpret_cast<const char*>(at), 9 * kn, k * 4, static_cast<int>(panels), j * 4};
+    const int64_t outputs = std::max<int64_t>(0, std::min(panels * kNr, cout - j0 * kNr));
+    // a run not aligned to a line may reach into one more
+    return {reinterpret_cast<const char*>(at), outputs, o * 4, static_cast<int>((9 * kn * 4 + 63) / 64 + 1), 64};
+  }
 };
 
 // One task of the driver's split: tiles [t0, t0 + nt) (ntp: nt rounded up to kMr), output panels

@@ -5,18 +5,20 @@
 // each call (the large ones of the low-resolution branches, where reading 1.8x-4x the bytes from
 // memory costs more than the transform; see hrnet_fast/fused/conv.py).
 //
-// The transform runs in the CPU's variant (csrc/cpu/isa/), vectorised over output channels, so it is
-// fastest for an IHWO weight (w.permute(1, 2, 3, 0) contiguous, seen through OIHW strides): any
-// other layout is copied into that one first.
+// The transform runs in the CPU's variant (csrc/cpu/isa/), vectorised over output channels. It reads an
+// OIHW (contiguous) or IHWO (w.permute(1, 2, 3, 0) contiguous, seen through OIHW strides) weight in
+// place: any other layout is copied to OIHW first.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/tensor_view.h"
 #include "cpu/winograd_isa.h"
 
 namespace hrnet_fast {
@@ -40,11 +42,13 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight, int64_t m) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.layout() == at::kStrided, op,
               ": weight must be a dense float32 CPU tensor, got ", weight.scalar_type(), " on ", weight.device());
   const int64_t cout = weight.size(0), cin = weight.size(1), k = m + 2, panels = (cout + kNr - 1) / kNr;
-  // IHWO; a view (no copy) when the weight is stored that way
-  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
   at::Tensor u = at::empty({k * k, panels, cin, kNr}, weight.options());
   if (u.numel() == 0) return u;
-  winograd_transform_all(DenseWeight::ihwo(w.data_ptr<float>(), cout), cin, cout, static_cast<int>(m), u.data_ptr<float>(), panels * cin * kNr);
+  // read in place where stored IHWO or OIHW, else copied to OIHW
+  const bool ihwo = dense_in_order(weight, std::array<int, 4>{1, 2, 3, 0});
+  const at::Tensor w = ihwo ? weight : weight.contiguous();
+  const DenseWeight dense = ihwo ? DenseWeight::ihwo(w.data_ptr<float>(), cout) : DenseWeight::oihw(w.data_ptr<float>(), cin);
+  winograd_transform_all(dense, cin, cout, static_cast<int>(m), u.data_ptr<float>(), panels * cin * kNr);
   return u;
 }
 

@@ -13,7 +13,7 @@ from hrnet_fast.ops import _backend
 from hrnet_fast.ops._meta import conv_output_size
 from hrnet_fast.ops.conv import prepack
 from hrnet_fast.ops.winograd import OP as WINOGRAD_OP
-from hrnet_fast.ops.winograd import choose_tile, panel_major, why_not_winograd
+from hrnet_fast.ops.winograd import choose_tile, why_not_winograd
 
 _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights for (oldest dropped first)
 # Serialises every change to the derived-weight caches (lookups need no lock: one dict.get is atomic),
@@ -21,14 +21,6 @@ _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights f
 _CACHE_LOCK = threading.Lock()
 # Input channels below which conv_bias_act's kernel reads an NCHW input itself (kConvGemmMinCin).
 _FEW_CIN = 8
-# Winograd weights from this size on are read by the kernel from a panel-major copy: every 16 output
-# channels' weight one sequential stream, which the hardware prefetchers follow, where the IHWO buffer
-# holds a panel's lines C_out floats apart. Such weights stream from memory on every call (a forward
-# reads W32's 90 MB of them once). 2 threads of an Intel Xeon, IHWO and panel-major side by side in
-# one process: W32 1.071x at batch 1 and 1.037x at batch 8; with every Winograd weight panel-major
-# 1.051x and 1.037x (W48 at batch 1 1.106x), so the smaller ones (W32's 32 and 64 channels, 37 and
-# 147 KB, 12 MB in all) are not worth their copy (README, "Memory" has the cost).
-_PANEL_MAJOR_BYTES = 256 << 10
 # Per thread, set for the forward of an optimize()d cpu model (convert._ForwardScope): `on` where the
 # caller passed NCHW, so a head conv with writes_planar writes NCHW (unset or False: channels_last).
 planar_output = threading.local()
@@ -62,9 +54,9 @@ class FusedConv(nn.Module):
         # reading a kept transformed copy (1.8x or 4x the bytes) from memory, so the model holds no such
         # copy (README, "Memory").
         self._winograd = False
-        # What that kernel reads (None where this conv does not run it): a weight of _PANEL_MAJOR_BYTES
-        # or more panel-major (ops.winograd.panel_major), a copy beside the buffer state_dict shows;
-        # a smaller one the buffer itself, stored IHWO.
+        # What that kernel reads (None where this conv does not run it): the buffer itself, OIHW and
+        # contiguous, which the kernel reads in place (README, "Memory": a panel-major copy beside it
+        # measured no faster on the AMD EPYC and held 86 MiB more for W32).
         self._winograd_weight: torch.Tensor | None = None
         self.use_winograd = False
         # conv3x3_winograd's overload, looked up in pack() (a name lookup through torch.ops costs more
@@ -84,8 +76,8 @@ class FusedConv(nn.Module):
         [kH, kW, C_in, C_out] (seen through OIHW strides), so weight tiles load contiguously along
         C_out. cpu (float32): for a 3x3 stride-1 conv when `use_winograd` (and the kernel is built with
         a vector variant this CPU runs: its portable build is for correctness, and slower than oneDNN
-        there), Winograd, the kernel's per-call transform reading a large weight from a panel-major
-        copy and a small one stored [C_in, kH, kW, C_out] (_winograd_weight); where conv_bias_act's
+        there), Winograd, the kernel's per-call transform reading the weight in place, OIHW
+        (_winograd_weight); where conv_bias_act's
         own direct kernel takes the conv (see _runs_conv_gemm), stored [kH, kW, C_in, C_out], the rows
         it reads in place; else reordered into oneDNN's blocked layout (per input shape, on first use).
         The values, and so state_dict, never change."""
@@ -106,12 +98,9 @@ class FusedConv(nn.Module):
                 and torch.ops.hrnet_fast.cpu_isa() != "base"
             ):
                 winograd = True
-                if self.weight.numel() * self.weight.element_size() >= _PANEL_MAJOR_BYTES:
-                    kernel_weight = panel_major(self.weight)
-                else:
-                    if not self.weight.permute(1, 2, 3, 0).is_contiguous():
-                        self._buffers["weight"] = self.weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-                    kernel_weight = self._buffers["weight"]
+                if not self.weight.is_contiguous():
+                    self._buffers["weight"] = self.weight.contiguous()
+                kernel_weight = self._buffers["weight"]
             elif self._runs_conv_gemm():
                 if not self.weight.permute(2, 3, 1, 0).is_contiguous():
                     self._buffers["weight"] = self.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
