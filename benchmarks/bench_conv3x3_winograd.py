@@ -4,7 +4,8 @@ Side by side in one process (torch.utils.benchmark, 2 threads), every conv with 
 HRNet has one) the residual fused: eager channels_last, our conv_bias_act (oneDNN, weights pre-packed
 for the shape), and conv3x3_winograd with F(2x2,3x3), F(4x4,3x3) and the tile `choose_tile` picks,
 each given the weight transformed ahead ("winograd") or dense, transformed by the kernel on each call
-("dense": what optimize() runs).
+("dense": what optimize() runs, the OIHW weight read in place; "dense IHWO" and "dense panel-major":
+the same conv reading the other layouts the kernel takes).
 
 In the model every conv has its own weights, so they come from memory rather than cache; the
 Winograd weights are 1.8x (F(2x2)) or 4x (F(4x4)) the size of the direct ones, which matters at
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from hrnet_fast.bench.op_args import op_bench_parser
 from hrnet_fast.bench.timing import take_turns
 from hrnet_fast.ops.conv import prepack
-from hrnet_fast.ops.winograd import choose_tile, transform_weight
+from hrnet_fast.ops.winograd import choose_tile, panel_major, transform_weight
 
 POOL_BYTES = 64 << 20  # twice this machine's 32 MiB L3
 MAX_POOL = 256
@@ -60,15 +61,18 @@ def contenders(s: Shape, batch: int, warm: bool) -> dict[str, tuple[str, dict]]:
     pool = 1 if warm else min(MAX_POOL, max(2, -(-POOL_BYTES // (36 * 4 * c * c))))
     dense = [torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5) for _ in range(pool)]
     auto = choose_tile(x.shape, c)
-    ihwo = [w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2) for w in dense]  # as optimize() keeps them
     weights = {
         "eager CL": [w.contiguous(memory_format=cl) for w in dense],
         "oneDNN packed": [prepack(w, x.shape, 1, 1) for w in dense],
         "winograd F(2x2)": [transform_weight(w, 2) for w in dense],
         "winograd F(4x4)": [transform_weight(w, 4) for w in dense],
-        "dense F(2x2)": ihwo,
-        "dense F(4x4)": ihwo,
-        f"dense auto=F({auto}x{auto})": ihwo,
+        # OIHW, read in place: as optimize() keeps them
+        "dense F(2x2)": dense,
+        "dense F(4x4)": dense,
+        f"dense auto=F({auto}x{auto})": dense,
+        # the same at the tile chosen, from the other layouts the kernel reads in place
+        f"dense IHWO auto=F({auto}x{auto})": [w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2) for w in dense],
+        f"dense panel-major auto=F({auto}x{auto})": [panel_major(w) for w in dense],
     }
     weights[f"winograd auto=F({auto}x{auto})"] = weights[f"winograd F({auto}x{auto})"]
     ops = torch.ops.hrnet_fast
@@ -81,7 +85,8 @@ def contenders(s: Shape, batch: int, warm: bool) -> dict[str, tuple[str, dict]]:
         return lambda w: ops.conv3x3_winograd(x, w, c, b, r, True, m)
 
     fns = {"eager CL": eager, "oneDNN packed": lambda w: ops.conv_bias_act(x, w, b, [1, 1], [1, 1], r, True),
-           "dense F(2x2)": dense_fn(2), "dense F(4x4)": dense_fn(4), f"dense auto=F({auto}x{auto})": dense_fn(auto)}
+           "dense F(2x2)": dense_fn(2), "dense F(4x4)": dense_fn(4), f"dense auto=F({auto}x{auto})": dense_fn(auto),
+           f"dense IHWO auto=F({auto}x{auto})": dense_fn(auto), f"dense panel-major auto=F({auto}x{auto})": dense_fn(auto)}
     # every contender must compute the same thing before it is timed
     want = F.conv2d(x.double(), dense[0].double(), b.double(), padding=1)
     want = torch.relu(want + r.double() if r is not None else want)
