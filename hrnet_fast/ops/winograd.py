@@ -127,7 +127,8 @@ def conv3x3_winograd(
 ) -> torch.Tensor:
     """act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w, given as `weight` =
     transform_weight(w, m) (tile=0) or as w itself with tile=m (2 or 4: transformed on each call), w
-    either [C_out, C_in, 3, 3] or panel_major(w). `out_channels` = w.shape[0] (the transformed and the
+    either [C_out, C_in, 3, 3] (read in place when stored OIHW or [C_in, 3, 3, C_out], else copied on each
+    call) or panel_major(w). `out_channels` = w.shape[0] (the transformed and the
     panel-major weight hold it rounded up to 16).
 
     The output's memory format follows x's (the kernel itself runs channels_last).
@@ -223,8 +224,9 @@ def backward(ctx, grad):
 
 def panel_major(weight: torch.Tensor) -> torch.Tensor:
     """A [C_out, C_in, 3, 3] weight as [ceil(C_out/16), C_in, 3, 3, 16], output channels past C_out zero:
-    the dense weight conv3x3_winograd and winograd_blocks read fastest where it streams from memory
-    (each 16-wide panel's rows one sequential run; see FusedConv.pack)."""
+    a dense weight conv3x3_winograd and winograd_blocks also read in place, each 16-wide panel one
+    sequential run of 64-byte lines (optimize() keeps OIHW, which read as fast on the AMD EPYC without
+    a copy: README, "Memory")."""
     cout, cin = weight.shape[:2]
     panels = -(-cout // PANEL)
     padded = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, panels * PANEL - cout))
