@@ -1,6 +1,7 @@
 // What the Winograd driver (csrc/cpu/conv3x3_winograd.cpp, built for the baseline x86-64 ISA) and its
 // per-ISA kernels (csrc/cpu/isa/winograd_<isa>.cpp) share: the problem's geometry, one task's
-// arguments, and the per-ISA entry points. Plain data only: no ISA-specific code is in this header.
+// arguments, and the per-ISA entry points. Plain data and its arithmetic only: no ISA-specific code is
+// in this header.
 #pragma once
 
 #include <algorithm>
