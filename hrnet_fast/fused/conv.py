@@ -77,9 +77,9 @@ class FusedConv(nn.Module):
         C_out. cpu (float32): for a 3x3 stride-1 conv when `use_winograd` (and the kernel is built with
         a vector variant this CPU runs: its portable build is for correctness, and slower than oneDNN
         there), Winograd, the kernel's per-call transform reading the weight in place, OIHW
-        (_winograd_weight); where conv_bias_act's
-        own direct kernel takes the conv (see _runs_conv_gemm), stored [kH, kW, C_in, C_out], the rows
-        it reads in place; else reordered into oneDNN's blocked layout (per input shape, on first use).
+        (_winograd_weight); where conv_bias_act's own direct kernel takes the conv (see
+        _runs_conv_gemm), stored [kH, kW, C_in, C_out], the rows it reads in place; else reordered
+        into oneDNN's blocked layout (per input shape, on first use).
         The values, and so state_dict, never change."""
         if use_winograd is not None:
             self.use_winograd = use_winograd
