@@ -11,10 +11,13 @@
 #   table  `cpu_threads` at 16, 1, 8 and 4 threads without torch.compile (the README's "Threads" table,
 #          the efficiency's rows first): ~80 s of ONNX export, then ~200 s;
 #   ort    `ort_parts` at 16 threads, batch 1 and 8: ONNX Runtime's time per part beside ours (~60 s);
+#   layouts `bench_conv3x3_winograd --quick` on 2 threads: the Winograd convs reading their dense weight
+#          OIHW (as optimize() keeps it), IHWO and panel-major, side by side (~40 s; GPU-NOTES, the
+#          twenty-sixth session: whether the OIHW transposes cost more on this Xeon);
 #   tests  the GPU tests with what is left (90-107 s in runs 5-9).
 #
 #     OUT=dir bash benchmarks/gpu_run.sh                 # on the GPU machine, from the repository root
-#     OUT=dir STEPS="tests ort" bash benchmarks/gpu_run.sh
+#     OUT=dir STEPS="tests ort layouts" bash benchmarks/gpu_run.sh
 #
 # Few files come back from that machine (8), so everything lands in $OUT/gpu_run.tgz, and the tables and
 # the logs' ends are printed last. RUN_S (default 560) is the call's budget in seconds. PROBE_PROCS,
@@ -25,6 +28,7 @@ export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 steps=" ${STEPS:-parts table} "
 has() { [[ "$steps" == *" $1 "* ]]; }
 work=/tmp/gpu_run
+repo=$(pwd)
 rm -rf "$work" && mkdir -p "$work"
 end=$(( $(date +%s) + ${RUN_S:-560} ))
 left() { echo $(( end - $(date +%s) )); }
@@ -54,6 +58,12 @@ if has ort; then
         > "$work/ort_parts.log" 2>&1
     echo "ort_parts: exit $? ($(left) s left)"
 fi
+if has layouts; then
+    # the bench writes its JSON under ./benchmarks/results: here, into $work
+    (cd "$work" && PYTHONPATH="$repo" timeout 120 python3 "$repo/benchmarks/bench_conv3x3_winograd.py" --quick \
+        --threads 2 > "$work/layouts.log" 2>&1)
+    echo "layouts: exit $? ($(left) s left)"
+fi
 if has tests; then
     python3 -m hrnet_fast.bench.gpu_check --out "$work/gpu" --only tests --workers 16 --budget-s $(( $(left) - 15 ))
 fi
@@ -66,5 +76,6 @@ has probe && { echo "===== probe"; grep -E "^\|" "$work/probe.log"; }
 has parts && { echo "===== parts"; grep -E "^\| (batch|1 |8 |hrnet|aten|all|forward)|^[0-9]+,|splits|page faults" "$work/parts.log" \
     | cut -c1-170 | head -120; }
 has ort && { echo "===== ort_parts"; grep -E "^(\||W32)" "$work/ort_parts.log" | head -30; }
+has layouts && { echo "===== layouts"; grep -E "^b1 |^\|" "$work/layouts.log" | head -40; }
 has table && { echo "===== cpu_threads"; cat "$work/cpu/cpu_threads/cpu_threads.md" 2>/dev/null || tail -20 "$work/cpu_threads.log"; }
 exit 0
