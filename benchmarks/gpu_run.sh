@@ -47,8 +47,8 @@ if has parts; then
     echo "cpu_parts: exit $? ($(left) s left)"
 fi
 if has table; then
-    # in a call with the tests, they keep ~130 s of it
-    keep=$(has tests && echo 130 || echo 10)
+    # in a call with the tests, they keep ~130 s of it; the layouts ~50
+    keep=$(( $(has tests && echo 130 || echo 10) + $(has layouts && echo 50 || echo 0) ))
     timeout $(( $(left) - keep )) python3 -m hrnet_fast.bench.cpu_threads --out "$work/cpu/cpu_threads" \
         --threads ${TABLE_THREADS:-16 1 8 4} --compile-threads --min-run-time 0.5 > "$work/cpu_threads.log" 2>&1
     echo "cpu_threads: exit $? ($(left) s left)"
