@@ -1,4 +1,4 @@
-// A process-wide on/off setting of a CPU kernel's choice (on by default), read on every call and flipped
+// A process-wide on/off setting of a CPU kernel's choice (on by default, unless made otherwise), read on every call and flipped
 // by an op of its own, so that the two ways can be compared forward by forward in one process: the
 // Winograd split's filling of the team (conv3x3_winograd_fill_team) and its block of tiles a thread
 // (conv3x3_winograd_own_panels), its GEMMs' four panels a call (conv3x3_winograd_four_panels), branches
@@ -13,6 +13,7 @@ namespace hrnet_fast {
 
 class CpuSwitch {
  public:
+  explicit CpuSwitch(bool on = true) : on_(on) {}
   bool on() const { return on_.load(std::memory_order_relaxed); }
   // the op: `use` sets it; returns the setting now
   bool set(std::optional<bool> use) {
@@ -21,7 +22,7 @@ class CpuSwitch {
   }
 
  private:
-  std::atomic<bool> on_{true};
+  std::atomic<bool> on_;
 };
 
 }  // namespace hrnet_fast
