@@ -6,7 +6,7 @@
 // batch 1 has 12 to 192 tiles, too little to split 16 ways well, while its module has 2 to 4 such
 // branches that need not wait for each other. Split between branches, each conv runs on 4 threads
 // instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all of them so,
-// the threads shared first by multiply-adds, then by what each branch took (csrc/cpu/branch_balance.h);
+// the threads shared by multiply-adds (or, switched on, by what each branch took: csrc/cpu/branch_balance.h);
 // on 2 threads, all of them in two lanes of a thread each, the first branch's chain split between the
 // lanes at the conv that balances them (csrc/cpu/lane_split.h); otherwise the branches run one after
 // another, each on all the threads, as winograd_blocks. (Python-level tasks running
