@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,9 +134,6 @@ def test_branches_settle_with_the_same_bits(threads, balance_restored):
 def test_the_measured_split_is_off_by_default():
     """Off until the 16-core fault it met on the GPU machine's Xeon is understood (csrc/cpu/branch_balance.cpp):
     a fresh process splits the threads by multiply-adds, and the switch still turns the search on."""
-    import subprocess
-    import sys
-
     code = ("import torch, hrnet_fast; s = torch.ops.hrnet_fast.winograd_branches_balance; "
             "print(s(), s(True), s())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -110,8 +110,8 @@ namespace {
 
 // Whether the split is measured (off: multiply-adds only). Off by default since the twenty-sixth
 // session: on the GPU machine's 16-core Xeon, W32 with it on died in winograd_branches (SIGSEGV, the
-// calling thread) within three forwards in each of three processes, with it off (and with branches
-// side by side off) ran to the end in each of four; on this project's 2 cores (16 threads
+// calling thread) within three forwards in each of three processes, and ran to the end in each of four
+// with it off (two more with branches side by side off); on this project's 2 cores (16 threads
 // oversubscribed) every split the search can pick gives the same bits and no fault, so the cause is not
 // found yet (README, "Not done yet"). The paired search was never timed on 16 cores either.
 // Switching leaves what was measured in place.

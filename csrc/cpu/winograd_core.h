@@ -387,55 +387,12 @@ void output_transform(const float* mt, const WinogradGeometry& g, int64_t t0, in
 // in one process (README, "Where the time goes"). Into L1 instead (prefetcht0) gained nothing.
 constexpr int64_t kFarPrefetch = 32;
 
-// U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of a dense weight w
-// (channels past cout zero), into u: the 16 floats of (p, j, ci) at
-// u + p * us + ((j - j0) * rows + ci - row0) * 16 (rows: u's channels a panel, from channel row0;
-// C_in and 0 for a whole U). Each (channel, panel) is 9 loads of one 64-byte line (a panel's lines are
-// one stream: at a stride of cout floats in IHWO, back to back panel-major) and the transform
-// kFilterLanes wide. A whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
-// because U's rows of positions may be a multiple of 4 KiB apart and a line written in halves would
-// be evicted between them by the other positions' lines. `far`: prefetch distance into L2, in
-// channels (0: none; kFarPrefetch where the weight comes from memory once per call).
-template <int M>
-void filter_panels_oihw(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
-                        int64_t ci1, float* u, int64_t us, int64_t far, int64_t row0);
-
-template <int M>
-void filter_panels(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
-                   int64_t ci1, float* u, int64_t us, int64_t far = 0, int64_t row0 = 0) {
-  if (!w.lines_hold_panels()) return filter_panels_oihw<M>(w, rows, cout, j0, j1, ci0, ci1, u, us, far, row0);
-  constexpr int K = Winograd<M>::kTile, kParts = kNr / kFilterLanes;
-  vfl g[9], tile[kParts == 1 ? 1 : K * K * kParts];
-  for (int64_t j = j0; j < j1; ++j) {
-    for (int64_t ci = ci0; ci < ci1; ++ci) {
-      const float* row = w.data + ci * w.ci + j * w.j;
-      if (ci + 2 < ci1)  // two channels ahead: 18 lines in flight
-        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + 2 * w.ci + k * w.k);
-      if (far && ci + far < ci1)  // and `far` channels ahead into L2 (prefetcht1)
-        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + far * w.ci + k * w.k, 0, 2);
-      vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * rows + ci - row0) * kNr);
-      for (int part = 0; part < kParts; ++part) {
-        const int o = part * kFilterLanes;
-        const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kFilterLanes, cout - j * kNr - o)));
-        for (int k = 0; k < 9; ++k) g[k] = load_fl(row + k * w.k + o, lanes);
-        if constexpr (kParts == 1)
-          winograd_filter_tile<M>(g, 3, 1, out, us / kFilterLanes);
-        else
-          winograd_filter_tile<M>(g, 3, 1, tile + part, kParts);
-      }
-      if constexpr (kParts > 1)
-        for (int p = 0; p < K * K; ++p)
-          for (int part = 0; part < kParts; ++part) out[p * (us / kFilterLanes) + part] = tile[p * kParts + part];
-    }
-  }
-}
-
-// filter_panels of an OIHW weight (w.o floats between output channels, a channel's 9 taps contiguous):
-// a block of kFilterLanes input channels is 9 * kFilterLanes contiguous floats an output channel, read
-// as 9 vectors for each of the part's kFilterLanes channels and transposed in registers, 9 blocks of
-// L x L, into the (channel, tap) vectors across output channels the transform takes. A partial block
-// (the last channels, or the last panel's channels past C_out) is gathered lane by lane. The same
-// values, so the same U bits, as the other layouts.
+// filter_panels (below) of an OIHW weight (w.o floats between output channels, a channel's 9 taps
+// contiguous): a block of kFilterLanes input channels is 9 * kFilterLanes contiguous floats an output
+// channel, read as 9 vectors for each of the part's kFilterLanes channels and transposed in registers,
+// 9 blocks of L x L, into the (channel, tap) vectors across output channels the transform takes. A
+// partial block (the last channels, or the last panel's channels past C_out) is gathered lane by lane.
+// The same values, so the same U bits, as the other layouts.
 template <int M>
 void filter_panels_oihw(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
                         int64_t ci1, float* u, int64_t us, int64_t far, int64_t row0) {
@@ -481,6 +438,45 @@ void filter_panels_oihw(const DenseWeight& w, int64_t rows, int64_t cout, int64_
           for (int p = 0; p < K * K; ++p)
             for (int part = 0; part < kParts; ++part) out[p * (us / kFilterLanes) + part] = tile[p * kParts + part];
       }
+    }
+  }
+}
+
+// U = G w G^T of output panels [j0, j1) and input channels [ci0, ci1) of a dense weight w
+// (channels past cout zero), into u: the 16 floats of (p, j, ci) at
+// u + p * us + ((j - j0) * rows + ci - row0) * 16 (rows: u's channels a panel, from channel row0;
+// C_in and 0 for a whole U). Each (channel, panel) is 9 loads of one 64-byte line (a panel's lines are
+// one stream: at a stride of cout floats in IHWO, back to back panel-major) and the transform
+// kFilterLanes wide. A whole line is stored at once: straight from the transform at 16 lanes, else through a local tile,
+// because U's rows of positions may be a multiple of 4 KiB apart and a line written in halves would
+// be evicted between them by the other positions' lines. `far`: prefetch distance into L2, in
+// channels (0: none; kFarPrefetch where the weight comes from memory once per call).
+template <int M>
+void filter_panels(const DenseWeight& w, int64_t rows, int64_t cout, int64_t j0, int64_t j1, int64_t ci0,
+                   int64_t ci1, float* u, int64_t us, int64_t far = 0, int64_t row0 = 0) {
+  if (!w.lines_hold_panels()) return filter_panels_oihw<M>(w, rows, cout, j0, j1, ci0, ci1, u, us, far, row0);
+  constexpr int K = Winograd<M>::kTile, kParts = kNr / kFilterLanes;
+  vfl g[9], tile[kParts == 1 ? 1 : K * K * kParts];
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t ci = ci0; ci < ci1; ++ci) {
+      const float* row = w.data + ci * w.ci + j * w.j;
+      if (ci + 2 < ci1)  // two channels ahead: 18 lines in flight
+        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + 2 * w.ci + k * w.k);
+      if (far && ci + far < ci1)  // and `far` channels ahead into L2 (prefetcht1)
+        for (int k = 0; k < 9; ++k) __builtin_prefetch(row + far * w.ci + k * w.k, 0, 2);
+      vfl* out = reinterpret_cast<vfl*>(u + ((j - j0) * rows + ci - row0) * kNr);
+      for (int part = 0; part < kParts; ++part) {
+        const int o = part * kFilterLanes;
+        const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kFilterLanes, cout - j * kNr - o)));
+        for (int k = 0; k < 9; ++k) g[k] = load_fl(row + k * w.k + o, lanes);
+        if constexpr (kParts == 1)
+          winograd_filter_tile<M>(g, 3, 1, out, us / kFilterLanes);
+        else
+          winograd_filter_tile<M>(g, 3, 1, tile + part, kParts);
+      }
+      if constexpr (kParts > 1)
+        for (int p = 0; p < K * K; ++p)
+          for (int part = 0; part < kParts; ++part) out[p * (us / kFilterLanes) + part] = tile[p * kParts + part];
     }
   }
 }
