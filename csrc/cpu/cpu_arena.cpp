@@ -107,17 +107,16 @@ class Arena final : public c10::Allocator {
           const size_t limit = std::min(peak_in_use_ - in_use_, kMaxCached);  // in_use_ <= peak_in_use_ always
           keep = size <= limit;
           while (keep && cached_ + size > limit) {
-            const Block old = lru_.front();
+            // Its entry by size goes first, found by the list position itself: once the list node is
+            // popped, that entry's iterator dangles (reading through it was a use after free).
+            const auto oldest = lru_.begin();
+            auto range = free_.equal_range(oldest->size);
+            auto f = std::find_if(range.first, range.second, [&](const auto& e) { return e.second == oldest; });
+            TORCH_INTERNAL_ASSERT(f != range.second, "cpu_arena: a free block missing from the size index");
+            free_.erase(f);
+            cached_ -= oldest->size;
+            evicted.push_back(oldest->p);
             lru_.pop_front();
-            auto range = free_.equal_range(old.size);
-            for (auto f = range.first; f != range.second; ++f) {
-              if (f->second->p == old.p) {
-                free_.erase(f);
-                break;
-              }
-            }
-            cached_ -= old.size;
-            evicted.push_back(old.p);
           }
           if (keep) {
             lru_.push_back({p, size});
