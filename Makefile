@@ -10,7 +10,7 @@ BUILD_LOCK := flock $(CURDIR)/.build.lock
 
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup ext test test-fast test-triton bench gpu-check clean
+.PHONY: setup ext test test-triton test-asan bench gpu-check clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,11 @@ test: setup
 # pytest's exit code 5 (nothing collected) fails the job: a Triton job that ran no test proves nothing.
 test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
+
+# The cpu backend's tests again on an AddressSanitizer build of the extension (tests/asan.sh, build/asan;
+# the in-place build is untouched). Any pytest arguments: `make test-asan ASAN_ARGS="tests/test_x.py"`.
+test-asan: setup
+	bash tests/asan.sh $(ASAN_ARGS)
 
 bench: setup
 	$(VENV)/bin/hrnet-fast bench

@@ -14,8 +14,9 @@ import torch
 import hrnet_fast
 from hrnet_fast import _extension
 from hrnet_fast.ops import winograd_blocks
+from hrnet_fast.reference import tiny_pose_hrnet
 
-from conftest import restoring
+from conftest import randomize_bn, restoring
 from test_winograd_blocks import W32_B1, make_branches, with_threads
 
 pytestmark = pytest.mark.skipif(
@@ -129,6 +130,28 @@ def test_branches_settle_with_the_same_bits(threads, balance_restored):
     assert torch.ops.hrnet_fast.winograd_branches_balanced() == text
     torch.ops.hrnet_fast.winograd_branches_balance_reset()
     assert torch.ops.hrnet_fast.winograd_branches_balanced() == ""
+
+
+def test_a_model_gives_eager_outputs_while_its_splits_are_searched(balance_restored):
+    """A whole model on 8 threads with the search on: its three stages' branches side by side, their split
+    changing from forward to forward and with it the size of each runner's scratch, which the cpu arena
+    (installed during each forward) takes back and hands out again at other sizes: the path of the GPU
+    machine's 16-core fault (csrc/cpu/branch_balance.cpp). Every forward gives eager's outputs, and every
+    search settles."""
+    model = randomize_bn(tiny_pose_hrnet()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu", tasks=False, cpu_graph=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    torch.ops.hrnet_fast.winograd_branches_balance_reset()
+    balance_restored(True)
+    with torch.no_grad():
+        for _ in range(MOST_CALLS):  # one call of each stage's winograd_branches a forward
+            out = with_threads(8, lambda: fused(x))
+            assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    lines = torch.ops.hrnet_fast.winograd_branches_balanced().splitlines()
+    assert len(lines) == 3 and all(re.search(r"settled on [\d,]+$", line) for line in lines), lines
+    torch.ops.hrnet_fast.winograd_branches_balance_reset()
 
 
 def test_the_measured_split_is_off_by_default():
