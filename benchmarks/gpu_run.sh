@@ -14,6 +14,9 @@
 #   layouts `bench_conv3x3_winograd --quick` on 2 threads: the Winograd convs reading their dense weight
 #          OIHW (as optimize() keeps it), IHWO and panel-major, side by side (~40 s; GPU-NOTES, the
 #          twenty-sixth session: whether the OIHW transposes cost more on this Xeon);
+#   balance `balance_check.py`: W32 at 16 threads with the branches' measured split on (run 11's fault),
+#          batch 1 and 8, cpu_graph off and on, a process each; under gdb where the machine has it; then
+#          an AddressSanitizer build (tests/asan.sh, ~60 s on 16 cores) running it again (~4 minutes in all);
 #   tests  the GPU tests with what is left (90-107 s in runs 5-9).
 #
 #     OUT=dir bash benchmarks/gpu_run.sh                 # on the GPU machine, from the repository root
@@ -21,7 +24,8 @@
 #
 # Few files come back from that machine (8), so everything lands in $OUT/gpu_run.tgz, and the tables and
 # the logs' ends are printed last. RUN_S (default 560) is the call's budget in seconds. PROBE_PROCS,
-# PARTS_THREADS, ORT_THREADS and TABLE_THREADS override the counts (a dry run on a small machine).
+# PARTS_THREADS, ORT_THREADS and TABLE_THREADS override the counts, BALANCE_ARGS balance_check.py's
+# arguments (a dry run on a small machine).
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -64,6 +68,21 @@ if has layouts; then
         --threads 2 > "$work/layouts.log" 2>&1)
     echo "layouts: exit $? ($(left) s left)"
 fi
+if has balance; then
+    bargs=(${BALANCE_ARGS:---threads 16 --batch 1 8 --forwards 10})
+    for g in off on; do
+        timeout 100 python3 benchmarks/balance_check.py "${bargs[@]}" --cpu-graph $g > "$work/balance_$g.log" 2>&1
+        echo "balance_check, cpu_graph $g: exit $? ($(left) s left)"
+    done
+    if command -v gdb > /dev/null; then
+        timeout 120 gdb -q -batch -ex run -ex bt -ex "info threads" --args python3 benchmarks/balance_check.py \
+            "${bargs[@]}" --cpu-graph off > "$work/balance_gdb.log" 2>&1
+        echo "balance_check under gdb: exit $? ($(left) s left)"
+    fi
+    PY=python3 timeout $(( $(left) > 260 ? 240 : $(left) - 20 )) bash tests/asan.sh --python benchmarks/balance_check.py \
+        "${bargs[@]}" --cpu-graph off > "$work/balance_asan.log" 2>&1
+    echo "balance_check under ASan: exit $? ($(left) s left)"
+fi
 if has tests; then
     python3 -m hrnet_fast.bench.gpu_check --out "$work/gpu" --only tests --workers 16 --budget-s $(( $(left) - 15 ))
 fi
@@ -77,5 +96,7 @@ has parts && { echo "===== parts"; grep -E "^\| (batch|1 |8 |hrnet|aten|all|forw
     | cut -c1-170 | head -120; }
 has ort && { echo "===== ort_parts"; grep -E "^(\||W32)" "$work/ort_parts.log" | head -30; }
 has layouts && { echo "===== layouts"; grep -E "^b1 |^\|" "$work/layouts.log" | head -40; }
+has balance && { echo "===== balance"; grep -hE "forward 0:|forward 9:|BEYOND|Fatal|Segmentation|ERROR: Addr|SUMMARY|^    #[0-9] |settled|searching|done|^#[0-9]+ " \
+    "$work"/balance_*.log | cut -c1-200 | head -80; }
 has table && { echo "===== cpu_threads"; cat "$work/cpu/cpu_threads/cpu_threads.md" 2>/dev/null || tail -20 "$work/cpu_threads.log"; }
 exit 0
