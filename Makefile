@@ -45,9 +45,9 @@ test: setup
 test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
 
-# The tests again (`make test`'s but the Triton ones) on an AddressSanitizer build of the extension
-# (tests/asan.sh, build/asan; the in-place build is untouched). Other pytest arguments instead:
-# `make test-asan ASAN_ARGS="tests/test_x.py"`. CI runs it after `make test`.
+# The tests again (`make test`'s but the Triton ones) on an AddressSanitizer and UndefinedBehaviorSanitizer
+# build of the extension (tests/asan.sh, build/asan; the in-place build is untouched). Other pytest
+# arguments instead: `make test-asan ASAN_ARGS="tests/test_x.py"`. CI runs it after `make test`.
 test-asan: setup
 	bash tests/asan.sh $(ASAN_ARGS)
 

@@ -16,7 +16,7 @@
 #          twenty-sixth session: whether the OIHW transposes cost more on this Xeon);
 #   balance `balance_check.py`: W32 at 16 threads with the branches' measured split on (run 11's fault),
 #          batch 1 and 8, cpu_graph off and on, a process each; under gdb where the machine has it; then
-#          an AddressSanitizer build (tests/asan.sh, ~60 s on 16 cores) running it again (~4 minutes in all);
+#          an AddressSanitizer and UBSan build (tests/asan.sh, ~60 s on 16 cores) running it again (~4 min in all);
 #   tests  the GPU tests with what is left (90-107 s in runs 5-9).
 #
 #     OUT=dir bash benchmarks/gpu_run.sh                 # on the GPU machine, from the repository root

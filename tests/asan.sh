@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make test-asan`: the tests (`make test`'s by default; any pytest arguments instead, or `--python script
-# args`) on an AddressSanitizer build of the extension: a read or write past a buffer, or through freed
-# memory, fails the run however the threads happened to interleave, and whether or not the bytes read
-# were still right (the cpu arena's eviction read a freed list node, which held the right pointer here
-# every time, until the twenty-seventh session: every test passed).
+# args`) on an AddressSanitizer and UndefinedBehaviorSanitizer build of the extension: a read or write
+# past a buffer or through freed memory, a misaligned vector access, an integer overflow, fails the run
+# however the threads happened to interleave, and whether or not the bytes read were still right (the
+# cpu arena's eviction read a freed list node, which held the right pointer here every time, until the
+# twenty-seventh session: every test passed).
 #
 # The extension is built a second time, CPU only, into build/asan beside a copy of the package's Python;
 # the in-place build is left as it is. Needs gcc's libasan (`gcc -print-file-name=libasan.so`).
@@ -18,8 +19,10 @@ rm -rf "$dir/pkg" "$dir/reports" && mkdir -p "$dir/pkg" "$dir/reports"
 cp -r hrnet_fast "$dir/pkg/" && rm -f "$dir/pkg/hrnet_fast/"_C*.so
 # -DNDEBUG as in torch's own build: CFLAGS replaces Python's default flags, and without it some of torch's
 # headers lay classes out differently from the library (at::RecordFunction: CPU graphs then crash).
-echo "test-asan: building the extension with -fsanitize=address into $dir (log: $dir/build.log)"
-HRNET_FAST_CUDA=0 CFLAGS="-DNDEBUG -g -fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" \
+# UBSan's vptr check is off: it wants the RTTI of torch's classes across the library boundary.
+san="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined"
+echo "test-asan: building the extension with $san into $dir (log: $dir/build.log)"
+HRNET_FAST_CUDA=0 CFLAGS="-DNDEBUG -g $san -fno-omit-frame-pointer" LDFLAGS="$san" \
     "$PY" setup.py -q build_ext --build-lib "$dir/pkg" --build-temp "$dir/tmp" > "$dir/build.log" 2>&1 \
     || { tail -40 "$dir/build.log"; echo "test-asan: the build failed" >&2; exit 1; }
 
@@ -33,11 +36,12 @@ HRNET_FAST_CUDA=0 CFLAGS="-DNDEBUG -g -fsanitize=address -fno-omit-frame-pointer
 # `--python script args...`: that script instead of pytest (benchmarks/gpu_run.sh's balance step)
 if [[ "$1" == --python ]]; then shift; run=("$PY"); else run=("$PY" -m pytest -q -p no:cacheprovider); fi
 status=0
-ASAN_OPTIONS="detect_leaks=0:log_path=$dir/reports/asan" LD_PRELOAD="$asan $(gcc -print-file-name=libstdc++.so)" \
+ASAN_OPTIONS="detect_leaks=0:log_path=$dir/reports/asan" UBSAN_OPTIONS="print_stacktrace=1:log_path=$dir/reports/ubsan" \
+    LD_PRELOAD="$asan $(gcc -print-file-name=libstdc++.so)" \
     PYTHONPATH="$dir/pkg" "${run[@]}" "$@" || status=$?
-if compgen -G "$dir/reports/asan*" > /dev/null; then
-    cat "$dir"/reports/asan*
-    echo "test-asan: AddressSanitizer reported the above (exit $status)" >&2
+if compgen -G "$dir/reports/*" > /dev/null; then
+    cat "$dir"/reports/*
+    echo "test-asan: the sanitizers reported the above (exit $status)" >&2
     exit 1
 fi
 exit $status
