@@ -112,8 +112,11 @@ namespace {
 // session: on the GPU machine's 16-core Xeon, W32 with it on died in winograd_branches (SIGSEGV, the
 // calling thread) within three forwards in each of three processes, and ran to the end in each of four
 // with it off (two more with branches side by side off); on this project's 2 cores (16 threads
-// oversubscribed) every split the search can pick gives the same bits and no fault, so the cause is not
-// found yet (README, "Not done yet"). The paired search was never timed on 16 cores either.
+// oversubscribed) every split the search can pick gives the same bits and no fault, and AddressSanitizer,
+// UBSan and ThreadSanitizer found nothing in winograd_branches (twenty-seventh session: only the cpu
+// arena's use after free, fixed), so the cause is not found yet (README, "Not done yet";
+// benchmarks/gpu_run.sh's balance step is the next check). The paired search was never timed on 16
+// cores either.
 // Switching leaves what was measured in place.
 CpuSwitch balance_switch{false};
 
