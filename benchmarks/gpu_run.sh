@@ -5,9 +5,11 @@
 #   build  (always, ~25 s);
 #   probe  `cpu_probe`: 1-16 single-threaded processes at once, a GEMM's and an add's summed rates (the
 #          machine's own ceiling; run 9: each core at 70% of one alone when all 16 run) (~25 s);
-#   parts  `cpu_parts --profile` at 4, 8 and 16 threads, batch 1 and 8, the branches' measured split
-#          (`--balance on off`, the nineteenth session's paired search) in turns: per part, and per op the
-#          scaling and page faults (~70 s; run 10 also compared stage 1's chunk budget, `--chunk-mib 8 64`);
+#   parts  `cpu_parts --profile` at 4, 8 and 16 threads, batch 1 and 8, the branches' threads shared by
+#          their Winograd GEMMs' multiply-adds and by their direct convs' (`--gemm-work on off`, the
+#          twenty-eighth session's split; PARTS_ARGS replaces that, e.g. `--balance on off` once the
+#          measured split runs clean) in turns: per part, and per op the scaling and page faults (~70 s;
+#          run 10 also compared stage 1's chunk budget, `--chunk-mib 8 64`);
 #   table  `cpu_threads` at 16, 1, 8 and 4 threads without torch.compile (the README's "Threads" table,
 #          the efficiency's rows first): ~80 s of ONNX export, then ~200 s;
 #   ort    `ort_parts` at 16 threads, batch 1 and 8: ONNX Runtime's time per part beside ours (~60 s);
@@ -24,10 +26,11 @@
 #
 # Few files come back from that machine (8), so everything lands in $OUT/gpu_run.tgz, and the tables and
 # the logs' ends are printed last. RUN_S (default 560) is the call's budget in seconds. PROBE_PROCS,
-# PARTS_THREADS, ORT_THREADS and TABLE_THREADS override the counts, BALANCE_ARGS balance_check.py's
-# arguments (a dry run on a small machine).
+# PARTS_THREADS, ORT_THREADS and TABLE_THREADS override the counts, PARTS_ARGS cpu_parts' switches,
+# BALANCE_ARGS balance_check.py's arguments (a dry run on a small machine).
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 steps=" ${STEPS:-parts table} "
 has() { [[ "$steps" == *" $1 "* ]]; }
@@ -47,7 +50,7 @@ if has probe; then
 fi
 if has parts; then
     timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads ${PARTS_THREADS:-4 8 16} --batch 1 8 --isa avx512 \
-        --rounds 3 --runs 2 --balance on off --profile --out "$work/parts" > "$work/parts.log" 2>&1
+        --rounds 3 --runs 2 ${PARTS_ARGS:---gemm-work on off} --profile --out "$work/parts" > "$work/parts.log" 2>&1
     echo "cpu_parts: exit $? ($(left) s left)"
 fi
 if has table; then

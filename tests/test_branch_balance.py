@@ -1,5 +1,5 @@
-"""The threads' split between branches side by side (csrc/cpu/branch_balance.cpp): shares by multiply-adds
-first, then by what each branch's sub-team took, searched over a module's first calls; its search against
+"""The threads' split between branches side by side (csrc/cpu/branch_balance.cpp): shares by the multiply-adds
+of their Winograd GEMMs first, then by what each branch's sub-team took, searched over a module's first calls; its search against
 modelled times, and in winograd_branches (the bits of one winograd_blocks call a branch on every split)."""
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def test_a_model_gives_eager_outputs_while_its_splits_are_searched(balance_resto
 
 def test_the_measured_split_is_off_by_default():
     """Off until the 16-core fault it met on the GPU machine's Xeon is understood (csrc/cpu/branch_balance.cpp):
-    a fresh process splits the threads by multiply-adds, and the switch still turns the search on."""
+    a fresh process splits the threads by the GEMMs' multiply-adds, and the switch still turns the search on."""
     code = ("import torch, hrnet_fast; s = torch.ops.hrnet_fast.winograd_branches_balance; "
             "print(s(), s(True), s())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -219,6 +219,7 @@ side_by_side_restored = restoring("winograd_branches_side_by_side")
 lanes_restored = restoring("winograd_branches_lanes")
 split_restored = restoring("winograd_branches_split")
 share_restored = restoring("winograd_branches_share_tail")
+gemm_work_restored = restoring("winograd_branches_gemm_work")
 
 
 @pytest.mark.parametrize(
@@ -231,8 +232,9 @@ def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_sid
     """On 2 threads in two lanes (the last branch on one thread, the others one after another on the
     other, the first's chain split between them where measured so; with lanes off, the first two side
     by side, the others after them on both); on 4 and more side by side (2 branches on 4 threads, 4 on 8
-    and 16, 3 on 16 as 6 + 5 + 5), where a branch whose U is transformed up front (W32's 32-channel one
-    at batch 1 on a sub-team of 2 to 8) has its sub-team transform it a share each. The bits of one
+    and 16 (W32's at batch 1 as 4 + 3 + 3 + 6), 3 on 16 as 6 + 5 + 5), where a branch whose U is
+    transformed up front (W32's 32-channel one at batch 1 on a sub-team of 2 to 8) has its sub-team
+    transform it a share each. The bits of one
     winograd_blocks call a branch, with side by side and lanes switched on or off."""
     xs, ws, bs, tiles = make_branches(n, shapes)
     want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
@@ -246,12 +248,12 @@ def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_sid
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def branch_teams(n, shapes, threads):
+def branch_teams(n, shapes, threads, tiles=None):
     sizes = [[n, c, h, w] for c, h, w in shapes]
-    return torch.ops.hrnet_fast.winograd_branches_plan(sizes, [8] * len(shapes), threads)
+    return torch.ops.hrnet_fast.winograd_branches_plan(sizes, [8] * len(shapes), threads, tiles)
 
 
-def test_branch_teams(side_by_side_restored, lanes_restored, split_restored):
+def test_branch_teams(side_by_side_restored, lanes_restored, split_restored, gemm_work_restored):
     """Where the branches run side by side and on how many threads (0: after those, on all of them).
     On 2 threads every branch on a thread (in two lanes, the first branch's chain split between them),
     at any size; with that split off, the first two, a thread each, while each conv of theirs is at most
@@ -279,12 +281,30 @@ def test_branch_teams(side_by_side_restored, lanes_restored, split_restored):
     assert branch_teams(1, W32_B1, 8) == [2, 2, 2, 2]
     assert branch_teams(1, W32_B1[:3], 16) == [6, 5, 5]
     assert branch_teams(1, W32_B1[:1], 2) == [0]
+    # Shared by the GEMMs' multiply-adds, tiles x (m + 2)^2 x C^2 a conv: W32's first three branches
+    # at batch 1 192 x 36, 48 x 36 and 12 x 36 x C^2 (F(4x4)), 7.08 M each, its fourth 12 x 16 x 256^2
+    # = 12.58 M (F(2x2), as optimize() runs it), 1.78x: from a thread each, each next thread to the
+    # branch that would take longest, 4 + 3 + 3 + 6 of 16 (times 0.25, 0.33, 0.33, 0.30 of a thread's).
+    assert branch_teams(1, W32_B1, 16, [4, 4, 4, 2]) == [4, 3, 3, 6]
+    assert branch_teams(1, W32_B1, 12, [4, 4, 4, 2]) == [3, 3, 2, 4]
+    # At batch 8 all four F(4x4), the 8x6 maps in 2 x 2 tiles of 4 (an 8x8 area): 4/3 of the others',
+    # 0.3325 of a thread's on 4 threads against 0.333 for the others on 3, so 4 each; on 24, 6 + 6 + 5 + 7.
+    assert branch_teams(8, W32_B1, 16, [4, 4, 4, 4]) == [4, 4, 4, 4]
+    assert branch_teams(8, W32_B1, 24, [4, 4, 4, 4]) == [6, 6, 5, 7]
+    gemm_work_restored(False)  # by the direct convs' multiply-adds: equal for W32, whatever the tiles
+    assert branch_teams(1, W32_B1, 16, [4, 4, 4, 2]) == [4, 4, 4, 4]
+    assert branch_teams(8, W32_B1, 24, [4, 4, 4, 4]) == [6, 6, 6, 6]
+    gemm_work_restored(True)
     side_by_side_restored(False)
     assert branch_teams(1, W32_B1, 2) == [0, 0, 0, 0] and branch_teams(1, W32_B1, 8) == [0, 0, 0, 0]
     with pytest.raises(RuntimeError, match=r"each x size must be \[N, C, H, W\]"):
         torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4]], [2], 2)
     with pytest.raises(RuntimeError, match="one a branch"):
         torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4, 4]], [2, 2], 2)
+    with pytest.raises(RuntimeError, match="tiles must be one a branch"):
+        torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4, 4]], [2], 2, [4, 4])
+    with pytest.raises(RuntimeError, match="tiles must be 2 or 4, got 3"):
+        torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4, 4]], [2], 2, [3])
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
-// How winograd_branches shares the threads between branches side by side: first by their multiply-adds,
-// then by what each branch's sub-team took (csrc/cpu/branch_balance.cpp).
+// How winograd_branches shares the threads between branches side by side: first by the multiply-adds
+// of their Winograd GEMMs (winograd_macs, csrc/cpu/winograd_branches.cpp), then, switched on, by what
+// each branch's sub-team took (csrc/cpu/branch_balance.cpp).
 //
 // Why measured: equal multiply-adds are not equal time. One thread of this project's Xeon, W32's
-// branches of 8 convs (each conv 28 M multiply-adds at batch 1): 32 channels 1.36 ms, 64 1.20,
-// 128 1.64, 256 3.70 at batch 1; 9.7, 7.6, 8.8 and 16.2 ms at batch 8 (the 256-channel branch's
-// 8x6 maps make F(2x2) tiles, 1.78x the GEMM work of F(4x4), and at batch 1 its 2.4 MB weight is
-// read for 12 tiles). Split 4 + 4 + 4 + 4 by multiply-adds on 16 threads, stage 4 waits for that
-// branch, about twice the others. Its cost differs between CPUs (caches, bandwidth), so it is
-// measured on the machine: no model of it to keep true.
+// branches of 8 convs (each conv 28 M direct multiply-adds at batch 1): 32 channels 1.36 ms, 64 1.20,
+// 128 1.64, 256 3.70 at batch 1; 9.7, 7.6, 8.8 and 16.2 ms at batch 8. The GEMMs' multiply-adds
+// account for part of it (the 256-channel branch's 8x6 maps make F(2x2) tiles at batch 1, 1.78x the
+// GEMM work of F(4x4)), not for the rest (at batch 1 its 2.4 MB weight is read for 12 tiles; 3.1x the
+// 64-channel branch's time there, 2.5x on the AMD EPYC). Its cost differs between CPUs (caches,
+// bandwidth), so it is measured on the machine: no model of it to keep true.
 #pragma once
 
 #include <cstdint>

@@ -6,7 +6,8 @@
 // batch 1 has 12 to 192 tiles, too little to split 16 ways well, while its module has 2 to 4 such
 // branches that need not wait for each other. Split between branches, each conv runs on 4 threads
 // instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all of them so,
-// the threads shared by multiply-adds (or, switched on, by what each branch took: csrc/cpu/branch_balance.h);
+// the threads shared by the multiply-adds of their Winograd GEMMs (winograd_macs; or, switched on, by
+// what each branch took: csrc/cpu/branch_balance.h);
 // on 2 threads, all of them in two lanes of a thread each, the first branch's chain split between the
 // lanes at the conv that balances them (csrc/cpu/lane_split.h); otherwise the branches run one after
 // another, each on all the threads, as winograd_blocks. (Python-level tasks running
@@ -97,6 +98,14 @@ bool winograd_branches_split(std::optional<bool> use) { return split_switch.set(
 CpuSwitch share_switch;
 
 bool winograd_branches_share_tail(std::optional<bool> use) { return share_switch.set(use); }
+
+// Whether branches side by side share the threads by their Winograd GEMMs' multiply-adds
+// (winograd_macs; on by default) or, off, by their direct convs' (as before the twenty-eighth
+// session), for comparing in one process. They differ only where a branch's tiles are F(2x2) or its
+// maps not whole tiles: W32's stage 4 from 12 threads on.
+CpuSwitch gemm_work_switch;
+
+bool winograd_branches_gemm_work(std::optional<bool> use) { return gemm_work_switch.set(use); }
 
 // Convs [begin, end) of chain `chain` (an index into the chains side by side); shared: by both lanes
 // (share_switch), a task at a time.
@@ -207,16 +216,36 @@ double conv_macs(c10::IntArrayRef size) {
   return size.size() == 4 ? static_cast<double>(size[0]) * size[1] * size[1] * size[2] * size[3] * 9 : 0.0;
 }
 
+// Multiply-adds of the GEMMs of one such conv as F(tile x tile) Winograd does it: (tile + 2)^2 a tile,
+// whole tiles (the last row and column padded), channels padded as the kernel pads them (0 as above).
+// What the branches' threads are shared by: the direct convs' multiply-adds are equal for W32's four
+// branches, but its 256-channel 8x6 one at batch 1 runs F(2x2), 1.78x the GEMM work of F(4x4), and
+// at batch 8 F(4x4) tiles of which a quarter is past the map (1.33x). One thread of this project's
+// AMD EPYC, each branch's 8 convs alone: batch 1 1.75, 1.57, 1.89, 3.97 ms (1.11, 1, 1.21 and 2.53x
+// the 64-channel one's), batch 8 13.4, 12.3, 11.8, 16.9 (1.09, 1, 0.96, 1.38x); an Intel Xeon's
+// batch 1 1.36, 1.20, 1.64, 3.70. Split 4 + 4 + 4 + 4 on 16 threads, stage 4 waits for that branch;
+// by these, 4 + 3 + 3 + 6 (those times, each over its threads: 0.66 ms against 0.99 on the EPYC, 0.62
+// against 0.93 on the Xeon; the split measured best there, 3 + 3 + 3 + 7: 0.63 and 0.55).
+double winograd_macs(c10::IntArrayRef size, int64_t tile) {
+  if (size.size() != 4 || (tile != 2 && tile != 4)) return conv_macs(size);
+  const int m = static_cast<int>(tile);
+  const WinogradGeometry g = winograd_geometry(size[0], size[2], size[3], size[1], size[1], m);
+  return static_cast<double>(g.tiles) * (m + 2) * (m + 2) * static_cast<double>(g.cinp) * static_cast<double>(g.coutp);
+}
+
 // Branch b's threads when its chain runs side by side with others (team[b]), or 0: after those, on
-// all the threads. macs: multiply-adds of one of the branch's direct convs.
-std::vector<int64_t> branch_teams(const std::vector<double>& macs, at::IntArrayRef convs, int64_t threads) {
+// all the threads. macs: multiply-adds of one of the branch's direct convs (what decides the pairs on
+// 2 threads, measured so); work: of its Winograd GEMMs (what shares out the threads from 2 a branch).
+std::vector<int64_t> branch_teams(const std::vector<double>& macs, const std::vector<double>& work,
+                                  at::IntArrayRef convs, int64_t threads) {
   const int64_t branches = static_cast<int64_t>(macs.size());
   std::vector<int64_t> team(branches, 0);
   if (!side_by_side.on() || branches < 2) return team;
   if (threads >= 2 * branches) {
-    std::vector<double> work(branches);
-    for (int64_t b = 0; b < branches; ++b) work[b] = macs[b] * static_cast<double>(convs[b]);
-    return split_team(threads, work);
+    std::vector<double> chain_work(branches);
+    for (int64_t b = 0; b < branches; ++b)
+      chain_work[b] = (gemm_work_switch.on() ? work[b] : macs[b]) * static_cast<double>(convs[b]);
+    return split_team(threads, chain_work);
   }
   const bool small = *std::max_element(macs.begin(), macs.end()) <= kPairMacs;
   if (threads == 2 && lanes_switch.on() && (split_switch.on() || (small && branches == 4)))
@@ -225,18 +254,25 @@ std::vector<int64_t> branch_teams(const std::vector<double>& macs, at::IntArrayR
   return team;
 }
 
-// winograd_branches_plan: branch_teams for inputs of these sizes ([N, C, H, W] each), for tests
+// winograd_branches_plan: branch_teams for inputs of these sizes ([N, C, H, W] each) and tiles (4 each
+// where not given), for tests
 std::vector<int64_t> winograd_branches_plan(const std::vector<std::vector<int64_t>>& x_sizes, at::IntArrayRef convs,
-                                            int64_t threads) {
+                                            int64_t threads, at::OptionalIntArrayRef tiles) {
   constexpr const char* op = "hrnet_fast::winograd_branches_plan";
   TORCH_CHECK(x_sizes.size() == convs.size() && threads > 0, op, ": x_sizes and convs must be one a branch and "
               "threads positive, got ", x_sizes.size(), ", ", convs.size(), ", ", threads);
-  std::vector<double> macs;
-  for (const auto& s : x_sizes) {
+  TORCH_CHECK(!tiles || tiles->size() == x_sizes.size(), op, ": tiles must be one a branch, got ", tiles->size(),
+              " for ", x_sizes.size(), " branches");
+  std::vector<double> macs, work;
+  for (size_t b = 0; b < x_sizes.size(); ++b) {
+    const auto& s = x_sizes[b];
     TORCH_CHECK(s.size() == 4, op, ": each x size must be [N, C, H, W], got ", s);
+    const int64_t tile = tiles ? (*tiles)[b] : 4;
+    TORCH_CHECK(tile == 2 || tile == 4, op, ": tiles must be 2 or 4, got ", tile);
     macs.push_back(conv_macs(s));
+    work.push_back(winograd_macs(s, tile));
   }
-  return branch_teams(macs, convs, threads);
+  return branch_teams(macs, work, convs, threads);
 }
 
 std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList weights, at::TensorList biases,
@@ -258,10 +294,12 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   at::internal::lazy_init_num_threads();  // this library's first-region set-up before the team is read
   const int64_t threads = at::get_num_threads();
   const bool nested = at::in_parallel_region() || omp_in_parallel();
-  std::vector<double> macs(branches);
-  for (int64_t b = 0; b < branches; ++b)
+  std::vector<double> macs(branches), work(branches);
+  for (int64_t b = 0; b < branches; ++b) {
     macs[b] = conv_macs(xs[b].sizes());
-  std::vector<int64_t> team = nested ? std::vector<int64_t>(branches, 0) : branch_teams(macs, convs, threads);
+    work[b] = winograd_macs(xs[b].sizes(), tiles[b]);
+  }
+  std::vector<int64_t> team = nested ? std::vector<int64_t>(branches, 0) : branch_teams(macs, work, convs, threads);
   // Where every branch has threads of its own, their split is measured (csrc/cpu/branch_balance.h):
   // this set of branches' search, keyed by the thread count and each branch's shape, convs and tile.
   std::vector<int64_t> key;
@@ -420,7 +458,9 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   m.def("winograd_branches_split(bool? use=None) -> bool", &hrnet_fast::winograd_branches_split);
   // whether the two lanes share the split chain's tail (share_switch)
   m.def("winograd_branches_share_tail(bool? use=None) -> bool", &hrnet_fast::winograd_branches_share_tail);
+  // whether their threads are shared by the Winograd GEMMs' multiply-adds (else the direct convs'); `use` switches it
+  m.def("winograd_branches_gemm_work(bool? use=None) -> bool", &hrnet_fast::winograd_branches_gemm_work);
   // the threads each branch would run side by side on (0: after those, on all of them)
-  m.def("winograd_branches_plan(int[][] x_sizes, int[] convs, int threads) -> int[]",
+  m.def("winograd_branches_plan(int[][] x_sizes, int[] convs, int threads, int[]? tiles=None) -> int[]",
         &hrnet_fast::winograd_branches_plan);
 }

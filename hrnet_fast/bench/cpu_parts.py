@@ -32,20 +32,22 @@ try:
 except ImportError:
     resource = None
 
-# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --balance,
-# --lanes, --split and --share-tail compare:
+# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --gemm-work,
+# --balance, --lanes, --split and --share-tail compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
     "own_panels": ("own panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_own_panels(v)),
     "four_panels": ("four panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_four_panels(v)),
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
+    "gemm_work": ("gemm work", lambda v=None: torch.ops.hrnet_fast.winograd_branches_gemm_work(v)),
     "balance": ("balance", lambda v=None: torch.ops.hrnet_fast.winograd_branches_balance(v)),
     "lanes": ("lanes", lambda v=None: torch.ops.hrnet_fast.winograd_branches_lanes(v)),
     "split": ("split", lambda v=None: torch.ops.hrnet_fast.winograd_branches_split(v)),
     "share_tail": ("share tail", lambda v=None: torch.ops.hrnet_fast.winograd_branches_share_tail(v)),
 }
-NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "balance", "lanes", "split", "share_tail")  # the columns, in order
+NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "gemm_work", "balance", "lanes", "split",
+         "share_tail")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
     "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
@@ -55,8 +57,10 @@ WHAT = {
     "one_op": "each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one winograd_branches "
               "call; off: block by block)",
     "side_by_side": "a module's branches side by side on sub-teams of the threads (winograd_branches_side_by_side)",
+    "gemm_work": "their threads shared by the multiply-adds of their Winograd GEMMs (winograd_branches_gemm_work; off: "
+                 "of their direct convs)",
     "balance": "their threads shared by what each branch took, searched over the first calls (winograd_branches_balance; "
-               "off: by multiply-adds)",
+               "off: by their Winograd GEMMs' multiply-adds)",
     "lanes": "on 2 threads the branches in two lanes, the last alone (winograd_branches_lanes; with the split off, "
              "four small ones only)",
     "split": "on 2 threads every module's branches in two lanes, the first branch's chain split between them at the "
@@ -232,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", nargs="+", default=["avx2", "avx512"], help="Winograd variants (those this CPU runs)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=3, help="timed forwards per configuration and round")
-    for name in NAMES:  # each "on", "off" or both, taking turns in this process
-        p.add_argument(f"--{name.replace('_', '-')}", nargs="+", choices=("on", "off"), default=["on"],
-                       help=f"{WHAT[name]}: on (the default), off, or both, in turns")
+    for name in NAMES:  # each "on", "off" or both, taking turns in this process; by default as it is now
+        now = "on" if name not in SWITCHES or SWITCHES[name][1]() else "off"
+        other = "off" if now == "on" else "on"
+        p.add_argument(f"--{name.replace('_', '-')}", nargs="+", choices=("on", "off"), default=[now],
+                       help=f"{WHAT[name]}: {now} (the default), {other}, or both, in turns")
     p.add_argument("--chunk-mib", type=int, nargs="+", default=None,
                    help="stage 1's chunk budget (ChunkedStage.CHUNK_BYTES, in MiB; default its own), one or more in turns")
     p.add_argument("--tasks", choices=("on", "off"), default="off",
