@@ -178,6 +178,39 @@ def test_plan_rejects_bad_arguments():
         plan((1, 8, 4), 8, 2, 2)
 
 
+# winograd_plan_cost, by hand: multiply-adds of the slowest thread's tasks, each its GEMMs (whole rows
+# of 6 tiles, K^2 x C_in x 16 a row and panel, K = 6 for F(4x4)), its tiles' input transform (2 K^3 a
+# tile and input channel), its output transform (m K^2 + m^2 K = 240 a tile and output channel) and,
+# transformed in the task, its panels' filter transform (16 (9K + 3K^2) = 2592 a panel and input channel).
+# One 16-channel 4x4 map: one tile (a row of 6 with padding), one panel, one task:
+# 16 x 432 + 6 x 36 x 16 x 16 + 16 x 240 + 16 x 2592 = 6912 + 55296 + 3840 + 41472 = 107520.
+# Two panels on one thread: 6912 + 2 x 55296 + 2 x 3840 + 2 x 41472 = 208128; on 2 and on 3 threads a
+# panel each (the third idle): 107520. W32's 64-channel 32x24 conv at batch 1 on 3 threads, 4 panels in
+# parts of 1, 1 and 2 (its plan above): the last 48 x 64 x 432 + 48 x 36 x 64 x 2 x 16 + 48 x 2 x 16 x 240
+# + 2 x 64 x 2592 = 5566464, 0.57 of its 9805824 on one thread, where 3 threads would give 0.33 each.
+@pytest.mark.parametrize(
+    "x_size,c_out,threads,want",
+    [((1, 16, 4, 4), 16, 1, 107520), ((1, 16, 4, 4), 32, 1, 208128), ((1, 16, 4, 4), 32, 2, 107520),
+     ((1, 16, 4, 4), 32, 3, 107520), ((1, 64, 32, 24), 64, 3, 5566464)],
+    ids=str,
+)
+def test_plan_cost_by_hand(x_size, c_out, threads, want):
+    assert torch.ops.hrnet_fast.conv3x3_winograd_cost(list(x_size), c_out, 4, threads) == want
+
+
+def test_thread_times_time_each_threads_share():
+    """conv3x3_winograd_thread_times runs each thread's share on this thread: a thread with no task (a
+    two-panel conv on 3 threads: a panel each for two) takes next to nothing, the others their panel."""
+    x, w = torch.randn(1, 16, 12, 12), torch.randn(32, 16, 3, 3)
+    assert plan((1, 16, 12, 12), 32, 4, 3)[:2] == (1, 2)
+    times = torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5)
+    assert len(times) == 3 and min(times[:2]) > 10 * times[2] >= 0
+    with pytest.raises(RuntimeError, match="tile must be 2 or 4"):
+        torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 3, 3)
+    with pytest.raises(RuntimeError, match="threads and repeats must be positive"):
+        torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 0)
+
+
 # More threads than tasks: the tiles are split further (plan_winograd), and a dense weight transformed
 # panel by panel in one block (per_panel) is then so in each block of tiles (`wide`): W32's 128-channel
 # 16x12 conv at batch 1 on 16 threads, a one-panel conv on 16 and on 8; the 64-channel 32x24 one on 16

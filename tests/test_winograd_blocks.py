@@ -3,6 +3,8 @@ in one op gives the bits of the conv3x3_winograd calls it replaces, on every thr
 checks, fake and autograd; and WinogradBlocks, the branch module optimize() makes of it."""
 from __future__ import annotations
 
+import itertools
+
 import pickle
 
 import pytest
@@ -219,7 +221,7 @@ side_by_side_restored = restoring("winograd_branches_side_by_side")
 lanes_restored = restoring("winograd_branches_lanes")
 split_restored = restoring("winograd_branches_split")
 share_restored = restoring("winograd_branches_share_tail")
-gemm_work_restored = restoring("winograd_branches_gemm_work")
+model_split_restored = restoring("winograd_branches_model_split")
 
 
 @pytest.mark.parametrize(
@@ -249,11 +251,13 @@ def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_sid
 
 
 def branch_teams(n, shapes, threads, tiles=None):
+    """winograd_branches_plan for branches of 8 convs, each tile as optimize() chooses it unless given."""
     sizes = [[n, c, h, w] for c, h, w in shapes]
+    tiles = tiles or [winograd.choose_tile(s, s[1]) for s in sizes]
     return torch.ops.hrnet_fast.winograd_branches_plan(sizes, [8] * len(shapes), threads, tiles)
 
 
-def test_branch_teams(side_by_side_restored, lanes_restored, split_restored, gemm_work_restored):
+def test_branch_teams(side_by_side_restored, lanes_restored, split_restored, model_split_restored):
     """Where the branches run side by side and on how many threads (0: after those, on all of them).
     On 2 threads every branch on a thread (in two lanes, the first branch's chain split between them),
     at any size; with that split off, the first two, a thread each, while each conv of theirs is at most
@@ -281,20 +285,19 @@ def test_branch_teams(side_by_side_restored, lanes_restored, split_restored, gem
     assert branch_teams(1, W32_B1, 8) == [2, 2, 2, 2]
     assert branch_teams(1, W32_B1[:3], 16) == [6, 5, 5]
     assert branch_teams(1, W32_B1[:1], 2) == [0]
-    # Shared by the GEMMs' multiply-adds, tiles x (m + 2)^2 x C^2 a conv: W32's first three branches
-    # at batch 1 192 x 36, 48 x 36 and 12 x 36 x C^2 (F(4x4)), 7.08 M each, its fourth 12 x 16 x 256^2
-    # = 12.58 M (F(2x2), as optimize() runs it), 1.78x: from a thread each, each next thread to the
-    # branch that would take longest, 4 + 3 + 3 + 6 of 16 (times 0.25, 0.33, 0.33, 0.30 of a thread's).
-    assert branch_teams(1, W32_B1, 16, [4, 4, 4, 2]) == [4, 3, 3, 6]
-    assert branch_teams(1, W32_B1, 12, [4, 4, 4, 2]) == [3, 3, 2, 4]
-    # At batch 8 all four F(4x4), the 8x6 maps in 2 x 2 tiles of 4 (an 8x8 area): 4/3 of the others',
-    # 0.3325 of a thread's on 4 threads against 0.333 for the others on 3, so 4 each; on 24, 6 + 6 + 5 + 7.
+    # From 2 threads a branch, by the plans' modelled cost (model_split): W32's four branches at batch 1 on
+    # 16 threads 3 + 4 + 3 + 6 (its 256-channel 8x6 branch's F(2x2) convs 1.78x the others' GEMM work,
+    # and 4 panels or 2 tile groups split 3 ways no worse than 4 ways: test_plan_cost_by_hand), on 12
+    # 3 + 2 + 3 + 4; at batch 8 on 24 6 + 5 + 5 + 8; where the multiply-add split is modelled within
+    # 5% of the best it is kept (at batch 8 on 16, the three branches on 16).
+    assert branch_teams(1, W32_B1, 16, [4, 4, 4, 2]) == [3, 4, 3, 6]
+    assert branch_teams(1, W32_B1, 12, [4, 4, 4, 2]) == [3, 2, 3, 4]
     assert branch_teams(8, W32_B1, 16, [4, 4, 4, 4]) == [4, 4, 4, 4]
-    assert branch_teams(8, W32_B1, 24, [4, 4, 4, 4]) == [6, 6, 5, 7]
-    gemm_work_restored(False)  # by the direct convs' multiply-adds: equal for W32, whatever the tiles
+    assert branch_teams(8, W32_B1, 24, [4, 4, 4, 4]) == [6, 5, 5, 8]
+    model_split_restored(False)  # by the direct convs' multiply-adds: equal for W32, whatever the tiles
     assert branch_teams(1, W32_B1, 16, [4, 4, 4, 2]) == [4, 4, 4, 4]
     assert branch_teams(8, W32_B1, 24, [4, 4, 4, 4]) == [6, 6, 6, 6]
-    gemm_work_restored(True)
+    model_split_restored(True)
     side_by_side_restored(False)
     assert branch_teams(1, W32_B1, 2) == [0, 0, 0, 0] and branch_teams(1, W32_B1, 8) == [0, 0, 0, 0]
     with pytest.raises(RuntimeError, match=r"each x size must be \[N, C, H, W\]"):
@@ -305,6 +308,35 @@ def test_branch_teams(side_by_side_restored, lanes_restored, split_restored, gem
         torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4, 4]], [2], 2, [4, 4])
     with pytest.raises(RuntimeError, match="tiles must be 2 or 4, got 3"):
         torch.ops.hrnet_fast.winograd_branches_plan([[1, 8, 4, 4]], [2], 2, [3])
+
+
+def compositions(threads, parts):
+    """Every split of `threads` into `parts` shares of at least one, in order."""
+    for cuts in itertools.combinations(range(1, threads), parts - 1):
+        yield [b - a for a, b in zip((0, *cuts), (*cuts, threads))]
+
+
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("branches,threads", [(2, 12), (3, 16), (4, 8), (4, 16), (4, 24), (3, 32)])
+def test_model_split_is_the_modelled_best(n, branches, threads):
+    """The split side by side against every split, each branch's 8 convs costed by the op's own model
+    (conv3x3_winograd_cost): the least time of the slowest branch, or the multiply-add split where that
+    is modelled within 5% of it."""
+    shapes = W32_B1[:branches]
+    sizes = [[n, c, h, w] for c, h, w in shapes]
+    tiles = [winograd.choose_tile(s, s[1]) for s in sizes]
+
+    def slowest(split):
+        return max(8 * torch.ops.hrnet_fast.conv3x3_winograd_cost(s, s[1], m, t) for s, m, t in zip(sizes, tiles, split))
+
+    best = min(slowest(s) for s in compositions(threads, branches))
+    by_macs = [threads // branches + (b < threads % branches) for b in range(branches)]  # W32's are equal
+    got = branch_teams(n, shapes, threads, tiles)
+    assert sum(got) == threads and min(got) >= 1
+    if slowest(by_macs) <= 1.05 * best:
+        assert got == by_macs
+    else:
+        assert slowest(got) == best
 
 
 @pytest.fixture

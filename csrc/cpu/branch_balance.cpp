@@ -108,7 +108,7 @@ std::string BranchBalance::describe() const {
 
 namespace {
 
-// Whether the split is measured (off: the GEMMs' multiply-adds only). Off by default since the twenty-sixth
+// Whether the split is measured (off: the plans' modelled split only). Off by default since the twenty-sixth
 // session: on the GPU machine's 16-core Xeon, W32 with it on died in winograd_branches (SIGSEGV, the
 // calling thread) within three forwards in each of three processes, and ran to the end in each of four
 // with it off (two more with branches side by side off); on this project's 2 cores (16 threads

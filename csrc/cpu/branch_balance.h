@@ -1,6 +1,6 @@
-// How winograd_branches shares the threads between branches side by side: first by the multiply-adds
-// of their Winograd GEMMs (winograd_macs, csrc/cpu/winograd_branches.cpp), then, switched on, by what
-// each branch's sub-team took (csrc/cpu/branch_balance.cpp).
+// How winograd_branches shares the threads between branches side by side: first by their plans'
+// modelled cost (csrc/cpu/branch_split.h), then, switched on, by what each branch's sub-team took
+// (csrc/cpu/branch_balance.cpp).
 //
 // Why measured: equal multiply-adds are not equal time. One thread of this project's Xeon, W32's
 // branches of 8 convs (each conv 28 M direct multiply-adds at batch 1): 32 channels 1.36 ms, 64 1.20,

@@ -134,6 +134,8 @@ bool conv3x3_winograd_four_panels(std::optional<bool> use) { return four_panels.
 
 }  // namespace
 
+int64_t winograd_plan_switches() { return (fill_team.on() ? 1 : 0) | (own_panels_switch.on() ? 2 : 0); }
+
 WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int m) {
   WinogradGeometry g{n, h, w, cin, cout, (cin + 7) / 8 * 8, (cout + kNr - 1) / kNr * kNr, 0, 0, 0};
   g.tiles_h = (h + m - 1) / m;

@@ -2,8 +2,8 @@
 // call and flipped by an op of its own, so that the two ways can be compared forward by forward in one
 // process: the Winograd split's filling of the team (conv3x3_winograd_fill_team) and its block of tiles
 // a thread (conv3x3_winograd_own_panels), its GEMMs' four panels a call (conv3x3_winograd_four_panels),
-// branches side by side (winograd_branches_side_by_side), their split by GEMM work
-// (winograd_branches_gemm_work) or measured (winograd_branches_balance) and four in two lanes on 2
+// branches side by side (winograd_branches_side_by_side), their split by the plans' model
+// (winograd_branches_model_split) or measured (winograd_branches_balance) and four in two lanes on 2
 // threads (winograd_branches_lanes).
 #pragma once
 

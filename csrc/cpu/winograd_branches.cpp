@@ -6,7 +6,7 @@
 // batch 1 has 12 to 192 tiles, too little to split 16 ways well, while its module has 2 to 4 such
 // branches that need not wait for each other. Split between branches, each conv runs on 4 threads
 // instead of 16. Where every branch gets at least 2 threads (threads >= 2 x branches), all of them so,
-// the threads shared by the multiply-adds of their Winograd GEMMs (winograd_macs; or, switched on, by
+// the threads shared by their plans' modelled cost (csrc/cpu/branch_split.h; or, switched on, then by
 // what each branch took: csrc/cpu/branch_balance.h);
 // on 2 threads, all of them in two lanes of a thread each, the first branch's chain split between the
 // lanes at the conv that balances them (csrc/cpu/lane_split.h); otherwise the branches run one after
@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu/branch_balance.h"
+#include "cpu/branch_split.h"
 #include "cpu/cpu_switch.h"
 #include "cpu/lane_split.h"
 #include "cpu/winograd_chain.h"
@@ -99,13 +100,12 @@ CpuSwitch share_switch;
 
 bool winograd_branches_share_tail(std::optional<bool> use) { return share_switch.set(use); }
 
-// Whether branches side by side share the threads by their Winograd GEMMs' multiply-adds
-// (winograd_macs; on by default) or, off, by their direct convs' (as before the twenty-eighth
-// session), for comparing in one process. They differ only where a branch's tiles are F(2x2) or its
-// maps not whole tiles: W32's stage 4 from 12 threads on.
-CpuSwitch gemm_work_switch;
+// Whether branches side by side share the threads by their plans' modelled cost (model_split,
+// csrc/cpu/branch_split.h; on by default) or, off, by their direct convs' multiply-adds (split_team,
+// as before the twenty-eighth session), for comparing in one process.
+CpuSwitch model_switch;
 
-bool winograd_branches_gemm_work(std::optional<bool> use) { return gemm_work_switch.set(use); }
+bool winograd_branches_model_split(std::optional<bool> use) { return model_switch.set(use); }
 
 // Convs [begin, end) of chain `chain` (an index into the chains side by side); shared: by both lanes
 // (share_switch), a task at a time.
@@ -210,48 +210,43 @@ struct alignas(64) SubTeamBarrier {
   }
 };
 
-// Multiply-adds of one direct 3x3 C -> C conv on an input of `size` [N, C, H, W] (0 for another rank:
-// the chain's own checks refuse it).
-double conv_macs(c10::IntArrayRef size) {
-  return size.size() == 4 ? static_cast<double>(size[0]) * size[1] * size[1] * size[2] * size[3] * 9 : 0.0;
-}
-
-// Multiply-adds of the GEMMs of one such conv as F(tile x tile) Winograd does it: (tile + 2)^2 a tile,
-// whole tiles (the last row and column padded), channels padded as the kernel pads them (0 as above).
-// What the branches' threads are shared by: the direct convs' multiply-adds are equal for W32's four
-// branches, but its 256-channel 8x6 one at batch 1 runs F(2x2), 1.78x the GEMM work of F(4x4), and
-// at batch 8 F(4x4) tiles of which a quarter is past the map (1.33x). One thread of this project's
-// AMD EPYC, each branch's 8 convs alone: batch 1 1.75, 1.57, 1.89, 3.97 ms (1.11, 1, 1.21 and 2.53x
-// the 64-channel one's), batch 8 13.4, 12.3, 11.8, 16.9 (1.09, 1, 0.96, 1.38x); an Intel Xeon's
-// batch 1 1.36, 1.20, 1.64, 3.70. Split 4 + 4 + 4 + 4 on 16 threads, stage 4 waits for that branch;
-// by these, 4 + 3 + 3 + 6 (those times, each over its threads: 0.66 ms against 0.99 on the EPYC, 0.62
-// against 0.93 on the Xeon; the split measured best there, 3 + 3 + 3 + 7: 0.63 and 0.55).
-double winograd_macs(c10::IntArrayRef size, int64_t tile) {
-  if (size.size() != 4 || (tile != 2 && tile != 4)) return conv_macs(size);
-  const int m = static_cast<int>(tile);
-  const WinogradGeometry g = winograd_geometry(size[0], size[2], size[3], size[1], size[1], m);
-  return static_cast<double>(g.tiles) * (m + 2) * (m + 2) * static_cast<double>(g.cinp) * static_cast<double>(g.coutp);
-}
-
 // Branch b's threads when its chain runs side by side with others (team[b]), or 0: after those, on
-// all the threads. macs: multiply-adds of one of the branch's direct convs (what decides the pairs on
-// 2 threads, measured so); work: of its Winograd GEMMs (what shares out the threads from 2 a branch).
-std::vector<int64_t> branch_teams(const std::vector<double>& macs, const std::vector<double>& work,
-                                  at::IntArrayRef convs, int64_t threads) {
-  const int64_t branches = static_cast<int64_t>(macs.size());
+// all the threads. shapes: each branch's conv geometry, tile and convs.
+std::vector<int64_t> branch_teams(const std::vector<BranchShape>& shapes, int64_t threads) {
+  const int64_t branches = static_cast<int64_t>(shapes.size());
   std::vector<int64_t> team(branches, 0);
   if (!side_by_side.on() || branches < 2) return team;
+  // multiply-adds of one of each branch's direct convs (what decides the pairs on 2 threads, measured so)
+  std::vector<double> macs(branches);
+  for (int64_t b = 0; b < branches; ++b) {
+    const WinogradGeometry& g = shapes[b].g;
+    macs[b] = static_cast<double>(g.n) * g.cin * g.cout * g.h * g.w * 9;
+  }
   if (threads >= 2 * branches) {
-    std::vector<double> chain_work(branches);
-    for (int64_t b = 0; b < branches; ++b)
-      chain_work[b] = (gemm_work_switch.on() ? work[b] : macs[b]) * static_cast<double>(convs[b]);
-    return split_team(threads, chain_work);
+    if (model_switch.on()) return model_split(shapes, threads);
+    std::vector<double> work(branches);
+    for (int64_t b = 0; b < branches; ++b) work[b] = macs[b] * static_cast<double>(shapes[b].convs);
+    return split_team(threads, work);
   }
   const bool small = *std::max_element(macs.begin(), macs.end()) <= kPairMacs;
   if (threads == 2 && lanes_switch.on() && (split_switch.on() || (small && branches == 4)))
     return std::vector<int64_t>(branches, 1);  // in two lanes (branch_lanes)
   if (threads == 2 && std::max(macs[0], macs[1]) <= kPairMacs) team[0] = team[1] = 1;
   return team;
+}
+
+// Each branch's shape for branch_teams: its input's sizes [N, C, H, W] (C -> C convs), tile and convs;
+// null where a size is not 4-D (the chains' own checks refuse it).
+std::optional<std::vector<BranchShape>> branch_shapes(const std::vector<std::vector<int64_t>>& sizes,
+                                                      at::IntArrayRef tiles, at::IntArrayRef convs) {
+  std::vector<BranchShape> shapes;
+  for (size_t b = 0; b < sizes.size(); ++b) {
+    const auto& s = sizes[b];
+    if (s.size() != 4 || (tiles[b] != 2 && tiles[b] != 4)) return std::nullopt;
+    const int m = static_cast<int>(tiles[b]);
+    shapes.push_back({winograd_geometry(s[0], s[2], s[3], s[1], s[1], m), m, convs[b]});
+  }
+  return shapes;
 }
 
 // winograd_branches_plan: branch_teams for inputs of these sizes ([N, C, H, W] each) and tiles (4 each
@@ -263,16 +258,13 @@ std::vector<int64_t> winograd_branches_plan(const std::vector<std::vector<int64_
               "threads positive, got ", x_sizes.size(), ", ", convs.size(), ", ", threads);
   TORCH_CHECK(!tiles || tiles->size() == x_sizes.size(), op, ": tiles must be one a branch, got ", tiles->size(),
               " for ", x_sizes.size(), " branches");
-  std::vector<double> macs, work;
+  const std::vector<int64_t> fours(x_sizes.size(), 4);
+  const at::IntArrayRef t = tiles ? *tiles : at::IntArrayRef(fours);
   for (size_t b = 0; b < x_sizes.size(); ++b) {
-    const auto& s = x_sizes[b];
-    TORCH_CHECK(s.size() == 4, op, ": each x size must be [N, C, H, W], got ", s);
-    const int64_t tile = tiles ? (*tiles)[b] : 4;
-    TORCH_CHECK(tile == 2 || tile == 4, op, ": tiles must be 2 or 4, got ", tile);
-    macs.push_back(conv_macs(s));
-    work.push_back(winograd_macs(s, tile));
+    TORCH_CHECK(x_sizes[b].size() == 4, op, ": each x size must be [N, C, H, W], got ", x_sizes[b]);
+    TORCH_CHECK(t[b] == 2 || t[b] == 4, op, ": tiles must be 2 or 4, got ", t[b]);
   }
-  return branch_teams(macs, work, convs, threads);
+  return branch_teams(*branch_shapes(x_sizes, t, convs), threads);
 }
 
 std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList weights, at::TensorList biases,
@@ -294,12 +286,10 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   at::internal::lazy_init_num_threads();  // this library's first-region set-up before the team is read
   const int64_t threads = at::get_num_threads();
   const bool nested = at::in_parallel_region() || omp_in_parallel();
-  std::vector<double> macs(branches), work(branches);
-  for (int64_t b = 0; b < branches; ++b) {
-    macs[b] = conv_macs(xs[b].sizes());
-    work[b] = winograd_macs(xs[b].sizes(), tiles[b]);
-  }
-  std::vector<int64_t> team = nested ? std::vector<int64_t>(branches, 0) : branch_teams(macs, work, convs, threads);
+  std::vector<std::vector<int64_t>> sizes;
+  for (const at::Tensor& x : xs) sizes.push_back(x.sizes().vec());
+  const std::optional<std::vector<BranchShape>> shapes = branch_shapes(sizes, tiles, convs);
+  std::vector<int64_t> team = nested || !shapes ? std::vector<int64_t>(branches, 0) : branch_teams(*shapes, threads);
   // Where every branch has threads of its own, their split is measured (csrc/cpu/branch_balance.h):
   // this set of branches' search, keyed by the thread count and each branch's shape, convs and tile.
   std::vector<int64_t> key;
@@ -458,8 +448,9 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   m.def("winograd_branches_split(bool? use=None) -> bool", &hrnet_fast::winograd_branches_split);
   // whether the two lanes share the split chain's tail (share_switch)
   m.def("winograd_branches_share_tail(bool? use=None) -> bool", &hrnet_fast::winograd_branches_share_tail);
-  // whether their threads are shared by the Winograd GEMMs' multiply-adds (else the direct convs'); `use` switches it
-  m.def("winograd_branches_gemm_work(bool? use=None) -> bool", &hrnet_fast::winograd_branches_gemm_work);
+  // whether their threads are shared by their plans' modelled cost (else the direct convs' multiply-adds);
+  // `use` switches it
+  m.def("winograd_branches_model_split(bool? use=None) -> bool", &hrnet_fast::winograd_branches_model_split);
   // the threads each branch would run side by side on (0: after those, on all of them)
   m.def("winograd_branches_plan(int[][] x_sizes, int[] convs, int threads, int[]? tiles=None) -> int[]",
         &hrnet_fast::winograd_branches_plan);

@@ -43,6 +43,14 @@ DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor&
                              at::Tensor& kept);
 
 WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t threads, int gemm_panels);
+// The run-time switches plan_winograd reads (fill_team, own_panels), as bits: what its plans depend on
+// besides its arguments.
+int64_t winograd_plan_switches();
+
+// What that plan of a dense conv costs the slowest of its threads, modelled: each task's multiply-adds
+// (its GEMMs, and its transforms by their flops), each thread its contiguous range of tasks
+// (csrc/cpu/winograd_cost.cpp).
+double winograd_plan_cost(const WinogradGeometry& g, int m, int64_t threads, int gemm_panels);
 
 // One conv shape's plan and thread scratch, made once and used for one conv or for several of that
 // shape in turn (winograd_blocks: a chain of convs in one parallel region). run() does tasks [begin,

@@ -32,7 +32,7 @@ try:
 except ImportError:
     resource = None
 
-# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --gemm-work,
+# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --model-split,
 # --balance, --lanes, --split and --share-tail compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
@@ -40,13 +40,13 @@ SWITCHES = {
     "own_panels": ("own panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_own_panels(v)),
     "four_panels": ("four panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_four_panels(v)),
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
-    "gemm_work": ("gemm work", lambda v=None: torch.ops.hrnet_fast.winograd_branches_gemm_work(v)),
+    "model_split": ("model split", lambda v=None: torch.ops.hrnet_fast.winograd_branches_model_split(v)),
     "balance": ("balance", lambda v=None: torch.ops.hrnet_fast.winograd_branches_balance(v)),
     "lanes": ("lanes", lambda v=None: torch.ops.hrnet_fast.winograd_branches_lanes(v)),
     "split": ("split", lambda v=None: torch.ops.hrnet_fast.winograd_branches_split(v)),
     "share_tail": ("share tail", lambda v=None: torch.ops.hrnet_fast.winograd_branches_share_tail(v)),
 }
-NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "gemm_work", "balance", "lanes", "split",
+NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "model_split", "balance", "lanes", "split",
          "share_tail")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
@@ -57,10 +57,10 @@ WHAT = {
     "one_op": "each branch's BasicBlocks as one op (WinogradBlocks.one_op; a module's branches one winograd_branches "
               "call; off: block by block)",
     "side_by_side": "a module's branches side by side on sub-teams of the threads (winograd_branches_side_by_side)",
-    "gemm_work": "their threads shared by the multiply-adds of their Winograd GEMMs (winograd_branches_gemm_work; off: "
-                 "of their direct convs)",
+    "model_split": "their threads shared by their plans' modelled cost (winograd_branches_model_split; off: by "
+                   "their direct convs' multiply-adds)",
     "balance": "their threads shared by what each branch took, searched over the first calls (winograd_branches_balance; "
-               "off: by their Winograd GEMMs' multiply-adds)",
+               "off: by the plans' modelled cost)",
     "lanes": "on 2 threads the branches in two lanes, the last alone (winograd_branches_lanes; with the split off, "
              "four small ones only)",
     "split": "on 2 threads every module's branches in two lanes, the first branch's chain split between them at the "
