@@ -9,12 +9,11 @@
 // found exactly by dynamic programming over the branches and the threads given so far, then, of the
 // splits that reach it, the one with the least time in all; unless the split by multiply-adds is
 // modelled within 5% of it. Against each thread's share timed on one core
-// (conv3x3_winograd_thread_times, AMD EPYC; a split's time: its slowest branch's), W32's modules
-// of 2, 3 and 4 branches at batch 1 and 8 on 8, 12, 16, 24 and 32 threads: never slower than by
-// multiply-adds, and faster in 7 of 30: four branches at batch 1 1.38x on 12 threads (3 + 2 + 3 + 4),
-// 1.14x on 16 (3 + 4 + 3 + 6; the best split by those times 1.22x), 1.62x on 24; at batch 8 1.12x on
-// 12 and 1.14x on 24 (level on 16, where 4 + 3 + 3 + 6 would be 1.17x but is modelled within 5%);
-// three branches on 32 threads 1.48x and 1.24x.
+// (conv3x3_winograd_thread_times; benchmarks/bench_branch_split.py, AMD EPYC; a split's time: its
+// slowest branch's), W32's modules of 2, 3 and 4 branches at batch 1 and 8 on 8 to 32 threads: the
+// split differs from the multiply-add one in 9 of 30 cases, 1.18-1.86x faster in 8 (four branches at
+// batch 1 on 16 threads, 3 + 4 + 3 + 6: 1.27x), 0.96x in one (two at batch 8 on 24, within that
+// machine's noise: 0.79-1.34x from one set of times to the next).
 #include "cpu/branch_split.h"
 
 #include <algorithm>
