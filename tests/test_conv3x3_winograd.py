@@ -200,7 +200,8 @@ def test_plan_cost_by_hand(x_size, c_out, threads, want):
 
 def test_thread_times_time_each_threads_share():
     """conv3x3_winograd_thread_times runs each thread's share on this thread: a thread with no task (a
-    two-panel conv on 3 threads: a panel each for two) takes next to nothing, the others their panel."""
+    two-panel conv on 3 threads: a panel each for two) takes next to nothing, the others their panel;
+    likewise with a plan given."""
     x, w = torch.randn(1, 16, 12, 12), torch.randn(32, 16, 3, 3)
     assert plan((1, 16, 12, 12), 32, 4, 3)[:2] == (1, 2)
     times = torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5)
@@ -209,6 +210,11 @@ def test_thread_times_time_each_threads_share():
         torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 3, 3)
     with pytest.raises(RuntimeError, match="threads and repeats must be positive"):
         torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 0)
+    # a plan given instead of its own: one block, one split, so one task, on the first thread of 3
+    times = torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5, [1, 1, 1, 0])
+    assert times[0] > 10 * max(times[1:])
+    with pytest.raises(RuntimeError, match=r"plan must be \[blocks, splits, per_panel, sliced\]"):
+        torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5, [1, 3, 1, 0])  # 2 panels, not 3
 
 
 # More threads than tasks: the tiles are split further (plan_winograd), and a dense weight transformed

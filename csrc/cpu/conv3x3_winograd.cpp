@@ -278,9 +278,10 @@ DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor&
   return DenseWeight::oihw(kept.data_ptr<float>(), cin);
 }
 
-WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots)
+WinogradRunner::WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots,
+                               const WinogradPlan* plan)
     : g_(g), m_(m), dense_(dense), kernels_(winograd_kernels(active_cpu_isa())),
-      plan_(plan_winograd(g, m, dense, threads, kernels_.gemm_panels)) {
+      plan_(plan ? *plan : plan_winograd(g, m, dense, threads, kernels_.gemm_panels)) {
   const int K = m + 2;  // input tile size
   u_stride_ = g.coutp * g.cin;  // a packed transformed weight's
   if (plan_.own_u || shared_u()) u_stride_ = plane_stride(g.coutp * g.cin);

@@ -61,7 +61,9 @@ double winograd_plan_cost(const WinogradGeometry& g, int m, int64_t threads, int
 // where more threads than planned for may take its tasks (winograd_branches' shared tail).
 class WinogradRunner {
  public:
-  WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots = 0);
+  // `plan`: this one instead of plan_winograd's (conv3x3_winograd_thread_times, comparing plans)
+  WinogradRunner(const WinogradGeometry& g, int m, bool dense, int64_t threads, int64_t min_slots = 0,
+                 const WinogradPlan* plan = nullptr);
   const WinogradPlan& plan() const { return plan_; }
   int64_t tasks() const { return plan_.blocks * plan_.splits; }
   int64_t slots() const { return slots_; }

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "cpu/tensor_view.h"
@@ -25,7 +26,7 @@ namespace {
 // Each of `threads` shares' median time in us over `repeats` runs of the whole conv (ReLU, no bias or
 // residual, into a scratch output), as conv3x3_winograd plans it for a dense `weight` and `tile`.
 std::vector<double> conv3x3_winograd_thread_times(const at::Tensor& x, const at::Tensor& weight, int64_t tile,
-                                                  int64_t threads, int64_t repeats) {
+                                                  int64_t threads, int64_t repeats, at::OptionalIntArrayRef plan) {
   constexpr const char* op = "hrnet_fast::conv3x3_winograd_thread_times";
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.layout() == at::kStrided, op,
               ": x must be a dense 4-D [N, C, H, W] float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type(), " on ",
@@ -39,7 +40,17 @@ std::vector<double> conv3x3_winograd_thread_times(const at::Tensor& x, const at:
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast).clone(at::MemoryFormat::ChannelsLast);
   at::Tensor y = empty_float({x.size(0), cout, x.size(2), x.size(3)}, at::MemoryFormat::ChannelsLast);
   const int m = static_cast<int>(tile);
-  WinogradRunner runner(winograd_geometry(x.size(0), x.size(2), x.size(3), cin, cout, m), m, /*dense=*/true, threads);
+  const WinogradGeometry g = winograd_geometry(x.size(0), x.size(2), x.size(3), cin, cout, m);
+  std::optional<WinogradPlan> given;
+  if (plan) {  // [blocks, splits, per_panel, sliced]: tiles a block and a slice's channels as the plan's rules make them
+    const auto& q = *plan;
+    TORCH_CHECK(q.size() == 4 && q[0] >= 1 && q[1] >= 1 && q[1] <= (cout + kNr - 1) / kNr, op,
+                ": plan must be [blocks, splits, per_panel, sliced] with blocks >= 1 and 1 <= splits <= panels, got ", q);
+    const int64_t tb = ((g.tiles + q[0] - 1) / q[0] + kMr - 1) / kMr * kMr;
+    given = WinogradPlan{(g.tiles + tb - 1) / tb, q[1], tb, q[2] != 0, false, q[2] != 0 && q[3] != 0,
+                         q[2] != 0 && q[3] != 0 ? std::min<int64_t>(32, cin) : cin};
+  }
+  WinogradRunner runner(g, m, /*dense=*/true, threads, 0, given ? &*given : nullptr);
   const int64_t tasks = runner.tasks(), chunk = (tasks + threads - 1) / threads;
   using clock = std::chrono::steady_clock;
   std::vector<std::vector<double>> runs(threads);
@@ -76,6 +87,8 @@ std::vector<double> conv3x3_winograd_thread_times(const at::Tensor& x, const at:
 TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
   // each of `threads` threads' share of a conv as conv3x3_winograd plans it, timed one after another
   // on the calling thread (us, the median of `repeats`): how evenly the plan splits it
-  m.def("conv3x3_winograd_thread_times(Tensor x, Tensor weight, int tile, int threads, int repeats=5) -> float[]",
+  // (`plan`: [blocks, splits, per_panel, sliced] instead of the plan's own, for comparing plans)
+  m.def("conv3x3_winograd_thread_times(Tensor x, Tensor weight, int tile, int threads, int repeats=5, "
+        "int[]? plan=None) -> float[]",
         &hrnet_fast::conv3x3_winograd_thread_times);
 }
