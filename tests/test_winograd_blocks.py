@@ -229,15 +229,15 @@ model_split_restored = restoring("winograd_branches_model_split")
     [(1, W32_B1), (1, W32_B1[:3]), (2, [(16, 16, 12), (32, 8, 6)]), (8, [(16, 8, 8), (128, 1, 1)])],
     ids=str,
 )
-@pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("threads", [1, 2, 4, 8, 12, 16])
 def test_branches_same_bits_as_one_call_a_branch(n, shapes, threads, side_by_side_restored, lanes_restored):
     """On 2 threads in two lanes (the last branch on one thread, the others one after another on the
     other, the first's chain split between them where measured so; with lanes off, the first two side
-    by side, the others after them on both); on 4 and more side by side (2 branches on 4 threads, 4 on 8
-    and 16 (W32's at batch 1 as 4 + 3 + 3 + 6), 3 on 16 as 6 + 5 + 5), where a branch whose U is
-    transformed up front (W32's 32-channel one at batch 1 on a sub-team of 2 to 8) has its sub-team
-    transform it a share each. The bits of one
-    winograd_blocks call a branch, with side by side and lanes switched on or off."""
+    by side, the others after them on both); on 4 and more side by side (2 branches on 4 threads, 4 on 8,
+    12 and 16, W32's at batch 1 as 3 + 2 + 3 + 4 and 3 + 4 + 3 + 6; 3 on 16 as 6 + 5 + 5), where a branch
+    whose U is transformed up front (W32's 32-channel one at batch 1 on a sub-team of 2 to 8) has its
+    sub-team transform it a share each. The bits of one winograd_blocks call a branch, with side by side
+    and lanes switched on or off."""
     xs, ws, bs, tiles = make_branches(n, shapes)
     want = [winograd_blocks(x, w, b, t) for x, w, b, t in zip(xs, ws, bs, tiles)]
     for on, lanes in ((True, True), (True, False), (False, True)):
