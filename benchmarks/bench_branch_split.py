@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, nargs="+", default=[8, 12, 16, 24, 32])
     p.add_argument("--repeats", type=int, default=15, help="runs of each conv; each share's median")
-    p.add_argument("--sets", type=int, default=5, help="independent sets of those times; each speed-up's range over them")
+    p.add_argument("--sets", type=int, default=5,
+                   help="independent sets of those times; each speed-up's median and range over them")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

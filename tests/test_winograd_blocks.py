@@ -327,7 +327,8 @@ def test_model_split_is_the_modelled_best(n, branches, threads):
     tiles = [winograd.choose_tile(s, s[1]) for s in sizes]
 
     def slowest(split):
-        return max(8 * torch.ops.hrnet_fast.conv3x3_winograd_cost(s, s[1], m, t) for s, m, t in zip(sizes, tiles, split))
+        cost = torch.ops.hrnet_fast.conv3x3_winograd_cost
+        return max(8 * cost(s, s[1], m, t) for s, m, t in zip(sizes, tiles, split))
 
     best = min(slowest(s) for s in compositions(threads, branches))
     by_macs = [threads // branches + (b < threads % branches) for b in range(branches)]  # W32's are equal

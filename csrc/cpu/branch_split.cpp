@@ -31,9 +31,9 @@ namespace hrnet_fast {
 namespace {
 
 // Where the split by multiply-adds is modelled within this much of the best, it is kept: the model is
-// rough (~10%), and on those splits' emulated times a model-best split that wins by less lost as often
-// as it gained (W32 and its two-branch modules at batch 8 on 12 and 32 threads: 7 + 5 instead of
-// 6 + 6, 0.87x).
+// rough (~10%). Without it, the model's best for W32's two branches at batch 8, 7 + 5 of 12 threads and
+// 17 + 15 of 32 (modelled 1.6% and 0.2% faster than 6 + 6 and 16 + 16), ran 0.87x and 0.93x as fast
+// on each thread's share timed on one core.
 constexpr double kKeepWithin = 1.05;
 
 std::vector<int64_t> solve(const std::vector<BranchShape>& branches, int64_t threads) {
@@ -59,7 +59,8 @@ std::vector<int64_t> solve(const std::vector<BranchShape>& branches, int64_t thr
   for (int64_t n = 1; n <= threads; ++n) least[0][n] = cost[0][n];
   for (int64_t b = 1; b < nb; ++b)
     for (int64_t n = b + 1; n <= threads; ++n)
-      for (int64_t t = 1; t <= n - b; ++t) least[b][n] = std::min(least[b][n], std::max(least[b - 1][n - t], cost[b][t]));
+      for (int64_t t = 1; t <= n - b; ++t)
+        least[b][n] = std::min(least[b][n], std::max(least[b - 1][n - t], cost[b][t]));
   const double bound = least[nb - 1][threads];
   const std::vector<int64_t> by_macs = split_team(threads, macs);
   if (slowest(by_macs) <= kKeepWithin * bound) return by_macs;

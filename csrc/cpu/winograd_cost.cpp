@@ -39,7 +39,8 @@ double winograd_plan_cost(const WinogradGeometry& g, int m, int64_t threads, int
     const double j = static_cast<double>(panels * (part + 1) / p.splits - panels * part / p.splits);
     const double nt = static_cast<double>(block_tiles(g.tiles, p.blocks, blk).second);
     const double rows = std::ceil(nt / kMr) * kMr;  // the GEMMs' micro-kernel rows, the last group padded
-    share[task / chunk] += nt * cin * v + rows * k * k * cinp * j * kNr + nt * j * kNr * o + (p.per_panel ? j * cin * u : 0);
+    share[task / chunk] +=
+        nt * cin * v + rows * k * k * cinp * j * kNr + nt * j * kNr * o + (p.per_panel ? j * cin * u : 0);
   }
   // a U transformed before the tasks: whole by each thread (own_u), or once, a share of its input
   // channels each (shared_u)

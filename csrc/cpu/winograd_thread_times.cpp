@@ -42,10 +42,11 @@ std::vector<double> conv3x3_winograd_thread_times(const at::Tensor& x, const at:
   const int m = static_cast<int>(tile);
   const WinogradGeometry g = winograd_geometry(x.size(0), x.size(2), x.size(3), cin, cout, m);
   std::optional<WinogradPlan> given;
-  if (plan) {  // [blocks, splits, per_panel, sliced]: tiles a block and a slice's channels as the plan's rules make them
+  if (plan) {  // [blocks, splits, per_panel, sliced]; tiles a block and a slice's channels as plan_winograd's
     const auto& q = *plan;
     TORCH_CHECK(q.size() == 4 && q[0] >= 1 && q[1] >= 1 && q[1] <= (cout + kNr - 1) / kNr, op,
-                ": plan must be [blocks, splits, per_panel, sliced] with blocks >= 1 and 1 <= splits <= panels, got ", q);
+                ": plan must be [blocks, splits, per_panel, sliced] with blocks >= 1 and 1 <= splits <= panels, "
+                "got ", q);
     const int64_t tb = ((g.tiles + q[0] - 1) / q[0] + kMr - 1) / kMr * kMr;
     given = WinogradPlan{(g.tiles + tb - 1) / tb, q[1], tb, q[2] != 0, false, q[2] != 0 && q[3] != 0,
                          q[2] != 0 && q[3] != 0 ? std::min<int64_t>(32, cin) : cin};
