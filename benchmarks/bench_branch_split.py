@@ -74,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             for threads in args.threads:
                 if threads < 2 * nb:
                     continue
-                by_macs = [threads // nb + (b < threads % nb) for b in range(nb)]
-                ours = torch.ops.hrnet_fast.winograd_branches_plan(sizes, [8] * nb, threads, tiles)
+                plan = torch.ops.hrnet_fast.winograd_branches_plan
+                switch = torch.ops.hrnet_fast.winograd_branches_model_split
+                before = switch()
+                switch(False)
+                by_macs = plan(sizes, [8] * nb, threads, tiles)
+                switch(before)
+                ours = plan(sizes, [8] * nb, threads, tiles)
                 row = {"batch": batch, "branches": nb, "threads": threads, "by_macs": by_macs, "ours": ours, "sets": []}
                 for times in sets:
                     def slowest(split: list[int], times=times) -> float:

@@ -44,7 +44,7 @@ std::vector<int64_t> solve(const std::vector<BranchShape>& branches, int64_t thr
   std::vector<double> macs(nb);
   for (int64_t b = 0; b < nb; ++b) {
     const BranchShape& s = branches[b];
-    macs[b] = static_cast<double>(s.g.n) * s.g.cin * s.g.cout * s.g.h * s.g.w * 9 * s.convs;
+    macs[b] = s.direct_macs() * static_cast<double>(s.convs);
     for (int64_t t = 1; t <= threads; ++t)
       cost[b][t] = static_cast<double>(s.convs) * winograd_plan_cost(s.g, s.m, t, panels);
   }

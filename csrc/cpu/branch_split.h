@@ -14,6 +14,8 @@ struct BranchShape {
   WinogradGeometry g;
   int m;
   int64_t convs;
+  // multiply-adds of one of its convs done directly
+  double direct_macs() const { return static_cast<double>(g.n) * g.cin * g.cout * g.h * g.w * 9; }
 };
 
 // `threads` split between the branches (at least one each) so that the slowest, each branch's convs

@@ -95,7 +95,6 @@ constexpr int64_t kOwnUBytes = 640 * 1024;
 // way, W32 1.06-1.08x (28 and 29 of 30). The AVX2 variant (one panel a call, half the U) measured the
 // same either way (0.99x, 12 of 30). With more tiles (the 64-channel 32x24 conv at batch 1, every
 // batch-8 conv) slicing measured 0.8-1.0x: each slice then reads and writes Mt rows that no longer fit.
-constexpr int64_t kSliceChannels = 32;
 constexpr int64_t kSliceMtBytes = 64 * 1024;
 constexpr int64_t kOwnUTiles = 96;
 // The fewest tiles a block gets where the tiles are split only to give idle threads work (plan_winograd):

@@ -218,10 +218,7 @@ std::vector<int64_t> branch_teams(const std::vector<BranchShape>& shapes, int64_
   if (!side_by_side.on() || branches < 2) return team;
   // multiply-adds of one of each branch's direct convs (what decides the pairs on 2 threads, measured so)
   std::vector<double> macs(branches);
-  for (int64_t b = 0; b < branches; ++b) {
-    const WinogradGeometry& g = shapes[b].g;
-    macs[b] = static_cast<double>(g.n) * g.cin * g.cout * g.h * g.w * 9;
-  }
+  for (int64_t b = 0; b < branches; ++b) macs[b] = shapes[b].direct_macs();
   if (threads >= 2 * branches) {
     if (model_switch.on()) return model_split(shapes, threads);
     std::vector<double> work(branches);
@@ -237,8 +234,8 @@ std::vector<int64_t> branch_teams(const std::vector<BranchShape>& shapes, int64_
 
 // Each branch's shape for branch_teams: its input's sizes [N, C, H, W] (C -> C convs), tile and convs;
 // null where a size is not 4-D (the chains' own checks refuse it).
-std::optional<std::vector<BranchShape>> branch_shapes(const std::vector<std::vector<int64_t>>& sizes,
-                                                      at::IntArrayRef tiles, at::IntArrayRef convs) {
+std::optional<std::vector<BranchShape>> branch_shapes(const std::vector<at::IntArrayRef>& sizes, at::IntArrayRef tiles,
+                                                      at::IntArrayRef convs) {
   std::vector<BranchShape> shapes;
   for (size_t b = 0; b < sizes.size(); ++b) {
     const auto& s = sizes[b];
@@ -264,7 +261,7 @@ std::vector<int64_t> winograd_branches_plan(const std::vector<std::vector<int64_
     TORCH_CHECK(x_sizes[b].size() == 4, op, ": each x size must be [N, C, H, W], got ", x_sizes[b]);
     TORCH_CHECK(t[b] == 2 || t[b] == 4, op, ": tiles must be 2 or 4, got ", t[b]);
   }
-  return branch_teams(*branch_shapes(x_sizes, t, convs), threads);
+  return branch_teams(*branch_shapes(std::vector<at::IntArrayRef>(x_sizes.begin(), x_sizes.end()), t, convs), threads);
 }
 
 std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList weights, at::TensorList biases,
@@ -286,8 +283,8 @@ std::vector<at::Tensor> winograd_branches_cpu(at::TensorList xs, at::TensorList 
   at::internal::lazy_init_num_threads();  // this library's first-region set-up before the team is read
   const int64_t threads = at::get_num_threads();
   const bool nested = at::in_parallel_region() || omp_in_parallel();
-  std::vector<std::vector<int64_t>> sizes;
-  for (const at::Tensor& x : xs) sizes.push_back(x.sizes().vec());
+  std::vector<at::IntArrayRef> sizes;
+  for (const at::Tensor& x : xs) sizes.push_back(x.sizes());
   const std::optional<std::vector<BranchShape>> shapes = branch_shapes(sizes, tiles, convs);
   std::vector<int64_t> team = nested || !shapes ? std::vector<int64_t>(branches, 0) : branch_teams(*shapes, threads);
   // Where every branch has threads of its own, their split is measured (csrc/cpu/branch_balance.h):

@@ -43,6 +43,8 @@ DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor&
                              at::Tensor& kept);
 
 WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t threads, int gemm_panels);
+// Input channels a slice of a sliced plan (csrc/cpu/conv3x3_winograd.cpp says why)
+constexpr int64_t kSliceChannels = 32;
 // The run-time switches plan_winograd reads (fill_team, own_panels), as bits: what its plans depend on
 // besides its arguments.
 int64_t winograd_plan_switches();

@@ -37,7 +37,7 @@ std::vector<double> conv3x3_winograd_thread_times(const at::Tensor& x, const at:
   const int64_t cin = x.size(1), cout = weight.dim() == 4 ? weight.size(0) : 0;
   at::Tensor kept;
   const DenseWeight w = dense_weight_arg(op, "weight", weight, cout, cin, kept);
-  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast).clone(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = empty_float({x.size(0), cout, x.size(2), x.size(3)}, at::MemoryFormat::ChannelsLast);
   const int m = static_cast<int>(tile);
   const WinogradGeometry g = winograd_geometry(x.size(0), x.size(2), x.size(3), cin, cout, m);
@@ -49,7 +49,7 @@ std::vector<double> conv3x3_winograd_thread_times(const at::Tensor& x, const at:
                 "got ", q);
     const int64_t tb = ((g.tiles + q[0] - 1) / q[0] + kMr - 1) / kMr * kMr;
     given = WinogradPlan{(g.tiles + tb - 1) / tb, q[1], tb, q[2] != 0, false, q[2] != 0 && q[3] != 0,
-                         q[2] != 0 && q[3] != 0 ? std::min<int64_t>(32, cin) : cin};
+                         q[2] != 0 && q[3] != 0 ? std::min(kSliceChannels, cin) : cin};
   }
   WinogradRunner runner(g, m, /*dense=*/true, threads, 0, given ? &*given : nullptr);
   const int64_t tasks = runner.tasks(), chunk = (tasks + threads - 1) / threads;
