@@ -5,11 +5,13 @@
 #   build  (always, ~25 s);
 #   probe  `cpu_probe`: 1-16 single-threaded processes at once, a GEMM's and an add's summed rates (the
 #          machine's own ceiling; run 9: each core at 70% of one alone when all 16 run) (~25 s);
-#   parts  `cpu_parts --profile` at 4, 8 and 16 threads, batch 1 and 8, the branches' threads shared by
-#          their plans' modelled cost and by their direct convs' multiply-adds (`--model-split on off`,
-#          the twenty-eighth session's split; PARTS_ARGS replaces that, e.g. `--balance on off` once the
-#          measured split runs clean) in turns: per part, and per op the scaling and page faults (~70 s;
-#          run 10 also compared stage 1's chunk budget, `--chunk-mib 8 64`);
+#   parts  `cpu_parts --profile` at 4, 8 and 16 threads, batch 1 and 8, the Winograd plans fitted to
+#          teams of 3 and more or not (`--fit-team on off`, the twenty-ninth session's) times the branches'
+#          threads shared by their plans' modelled cost or by their direct convs' multiply-adds
+#          (`--model-split on off`, the twenty-eighth's), the four in turns; PARTS_ARGS replaces those,
+#          e.g. `--balance on off` once the measured split runs clean: per part, and per op the scaling
+#          and page faults (~140 s; ~70 with one switch; run 10 also compared stage 1's chunk budget,
+#          `--chunk-mib 8 64`);
 #   table  `cpu_threads` at 16, 1, 8 and 4 threads without torch.compile (the README's "Threads" table,
 #          the efficiency's rows first): ~80 s of ONNX export, then ~200 s;
 #   ort    `ort_parts` at 16 threads, batch 1 and 8: ONNX Runtime's time per part beside ours (~60 s);
@@ -49,8 +51,8 @@ if has probe; then
     echo "cpu_probe: exit $? ($(left) s left)"
 fi
 if has parts; then
-    timeout 150 python3 -m hrnet_fast.bench.cpu_parts --threads ${PARTS_THREADS:-4 8 16} --batch 1 8 --isa avx512 \
-        --rounds 3 --runs 2 ${PARTS_ARGS:---model-split on off} --profile --out "$work/parts" > "$work/parts.log" 2>&1
+    timeout 280 python3 -m hrnet_fast.bench.cpu_parts --threads ${PARTS_THREADS:-4 8 16} --batch 1 8 --isa avx512 \
+        --rounds 3 --runs 2 ${PARTS_ARGS:---fit-team on off --model-split on off} --profile --out "$work/parts" > "$work/parts.log" 2>&1
     echo "cpu_parts: exit $? ($(left) s left)"
 fi
 if has table; then

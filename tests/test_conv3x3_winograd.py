@@ -130,8 +130,8 @@ def test_nan_propagates_through_its_tile_and_relu():
 # tiles); (8, 64, 64, 16, 12) has several blocks at every thread count and transforms once into
 # shared scratch on one thread and on 2 and 3 (at most 48 tiles a thread); (4, 32, 32, 64, 48) into
 # each thread's own scratch on 2 and 3 (a small U, 96 tiles a thread or more); (1, 64, 64, 32, 24), W32's 64-channel branch at batch 1, makes 2 blocks,
-# a block a thread on 2 threads, each transforming every panel (24 tiles a thread), and is split by
-# channels on 3 (a block a thread at most, a panel each at least, 16 tiles a thread); (1, 256, 256, 8, 6) and (8, 256, 256, 8, 6) are W32's weight-bound 8x6 branch at
+# a block a thread on 2 threads, each transforming every panel (24 tiles a thread), and by tiles with
+# U shared on 3 (16 tiles a thread; test_plans_fit_the_team); (1, 256, 256, 8, 6) and (8, 256, 256, 8, 6) are W32's weight-bound 8x6 branch at
 # batch 1 and 8 (one block, per panel, though at batch 8 its V and Mt spill from L2); (1, 256, 256,
 # 40, 44) is weight-bound in F(4x4) with more V and Mt than one block may take (scratch), and not
 # weight-bound in F(2x2) (several blocks, scratch).
@@ -150,7 +150,7 @@ def plan(x_size, c_out, m, threads, dense=True):
     [
         ((1, 32, 64, 48), 32, 4, 2, (4, 1, 48, False, True)),
         ((1, 64, 32, 24), 64, 4, 2, (2, 1, 24, True, False)),
-        ((1, 64, 32, 24), 64, 4, 3, (1, 3, 48, True, False)),
+        ((1, 64, 32, 24), 64, 4, 3, (3, 1, 18, False, False)),
         ((1, 128, 16, 12), 128, 4, 2, (1, 2, 12, True, False)),
         ((1, 256, 8, 6), 256, 2, 2, (1, 2, 12, True, False)),
         ((8, 32, 64, 48), 32, 4, 2, (30, 1, 54, False, True)),
@@ -171,6 +171,98 @@ def test_plan_of_w32s_convs(x_size, c_out, m, threads, want):
     assert plan(x_size, c_out, m, threads) == want
 
 
+fit_team_restored = restoring("conv3x3_winograd_fit_team")
+
+
+def busy(x_size, c_out, m, threads):
+    """Threads that get a task when each takes a contiguous ceil(tasks / threads) of them, the tasks, and
+    the tiles a block."""
+    blocks, splits, tb = plan(x_size, c_out, m, threads)[:3]
+    tasks = blocks * splits
+    chunk = -(-tasks // threads)
+    return -(-tasks // chunk), tasks, tb
+
+
+# HRNets' branch and transition convs (W18 to W64, batch 1 to 16, 256x192 and 512x512 maps) on 3 to 32
+# threads: fitted to the team (fit_team), no plan leaves more than a quarter of the threads it could keep
+# busy without work (tasks between one and two a thread did: W32's 128-channel 16x12 conv at batch 8
+# on 6 threads made 8 tasks for 4 threads), unless its blocks are single micro-kernel rows of 6 tiles,
+# which no split makes finer (W32's transition conv at batch 1 on 25 to 31 threads: 32 rows of tiles);
+# unfitted, many did. The 2-thread plans are the same either way.
+def hrnet_convs():
+    for c0 in (18, 32, 48, 64):
+        for n in (1, 4, 8, 16):
+            for i in range(4):
+                yield (n, c0 << i, 64 >> i, 48 >> i), c0 << i
+                yield (n, c0 << i, 128 >> i, 128 >> i), c0 << i
+            yield (n, 256, 64, 48), c0
+
+
+def test_plans_fit_the_team(fit_team_restored):
+    idle = {}
+    for fit in (False, True):
+        fit_team_restored(fit)
+        idle[fit] = []
+        for x_size, c_out in hrnet_convs():
+            m = winograd.choose_tile(x_size, c_out)
+            for threads in range(3, 33):
+                used, tasks, tb = busy(x_size, c_out, m, threads)
+                if used * 4 < 3 * min(threads, tasks) and tb > 6:
+                    idle[fit].append((x_size, c_out, threads, used, tasks))
+    assert idle[True] == [] and len(idle[False]) > 100, (idle[True][:5], len(idle[False]))
+    for x_size, c_out in hrnet_convs():
+        m = winograd.choose_tile(x_size, c_out)
+        fit_team_restored(False)
+        before = [plan(x_size, c_out, m, t) for t in (1, 2)]
+        fit_team_restored(True)
+        assert [plan(x_size, c_out, m, t) for t in (1, 2)] == before, x_size
+
+
+# The fitted plans by value, and what they were: W32's 64-channel 32x24 conv at batch 1 by tiles with U
+# shared on 3 and 4 threads (split by channels: on 3 one thread had 2 of its 4 panels); its 128-channel
+# 16x12 conv at batch 8 on 6 threads 3 groups of tiles x 2 of panels (4 x 2: 8 tasks, 4 threads busy);
+# the transition's 256 -> 32 conv at batch 1 on 10 threads 8 x 1 (8 x 2: 16 tasks, 8 busy).
+@pytest.mark.parametrize(
+    "x_size,c_out,threads,unfitted,want",
+    [
+        ((1, 64, 32, 24), 64, 3, (1, 3, 48, True, False), (3, 1, 18, False, False)),
+        ((1, 64, 32, 24), 64, 4, (1, 4, 48, True, False), (4, 1, 12, False, False)),
+        ((8, 128, 16, 12), 128, 6, (4, 2, 24, True, False), (3, 2, 36, True, False)),
+        ((1, 256, 64, 48), 32, 10, (8, 2, 24, True, False), (8, 1, 24, True, False)),
+    ],
+    ids=str,
+)
+def test_fitted_plans(fit_team_restored, x_size, c_out, threads, unfitted, want):
+    m = winograd.choose_tile(x_size, c_out)
+    assert plan(x_size, c_out, m, threads) == want
+    fit_team_restored(False)
+    assert plan(x_size, c_out, m, threads) == unfitted
+
+
+# Each fitted plan computes what the unfitted one did (within float rounding: a block's tiles and a
+# task's panels may differ, not the sums) and what a direct conv does, on those teams.
+@pytest.mark.parametrize("x_size,c_out,threads", [((1, 64, 32, 24), 64, 3), ((8, 128, 16, 12), 128, 6),
+                                                  ((1, 256, 64, 48), 32, 10)], ids=str)
+def test_fitted_plans_compute_the_conv(fit_team_restored, x_size, c_out, threads):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(x_size, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, x_size[1], 3, 3, generator=g) * 0.05
+    b = torch.randn(c_out, generator=g)
+    m = winograd.choose_tile(x_size, c_out)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for fit in (False, True):
+            fit_team_restored(fit)
+            out[fit] = winograd.conv3x3_winograd(x, w, c_out, b, None, True, tile=m)
+    finally:
+        torch.set_num_threads(before)
+    want = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1)).float()
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True], want, rtol=1e-4, atol=1e-4)
+
+
 def test_plan_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="tile must be 2 or 4"):
         plan((1, 8, 4, 4), 8, 3, 2)
@@ -185,16 +277,21 @@ def test_plan_rejects_bad_arguments():
 # One 16-channel 4x4 map: one tile (a row of 6 with padding), one panel, one task:
 # 16 x 432 + 6 x 36 x 16 x 16 + 16 x 240 + 16 x 2592 = 6912 + 55296 + 3840 + 41472 = 107520.
 # Two panels on one thread: 6912 + 2 x 55296 + 2 x 3840 + 2 x 41472 = 208128; on 2 and on 3 threads a
-# panel each (the third idle): 107520. W32's 64-channel 32x24 conv at batch 1 on 3 threads, 4 panels in
-# parts of 1, 1 and 2 (its plan above): the last 48 x 64 x 432 + 48 x 36 x 64 x 2 x 16 + 48 x 2 x 16 x 240
-# + 2 x 64 x 2592 = 5566464, 0.57 of its 9805824 on one thread, where 3 threads would give 0.33 each.
+# panel each (the third idle): 107520. W32's 64-channel 32x24 conv at batch 1 on 3 threads, unfitted
+# (fit_team off), 4 panels in parts of 1, 1 and 2: the last 48 x 64 x 432 + 48 x 36 x 64 x 2 x 16 + 48 x
+# 2 x 16 x 240 + 2 x 64 x 2592 = 5566464, 0.57 of its 9805824 on one thread, where 3 threads would give
+# 0.33 each; fitted, 3 blocks of its 8 rows of tiles (2, 3 and 3) with U shared, transformed a third of
+# its input channels each first: the last 18 x 64 x 432 + 18 x 36 x 64 x 4 x 16 + 18 x 64 x 240 + 4 x 64
+# x 2592 / 3 = 497664 + 2654208 + 276480 + 221184 = 3649536 (0.37).
 @pytest.mark.parametrize(
-    "x_size,c_out,threads,want",
-    [((1, 16, 4, 4), 16, 1, 107520), ((1, 16, 4, 4), 32, 1, 208128), ((1, 16, 4, 4), 32, 2, 107520),
-     ((1, 16, 4, 4), 32, 3, 107520), ((1, 64, 32, 24), 64, 3, 5566464)],
+    "x_size,c_out,threads,fit,want",
+    [((1, 16, 4, 4), 16, 1, True, 107520), ((1, 16, 4, 4), 32, 1, True, 208128),
+     ((1, 16, 4, 4), 32, 2, True, 107520), ((1, 16, 4, 4), 32, 3, True, 107520),
+     ((1, 64, 32, 24), 64, 3, False, 5566464), ((1, 64, 32, 24), 64, 3, True, 3649536)],
     ids=str,
 )
-def test_plan_cost_by_hand(x_size, c_out, threads, want):
+def test_plan_cost_by_hand(fit_team_restored, x_size, c_out, threads, fit, want):
+    fit_team_restored(fit)
     assert torch.ops.hrnet_fast.conv3x3_winograd_cost(list(x_size), c_out, 4, threads) == want
 
 

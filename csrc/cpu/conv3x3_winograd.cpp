@@ -131,9 +131,52 @@ CpuSwitch four_panels;
 
 bool conv3x3_winograd_four_panels(std::optional<bool> use) { return four_panels.set(use); }
 
+// Whether plan_winograd fits its task counts to the team (team_fit below); on unless switched off
+// by conv3x3_winograd_fit_team(False), for comparing in one process.
+CpuSwitch fit_team_switch;
+
+bool conv3x3_winograd_fit_team(std::optional<bool> use) { return fit_team_switch.set(use); }
+
+// The most parts, at most `most`, that `n` units may each be cut into on `threads` threads without
+// leaving a thread idle for nothing: n x parts at most a task a thread, or a multiple of the threads.
+// Each thread takes a contiguous range of ceil(tasks / threads) tasks, so between those (threads <
+// tasks < 2 threads, say) some threads get two tasks and others none, and the slowest does what it
+// would with fewer, larger tasks, plus the transforms the extra cuts repeat: W32's 128-channel 16x12
+// conv at batch 8 was 4 groups of tiles x 2 of panels on 6 threads (8 tasks: 4 threads busy), its
+// 8 panels at batch 1 16 tasks of 6 tiles on 9 to 15 threads (8 busy, each filter transform twice).
+// Teams of 3 to 15 threads are what branches side by side get (csrc/cpu/branch_split.h).
+int64_t team_fit(int64_t n, int64_t most, int64_t threads) {
+  if (!fit_team_switch.on()) return most;
+  for (int64_t p = most; p > 1; --p)
+    if (n * p <= threads || n * p % threads == 0) return p;
+  return 1;
+}
+
+// A plan of `blocks` blocks of `tb` tiles and `splits` panel parts, with where its U comes from.
+// A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
+// one task (a single block), or to one task a block where the tiles were split to fill the team
+// (wide) or a block is a thread's (own_panels), or to panel_groups' tasks (`own_panel_ways`). Else, where U is small
+// and each thread has tiles enough to pay for transforming all of it (at least kOwnUTiles: `own_u_fits`), each
+// thread transforms the whole U into its own scratch as its tasks begin; else it is transformed
+// once, up front, into shared scratch.
+WinogradPlan finish_plan(const WinogradGeometry& g, int K, bool u, int64_t blocks, int64_t splits, int64_t tb,
+                         bool own_panel_ways, bool own_u_fits, int gemm_panels) {
+  const bool per_panel = !u && (blocks == 1 || own_panel_ways);
+  // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
+  // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
+  // else the whole panel at once.
+  // (tb: a block's tiles, padded to kMr)
+  const bool sliced = per_panel && K * K * tb * gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
+  const int64_t slice = sliced ? std::min(kSliceChannels, g.cin) : g.cin;
+  const bool own_u = !u && !per_panel && own_u_fits;
+  return WinogradPlan{blocks, splits, tb, per_panel, own_u, sliced, slice};
+}
+
 }  // namespace
 
-int64_t winograd_plan_switches() { return (fill_team.on() ? 1 : 0) | (own_panels_switch.on() ? 2 : 0); }
+int64_t winograd_plan_switches() {
+  return (fill_team.on() ? 1 : 0) | (own_panels_switch.on() ? 2 : 0) | (fit_team_switch.on() ? 4 : 0);
+}
 
 WinogradGeometry winograd_geometry(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int m) {
   WinogradGeometry g{n, h, w, cin, cout, (cin + 7) / 8 * 8, (cout + kNr - 1) / kNr * kNr, 0, 0, 0};
@@ -177,7 +220,15 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // where the 128-channel convs' 2.4 MB U is the one it changes, 81.1 with and 83.0 without.
   const bool own_splits = own_panels_switch.on() && (threads <= 2 || weight_bytes > kOwnUBytes);
   const bool own_panels = few_blocks && own_splits && g.tiles >= threads * kTileSplitTiles;
-  if (few_blocks && !own_panels && panels >= threads && g.tiles * per_tile <= kDenseSplitBytes) weight_bound = true;
+  // That channel split was measured on 2 threads; on more (fit_team) such a conv is split by tiles: on
+  // 3 to 5 threads each thread's share of it timed on one core (conv3x3_winograd_thread_times, with and
+  // without its caches evicted before each share; AMD EPYC), the channel split against the tiles split
+  // with U shared: W32's 64-channel 32x24 conv at batch 1 1.31-1.70x slower on 3 and 4 threads (4
+  // panels on 3: one thread gets 2; on 4 each transforms all 48 tiles' input for one panel), W48's
+  // 96-channel one 1.17-1.76x on 3 to 5.
+  const bool channel_split = threads <= 2 || !fit_team_switch.on();
+  if (few_blocks && !own_panels && channel_split && panels >= threads && g.tiles * per_tile <= kDenseSplitBytes)
+    weight_bound = true;
   if (weight_bound) {
     splits = std::min(panels, threads);
     if (!u && g.tiles * per_tile <= kDenseBlockBytes) blocks = 1;
@@ -192,7 +243,8 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // the first thread's work per forward was 5% above the second's, which waited at every conv's barrier;
   // 30 blocks of 48 or 54 tiles give each 768. Only a count above the groups (some empty) is cut.
   if (blocks > (g.tiles + kMr - 1) / kMr) blocks = (g.tiles + tb - 1) / tb;
-  if (!weight_bound && blocks < threads) splits = std::min(panels, (threads + blocks - 1) / blocks);
+  if (!weight_bound && blocks < threads)
+    splits = team_fit(blocks, std::min(panels, (threads + blocks - 1) / blocks), threads);
   // Many threads, few tasks: where blocks x splits leaves threads idle (16 threads, W32 at batch 1:
   // the 64-channel 32x24 conv made 2 blocks x 4 panel groups, the 128-channel 16x12 one 8 panels of
   // one block), the tiles are split further, into blocks of at least kWideTiles, until the tasks fill
@@ -201,7 +253,7 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // would otherwise wait.
   bool wide = false;
   if (fill_team.on() && blocks * splits < threads) {
-    const int64_t more = std::min((threads + splits - 1) / splits, g.tiles / kWideTiles);
+    const int64_t more = team_fit(splits, std::min((threads + splits - 1) / splits, g.tiles / kWideTiles), threads);
     if (more > blocks) {
       wide = blocks == 1;
       tb = ((g.tiles + more - 1) / more + kMr - 1) / kMr * kMr;
@@ -218,35 +270,41 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
   // only together with own_panels, above); on 2 threads it changes only convs such as W48's
   // 96-channel 32x24 one at batch 1 (a block a thread: that branch alone 1.43x faster, 40 of 40; the
   // whole W48 at batch 1 1.060x, 30 of 30). Switched with own_panels.
-  bool panel_groups = false;
   const bool own_u_fits = threads > 1 && weight_bytes <= kOwnUBytes && g.tiles >= kOwnUTiles * threads;
   if (!u && own_splits && threads > 1 && !weight_bound && !own_panels && !wide && blocks > 1 &&
       !own_u_fits && tb < kTileSplitTiles) {
-    const int64_t groups = std::max<int64_t>(1, g.tiles / kTileSplitTiles);
-    const int64_t parts = std::min(panels, (threads + groups - 1) / groups);
-    if (groups <= threads && groups * parts >= threads) {
-      tb = ((g.tiles + groups - 1) / groups + kMr - 1) / kMr * kMr;
-      blocks = (g.tiles + tb - 1) / tb;
-      splits = parts;
-      panel_groups = true;
+    const int64_t most = std::max<int64_t>(1, g.tiles / kTileSplitTiles);  // groups of kTileSplitTiles at least
+    const auto grouped = [&](int64_t groups, int64_t parts) {
+      const int64_t gtb = ((g.tiles + groups - 1) / groups + kMr - 1) / kMr * kMr;
+      return finish_plan(g, K, u, (g.tiles + gtb - 1) / gtb, parts, gtb, true, own_u_fits, gemm_panels);
+    };
+    std::optional<WinogradPlan> best;
+    if (fit_team_switch.on() && most <= threads && most * std::min(panels, (threads + most - 1) / most) >= threads) {
+      // fit_team: the groups (2 at least where there are 2) and parts whose plan is modelled cheapest
+      // (winograd_plan_cost: the slowest thread's tasks), where it keeps 3/4 of the team busy: the most
+      // groups and each ceil(threads / groups) parts (below) gave 4 groups x 2 parts on 6 threads (8
+      // tasks, 4 threads busy: 3 x 2 keeps 6) and 2 x 2 on 3 (2 busy; then U shared, the tiles split 3 ways)
+      double cheapest = 0.0;
+      for (int64_t gr = std::min<int64_t>(2, most); gr <= std::min(most, threads); ++gr) {
+        for (int64_t parts = 1; parts <= std::min(panels, (threads + gr - 1) / gr); ++parts) {
+          const WinogradPlan p = grouped(gr, parts);
+          const int64_t tasks = p.blocks * p.splits, chunk = (tasks + threads - 1) / threads;
+          if ((tasks + chunk - 1) / chunk * 4 < threads * 3) continue;
+          const double cost = winograd_plan_cost(g, m, p, threads);
+          if (!best || cost < cheapest) {
+            best = p;
+            cheapest = cost;
+          }
+        }
+      }
+    } else if (!fit_team_switch.on()) {
+      const int64_t parts = std::min(panels, (threads + most - 1) / most);
+      if (most <= threads && most * parts >= threads) best = grouped(most, parts);
     }
+    if (best) return *best;
   }
 
-  // A dense weight is transformed panel by panel inside the tasks when each panel then belongs to
-  // one task (a single block), or to one task a block where the tiles were split to fill the team
-  // (wide) or a block is a thread's (own_panels), or to panel_groups' tasks. Else, where U is small
-  // and each thread has tiles enough to pay for transforming all of it (at least kOwnUTiles), each
-  // thread transforms the whole U into its own scratch as its tasks begin; else it is transformed
-  // once, up front, into shared scratch.
-  const bool per_panel = !u && (blocks == 1 || wide || own_panels || panel_groups);
-  // Per panel, the transform and the GEMMs go a slice of kSliceChannels input channels at a time
-  // where the panel's rows of Mt (what each slice's GEMMs add to) are few enough to stay close by;
-  // else the whole panel at once.
-  // (tb: a block's tiles, padded to kMr)
-  const bool sliced = per_panel && K * K * tb * gemm_panels * kNr * int64_t(sizeof(float)) <= kSliceMtBytes;
-  const int64_t slice = sliced ? std::min(kSliceChannels, g.cin) : g.cin;
-  const bool own_u = !u && !per_panel && own_u_fits;
-  return WinogradPlan{blocks, splits, tb, per_panel, own_u, sliced, slice};
+  return finish_plan(g, K, u, blocks, splits, tb, wide || own_panels, own_u_fits, gemm_panels);
 }
 
 DenseWeight dense_weight_arg(const char* op, const char* name, const at::Tensor& w, int64_t cout, int64_t cin,
@@ -432,6 +490,8 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast, m) {
         &hrnet_fast::conv3x3_winograd_plan);
   // whether the split fills the team (plan_winograd); `use` switches it, for comparisons
   m.def("conv3x3_winograd_fill_team(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_fill_team);
+  // whether its task counts fit teams of 3 and more (team_fit, the tiles split on 3+ threads); `use` switches it
+  m.def("conv3x3_winograd_fit_team(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_fit_team);
   // whether the split gives each thread a block of tiles and every panel's transform (own_panels)
   m.def("conv3x3_winograd_own_panels(bool? use=None) -> bool", &hrnet_fast::conv3x3_winograd_own_panels);
   // whether a GEMM call takes four weight panels where U is whole before the tasks (else two)

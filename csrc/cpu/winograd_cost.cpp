@@ -26,7 +26,10 @@
 namespace hrnet_fast {
 
 double winograd_plan_cost(const WinogradGeometry& g, int m, int64_t threads, int gemm_panels) {
-  const WinogradPlan p = plan_winograd(g, m, /*dense=*/true, threads, gemm_panels);
+  return winograd_plan_cost(g, m, plan_winograd(g, m, /*dense=*/true, threads, gemm_panels), threads);
+}
+
+double winograd_plan_cost(const WinogradGeometry& g, int m, const WinogradPlan& p, int64_t threads) {
   const double k = m + 2, cin = static_cast<double>(g.cin), cinp = static_cast<double>(g.cinp);
   const int64_t panels = g.coutp / kNr, tasks = p.blocks * p.splits, chunk = (tasks + threads - 1) / threads;
   // flops as multiply-adds: per tile and input channel, B^T d B (two K x K by K x K products); per

@@ -53,6 +53,8 @@ int64_t winograd_plan_switches();
 // (its GEMMs, and its transforms by their flops), each thread its contiguous range of tasks
 // (csrc/cpu/winograd_cost.cpp).
 double winograd_plan_cost(const WinogradGeometry& g, int m, int64_t threads, int gemm_panels);
+// ... of a given plan of a dense conv on `threads` threads
+double winograd_plan_cost(const WinogradGeometry& g, int m, const WinogradPlan& p, int64_t threads);
 
 // One conv shape's plan and thread scratch, made once and used for one conv or for several of that
 // shape in turn (winograd_blocks: a chain of convs in one parallel region). run() does tasks [begin,

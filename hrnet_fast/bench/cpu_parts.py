@@ -32,11 +32,12 @@ try:
 except ImportError:
     resource = None
 
-# The run-time on/off settings that --fill-team, --own-panels, --four-panels, --side-by-side, --model-split,
+# The run-time on/off settings that --fill-team, --fit-team, --own-panels, --four-panels, --side-by-side, --model-split,
 # --balance, --lanes, --split and --share-tail compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
+    "fit_team": ("fit", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fit_team(v)),
     "own_panels": ("own panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_own_panels(v)),
     "four_panels": ("four panels", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_four_panels(v)),
     "side_by_side": ("side by side", lambda v=None: torch.ops.hrnet_fast.winograd_branches_side_by_side(v)),
@@ -46,10 +47,11 @@ SWITCHES = {
     "split": ("split", lambda v=None: torch.ops.hrnet_fast.winograd_branches_split(v)),
     "share_tail": ("share tail", lambda v=None: torch.ops.hrnet_fast.winograd_branches_share_tail(v)),
 }
-NAMES = ("fill_team", "own_panels", "four_panels", "one_op", "side_by_side", "model_split", "balance", "lanes", "split",
+NAMES = ("fill_team", "fit_team", "own_panels", "four_panels", "one_op", "side_by_side", "model_split", "balance", "lanes", "split",
          "share_tail")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
+    "fit_team": "the Winograd split's task counts fitted to teams of 3 and more (conv3x3_winograd_fit_team)",
     "own_panels": "a block of tiles a thread, each transforming every weight panel, where each gets 24 tiles or "
                   "more (conv3x3_winograd_own_panels)",
     "four_panels": "four weight panels a Winograd GEMM call where U is whole before the tasks, else two "
