@@ -298,7 +298,7 @@ def test_plan_cost_by_hand(fit_team_restored, x_size, c_out, threads, fit, want)
 def test_thread_times_time_each_threads_share():
     """conv3x3_winograd_thread_times runs each thread's share on this thread: a thread with no task (a
     two-panel conv on 3 threads: a panel each for two) takes next to nothing, the others their panel;
-    likewise with a plan given."""
+    likewise with a plan given, and with the caches evicted before each share."""
     x, w = torch.randn(1, 16, 12, 12), torch.randn(32, 16, 3, 3)
     assert plan((1, 16, 12, 12), 32, 4, 3)[:2] == (1, 2)
     times = torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5)
@@ -312,6 +312,11 @@ def test_thread_times_time_each_threads_share():
     assert times[0] > 10 * max(times[1:])
     with pytest.raises(RuntimeError, match=r"plan must be \[blocks, splits, per_panel, sliced\]"):
         torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5, [1, 3, 1, 0])  # 2 panels, not 3
+    # each share after the caches are evicted (8 MiB streamed through first): still the idle one apart
+    times = torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5, None, 8 << 20)
+    assert len(times) == 3 and min(times[:2]) > 10 * times[2] >= 0
+    with pytest.raises(RuntimeError, match="evict_bytes must be 0 or more"):
+        torch.ops.hrnet_fast.conv3x3_winograd_thread_times(x, w, 4, 3, 5, None, -1)
 
 
 # More threads than tasks: the tiles are split further (plan_winograd), and a dense weight transformed
