@@ -29,7 +29,7 @@ OPS = torch.ops.hrnet_fast
 EVICT = 4 << 20  # bytes streamed before each share in the cold runs: 2x the largest L2 here
 
 
-def convs(width: int, batch: int) -> list[tuple[int, int, int, int]]:
+def convs(width: int) -> list[tuple[int, int, int, int]]:
     """(C_in, C_out, H, W) of a width's branch convs at 256x192, and its transition's 256 -> width conv."""
     return [(width << i, width << i, 64 >> i, 48 >> i) for i in range(4)] + [(256, width, 64, 48)]
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch:
         for width in args.widths:
             branch_teams = list(range(2, max(args.modules) + 1)) if width == args.widths[0] else []
-            for cin, cout, h, w in convs(width, batch):
+            for cin, cout, h, w in convs(width):
                 teams = sorted(set(args.threads) | (set(branch_teams) if cin == cout else set()))
                 times = timed(batch, cin, cout, h, w, teams, args.rounds, args.repeats)
                 for t in args.threads:

@@ -32,8 +32,8 @@ try:
 except ImportError:
     resource = None
 
-# The run-time on/off settings that --fill-team, --fit-team, --own-panels, --four-panels, --side-by-side, --model-split,
-# --balance, --lanes, --split and --share-tail compare:
+# The run-time on/off settings that --fill-team, --fit-team, --own-panels, --four-panels, --side-by-side,
+# --model-split, --balance, --lanes, --split and --share-tail compare:
 # (column, the op that sets and reads it). --one-op is the modules' own attribute (WinogradBlocks.one_op).
 SWITCHES = {
     "fill_team": ("fill", lambda v=None: torch.ops.hrnet_fast.conv3x3_winograd_fill_team(v)),
@@ -47,8 +47,8 @@ SWITCHES = {
     "split": ("split", lambda v=None: torch.ops.hrnet_fast.winograd_branches_split(v)),
     "share_tail": ("share tail", lambda v=None: torch.ops.hrnet_fast.winograd_branches_share_tail(v)),
 }
-NAMES = ("fill_team", "fit_team", "own_panels", "four_panels", "one_op", "side_by_side", "model_split", "balance", "lanes", "split",
-         "share_tail")  # the columns, in order
+NAMES = ("fill_team", "fit_team", "own_panels", "four_panels", "one_op", "side_by_side", "model_split", "balance",
+         "lanes", "split", "share_tail")  # the columns, in order
 WHAT = {
     "fill_team": "the Winograd split's filling of idle threads (conv3x3_winograd_fill_team)",
     "fit_team": "the Winograd split's task counts fitted to teams of 3 and more (conv3x3_winograd_fit_team)",
