@@ -16,6 +16,7 @@ so these say what the plans leave idle, not what 16 cores will take.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -34,22 +35,26 @@ def convs(width: int) -> list[tuple[int, int, int, int]]:
     return [(width << i, width << i, 64 >> i, 48 >> i) for i in range(4)] + [(256, width, 64, 48)]
 
 
-def shares(x: torch.Tensor, w: torch.Tensor, tile: int, threads: int, fit: bool, repeats: int) -> tuple[float, float]:
-    """The slowest share (us) of the conv planned for `threads`, fit_team on or off: (warm, cold)."""
-    before = OPS.conv3x3_winograd_fit_team(fit)
+@contextlib.contextmanager
+def fitted(on: bool):
+    """conv3x3_winograd_fit_team set to `on` inside, put back after."""
+    before = OPS.conv3x3_winograd_fit_team(on)
     try:
-        return (max(OPS.conv3x3_winograd_thread_times(x, w, tile, threads, repeats)),
-                max(OPS.conv3x3_winograd_thread_times(x, w, tile, threads, repeats, None, EVICT)))
+        yield
     finally:
         OPS.conv3x3_winograd_fit_team(before)
+
+
+def shares(x: torch.Tensor, w: torch.Tensor, tile: int, threads: int, fit: bool, repeats: int) -> tuple[float, float]:
+    """The slowest share (us) of the conv planned for `threads`, fit_team on or off: (warm, cold)."""
+    with fitted(fit):
+        return (max(OPS.conv3x3_winograd_thread_times(x, w, tile, threads, repeats)),
+                max(OPS.conv3x3_winograd_thread_times(x, w, tile, threads, repeats, None, EVICT)))
 
 
 def plan(size: list[int], c_out: int, tile: int, threads: int, fit: bool) -> list[int]:
-    before = OPS.conv3x3_winograd_fit_team(fit)
-    try:
+    with fitted(fit):
         return list(OPS.conv3x3_winograd_plan(size, c_out, tile, True, threads)[:6])
-    finally:
-        OPS.conv3x3_winograd_fit_team(before)
 
 
 def timed(batch: int, cin: int, cout: int, h: int, w: int, teams: list[int], rounds: int, repeats: int) -> dict:
@@ -116,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 split = []
                 for fit in (False, True):
-                    before = OPS.conv3x3_winograd_fit_team(fit)
-                    split.append(OPS.winograd_branches_plan(sizes, [8] * nb, threads, tiles))
-                    OPS.conv3x3_winograd_fit_team(before)
+                    with fitted(fit):
+                        split.append(OPS.winograd_branches_plan(sizes, [8] * nb, threads, tiles))
                 slow = [[max(times[s[1]][t]["us"][way][c] for s, t in zip(sizes, split[way])) for c in (0, 1)]
                         for way in (0, 1)]
                 record["modules"].append({"batch": batch, "branches": nb, "threads": threads, "splits": split,

@@ -279,7 +279,8 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
       return finish_plan(g, K, u, (g.tiles + gtb - 1) / gtb, parts, gtb, true, own_u_fits, gemm_panels);
     };
     std::optional<WinogradPlan> best;
-    if (fit_team_switch.on() && most <= threads && most * std::min(panels, (threads + most - 1) / most) >= threads) {
+    const bool fills = most <= threads && most * std::min(panels, (threads + most - 1) / most) >= threads;
+    if (fills && fit_team_switch.on()) {
       // fit_team: the groups (2 at least where there are 2: one group of all the tiles is the channel
       // split above) and parts whose plan is modelled cheapest (winograd_plan_cost: the slowest thread's
       // tasks) among those that keep 3/4 of the team busy; none such: U shared. The most groups and
@@ -300,9 +301,8 @@ WinogradPlan plan_winograd(const WinogradGeometry& g, int m, bool dense, int64_t
           }
         }
       }
-    } else if (!fit_team_switch.on()) {
-      const int64_t parts = std::min(panels, (threads + most - 1) / most);
-      if (most <= threads && most * parts >= threads) best = grouped(most, parts);
+    } else if (fills) {  // the most groups, ceil(threads / groups) parts each
+      best = grouped(most, std::min(panels, (threads + most - 1) / most));
     }
     if (best) return *best;
   }
