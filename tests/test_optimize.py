@@ -69,6 +69,40 @@ def test_pose_hrnet_cpu(builder, size):
     assert all(m._winograd_weight is None for m in convs if not m._winograd)
 
 
+# Teams of 3 to 12 threads on shapes other than the model's own: the scheduling that only more cores use
+# (the Winograd plans fitted to the team, branches side by side on shares of the threads by their plans'
+# cost, the fusions' and direct convs' splits) on sizes whose tiles, rows and channel panels divide
+# unevenly between the threads. Here the threads outnumber the cores: that costs time, not bits.
+@pytest.mark.parametrize(
+    "builder,threads,batch,size",
+    [
+        (hrnet_fast.pose_hrnet_w32, 3, 3, (96, 160)),
+        (hrnet_fast.pose_hrnet_w32, 6, 2, (224, 64)),
+        (hrnet_fast.pose_hrnet_w32, 12, 1, (128, 128)),
+        (hrnet_fast.pose_hrnet_w48, 5, 4, (64, 96)),
+        (hrnet_fast.pose_hrnet_w48, 7, 1, (160, 96)),
+    ],
+)
+def test_pose_hrnet_cpu_on_odd_teams(builder, threads, batch, size):
+    torch.manual_seed(0)
+    model = randomize_bn(builder()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu")
+    x = torch.randn(batch, 3, *size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            want = model(x)
+            # three forwards: the CPU graph is recorded on a shape's first two and replayed from the third
+            for _ in range(3):
+                got = fused(x)
+                assert got.shape == want.shape
+                err = (got - want).abs().max().item()
+                assert err <= 1e-4 * want.abs().max().item(), err
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_winograd_off_keeps_direct_convolution():
     torch.manual_seed(0)
     model = randomize_bn(tiny_pose_hrnet()).eval()
