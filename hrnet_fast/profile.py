@@ -115,7 +115,7 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 def held_bytes(module: torch.nn.Module) -> int:
     """Bytes a module keeps for inference: its parameters and buffers, every tensor its modules
     cache in their attributes (hrnet_fast's oneDNN-packed weights), each distinct tensor once, and for
-    an optimize()d cpu model the free blocks of the caching allocator its forwards use (shared by all
+    an optimize()d cpu model the free blocks (and replay slabs) of the caching allocator its forwards use (shared by all
     such models in the process; csrc/cpu/cpu_arena.cpp). What a served model costs in memory besides
     the activations of the forward running."""
     seen: set[int] = set()

@@ -29,11 +29,11 @@ def _misses() -> int:
     return torch.ops.hrnet_fast.cpu_arena_stats()[2]
 
 
-def _models(batch: int = 3, size: int = 64):
+def _models(batch: int = 3, size: int = 64, cpu_graph: bool = True):
     model = randomize_bn(tiny_pose_hrnet()).eval()
     # tasks off: side by side, the threads' allocations interleave differently each forward, and so do
     # the arena's block counts this file checks exactly (tests/test_cpu_tasks.py runs the arena with them)
-    fused = hrnet_fast.optimize(model, backend="cpu", tasks=False)
+    fused = hrnet_fast.optimize(model, backend="cpu", tasks=False, cpu_graph=cpu_graph)
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
         ref = model(x)
@@ -55,7 +55,9 @@ def test_forward_reuses_blocks_and_uninstalls():
     # stage 1's 256-channel 16x16 activations (262 KB an image) are past the arena's 256 KiB minimum
     assert cached > 0
     with torch.no_grad():
-        for _ in range(3):  # best fit settles within a few forwards (which blocks serve which requests)
+        # best fit settles within a few forwards (which blocks serve which requests), and the CPU graph's
+        # memory plan is learned (its first replay, the fourth forward) and used (a slab, from the fifth)
+        for _ in range(5):
             fused(x)
         cached, misses = _stats()[0], _misses()
         _assert_close(fused(x), ref)
@@ -70,8 +72,9 @@ def test_blocks_of_sizes_no_longer_asked_for_make_room():
     """A forward of another shape first (a bigger batch: bigger blocks, the higher peak) leaves blocks
     no later forward asks for; they are freed to make room for the new sizes, so from the second forward
     of the new shape on every block comes from the arena (kept, they filled its budget for good and every
-    forward allocated its activations anew: W32 at batch 8, ~8,000 page faults a forward)."""
-    model, fused, _, _ = _models()
+    forward allocated its activations anew: W32 at batch 8, ~8,000 page faults a forward). Python forwards
+    (no CPU graph: a graph's replays have a memory plan of their own, test_replays_run_in_a_planned_slab)."""
+    model, fused, _, _ = _models(cpu_graph=False)
     torch.ops.hrnet_fast.cpu_arena_release()
     big, small = torch.randn(8, 3, 64, 64), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -108,14 +111,15 @@ def test_a_larger_free_block_serves_a_request():
         torch.ops.hrnet_fast.cpu_arena_release()
 
 
-def test_steady_forwards_allocate_nothing_anew():
+@pytest.mark.parametrize("cpu_graph", [False, True])
+def test_steady_forwards_allocate_nothing_anew(cpu_graph):
     """Forward after forward of one shape, every block comes from the arena (by exact size they could
     not all wait for their own size within the budget: W32 at batch 8 allocated 54 anew every forward,
-    and glibc faulted some in afresh)."""
-    model, fused, x, ref = _models(batch=6)
+    and glibc faulted some in afresh); replayed, from the slab its memory plan laid out."""
+    model, fused, x, ref = _models(batch=6, cpu_graph=cpu_graph)
     torch.ops.hrnet_fast.cpu_arena_release()
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(5):  # replayed: three Python forwards, the plan learned, a slab
             fused(x)
         misses = _misses()
         for _ in range(3):
@@ -205,3 +209,76 @@ def test_only_the_cpu_backend_chunks():
     fused = hrnet_fast.optimize(model, backend="cpu")
     # the HR modules' branches stay plain Sequentials
     assert not any(isinstance(m, ChunkedStage) for m in fused.stage2.modules())
+
+
+def test_replays_run_in_a_planned_slab():
+    """A CPU graph's first replay learns its allocations; each later replay is served from one buffer (a
+    slab) at offsets laid out by when each block is alive (csrc/cpu/cpu_arena.h), so what the arena keeps
+    after a forward is about the replay's own peak, not the Python forwards' that recorded it."""
+    model, fused, x, ref = _models(batch=6)
+    torch.ops.hrnet_fast.cpu_arena_release()
+    with torch.no_grad():
+        for _ in range(3):  # Python forwards, the last two recorded
+            _assert_close(fused(x), ref)
+        python_held = _stats()[0]
+        learned = fused(x)  # the first replay: the plan learned
+        _assert_close(learned, ref)
+        outs = [fused(x) for _ in range(3)]  # from the slab
+        misses = _misses()
+        planned_held = _stats()[0]
+        outs += [fused(x) for _ in range(2)]
+    assert all(torch.equal(o, learned) for o in outs), "the same bits from the slab as before"
+    assert _misses() == misses and _stats()[0] == planned_held, "one slab, reused"
+    assert 0 < planned_held < python_held
+    switch = torch.ops.hrnet_fast.cpu_arena_replay_plans
+    assert switch()
+    try:
+        switch(False)  # every block served as before: the same bits
+        with torch.no_grad():
+            assert all(torch.equal(fused(x), learned) for _ in range(3))
+    finally:
+        switch(True)
+
+
+def test_replays_of_two_shapes_share_one_slab():
+    """Replays one at a time keep one free slab, the largest: a smaller shape's replay runs in it."""
+    model, fused, _, _ = _models()
+    big, small = torch.randn(8, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = {n: model(t) for n, t in (("big", big), ("small", small))}
+        torch.ops.hrnet_fast.cpu_arena_release()
+        for _ in range(6):
+            fused(big)
+        big_held = _stats()[0]
+        for _ in range(6):
+            fused(small)
+        misses = _misses()
+        for _ in range(3):
+            for name, t in (("big", big), ("small", small)):
+                _assert_close(fused(t), want[name])
+    assert _misses() == misses, "each replay served from the slab kept"
+    assert _stats()[0] <= big_held
+
+
+def test_replays_on_threads_and_a_changed_thread_count():
+    """Replays at once on threads each take a slab of their own; a thread count changed between calls
+    (other scratch sizes: the plan no longer matches) is served as before and learned again."""
+    model, fused, x, ref = _models(batch=6)
+    with torch.no_grad():
+        for _ in range(5):
+            fused(x)
+
+    def work(_: int) -> None:
+        for _ in range(4):
+            with torch.no_grad():
+                _assert_close(fused(x), ref)
+
+    in_threads(work, 3)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 1, 3, 2, 2, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                _assert_close(fused(x), ref)
+    finally:
+        torch.set_num_threads(before)

@@ -35,6 +35,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu/cpu_arena.h"
+
 namespace hrnet_fast {
 namespace {
 
@@ -141,6 +143,9 @@ class CpuGraph : public torch::CustomClassHolder {
                 " tensor inputs, replayed with ", inputs.size());
     for (const auto& [t, version] : watched_)
       if (t._version() != version) return std::nullopt;
+    // the replay's activations at the offsets its memory plan gives them (csrc/cpu/cpu_arena.h); made
+    // before the slots, so that they are all freed before it ends
+    const ReplayScope memory(mem_plan_);
     std::vector<at::Tensor> slots(n_slots_);
     for (int64_t k = 0; k < n_inputs_; ++k) slots[k] = inputs[k];
     for (const auto& step : steps_) {
@@ -291,6 +296,7 @@ class CpuGraph : public torch::CustomClassHolder {
   std::vector<int32_t> out_slots_;
   std::vector<at::Tensor> out_consts_;
   std::vector<std::pair<at::Tensor, int64_t>> watched_;
+  std::shared_ptr<ReplayPlan> mem_plan_ = make_replay_plan();
   std::string refused_;
   // recording only
   std::unordered_map<const c10::TensorImpl*, int32_t> slot_of_;
