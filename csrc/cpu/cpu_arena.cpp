@@ -270,11 +270,8 @@ class Arena final : public c10::Allocator {
     size_t freed = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (const Block& b : lru_) blocks.push_back(b.p);
-      free_.clear();
-      lru_.clear();
       freed = cached_ + slab_free_bytes_;
-      cached_ = 0;
+      take_free_blocks(blocks);
       for (const auto& [bytes, slab] : free_slabs_) blocks.push_back(slab);
       free_slabs_.clear();
       slab_free_bytes_ = 0;
@@ -347,10 +344,7 @@ class Arena final : public c10::Allocator {
           plan.state = plan.slab_bytes > 0 ? ReplayPlan::kPlanned : ReplayPlan::kGivenUp;
           // Free blocks the forwards before the plan left behind (the Python forwards that recorded the
           // graph hold more at once than its replays): what is served as before from now on is re-cached.
-          for (const Block& b : lru_) to_free.push_back(b.p);
-          free_.clear();
-          lru_.clear();
-          cached_ = 0;
+          take_free_blocks(to_free);
           peak_in_use_ = in_use_;
         }
       } else {
@@ -367,6 +361,14 @@ class Arena final : public c10::Allocator {
   }
 
  private:
+  // Every free block off the free list, into `blocks` (to free outside the lock); the mutex held.
+  void take_free_blocks(std::vector<void*>& blocks) {
+    for (const Block& b : lru_) blocks.push_back(b.p);
+    free_.clear();
+    lru_.clear();
+    cached_ = 0;
+  }
+
   // Request k of a planned replay from its slab, or null (learning; past or unlike the plan; outlived
   // the replay when learned; a block its bytes overlap not freed yet: then served as before).
   void* replay_block(ReplayState& r, int64_t k, size_t size) {
