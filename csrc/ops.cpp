@@ -33,6 +33,12 @@ TORCH_LIBRARY(hrnet_fast, m) {
   m.def(
       "fuse_multi_res(Tensor base, Tensor[] lowres, Tensor[] weights, Tensor? bias, "
       "bool relu=True, str mode=\"nearest\", bool align_corners=False) -> Tensor");
+  // the segmentation HRNet's head: conv2d(relu(conv2d(x, weight) + bias + sum_k bilinear(conv1x1(lowres[k],
+  // weights[k]), size=x.shape[-2:], align_corners)), classifier) + classifier_bias, every conv 1x1; the
+  // sum's channels never written out: CPU only
+  m.def(
+      "seg_head(Tensor x, Tensor[] lowres, Tensor weight, Tensor bias, Tensor[] weights, Tensor classifier, "
+      "Tensor? classifier_bias, bool align_corners) -> Tensor");
   // act(conv2d(x, w, stride=1, padding=1) + bias + residual) for a 3x3 w by Winograd F(m x m, 3 x 3),
   // w given transformed (hrnet_fast.ops.winograd.transform_weight; tile=0) or dense, transformed per call
   // with m = tile: CPU only; cuDNN picks Winograd itself on CUDA.

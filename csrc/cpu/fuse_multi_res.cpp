@@ -11,17 +11,17 @@
 #include <vector>
 
 #include "cpu/conv_gemm.h"
+#include "cpu/fuse_project.h"
 #include "cpu/tensor_view.h"
 #include "kernels/fuse_multi_res.h"
 
 namespace hrnet_fast {
-namespace {
 
 // conv1x1(x, weight) as fuse_project gives it, by conv_bias_act's direct kernel (csrc/cpu/conv_gemm.cpp)
 // where it takes the call: NHWC output, x float32 channels_last, C_k within its bounds. No op is
 // dispatched per input, where fuse_project's views and at::mm cost ~50 us of a W32 fusion's ~90 at
 // batch 1 (rdtsc inside the op, caches cold after the convs before it).
-at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool nhwc) {
+at::Tensor fuse_project_cpu(const at::Tensor& x, const at::Tensor& weight, bool nhwc) {
   const int64_t n = x.size(0), ck = x.size(1), h = x.size(2), w = x.size(3), c = weight.size(0);
   if (!nhwc || x.scalar_type() != at::kFloat || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       !conv_gemm_takes(ck, 1, 1))
@@ -34,6 +34,8 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool nhwc) {
   conv_gemm_run(g, x.data_ptr<float>(), wp, ldw, nullptr, nullptr, false, y.data_ptr<float>());
   return y;
 }
+
+namespace {
 
 // A row is (n, y) in NHWC (W*C contiguous floats) or (n, c, y) in NCHW (W floats).
 struct Row {
@@ -135,7 +137,7 @@ at::Tensor fuse_multi_res_cpu(const at::Tensor& base_in, at::TensorList lowres, 
   const int64_t nk = static_cast<int64_t>(lowres.size());
   std::vector<at::Tensor> ys;
   ys.reserve(nk);
-  for (int64_t k = 0; k < nk; ++k) ys.push_back(project(lowres[k], weights[k], nhwc));
+  for (int64_t k = 0; k < nk; ++k) ys.push_back(fuse_project_cpu(lowres[k], weights[k], nhwc));
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const float* bias_p = bias.defined() ? bias.data_ptr<float>() : nullptr;
 

@@ -130,6 +130,49 @@ struct ConvGemmTask {
   int64_t nsegs = 0;
 };
 using ConvGemmFn = void (*)(const ConvGemmTask&);
+
+// seg_head (seg_head_core.h, csrc/cpu/seg_head.cpp): a low-res input's bilinear taps along one axis, for
+// one output row or column: its two source rows (columns) as offsets in floats within an image (a row)
+// of the input's projection, and their weights.
+struct SegHeadTap {
+  int64_t i0, i1;
+  float l0, l1;
+};
+// A low-res input of seg_head: its projection conv1x1(lowres[k], weights[k]), NHWC [n][hk][wk][C] (C the
+// base conv's output channels), `image` floats an image, and its taps for each output row and column.
+struct SegHeadInput {
+  const float* y;
+  int64_t image;
+  const SegHeadTap* rows;
+  const SegHeadTap* cols;
+};
+// Low-res inputs a seg_head call takes at most (a segmentation HRNet has one to three).
+constexpr int64_t kSegHeadMaxInputs = 8;
+// Output pixels [r0, r1) of seg_head: g the base 1x1 conv (x [n][h][w][cin] -> C = g.cout channels, its
+// weight w as rows [cin] of ldw floats, its bias), the inputs, the classifier (weight wc as rows [C] of
+// ldwc floats, `classes` outputs, bias_c or null) into out, [n][h][w][classes] or planar
+// [n][classes][h][w]; abuf, cbuf, obuf the calling thread's kMr x cin, kMr x C and kMr x classes floats
+// (C and classes rounded up to 16).
+struct SegHeadTask {
+  const ConvGemmGeometry* g;
+  const float* x;
+  const float* w;
+  int64_t ldw;
+  const float* bias;
+  const SegHeadInput* inputs;
+  int64_t ninputs;
+  const float* wc;
+  int64_t ldwc;
+  const float* bias_c;
+  int64_t classes;
+  float* out;
+  bool out_planar;
+  float* abuf;
+  float* cbuf;
+  float* obuf;
+  int64_t r0, r1;
+};
+using SegHeadFn = void (*)(const SegHeadTask&);
 // The convs conv_gemm takes: at least kConvGemmMinCin input channels and at most kConvGemmMaxK taps x
 // input channels (K). Against oneDNN with its packed weight (2 threads, batch 1 and 8, 2026-11-27):
 // W32's convs with K <= 576 (the fusions' strided 3x3 from 32 and 64 channels, the stem's second conv,
@@ -166,6 +209,7 @@ struct WinogradKernels {
   ConvGemmFn conv_gemm;
   ConvGemmFn conv_few_cin;  // ConvGemmTask's r0, r1: output rows of n x ho, not pixels
   ConvGemmFn conv_gemm_cols_gather, conv_gemm_cols, conv_gemm_cols_sum;  // weight-bound convs (conv_gemm_cols_core.h)
+  SegHeadFn seg_head;  // the segmentation head (seg_head_core.h)
 };
 
 // One per csrc/cpu/isa/winograd_<isa>.cpp; null members where the build has no such variant

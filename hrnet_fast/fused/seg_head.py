@@ -7,7 +7,9 @@ concatenation is the sum of 1x1 convs over its parts, and a 1x1 conv commutes wi
     conv_bias_act(x0, W[:, :C0], bias)                      the base, at full resolution, no ReLU
     fuse_multi_res(base, [x1..], [W slices], ReLU, bilinear) the other branches' terms at low resolution
     conv_bias_act(., final conv)                            the classifier
-so no upsampled branch and no concatenation is ever written.
+so no upsampled branch and no concatenation is ever written. On the cpu backend, with a 1x1 classifier, the
+three are one op (torch.ops.hrnet_fast.seg_head, csrc/cpu/seg_head.cpp), which takes 6 output pixels at a
+time from the branches to the classes: the sum's channels (720 for HRNetV2) are not written either.
 
 How a model's forward comes to call it (`install_seg_head`): our reference SegHighResolutionNet's
 forward hands the branches to a head that says `takes_branches`; for any other model with the official
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hrnet_fast import _extension
 from hrnet_fast.fused.blocks import fused_conv
 from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.folding import FOLDABLE_BN, fold_conv_bn
@@ -27,6 +30,8 @@ from hrnet_fast.fused.hr_module import PROBE_RTOL, probe_error
 from hrnet_fast.ops import _backend
 from hrnet_fast.reference.hrnet import hrnet_branches
 
+# kSegHeadMaxInputs (csrc/cpu/winograd_isa.h)
+_SEG_HEAD_MAX_INPUTS = 8
 _STAGES = (("transition1", "stage2"), ("transition2", "stage3"), ("transition3", "stage4"))
 
 
@@ -68,12 +73,25 @@ class FusedSegHead(nn.Module):
             self.register_buffer(f"w_{k}", w[:, edges[k + 1] : edges[k + 2], 0, 0].contiguous())
         self.classifier = fused_conv(final, None, False, backend)
         self._fuse = _backend.kernel("fuse_multi_res", backend)
+        # the cpu backend's one op, where the classifier is a plain 1x1 conv (HRNetV2's FINAL_CONV_KERNEL 1)
+        self.one_op = (
+            backend == "cpu" and final.kernel_size == (1, 1) and final.stride == (1, 1) and final.dilation == (1, 1)
+            and final.padding in ((0, 0), 0) and self.n_low <= _SEG_HEAD_MAX_INPUTS
+            and _extension.has_kernel("seg_head", "CPU")
+        )
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("one_op", False)  # absent from states saved before the seg_head op
         super().__setstate__(state)
         self._fuse = _backend.kernel("fuse_multi_res", self.backend)
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        if self.one_op and self._one_op_takes(x[0]):
+            base, classifier = self.base._buffers, self.classifier._buffers
+            weights = [getattr(self, f"w_{k}") for k in range(self.n_low)]
+            return torch.ops.hrnet_fast.seg_head(
+                x[0], list(x[1 : 1 + self.n_low]), base["weight"], base["bias"], weights, classifier["weight"],
+                classifier["bias"], self.align_corners)
         s = self.base(x[0])
         if self.n_low:
             weights = [getattr(self, f"w_{k}") for k in range(self.n_low)]
@@ -81,6 +99,15 @@ class FusedSegHead(nn.Module):
         else:
             s = torch.relu(s)
         return self.classifier(s)
+
+
+    def _one_op_takes(self, x: torch.Tensor) -> bool:
+        """Whether seg_head runs this call: float32 weights and input (else the convs' own paths say
+        what the cpu backend runs), nothing to differentiate (the convs refuse that clearly)."""
+        return (
+            x.dtype == torch.float32 and self.base._buffers["weight"].dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
 
 
 def head_reference(last_layer: nn.Module, y: list[torch.Tensor], align_corners: bool) -> torch.Tensor:

@@ -232,6 +232,30 @@ def _fuse_multi_res_backward(ctx, grad):
     return (grad, grad_lowres, grad_weights, grad_bias, None, None, None)[: len(ctx.needs_input_grad)]
 
 
+# ---- seg_head: the segmentation HRNet's head in one op (csrc/cpu/seg_head.cpp), inference only --------
+
+
+def seg_head_fake(x, lowres, weight, bias, weights, classifier, classifier_bias, align_corners):
+    """seg_head's fake: [N, classes, H, W] in x's memory format; the shapes checked as the kernel does."""
+    same_device("hrnet_fast::seg_head", [("x", x), ("weight", weight), ("bias", bias), ("classifier", classifier),
+                                         ("classifier_bias", classifier_bias)]
+                + [(f"lowres[{k}]", t) for k, t in enumerate(lowres)] + [(f"weights[{k}]", t) for k, t in enumerate(weights)])
+    check_4d("x", x)
+    for name, w, cin in (("weight", weight, x.shape[1]), ("classifier", classifier, weight.shape[0])):
+        if w.dim() != 4 or w.shape[1] != cin or tuple(w.shape[2:]) != (1, 1):
+            raise ValueError(f"{name} must be a 1x1 conv weight [C_out, {cin}, 1, 1], got shape {tuple(w.shape)}")
+    n, c = x.shape[0], weight.shape[0]
+    check_bias(bias, c)
+    check_paired(lowres, weights)
+    for k, (t, w) in enumerate(zip(lowres, weights)):
+        if t.dim() != 4 or t.shape[0] != n or 0 in t.shape[2:]:
+            raise ValueError(f"lowres[{k}] must be 4-D [{n}, C_k, H_k, W_k] (x's batch, a non-empty image), got shape {tuple(t.shape)}")
+        if not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))) or tuple(w.shape[:2]) != (c, t.shape[1]):
+            raise ValueError(f"weights[{k}] must have shape ({c}, {t.shape[1]}) or ({c}, {t.shape[1]}, 1, 1), got {tuple(w.shape)}")
+    check_bias(classifier_bias, classifier.shape[0])
+    return x.new_empty(x.shape[0], classifier.shape[0], *x.shape[2:]).contiguous(memory_format=suggest_memory_format(x))
+
+
 # ---- registration -----------------------------------------------------------------------------
 
 # op -> (fake, setup_context, backward), for every op with that op's schema (compiled or Triton)
@@ -258,3 +282,4 @@ if _extension.is_built():
     register("hrnet_fast::fuse_multi_res", "fuse_multi_res")
     torch.library.register_fake("hrnet_fast::conv_bias_act_into")(conv_bias_act_into_fake)  # inference only: no autograd
     torch.library.register_fake("hrnet_fast::conv_bias_act_split")(conv_bias_act_split_fake)  # the same
+    torch.library.register_fake("hrnet_fast::seg_head")(seg_head_fake)  # the same

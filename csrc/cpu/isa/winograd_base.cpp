@@ -9,11 +9,12 @@
 #include "cpu/conv_gemm_core.h"
 #include "cpu/conv_few_cin_core.h"
 #include "cpu/conv_gemm_cols_core.h"
+#include "cpu/seg_head_core.h"
 
 namespace hrnet_fast {
 WinogradKernels winograd_kernels_base() {
   using namespace isa_base;
   return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv_gemm_rows,
-          &conv_few_cin_rows, &conv_gemm_cols_gather, &conv_gemm_cols, &conv_gemm_cols_sum};
+          &conv_few_cin_rows, &conv_gemm_cols_gather, &conv_gemm_cols, &conv_gemm_cols_sum, &seg_head_rows};
 }
 }  // namespace hrnet_fast

@@ -26,17 +26,18 @@ HF_TARGET_BEGIN(HF_ISA_TARGET)
 #include "cpu/conv_gemm_core.h"
 #include "cpu/conv_few_cin_core.h"
 #include "cpu/conv_gemm_cols_core.h"
+#include "cpu/seg_head_core.h"
 HF_TARGET_END
 
 namespace hrnet_fast {
 WinogradKernels HF_ISA_ENTRY() {
   using namespace HF_ISA_NS;
   return {&winograd_task<2>, &winograd_task<4>, &weight_transform<2>, &weight_transform<4>, kGemmPanels, &conv_gemm_rows,
-          &conv_few_cin_rows, &conv_gemm_cols_gather, &conv_gemm_cols, &conv_gemm_cols_sum};
+          &conv_few_cin_rows, &conv_gemm_cols_gather, &conv_gemm_cols, &conv_gemm_cols_sum, &seg_head_rows};
 }
 }  // namespace hrnet_fast
 #else
 namespace hrnet_fast {
-WinogradKernels HF_ISA_ENTRY() { return {nullptr, nullptr, nullptr, nullptr, 1, nullptr, nullptr, nullptr, nullptr, nullptr}; }  // not an x86-64 build: no such variant
+WinogradKernels HF_ISA_ENTRY() { return {nullptr, nullptr, nullptr, nullptr, 1, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}; }  // not an x86-64 build: no such variant
 }  // namespace hrnet_fast
 #endif
