@@ -100,7 +100,6 @@ class FusedSegHead(nn.Module):
             s = torch.relu(s)
         return self.classifier(s)
 
-
     def _one_op_takes(self, x: torch.Tensor) -> bool:
         """Whether seg_head runs this call: float32 weights and input (else the convs' own paths say
         what the cpu backend runs), nothing to differentiate (the convs refuse that clearly)."""
