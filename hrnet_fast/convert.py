@@ -3,7 +3,7 @@
 Recognises structure, not class names, so the official pose and segmentation HRNets, timm's hrnet_w*
 and MMPose's backbone all convert: HR modules (branches, fuse_layers, num_branches; nearest or
 bilinear fusion, the mode read off the modules or probed: fused/hr_module.py), the segmentation head
-(fused/seg_head.py), residual blocks
+(fused/seg_head.py; mmsegmentation's FCNHead in HRNetV2's form: fused/mmseg_head.py), residual blocks
 (conv1/bn1/conv2/bn2[/conv3/bn3][, downsample]), Sequential(Conv2d, BatchNorm2d[, ReLU]), conv{k}/bn{k}
 attribute pairs (stems), and any other plain Conv2d (heads). A ReLU module the forward calls only
 right after such folded pairs (the pose stems' `relu`, found by tracing the forward with torch.fx)
@@ -26,6 +26,7 @@ from hrnet_fast.fused.conv import FusedConv, planar_output
 from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
 from hrnet_fast.fused.hr_stage import FusedHRStage
+from hrnet_fast.fused.mmseg_head import convert_mmseg_heads
 from hrnet_fast.fused.seg_head import FusedSegHead, SegForward, has_seg_structure, probe_seg_align_corners, why_not_seg_head
 from hrnet_fast.graphs import CUDAGraphForward
 from hrnet_fast.ops import _backend
@@ -384,6 +385,7 @@ def optimize(
     stem, head = io_convs(fused, graph) if chosen == "cpu" else (None, None)
     with torch.no_grad():
         converter.convert_seg_head(fused)
+        converter.skipped += convert_mmseg_heads(fused, chosen)  # mmsegmentation's FCNHead in HRNetV2's form
         fused = converter.convert(fused, "")
         _fold_relus(fused, relus)
         if chosen == "cpu":

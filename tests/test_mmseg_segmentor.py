@@ -1,0 +1,184 @@
+"""optimize() on mmsegmentation's whole HRNet segmentors: EncoderDecoder with the HRNetV2 FCNHead of its
+fcn_hr18 and fcn_hr48 configs (hrnet_fast/fused/mmseg_head.py), against eager within 1e-4 of its largest
+value, the same layout and NaNs, nothing left unfused; the segmentor's `predict` runs the fused head too;
+a head not in HRNetV2's form is left as it is and listed.
+
+Imported as tests/test_mmseg.py imports mmseg's HRNet (its docstring says why), plus what the decode head
+and the segmentor import: the packages `mmseg.utils` (its __init__ imports a CLIP tokenizer that needs
+ftfy), `mmseg.models.losses` (focal loss needs the compiled mmcv.ops, Hausdorff scipy), `decode_heads` and
+`segmentors` are created without running their __init__, and the names the real files take from them
+bound from the real modules that define them (typing_utils, misc, accuracy).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import hrnet_fast
+from hrnet_fast.fused.mmseg_head import MMSegHeadForward
+from hrnet_fast.fused.seg_head import FusedSegHead
+
+from conftest import randomize_openmmlab
+from test_mmseg import CONFIGS, FCN_HR18, FCN_HR48, MMSEG_DIR, MODELS, TOL, _package  # noqa: F401 (imports mmseg's HRNet)
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
+
+
+def _import_segmentor() -> None:
+    """FCNHead, CrossEntropyLoss, SegDataPreProcessor and EncoderDecoder registered, as shipped (docstring)."""
+    utils = _package("mmseg.utils", MMSEG_DIR / "utils")
+    for name in ("typing_utils", "misc"):
+        module = importlib.import_module(f"mmseg.utils.{name}")
+        for key in getattr(module, "__all__", None) or [k for k in dir(module) if not k.startswith("_")]:
+            setattr(utils, key, getattr(module, key))
+    models = MMSEG_DIR / "models"
+    losses = _package("mmseg.models.losses", models / "losses")
+    losses.accuracy = importlib.import_module("mmseg.models.losses.accuracy").accuracy
+    importlib.import_module("mmseg.models.losses.cross_entropy_loss")
+    _package("mmseg.models.decode_heads", models / "decode_heads")
+    importlib.import_module("mmseg.models.decode_heads.fcn_head")
+    _package("mmseg.models.segmentors", models / "segmentors")
+    importlib.import_module("mmseg.models.data_preprocessor")
+    importlib.import_module("mmseg.models.segmentors.encoder_decoder")
+
+
+_import_segmentor()
+
+
+@functools.lru_cache(maxsize=None)
+def _model_cfg(config: str):  # noqa: ANN202  (mmengine's ConfigDict: the segmentor reads test_cfg.mode)
+    cfg = Config.fromfile(CONFIGS / config).model
+    assert cfg["type"] == "EncoderDecoder" and cfg["decode_head"]["type"] == "FCNHead"
+    return cfg
+
+
+def _build(config: str, align_corners: bool | None = None, seed: int = 0, **head) -> nn.Module:
+    """The config's whole segmentor through mmseg's registry, eval mode, random weights (as test_mmseg._build)."""
+    cfg = copy.deepcopy(_model_cfg(config))
+    cfg.pop("pretrained", None)  # a checkpoint to download: the weights are random here
+    cfg["decode_head"].update(head)
+    if align_corners is not None:
+        cfg["decode_head"]["align_corners"] = align_corners
+    torch.manual_seed(seed)
+    # the config names its data preprocessor by its name in mmseg's scope; only for this build (a default
+    # scope left set would make MMPose's tests build mmseg's HRNet)
+    with warnings.catch_warnings(), DefaultScope.overwrite_default_scope("mmseg"):
+        warnings.simplefilter("ignore")  # mmseg's own notes on its loss defaults
+        model = MODELS.build(cfg)
+    return randomize_openmmlab(model, seed)
+
+
+def _optimize(model: nn.Module, backend: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be left unfused
+        return hrnet_fast.optimize(model, backend=backend, strict=True)
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.stride() == ref.stride()
+    finite = ~ref.isnan()
+    assert torch.equal(out.isnan(), ~finite)
+    err = (out[finite] - ref[finite]).abs().max().item() / ref[finite].abs().max().item()
+    assert err <= TOL, err
+
+
+@pytest.mark.filterwarnings("ignore:When align_corners=True")  # mmseg's resize, in the eager forward
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize(
+    "config,shape,align_corners",
+    [
+        pytest.param(FCN_HR18, (1, 3, 64, 96), None, id="hr18-64x96"),
+        # no multiple of 32 (branches 18x23, 9x12, 5x6, 3x3), two images, the head's align_corners True
+        pytest.param(FCN_HR18, (2, 3, 70, 90), True, id="hr18-2x70x90-ac1"),
+        pytest.param(FCN_HR48, (1, 3, 64, 128), None, id="hr48-64x128"),
+    ],
+)
+def test_optimize_matches_the_eager_segmentor(config, shape, align_corners, backend):
+    model = _build(config, align_corners)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    fast = _optimize(model, backend)
+    with torch.no_grad():
+        ref = model(x)  # mode="tensor": the decode head's logits
+        for _ in range(4):  # the cpu backend: caches on the first call, a CPU-graph replay from the fourth
+            _assert_close(fast(x), ref)
+    assert fast.hrnet_fast_skipped == []
+    assert not any(isinstance(m, _BatchNorm) for m in fast.modules())
+    head = fast.decode_head
+    assert isinstance(head.forward, MMSegHeadForward) and isinstance(head.hrnet_fast_head, FusedSegHead)
+    assert not hasattr(head, "convs") and not hasattr(head, "conv_seg")  # folded into the fused head
+    assert head.hrnet_fast_head.align_corners == model.decode_head.align_corners
+    if backend == "cpu":
+        assert head.hrnet_fast_head.one_op
+
+
+def test_predict_runs_the_fused_head():
+    model = _build(FCN_HR18)
+    fast = _optimize(model, "cpu")
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    calls = []
+    forward = fast.decode_head.forward
+    fast.decode_head.forward = lambda inputs: calls.append(1) or forward(inputs)
+    with torch.no_grad():
+        want, got = model.predict(x), fast.predict(x)
+    assert len(calls) == 1 and len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        _assert_close(g.seg_logits.data, w.seg_logits.data)
+        assert g.pred_sem_seg.data.shape == w.pred_sem_seg.data.shape == (1, 64, 96)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_same_nans_as_eager(backend):
+    """NaN and inf in branch 0 at the head. mmseg resizes branch 0 to its own size too, and aten's bilinear
+    blend makes an inf NaN there; the fused head resizes it the same way. The head's weights (and BN's
+    scale) made positive, so that without that resize the inf would reach the logits as +inf, not NaN."""
+    model = _build(FCN_HR18)
+    for m in (model.decode_head.convs[0].conv, model.decode_head.convs[0].bn, model.decode_head.conv_seg):
+        m.weight.data.abs_()
+    fast = _optimize(model, backend)
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(1, c, 16 >> k, 24 >> k, generator=g) for k, c in enumerate((18, 36, 72, 144))]
+    inputs[0][0, 5, 7, 9] = float("nan")
+    inputs[0][0, 3, 2, 3] = float("inf")
+    with torch.no_grad():
+        ref = model.decode_head.forward(inputs)
+        out = fast.decode_head.forward([t.contiguous(memory_format=torch.channels_last) for t in inputs]
+                                       if backend == "cpu" else inputs)
+    assert ref[0, :, 2, 3].isnan().all() and ref[0, :, 7, 9].isnan().all()
+    assert torch.equal(out.isnan(), ref.isnan()) and not out.isinf().any()
+    finite = ~ref.isnan()
+    assert (out[finite] - ref[finite]).abs().max() <= TOL * ref[finite].abs().max()
+
+
+def test_a_head_in_another_form_is_left_and_listed():
+    model = _build(FCN_HR18, num_convs=2, kernel_size=3)  # two 3x3 ConvModules
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = hrnet_fast.optimize(model, backend="torch")
+    assert ("decode_head", "decode head left as it is: not the HRNetV2 form (input_transform='resize_concat', "
+            "num_convs=1, concat_input=False)") in fast.hrnet_fast_skipped
+    assert "forward" not in fast.decode_head.__dict__ and hasattr(fast.decode_head, "convs")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _assert_close(fast(x), model(x))
+    with pytest.raises(hrnet_fast.convert.ConversionError, match="decode head left as it is"):
+        hrnet_fast.optimize(model, backend="torch", strict=True)
+
+
+def test_optimized_segmentor_copies_and_pickles():
+    model = _build(FCN_HR18)
+    fast = _optimize(model, "cpu")
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = fast(x)
+        for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            assert other.decode_head.forward.head is other.decode_head
+            _assert_close(other(x), ref)
