@@ -197,3 +197,16 @@ def test_a_3x3_classifier_keeps_the_three_ops():
         ops = _ops(lambda: fused(x))
     assert "hrnet_fast::seg_head" not in ops
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_torch_compile_fullgraph_runs_the_one_op():
+    model = randomize_bn(tiny_seg_hrnet(align_corners=False)).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu")
+    compiled = torch.compile(fused, fullgraph=True)  # through seg_head's fake kernel
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        out, ref = compiled(x), model(x)
+        ops = _ops(lambda: compiled(x))
+    assert ops.count("hrnet_fast::seg_head") == 1
+    assert out.shape == ref.shape and out.stride() == ref.stride()
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
