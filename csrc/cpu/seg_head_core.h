@@ -37,36 +37,22 @@ inline vf8 seg_head_terms(vf8 v, const SegHeadSources* s, int64_t q) {
 // Row i of the group, output pixel p: C[i] = relu(C[i] + bias + sum_k blend_k), the inputs in order
 // (the reference's: ((base + bias) + y_0) + y_1 ..., then the ReLU; torch.relu keeps NaN), each term
 // fuse_blend's expression (kernels/fuse_multi_res.h): ly0 (lx0 a + lx1 b) + ly1 (lx0 d + lx1 e).
+// K < 0: any number of inputs (t.ninputs), a vector of channels at a time through all of them.
 template <int K>
 void seg_head_sum_k(const SegHeadTask& t, const SegHeadSources* s, float* c) {
-  const int64_t cout = t.g->cout, whole = cout / 8 * 8;
+  const int64_t cout = t.g->cout, whole = cout / 8 * 8, inputs = K < 0 ? t.ninputs : K;
   for (int64_t q = 0; q < whole; q += 8) {
-    vf8 v = seg_head_terms<K>(load8(c + q) + load8(t.bias + q), s, q);
+    vf8 v = load8(c + q) + load8(t.bias + q);
+    if constexpr (K >= 0)
+      v = seg_head_terms<K>(v, s, q);
+    else
+      for (int64_t k = 0; k < inputs; ++k) v = seg_head_terms<1>(v, s + k, q);
     v = v < 0.f ? vf8{} : v;
     std::memcpy(c + q, &v, sizeof(v));
   }
   for (int64_t q = whole; q < cout; ++q) {  // the channels past the last whole vector, one at a time
     float v = c[q] + t.bias[q];
-    for (int k = 0; k < (K < 0 ? t.ninputs : K); ++k)
-      v += s[k].ly0 * (s[k].lx0 * s[k].a[0][q] + s[k].lx1 * s[k].a[1][q]) +
-           s[k].ly1 * (s[k].lx0 * s[k].a[2][q] + s[k].lx1 * s[k].a[3][q]);
-    c[q] = v < 0.f ? 0.f : v;
-  }
-}
-
-// Any number of inputs: a vector of channels at a time through all of them.
-template <>
-void seg_head_sum_k<-1>(const SegHeadTask& t, const SegHeadSources* s, float* c) {
-  const int64_t cout = t.g->cout, whole = cout / 8 * 8;
-  for (int64_t q = 0; q < whole; q += 8) {
-    vf8 v = load8(c + q) + load8(t.bias + q);
-    for (int64_t k = 0; k < t.ninputs; ++k) v = seg_head_terms<1>(v, s + k, q);
-    v = v < 0.f ? vf8{} : v;
-    std::memcpy(c + q, &v, sizeof(v));
-  }
-  for (int64_t q = whole; q < cout; ++q) {
-    float v = c[q] + t.bias[q];
-    for (int64_t k = 0; k < t.ninputs; ++k)
+    for (int64_t k = 0; k < inputs; ++k)
       v += s[k].ly0 * (s[k].lx0 * s[k].a[0][q] + s[k].lx1 * s[k].a[1][q]) +
            s[k].ly1 * (s[k].lx0 * s[k].a[2][q] + s[k].lx1 * s[k].a[3][q]);
     c[q] = v < 0.f ? 0.f : v;
