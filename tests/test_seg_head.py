@@ -17,7 +17,7 @@ from hrnet_fast import _extension
 from hrnet_fast.fused.seg_head import FusedSegHead
 from hrnet_fast.reference import tiny_seg_hrnet
 
-from conftest import randomize_bn
+from conftest import in_threads, randomize_bn
 from test_cpu_isa import VARIANTS, _runs_here
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("seg_head", "CPU"), reason="needs the compiled extension")
@@ -98,6 +98,28 @@ def test_same_nans_as_the_reference(isa, where):
     assert torch.equal(out.isnan(), want.isnan()) and out.isnan().any()
     finite = ~want.isnan()
     torch.testing.assert_close(out.double()[finite], want[finite], rtol=0, atol=2e-6 * (1 + want[finite].abs().max().item()))
+
+
+def test_the_same_bits_on_any_thread_count(isa):
+    """Every output pixel is one task's, computed in one order: the thread count changes no bit (teams that
+    divide the 6-pixel groups unevenly too). Called from several Python threads at once as well."""
+    args = _case(2, 48, 13, 27, 720, 19, [(96, 7, 14), (192, 4, 7), (384, 2, 4)])
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3, 5, 8):
+            torch.set_num_threads(threads)
+            outs.append(seg_head(*args, False))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    results = [None] * 3
+
+    def work(k: int) -> None:
+        results[k] = seg_head(*args, False)
+
+    in_threads(work, 3)
+    assert all(torch.equal(r, outs[0]) for r in results)
 
 
 def test_empty_batch():
