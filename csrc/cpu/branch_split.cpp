@@ -90,6 +90,9 @@ std::vector<int64_t> solve(const std::vector<BranchShape>& branches, int64_t thr
 
 }  // namespace
 
+// Splits model_split remembers at most (a model's modules, input sizes and thread counts: a few dozen).
+constexpr size_t kMaxKnownSplits = 4096;
+
 std::vector<int64_t> model_split(const std::vector<BranchShape>& branches, int64_t threads) {
   // the plans depend on the shapes, the thread counts, the CPU's kernels and the plan's switches
   std::vector<int64_t> key = {threads, static_cast<int64_t>(active_cpu_isa()), winograd_plan_switches()};
@@ -99,7 +102,12 @@ std::vector<int64_t> model_split(const std::vector<BranchShape>& branches, int64
   static std::map<std::vector<int64_t>, std::vector<int64_t>> known;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = known.find(key);
-  if (it == known.end()) it = known.emplace(key, solve(branches, threads)).first;
+  if (it == known.end()) {
+    // a server fed images of ever new sizes would otherwise keep a split per size forever; a split is
+    // solved again in microseconds, so past the bound all are forgotten at once
+    if (known.size() >= kMaxKnownSplits) known.clear();
+    it = known.emplace(key, solve(branches, threads)).first;
+  }
   return it->second;
 }
 
