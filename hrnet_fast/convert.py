@@ -21,7 +21,9 @@ from torch._prims_common import suggest_memory_format
 from torch.utils._pytree import tree_map
 
 from hrnet_fast.cpu_graphs import CPUGraphForward
-from hrnet_fast.fused.blocks import ChunkedStage, FusedBlock, block_depth, conv_bn_pair, fused_conv, why_not_block
+from hrnet_fast.fused.blocks import (
+    ChunkedStage, FusedBlock, block_depth, conv_bn_pair, conv_module_parts, fused_conv, why_not_block,
+)
 from hrnet_fast.fused.conv import FusedConv, planar_output
 from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
@@ -125,7 +127,7 @@ class _Converter:
             if why is None:
                 return FusedBlock(m, self.backend)
             self.skipped.append((name, why))
-        pair = conv_bn_pair(m)
+        pair = conv_bn_pair(m) or conv_module_parts(m)
         if pair is not None and _why_not_fusable_conv(pair[0]) is None:
             return fused_conv(*pair, self.backend)
         if isinstance(m, nn.Conv2d):

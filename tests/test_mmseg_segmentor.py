@@ -15,6 +15,7 @@ import copy
 import functools
 import importlib
 import pickle
+import sys
 import warnings
 
 import pytest
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import hrnet_fast
+from hrnet_fast.fused.conv import FusedConv
 from hrnet_fast.fused.mmseg_head import MMSegHeadForward
 from hrnet_fast.fused.seg_head import FusedSegHead
 
@@ -44,11 +46,16 @@ def _import_segmentor() -> None:
     losses = _package("mmseg.models.losses", models / "losses")
     losses.accuracy = importlib.import_module("mmseg.models.losses.accuracy").accuracy
     importlib.import_module("mmseg.models.losses.cross_entropy_loss")
+    # OCRHead's attention block, from the package whose __init__ test_mmseg does not run either
+    sys.modules["mmseg.models.utils"].SelfAttentionBlock = importlib.import_module(
+        "mmseg.models.utils.self_attention_block").SelfAttentionBlock
     _package("mmseg.models.decode_heads", models / "decode_heads")
     importlib.import_module("mmseg.models.decode_heads.fcn_head")
+    importlib.import_module("mmseg.models.decode_heads.ocr_head")
     _package("mmseg.models.segmentors", models / "segmentors")
     importlib.import_module("mmseg.models.data_preprocessor")
     importlib.import_module("mmseg.models.segmentors.encoder_decoder")
+    importlib.import_module("mmseg.models.segmentors.cascade_encoder_decoder")
 
 
 _import_segmentor()
@@ -57,7 +64,7 @@ _import_segmentor()
 @functools.lru_cache(maxsize=None)
 def _model_cfg(config: str):  # noqa: ANN202  (mmengine's ConfigDict: the segmentor reads test_cfg.mode)
     cfg = Config.fromfile(CONFIGS / config).model
-    assert cfg["type"] == "EncoderDecoder" and cfg["decode_head"]["type"] == "FCNHead"
+    assert cfg["type"] in ("EncoderDecoder", "CascadeEncoderDecoder")
     return cfg
 
 
@@ -65,7 +72,8 @@ def _build(config: str, align_corners: bool | None = None, seed: int = 0, **head
     """The config's whole segmentor through mmseg's registry, eval mode, random weights (as test_mmseg._build)."""
     cfg = copy.deepcopy(_model_cfg(config))
     cfg.pop("pretrained", None)  # a checkpoint to download: the weights are random here
-    cfg["decode_head"].update(head)
+    if head:
+        cfg["decode_head"].update(head)
     if align_corners is not None:
         cfg["decode_head"]["align_corners"] = align_corners
     torch.manual_seed(seed)
@@ -159,19 +167,45 @@ def test_same_nans_as_eager(backend):
     assert (out[finite] - ref[finite]).abs().max() <= TOL * ref[finite].abs().max()
 
 
-def test_a_head_in_another_form_is_left_and_listed():
-    model = _build(FCN_HR18, num_convs=2, kernel_size=3)  # two 3x3 ConvModules
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fast = hrnet_fast.optimize(model, backend="torch")
-    assert ("decode_head", "decode head left as it is: not the HRNetV2 form (input_transform='resize_concat', "
-            "num_convs=1, concat_input=False)") in fast.hrnet_fast_skipped
-    assert "forward" not in fast.decode_head.__dict__ and hasattr(fast.decode_head, "convs")
+OCRNET_HR18 = "ocrnet/ocrnet_hr18_4xb2-40k_cityscapes-512x1024.py"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_ocrnet_segmentor(backend):
+    """OCRNet (CascadeEncoderDecoder): its first head an FCNHead in HRNetV2's form, fused as one; its
+    OCRHead (a 3x3 ConvModule on the concatenated branches, attention built of 1x1 ConvModules) keeps its
+    forward, each ConvModule one fused conv (the 3x3 Winograd on the cpu backend)."""
+    model = _build(OCRNET_HR18)
+    assert [type(h).__name__ for h in model.decode_head] == ["FCNHead", "OCRHead"]
+    fast = _optimize(model, backend)
+    assert fast.hrnet_fast_skipped == [] and not any(isinstance(m, _BatchNorm) for m in fast.modules())
+    fcn, ocr = fast.decode_head
+    assert isinstance(fcn.forward, MMSegHeadForward) and "forward" not in ocr.__dict__
+    assert isinstance(ocr.bottleneck, FusedConv) and ocr.bottleneck.relu
+    assert not any(type(m).__name__ == "ConvModule" for m in fast.modules())
+    if backend == "cpu":
+        assert ocr.bottleneck._winograd
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(x)
+        for _ in range(4):
+            _assert_close(fast(x), ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_head_in_another_form_keeps_its_structure_its_convmodules_folded(backend):
+    """Two 3x3 ConvModules and concat_input: no HRNetV2 head, so its forward stays; each ConvModule (conv,
+    BN, ReLU) is one fused conv like any other, nothing is listed, and the outputs are eager's."""
+    model = _build(FCN_HR18, num_convs=2, kernel_size=3, concat_input=True)
+    fast = _optimize(model, backend)
+    head = fast.decode_head
+    assert "forward" not in head.__dict__ and not hasattr(head, "hrnet_fast_head")
+    assert all(isinstance(m, FusedConv) for m in (*head.convs, head.conv_cat, head.conv_seg))
+    assert [m.relu for m in (*head.convs, head.conv_cat, head.conv_seg)] == [True, True, True, False]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        _assert_close(fast(x), model(x))
-    with pytest.raises(hrnet_fast.convert.ConversionError, match="decode head left as it is"):
-        hrnet_fast.optimize(model, backend="torch", strict=True)
+        for _ in range(2):
+            _assert_close(fast(x), model(x))
 
 
 def test_optimized_segmentor_copies_and_pickles():
@@ -183,3 +217,61 @@ def test_optimized_segmentor_copies_and_pickles():
         for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
             assert other.decode_head.forward.head is other.decode_head
             _assert_close(other(x), ref)
+
+
+def test_a_model_the_probe_cannot_run_is_listed():
+    """The branches' channels come from a probe forward on an image: a model whose forward takes more
+    keeps its FCNHead's structure (its ConvModule still folded), listed with the probe's error."""
+
+    class Scaled(nn.Module):
+        def __init__(self, seg: nn.Module):
+            super().__init__()
+            self.seg = seg
+
+        def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.seg(x * scale)
+
+    model = Scaled(_build(FCN_HR18)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = hrnet_fast.optimize(model, backend="cpu")
+    [(name, why)] = fast.hrnet_fast_skipped
+    assert name == "seg.decode_head" and "a 1x3x70x90 probe of the model failed: TypeError" in why
+    assert isinstance(fast.seg.decode_head.convs[0], FusedConv) and "forward" not in fast.seg.decode_head.__dict__
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _assert_close(fast(x, 0.5), model(x, 0.5))
+    with pytest.raises(hrnet_fast.ConversionError, match="probe of the model failed"):
+        hrnet_fast.optimize(model, backend="cpu", strict=True)
+
+
+def _conv_module(**kwargs) -> nn.Module:
+    from mmcv.cnn import ConvModule
+
+    return ConvModule(8, 16, 3, padding=1, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,folded,relu",
+    [
+        (dict(norm_cfg=dict(type="BN")), True, True),
+        (dict(norm_cfg=dict(type="BN"), act_cfg=None), True, False),
+        (dict(), True, True),  # no norm: the conv's own bias
+        (dict(norm_cfg=dict(type="BN"), act_cfg=dict(type="GELU")), False, None),  # not a ReLU
+        (dict(norm_cfg=dict(type="BN"), order=("norm", "conv", "act")), False, None),  # BN before the conv
+    ],
+)
+def test_mmcv_convmodule_folds_where_it_is_conv_bn_relu(kwargs, folded, relu):
+    torch.manual_seed(0)
+    model = randomize_openmmlab(nn.Sequential(_conv_module(**kwargs), nn.Conv2d(16, 4, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = hrnet_fast.optimize(model, backend="cpu")
+    assert isinstance(fast[0], FusedConv) == folded
+    if folded:
+        assert fast[0].relu == relu and fast.hrnet_fast_skipped == []
+    else:
+        assert fast.hrnet_fast_skipped  # its BN left unfolded, and said so
+    x = torch.randn(2, 8, 10, 12)
+    with torch.no_grad():
+        _assert_close(fast(x), model(x))

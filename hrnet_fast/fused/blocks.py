@@ -61,6 +61,28 @@ def conv_bn_pair(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, bool] 
     return m[0], bn, relu
 
 
+# mmcv's ConvModule (the OpenMMLab heads' conv, norm, activation), by module and class name: a subclass may
+# do anything in its forward
+CONV_MODULES = frozenset({("mmcv.cnn.bricks.conv_module", "ConvModule")})
+
+
+def conv_module_parts(m: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, bool] | None:
+    """(conv, bn, relu) when `m` is mmcv's ConvModule run in the order conv, norm, act with a plain Conv2d
+    (no padding layer of its own, no spectral norm), a foldable BN or none, and a ReLU or no activation;
+    else None."""
+    if (type(m).__module__, type(m).__qualname__) not in CONV_MODULES:
+        return None
+    if tuple(m.order) != ("conv", "norm", "act") or m.with_explicit_padding or m.with_spectral_norm:
+        return None
+    bn = getattr(m, m.norm_name) if m.with_norm else None
+    act = m.activate if m.with_activation else None
+    if type(m.conv) is not nn.Conv2d or (m.with_norm and not isinstance(bn, FOLDABLE_BN)):
+        return None
+    if act is not None and not isinstance(act, nn.ReLU):
+        return None
+    return m.conv, bn, act is not None
+
+
 def fused_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, backend: str) -> FusedConv:
     """`conv` with `bn` folded in (and ReLU when `relu`) as one FusedConv on `backend`."""
     w, b = fold_conv_bn(conv, bn)

@@ -19,21 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrnet_fast.fused.folding import FOLDABLE_BN
+from hrnet_fast.fused.blocks import conv_module_parts
 from hrnet_fast.fused.hr_module import PROBE_RTOL, probe_error
 from hrnet_fast.fused.seg_head import FusedSegHead, head_reference, why_not_seg_head
 
-# The classes, by module and name (mmseg is not imported here; a subclass may do anything in its forward).
+# The class, by module and name (mmseg is not imported here; a subclass may do anything in its forward).
 MMSEG_FCN_HEADS = frozenset({("mmseg.models.decode_heads.fcn_head", "FCNHead")})
-MMCV_CONV_MODULES = frozenset({("mmcv.cnn.bricks.conv_module", "ConvModule")})
-
-
-def _named(m: object, classes: frozenset[tuple[str, str]]) -> bool:
-    return (type(m).__module__, type(m).__qualname__) in classes
 
 
 def is_mmseg_fcn_head(m: nn.Module) -> bool:
-    return _named(m, MMSEG_FCN_HEADS)
+    return (type(m).__module__, type(m).__qualname__) in MMSEG_FCN_HEADS
 
 
 def head_layers(head: nn.Module) -> nn.Sequential | str:
@@ -42,13 +37,11 @@ def head_layers(head: nn.Module) -> nn.Sequential | str:
         return "not the HRNetV2 form (input_transform='resize_concat', num_convs=1, concat_input=False)"
     if head.dropout is not None and not isinstance(head.dropout, (nn.Dropout, nn.Dropout2d)):
         return f"its dropout is a {type(head.dropout).__name__}"
-    cm = head.convs[0]
-    if not _named(cm, MMCV_CONV_MODULES) or tuple(cm.order) != ("conv", "norm", "act") or cm.with_explicit_padding:
-        return "its conv is not a ConvModule in the order conv, norm, act"
-    bn = getattr(cm, cm.norm_name) if cm.with_norm else None
-    if not isinstance(bn, FOLDABLE_BN) or not isinstance(getattr(cm, "activate", None), nn.ReLU):
-        return "its ConvModule has no BatchNorm or no ReLU"
-    layers = nn.Sequential(cm.conv, bn, cm.activate, head.conv_seg)
+    parts = conv_module_parts(head.convs[0])
+    if parts is None or parts[1] is None or not parts[2]:
+        return "its conv is not a ConvModule of a conv, a BatchNorm and a ReLU, in that order"
+    conv, bn, _ = parts
+    layers = nn.Sequential(conv, bn, nn.ReLU(), head.conv_seg)
     why = why_not_seg_head(layers)
     return layers if why is None else why
 
@@ -89,18 +82,16 @@ def _inputs_reproduced(head: nn.Module, layers: nn.Sequential, shapes: list[torc
 
 def convert_mmseg_heads(model: nn.Module, backend: str) -> list[tuple[str, str]]:
     """Every FCNHead of `model` in the HRNetV2 form as a FusedSegHead on `backend` (in place); returns
-    (name, why) for those left as they are. One probe forward of `model` (a 1x3x70x90 image) finds their
-    inputs' shapes."""
+    (name, why) for those of that form left as they are (their ConvModules then folded like any others).
+    One probe forward of `model` (a 1x3x70x90 image) finds their inputs' shapes."""
     heads = {name: m for name, m in model.named_modules() if is_mmseg_fcn_head(m)}
     if not heads:
         return []
-    skipped, layers = [], {}
-    for name, head in heads.items():
-        found = head_layers(head)
-        if isinstance(found, str):
-            skipped.append((name, f"decode head left as it is: {found}"))
-        else:
-            layers[name] = found
+    # a head in another form is no HRNetV2 head: the converter folds its ConvModules like any others
+    skipped: list[tuple[str, str]] = []
+    layers = {name: found for name, head in heads.items() if not isinstance(found := head_layers(head), str)}
+    if not layers:
+        return []
     # mmseg's segmentors call decode_head.forward(x) itself, which no hook sees: an instance attribute
     # forward does, for the probe's one call
     shapes: dict[str, list[torch.Size]] = {}
