@@ -28,7 +28,7 @@ from hrnet_fast.fused.conv import FusedConv, planar_output
 from hrnet_fast.fused.folding import FOLDABLE_BN
 from hrnet_fast.fused.hr_module import FusedHRModule, fusion_mode, is_hr_module, why_not_hr_module
 from hrnet_fast.fused.hr_stage import FusedHRStage
-from hrnet_fast.fused.mmseg_head import convert_mmseg_heads
+from hrnet_fast.fused.mmseg_head import convert_mmseg_heads, keep_eager_logits_layout
 from hrnet_fast.fused.seg_head import FusedSegHead, SegForward, has_seg_structure, probe_seg_align_corners, why_not_seg_head
 from hrnet_fast.graphs import CUDAGraphForward
 from hrnet_fast.ops import _backend
@@ -217,6 +217,9 @@ def _fold_relus(fused: nn.Module, relus: dict[str, list[tuple[str, str]]]) -> No
         setattr(fused.get_submodule(parent) if parent else fused, attr, nn.Identity())
 
 
+_UNSET = object()  # a scope that left planar_output as it was
+
+
 class _ForwardScope:
     """The optimized model's forward pre/post hooks, one pair for everything done per call.
 
@@ -279,9 +282,11 @@ class _ForwardScope:
         arena = self.arena and not compiling
         if arena:
             torch.ops.hrnet_fast.cpu_arena_scope(True)
-        outer = None
-        if self.planar_out and not compiling:  # the head writes NCHW where the caller passed NCHW
-            outer = getattr(planar_output, "on", False)
+        outer = _UNSET
+        # whether the caller passed NCHW, for the call: the head conv writes NCHW then (planar_out), and
+        # an mmseg segmentor's logits are made NCHW where the caller's tree of outputs hides them
+        if self.channels_last and not compiling:
+            outer = getattr(planar_output, "on", None)
             planar_output.on = restore
         stack.append((mode, restore, arena, outer))
         planar = self.planar_in and not compiling
@@ -289,12 +294,12 @@ class _ForwardScope:
 
     def exit(self, module: nn.Module, args: tuple, output: object) -> object:
         stack = self._stack()
-        mode, restore, arena, outer = stack.pop() if stack else (None, False, False, None)
+        mode, restore, arena, outer = stack.pop() if stack else (None, False, False, _UNSET)
         try:
             if restore:  # a no-op where the head wrote NCHW already
                 output = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) and t.dim() == 4 else t, output)
         finally:
-            if outer is not None:
+            if outer is not _UNSET:
                 planar_output.on = outer
             if arena:
                 torch.ops.hrnet_fast.cpu_arena_scope(False)
@@ -388,6 +393,8 @@ def optimize(
     with torch.no_grad():
         converter.convert_seg_head(fused)
         converter.skipped += convert_mmseg_heads(fused, chosen)  # mmsegmentation's FCNHead in HRNetV2's form
+        if chosen != "torch":  # the backends that run channels_last (the scope below)
+            keep_eager_logits_layout(fused)  # an mmseg segmentor's logits, in SegDataSamples too
         fused = converter.convert(fused, "")
         _fold_relus(fused, relus)
         if chosen == "cpu":

@@ -1,13 +1,15 @@
 """optimize() on mmsegmentation's whole HRNet segmentors: EncoderDecoder with the HRNetV2 FCNHead of its
-fcn_hr18 and fcn_hr48 configs (hrnet_fast/fused/mmseg_head.py), against eager within 1e-4 of its largest
-value, the same layout and NaNs, nothing left unfused; the segmentor's `predict` runs the fused head too;
-a head not in HRNetV2's form is left as it is and listed.
+fcn_hr18 and fcn_hr48 configs (hrnet_fast/fused/mmseg_head.py), and OCRNet's CascadeEncoderDecoder (that
+FCNHead, then an OCRHead whose mmcv ConvModules fold like any conv-BN-ReLU), against eager within 1e-4 of
+its largest value, the same layout and NaNs, nothing left unfused; the segmentor's `predict` runs the
+fused head too; a head in another form keeps its forward, its ConvModules folded; a model the probe
+cannot run keeps the head's structure and is listed.
 
 Imported as tests/test_mmseg.py imports mmseg's HRNet (its docstring says why), plus what the decode head
 and the segmentor import: the packages `mmseg.utils` (its __init__ imports a CLIP tokenizer that needs
 ftfy), `mmseg.models.losses` (focal loss needs the compiled mmcv.ops, Hausdorff scipy), `decode_heads` and
 `segmentors` are created without running their __init__, and the names the real files take from them
-bound from the real modules that define them (typing_utils, misc, accuracy).
+bound from the real modules that define them (typing_utils, misc, accuracy, SelfAttentionBlock).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import hrnet_fast
 from hrnet_fast.fused.conv import FusedConv
-from hrnet_fast.fused.mmseg_head import MMSegHeadForward
+from hrnet_fast.fused.mmseg_head import EagerLayoutForward, MMSegHeadForward
 from hrnet_fast.fused.seg_head import FusedSegHead
 
 from conftest import randomize_openmmlab
@@ -121,7 +123,8 @@ def test_optimize_matches_the_eager_segmentor(config, shape, align_corners, back
     assert fast.hrnet_fast_skipped == []
     assert not any(isinstance(m, _BatchNorm) for m in fast.modules())
     head = fast.decode_head
-    assert isinstance(head.forward, MMSegHeadForward) and isinstance(head.hrnet_fast_head, FusedSegHead)
+    fused = head.forward.forward if backend == "cpu" else head.forward  # the torch backend runs NCHW as eager
+    assert isinstance(fused, MMSegHeadForward) and isinstance(head.hrnet_fast_head, FusedSegHead)
     assert not hasattr(head, "convs") and not hasattr(head, "conv_seg")  # folded into the fused head
     assert head.hrnet_fast_head.align_corners == model.decode_head.align_corners
     if backend == "cpu":
@@ -142,6 +145,23 @@ def test_predict_runs_the_fused_head():
     for g, w in zip(got, want):
         _assert_close(g.seg_logits.data, w.seg_logits.data)
         assert g.pred_sem_seg.data.shape == w.pred_sem_seg.data.shape == (1, 64, 96)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_logits_in_eager_s_layout_however_predicted(backend):
+    """The optimized model runs channels_last; the logits come out as eager's, NCHW for an NCHW image and
+    channels_last for a channels_last one, from forward (mode "tensor" and "predict": the logits then
+    inside SegDataSamples) and from predict() called directly, which runs no optimized forward."""
+    model = _build(FCN_HR18)
+    fast = _optimize(model, backend)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for image in (x, x.contiguous(memory_format=torch.channels_last)):
+            _assert_close(fast(image), model(image))
+            _assert_close(fast(image, mode="predict")[0].seg_logits.data, model(image, mode="predict")[0].seg_logits.data)
+        _assert_close(fast.predict(x)[0].seg_logits.data, model.predict(x)[0].seg_logits.data)
+        want = model(x.contiguous(memory_format=torch.channels_last))
+        assert want.is_contiguous(memory_format=torch.channels_last) and not want.is_contiguous()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -180,7 +200,11 @@ def test_ocrnet_segmentor(backend):
     fast = _optimize(model, backend)
     assert fast.hrnet_fast_skipped == [] and not any(isinstance(m, _BatchNorm) for m in fast.modules())
     fcn, ocr = fast.decode_head
-    assert isinstance(fcn.forward, MMSegHeadForward) and "forward" not in ocr.__dict__
+    assert isinstance(fcn.forward, MMSegHeadForward)  # its logits are no output: no EagerLayoutForward
+    if backend == "cpu":
+        assert isinstance(ocr.forward, EagerLayoutForward) and ocr.forward.forward is None  # the class's
+    else:
+        assert "forward" not in ocr.__dict__
     assert isinstance(ocr.bottleneck, FusedConv) and ocr.bottleneck.relu
     assert not any(type(m).__name__ == "ConvModule" for m in fast.modules())
     if backend == "cpu":
@@ -199,7 +223,8 @@ def test_a_head_in_another_form_keeps_its_structure_its_convmodules_folded(backe
     model = _build(FCN_HR18, num_convs=2, kernel_size=3, concat_input=True)
     fast = _optimize(model, backend)
     head = fast.decode_head
-    assert "forward" not in head.__dict__ and not hasattr(head, "hrnet_fast_head")
+    assert not hasattr(head, "hrnet_fast_head")
+    assert head.forward.forward is None if backend == "cpu" else "forward" not in head.__dict__  # the class's
     assert all(isinstance(m, FusedConv) for m in (*head.convs, head.conv_cat, head.conv_seg))
     assert [m.relu for m in (*head.convs, head.conv_cat, head.conv_seg)] == [True, True, True, False]
     x = torch.randn(1, 3, 64, 64)
@@ -215,7 +240,7 @@ def test_optimized_segmentor_copies_and_pickles():
     with torch.no_grad():
         ref = fast(x)
         for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
-            assert other.decode_head.forward.head is other.decode_head
+            assert other.decode_head.forward.head is other.decode_head is other.decode_head.forward.forward.head
             _assert_close(other(x), ref)
 
 
@@ -237,7 +262,7 @@ def test_a_model_the_probe_cannot_run_is_listed():
         fast = hrnet_fast.optimize(model, backend="cpu")
     [(name, why)] = fast.hrnet_fast_skipped
     assert name == "seg.decode_head" and "a 1x3x70x90 probe of the model failed: TypeError" in why
-    assert isinstance(fast.seg.decode_head.convs[0], FusedConv) and "forward" not in fast.seg.decode_head.__dict__
+    assert isinstance(fast.seg.decode_head.convs[0], FusedConv) and fast.seg.decode_head.forward.forward is None
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         _assert_close(fast(x, 0.5), model(x, 0.5))

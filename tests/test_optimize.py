@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import hrnet_fast
 from hrnet_fast.fused.conv import FusedConv
@@ -554,3 +555,35 @@ def test_sizes_eager_cannot_run_give_the_nearest_by_size_answer():
     for h in hooks:
         h.remove()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_conv_given_nchw_between_fused_modules_runs_channels_last():
+    """An NCHW tensor made by code between the fused modules (as OCRNet's attention block makes one) goes
+    to channels_last before the conv: our direct kernel runs it, not oneDNN with its copies in and out
+    of its layout, and the next conv reads the channels_last output as it is. Outputs as eager's."""
+
+    class Planar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.b = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32))
+            self.c = nn.Conv2d(32, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.a(x).contiguous()) + 1)  # .contiguous(): NCHW, whatever a gave
+
+    model = randomize_bn(Planar()).eval()
+    fused = hrnet_fast.optimize(model, backend="cpu", cpu_graph=False, strict=True)
+    x = torch.randn(2, 3, 12, 10)
+    seen = []
+    hook = fused.b.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            fused(x)
+    hook.remove()
+    assert not seen[0][0].is_contiguous(memory_format=torch.channels_last)  # b was given NCHW
+    assert seen[0][1].is_contiguous(memory_format=torch.channels_last)
+    assert not any("mkldnn::_convolution_pointwise" in e.name for e in p.events())
+    assert out.shape == ref.shape and out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

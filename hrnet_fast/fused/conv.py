@@ -21,8 +21,9 @@ _MAX_PACKED_SHAPES = 4  # input shapes a FusedConv keeps oneDNN-packed weights f
 _CACHE_LOCK = threading.Lock()
 # Input channels below which conv_bias_act's kernel reads an NCHW input itself (kConvGemmMinCin).
 _FEW_CIN = 8
-# Per thread, set for the forward of an optimize()d cpu model (convert._ForwardScope): `on` where the
-# caller passed NCHW, so a head conv with writes_planar writes NCHW (unset or False: channels_last).
+# Per thread, set for the forward of an optimize()d model that runs channels_last (convert._ForwardScope):
+# `on` where the caller passed NCHW, so a head conv with writes_planar writes NCHW (False: channels_last;
+# None or unset: no such forward is running).
 planar_output = threading.local()
 
 
@@ -234,6 +235,14 @@ class FusedConv(nn.Module):
                 )
             self._refresh(w)
             w = self._buffers["weight"]  # pack() may have replaced it
+            if x.shape[1] >= _FEW_CIN and not x.is_contiguous(memory_format=torch.channels_last):
+                # NCHW from code between the fused modules (OCRNet's attention reshapes its context so):
+                # channels_last first, as the backend runs end to end, so the output is too and the next
+                # conv (after a torch.cat, say) reads it as it is. oneDNN given NCHW copied it in and out
+                # of its layout: OCRNet-W48's 1024-channel 1x1 conv at 512x1024 spent 150 of its 250 ms so.
+                x = x.contiguous(memory_format=torch.channels_last)
+                if residual is not None:
+                    residual = residual.contiguous(memory_format=torch.channels_last)
         if self._winograd:
             c_out = w.shape[0]
             tile = choose_tile(x.shape, c_out)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrnet_fast.fused.blocks import conv_module_parts
+from hrnet_fast.fused.conv import planar_output
 from hrnet_fast.fused.hr_module import PROBE_RTOL, probe_error
 from hrnet_fast.fused.seg_head import FusedSegHead, head_reference, why_not_seg_head
 
@@ -60,6 +61,33 @@ class MMSegHeadForward:
         # spreads a NaN or inf to its neighbours: done as it does, so the NaNs are the same (a few MB)
         x[0] = F.interpolate(x[0], size=x[0].shape[2:], mode="bilinear", align_corners=head.align_corners)
         return head.hrnet_fast_head(x)
+
+
+class EagerLayoutForward:
+    """The forward of a segmentor's last decode head, whose output is the logits: made NCHW where the
+    caller passed NCHW or called no optimized forward (`segmentor.predict(x)` calls the head's forward
+    itself), as eager gives them for an NCHW image. The optimized model runs channels_last, and its
+    forward can put back the layout of the tensors it returns only: `mode="predict"` returns them inside
+    SegDataSamples, resized by the head's own predict_by_feat."""
+
+    def __init__(self, head: nn.Module, forward: object | None):
+        self.head, self.forward = head, forward
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        out = (self.forward or type(self.head).forward.__get__(self.head))(*args, **kwargs)
+        if getattr(planar_output, "on", None) is False or not isinstance(out, torch.Tensor):
+            return out  # the caller passed channels_last: eager's logits would be too
+        return out.contiguous()
+
+
+def keep_eager_logits_layout(model: nn.Module) -> None:
+    """Give each mmseg segmentor in `model` an EagerLayoutForward on its last decode head (in place)."""
+    for m in model.modules():
+        if not type(m).__module__.startswith("mmseg.models.segmentors") or not hasattr(m, "decode_head"):
+            continue
+        last = m.decode_head[-1] if isinstance(m.decode_head, nn.ModuleList) else m.decode_head
+        if not isinstance(last.__dict__.get("forward"), EagerLayoutForward):
+            last.forward = EagerLayoutForward(last, last.__dict__.get("forward"))
 
 
 def _inputs_reproduced(head: nn.Module, layers: nn.Sequential, shapes: list[torch.Size]) -> str | None:
