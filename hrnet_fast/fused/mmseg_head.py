@@ -10,6 +10,9 @@ and conv_seg go (their weights live folded in the FusedSegHead). The head's othe
 predict_by_feat) call its forward, so the segmentor's `predict` runs the fused head too.
 
 The branches' channels, which the head keeps only as their sum, are read off one probe forward of the model.
+On the backends that run channels_last, a segmentor's last decode head returns its logits in eager's
+layout (EagerLayoutForward): `mode="predict"` hands them back inside SegDataSamples, where the optimized
+forward's own layout restoring does not reach.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from hrnet_fast.fused.seg_head import FusedSegHead, head_reference, why_not_seg_
 
 # The class, by module and name (mmseg is not imported here; a subclass may do anything in its forward).
 MMSEG_FCN_HEADS = frozenset({("mmseg.models.decode_heads.fcn_head", "FCNHead")})
+# what a head of the HRNetV2 form that is not fused keeps (its ConvModule is still folded)
+_KEPT = "decode head keeps its resize, concatenation and convs"
 
 
 def is_mmseg_fcn_head(m: nn.Module) -> bool:
@@ -139,8 +144,7 @@ def convert_mmseg_heads(model: nn.Module, backend: str) -> list[tuple[str, str]]
             warnings.simplefilter("ignore")  # the model's own (mmseg's resize warns about align_corners=True)
             model(torch.randn(1, 3, 70, 90, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype))
     except Exception as e:  # noqa: BLE001 - any model that does not run on an image is left as it is
-        return skipped + [(n, f"decode head left as it is: a 1x3x70x90 probe of the model failed: {type(e).__name__}: {e}")
-                          for n in layers]
+        return [(n, f"{_KEPT}: a 1x3x70x90 probe of the model failed: {type(e).__name__}: {e}") for n in layers]
     finally:
         for n in layers:
             if own[n] is None:
@@ -151,7 +155,7 @@ def convert_mmseg_heads(model: nn.Module, backend: str) -> list[tuple[str, str]]
         head = heads[name]
         why = "the probe forward did not reach it" if name not in shapes else _inputs_reproduced(head, seq, shapes[name])
         if why is not None:
-            skipped.append((name, f"decode head left as it is: {why}"))
+            skipped.append((name, f"{_KEPT}: {why}"))
             continue
         channels = [shapes[name][i][1] for i in head.in_index]
         head.hrnet_fast_head = FusedSegHead(seq, channels, head.align_corners, backend)
