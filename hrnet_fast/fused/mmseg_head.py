@@ -60,12 +60,15 @@ class MMSegHeadForward:
         self.head = head
 
     def __call__(self, inputs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        head = self.head
-        x = [inputs[i] for i in head.in_index]
-        # mmseg resizes the first branch to its own size too; the same size, but a bilinear blend, which
-        # spreads a NaN or inf to its neighbours: done as it does, so the NaNs are the same (a few MB)
-        x[0] = F.interpolate(x[0], size=x[0].shape[2:], mode="bilinear", align_corners=head.align_corners)
-        return head.hrnet_fast_head(x)
+        return self.head.hrnet_fast_head(_branches(self.head, inputs))
+
+
+def _branches(head: nn.Module, inputs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The head's selected inputs, the first resized to its own size as mmseg does: the same size, but a
+    bilinear blend, which turns an inf into NaN; done the same way, so the NaNs are eager's (a few MB)."""
+    x = [inputs[i] for i in head.in_index]
+    x[0] = F.interpolate(x[0], size=x[0].shape[2:], mode="bilinear", align_corners=head.align_corners)
+    return x
 
 
 class EagerLayoutForward:
@@ -104,9 +107,7 @@ def _inputs_reproduced(head: nn.Module, layers: nn.Sequential, shapes: list[torc
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the head's own
         ref = head(inputs)
-        x = [inputs[i] for i in head.in_index]
-        x[0] = F.interpolate(x[0], size=x[0].shape[2:], mode="bilinear", align_corners=head.align_corners)
-        out = head_reference(layers, x, head.align_corners)
+        out = head_reference(layers, _branches(head, inputs), head.align_corners)
     if not isinstance(ref, torch.Tensor) or out.shape != ref.shape:
         return "its forward does not return what resize + concat + ConvModule + conv_seg give"
     err = probe_error(out, ref)

@@ -138,19 +138,7 @@ def check_fuse_multi_res(
     check_fuse_mode(mode, align_corners)
     check_4d("base", base)
     n, c = base.shape[:2]
-    check_paired(lowres, weights)
-    for k, (x, w) in enumerate(zip(lowres, weights)):
-        check_4d(f"lowres[{k}]", x)
-        if x.shape[0] != n:
-            raise ValueError(f"lowres[{k}] has batch {x.shape[0]} but base has batch {n}")
-        if x.shape[2] == 0 or x.shape[3] == 0:  # no source pixel to interpolate from
-            raise ValueError(f"lowres[{k}] must have a non-empty spatial size, got shape {tuple(x.shape)}")
-        ck = x.shape[1]
-        if not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))) or tuple(w.shape[:2]) != (c, ck):
-            raise ValueError(
-                f"weights[{k}] must have shape ({c}, {ck}) or ({c}, {ck}, 1, 1) to map lowres[{k}]'s "
-                f"{ck} channels to base's {c}, got {tuple(w.shape)}"
-            )
+    check_lowres(lowres, weights, n, c)
     check_bias(bias, c)
     check_same(
         "base",
@@ -159,6 +147,26 @@ def check_fuse_multi_res(
         + [(f"weights[{k}]", w) for k, w in enumerate(weights)]
         + [("bias", bias)],
     )
+
+
+def check_lowres(
+    lowres: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], n: int, c: int,
+    batch_of: str = "base", channels_of: str = "base",
+) -> None:
+    """Each low-res input 4-D, of batch n and a non-empty image, with its [c, C_k] (or [c, C_k, 1, 1]) 1x1 weight."""
+    check_paired(lowres, weights)
+    for k, (x, w) in enumerate(zip(lowres, weights)):
+        check_4d(f"lowres[{k}]", x)
+        if x.shape[0] != n:
+            raise ValueError(f"lowres[{k}] has batch {x.shape[0]} but {batch_of} has batch {n}")
+        if x.shape[2] == 0 or x.shape[3] == 0:  # no source pixel to interpolate from
+            raise ValueError(f"lowres[{k}] must have a non-empty spatial size, got shape {tuple(x.shape)}")
+        ck = x.shape[1]
+        if not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))) or tuple(w.shape[:2]) != (c, ck):
+            raise ValueError(
+                f"weights[{k}] must have shape ({c}, {ck}) or ({c}, {ck}, 1, 1) to map lowres[{k}]'s "
+                f"{ck} channels to {channels_of}'s {c}, got {tuple(w.shape)}"
+            )
 
 
 def check_paired(lowres: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> None:
@@ -244,14 +252,8 @@ def seg_head_fake(x, lowres, weight, bias, weights, classifier, classifier_bias,
     for name, w, cin in (("weight", weight, x.shape[1]), ("classifier", classifier, weight.shape[0])):
         if w.dim() != 4 or w.shape[1] != cin or tuple(w.shape[2:]) != (1, 1):
             raise ValueError(f"{name} must be a 1x1 conv weight [C_out, {cin}, 1, 1], got shape {tuple(w.shape)}")
-    n, c = x.shape[0], weight.shape[0]
-    check_bias(bias, c)
-    check_paired(lowres, weights)
-    for k, (t, w) in enumerate(zip(lowres, weights)):
-        if t.dim() != 4 or t.shape[0] != n or 0 in t.shape[2:]:
-            raise ValueError(f"lowres[{k}] must be 4-D [{n}, C_k, H_k, W_k] (x's batch, a non-empty image), got shape {tuple(t.shape)}")
-        if not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))) or tuple(w.shape[:2]) != (c, t.shape[1]):
-            raise ValueError(f"weights[{k}] must have shape ({c}, {t.shape[1]}) or ({c}, {t.shape[1]}, 1, 1), got {tuple(w.shape)}")
+    check_bias(bias, weight.shape[0])
+    check_lowres(lowres, weights, x.shape[0], weight.shape[0], batch_of="x", channels_of="weight")
     check_bias(classifier_bias, classifier.shape[0])
     return x.new_empty(x.shape[0], classifier.shape[0], *x.shape[2:]).contiguous(memory_format=suggest_memory_format(x))
 
